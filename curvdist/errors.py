@@ -1,0 +1,43 @@
+"""Exception classes of curvdist.
+
+Every error a user can trigger by bad input is one of these, raised early with a message that names the cause,
+never a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+
+class CurvdistError(Exception):
+    """Base class of all curvdist errors."""
+
+
+class ProblemError(CurvdistError, ValueError):
+    """The problem (model, loss, data, parameter selection) is malformed."""
+
+
+class DataError(ProblemError):
+    """The data are empty, non-finite, or of the wrong shape/type."""
+
+
+class NonFiniteError(CurvdistError, FloatingPointError):
+    """A loss, gradient or curvature product is NaN or infinite."""
+
+
+class NonDeterministicError(CurvdistError, RuntimeError):
+    """Two identical curvature products disagree: the problem is not a fixed function of the parameters."""
+
+
+class ShapeError(CurvdistError, ValueError):
+    """A vector does not match the parameter space of an operator."""
+
+
+class SolverError(CurvdistError, ValueError):
+    """A solver was asked for something impossible (k larger than the dimension, a bad budget, ...)."""
+
+
+class NotPositiveDefiniteError(SolverError):
+    """A query that needs a positive-definite operator (log-det) met a non-positive eigenvalue."""
+
+
+class ConfigError(CurvdistError, ValueError):
+    """A YAML configuration is invalid; the message names the offending key."""

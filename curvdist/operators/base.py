@@ -1,0 +1,147 @@
+"""Matrix-free curvature operators: the common machinery.
+
+An operator C is a symmetric d×d matrix over the selected parameters of a :class:`~curvdist.problem.Problem`,
+accumulated over the whole data set with the problem's reduction s (1/N or 1):
+
+    C v = s · Σ_batches C_batch v.
+
+Vectors are flat tensors of length d, or parameter-shaped (a sequence in ``problem.param_names`` order, or a
+name→tensor dict); a product returns the same form it was given.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import NonDeterministicError, NonFiniteError, ShapeError, SolverError
+from ..problem.data import shuffles
+from ..problem.problem import Params, Problem
+
+if TYPE_CHECKING:
+    from scipy.sparse.linalg import LinearOperator
+
+VectorLike = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+
+DENSE_LIMIT = 8192
+
+
+class CurvatureOperator(ABC):
+    """A symmetric curvature matrix applied matrix-free with ``torch.func``.
+
+    Subclasses implement :meth:`batch_matvec`, the unscaled sum over one batch. Construction runs a
+    determinism check (two products with the same vector must agree) unless ``check_determinism=False``.
+    """
+
+    kind: str = "curvature"
+
+    def __init__(self, problem: Problem, check_determinism: bool = True) -> None:
+        self.problem = problem
+        self.dim = problem.dim
+        self.dtype = problem.dtype
+        self.device = problem.device
+        if check_determinism:
+            self.check_determinism()
+
+    # ----------------------------------------------------------- to implement
+    @abstractmethod
+    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, batch_index: int) -> Params:
+        """Σ_{n in batch} C_n v, unscaled, as parameter-shaped tensors."""
+
+    # ----------------------------------------------------------- products
+    def matvec_params(self, v: Params) -> Params:
+        """C v for parameter-shaped v (no validation): the accumulation over batches and the scaling."""
+        params = self.problem.params
+        acc = [torch.zeros_like(p) for p in params]
+        for b, (X, y) in enumerate(self.problem.batches()):
+            for a, part in zip(acc, self.batch_matvec(params, v, X, y, b)):
+                a.add_(part)
+        s = self.problem.scale
+        return tuple(a.mul_(s) for a in acc)
+
+    def matvec(self, v: VectorLike) -> Any:
+        """C v, returned in the form v was given (flat tensor, sequence or dict of parameter-shaped tensors)."""
+        if isinstance(v, Tensor):
+            if v.ndim != 1 or v.numel() != self.dim:
+                raise ShapeError(
+                    f"{self.kind} operator acts on vectors of length {self.dim}, got shape {tuple(v.shape)}"
+                )
+            out = self.problem.flatten(self.matvec_params(self.problem.unflatten(self._cast(v))))
+        else:
+            flat = self.problem.flatten(v)  # validates shapes
+            parts = self.matvec_params(self.problem.unflatten(self._cast(flat)))
+            out = parts if not isinstance(v, Mapping) else dict(zip(self.problem.param_names, parts))
+        tensors = [out] if isinstance(out, Tensor) else list(out.values() if isinstance(out, dict) else out)
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise NonFiniteError(f"the {self.kind} product is NaN or inf (check the data and the parameters)")
+        return out
+
+    def __matmul__(self, v: VectorLike) -> Any:
+        return self.matvec(v)
+
+    def _cast(self, flat: Tensor) -> Tensor:
+        return flat.to(device=self.device, dtype=self.dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    # ----------------------------------------------------------- checks
+    def check_determinism(self, seed: int = 0) -> None:
+        """Apply C twice to one random vector; raise :class:`NonDeterministicError` when the results differ."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        v = torch.randn(self.dim, generator=g, dtype=torch.float64).to(self.device, self.dtype)
+        v = self.problem.unflatten(v)
+        a = self.problem.flatten(self.matvec_params(v))
+        b = self.problem.flatten(self.matvec_params(v))
+        tol = 1e-10 if self.dtype == torch.float64 else 1e-4
+        scale = max(float(a.norm()), float(b.norm()), torch.finfo(self.dtype).tiny)
+        diff = float((a - b).norm()) / scale
+        if not diff <= tol:  # also catches NaN
+            raise NonDeterministicError(
+                f"two identical {self.kind}-vector products differ (relative difference {diff:.2e} > {tol:.0e}); "
+                f"the loss is not a fixed function of the parameters. Likely cause: {self._likely_causes()}"
+            )
+
+    def _likely_causes(self) -> str:
+        causes = []
+        for name, m in self.problem.model.named_modules():
+            label = name or type(m).__name__
+            if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+                causes.append(f"dropout module '{label}' in train mode (call model.eval())")
+            if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                causes.append(f"BatchNorm module '{label}' in train mode (call model.eval())")
+        if shuffles(self.problem.data):
+            causes.append("the DataLoader shuffles (use shuffle=False)")
+        if not causes:
+            causes.append("randomness inside the model's forward pass or a data iterable whose order changes")
+        return "; ".join(causes)
+
+    # ----------------------------------------------------------- exports
+    def to_dense(self, max_dim: int = DENSE_LIMIT) -> Tensor:
+        """The d×d matrix, one product per column (for tiny models; refuses d > ``max_dim``)."""
+        if self.dim > max_dim:
+            raise SolverError(
+                f"to_dense() on a {self.dim}-dimensional operator would need a {self.dim}x{self.dim} matrix; "
+                f"raise max_dim (now {max_dim}) if you really want it"
+            )
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        cols = [self.problem.flatten(self.matvec_params(self.problem.unflatten(eye[i]))) for i in range(self.dim)]
+        return torch.stack(cols, dim=1)
+
+    def to_scipy(self) -> LinearOperator:
+        """A scipy ``LinearOperator`` (float64 numpy in and out) for use with ``scipy.sparse.linalg``."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x: Any) -> Any:
+            t = torch.as_tensor(x.reshape(-1)).to(self.device, self.dtype)
+            return self.problem.flatten(self.matvec_params(self.problem.unflatten(t))).double().cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, dtype="float64")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype}, reduction={self.problem.reduction!r})"

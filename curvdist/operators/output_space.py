@@ -1,0 +1,112 @@
+"""Curvature matrices of the form  C = s · Σ_n J_nᵀ Λ_n J_n,  J_n = ∂f(x_n; θ)/∂θ.
+
+They differ only in the output-space matrix Λ_n:
+
+==================  ============================================================  ============================
+kind                Λ_n                                                           reference
+==================  ============================================================  ============================
+``ggn``             ∂²ℓ(f_n, y_n)/∂f_n²  (exact loss Hessian)                     Schraudolph 2002
+``fisher``          E_{ŷ~p(·|f_n)}[∇_f ℓ(f_n, ŷ) ∇_f ℓ(f_n, ŷ)ᵀ] (type-2 Fisher)    Martens 2020, §9
+``fisher_mc``       (1/S) Σ_s ∇_f ℓ(f_n, ŷ_s) ∇_f ℓ(f_n, ŷ_s)ᵀ, ŷ_s ~ p(·|f_n)    Martens & Grosse 2015
+``empirical_fisher`` ∇_f ℓ(f_n, y_n) ∇_f ℓ(f_n, y_n)ᵀ (true labels)              Kunstner et al. 2019
+==================  ============================================================  ============================
+
+A product is one JVP (J v), the output-space product, and one VJP (Jᵀ u) per batch; no per-sample gradient
+is ever materialized. For the built-in losses (exponential families in their natural parameter) the type-2
+Fisher equals the GGN, and :class:`Fisher` is computed as such.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from ..errors import ProblemError
+from ..problem.problem import Params, Problem
+from .base import CurvatureOperator
+
+
+class OutputSpaceCurvature(CurvatureOperator):
+    """C v = s · Σ_n J_nᵀ Λ_n J_n v; subclasses give Λ_n through :meth:`output_apply`."""
+
+    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, batch_index: int) -> Tensor:
+        """Λ_n u_n for every sample of the batch (u has the shape of the output)."""
+        raise NotImplementedError
+
+    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, batch_index: int) -> Params:
+        def f(p: Params) -> Tensor:
+            return self.problem.forward(p, X)
+
+        out, Jv = jvp(f, (params,), (v,))
+        _, pullback = vjp(f, params)
+        return pullback(self.output_apply(out.detach(), y, Jv, batch_index))[0]
+
+
+class GGN(OutputSpaceCurvature):
+    """Generalized Gauss-Newton  G = s · Σ_n J_nᵀ (∂²ℓ/∂f²) J_n  (Schraudolph 2002)."""
+
+    kind = "ggn"
+
+    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, batch_index: int) -> Tensor:
+        return self.problem.loss.output_hessian_apply(out, y, u)
+
+
+class Fisher(GGN):
+    """Exact (type-2) Fisher  F = s · Σ_n J_nᵀ E_{ŷ~p(·|f_n)}[∇_f ℓ ∇_f ℓᵀ] J_n.
+
+    For cross-entropy and MSE the expectation equals the loss Hessian ∂²ℓ/∂f² (exponential families in their
+    natural parameter), so F = GGN exactly; computed in closed form, no sampling.
+    """
+
+    kind = "fisher"
+
+
+def _output_grads(problem: Problem, out: Tensor, targets: Tensor) -> Tensor:
+    """∇_f ℓ(f_n, t_n) for every sample; vectorized over a leading axis of ``targets``."""
+
+    def g(t: Tensor) -> Tensor:
+        return grad(lambda o: problem.loss.per_sample(o, t).sum())(out)
+
+    return vmap(g)(targets)
+
+
+class FisherMC(OutputSpaceCurvature):
+    """Monte-Carlo Fisher  F̂ = s · Σ_n J_nᵀ [(1/S) Σ_s g_ns g_nsᵀ] J_n,  g_ns = ∇_f ℓ(f_n, ŷ_ns),  ŷ_ns ~ p(·|f_n).
+
+    The labels are drawn once per batch from a generator seeded with (``seed``, batch index), so the operator is
+    one fixed matrix across products (as Lanczos needs) and reproducible. E[F̂] = F; the error decays as 1/√S.
+    """
+
+    kind = "fisher_mc"
+
+    def __init__(self, problem: Problem, mc_samples: int = 1, seed: int = 0, check_determinism: bool = True):
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ProblemError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        self.mc_samples = mc_samples
+        self.seed = int(seed)
+        super().__init__(problem, check_determinism)
+
+    def sampled_targets(self, out: Tensor, batch_index: int) -> Tensor:
+        """The S sampled targets of one batch, shape (S, *target_shape); fixed by (seed, batch index)."""
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + batch_index)
+        return self.problem.loss.sample_targets(out, g, self.mc_samples)
+
+    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, batch_index: int) -> Tensor:
+        G = _output_grads(self.problem, out, self.sampled_targets(out, batch_index))  # (S, B, ...)
+        coef = (G * u.unsqueeze(0)).flatten(2).sum(-1)  # g_nsᵀ u_n, shape (S, B)
+        return (G * coef.view(*coef.shape, *([1] * (G.ndim - 2)))).mean(0)
+
+
+class EmpiricalFisher(OutputSpaceCurvature):
+    """Empirical Fisher  F_emp = s · Σ_n ∇_θ ℓ_n ∇_θ ℓ_nᵀ = s · Σ_n J_nᵀ g_n g_nᵀ J_n, g_n = ∇_f ℓ(f_n, y_n).
+
+    Not a curvature approximation in general (Kunstner, Hennig, Balles 2019); offered because it is widely used.
+    """
+
+    kind = "empirical_fisher"
+
+    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, batch_index: int) -> Tensor:
+        G = _output_grads(self.problem, out, y.unsqueeze(0))[0]  # (B, ...)
+        coef = (G * u).flatten(1).sum(-1)
+        return G * coef.view(-1, *([1] * (G.ndim - 1)))

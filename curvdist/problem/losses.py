@@ -1,0 +1,129 @@
+"""Losses with their output-space curvature.
+
+A loss here is a per-sample function ℓ(f, y) of the network output f. For the generalized Gauss-Newton and the
+Fisher each loss provides the product with its output-space Hessian Λ = ∂²ℓ/∂f², and a sampler of targets from the
+predictive distribution whose negative log-likelihood ℓ is (for Monte-Carlo Fisher products).
+
+Both built-in losses are negative log-likelihoods of exponential families in their natural parameter f, so the
+exact (type-2) Fisher equals the GGN: E_{y~p(·|f)}[∇ℓ ∇ℓᵀ] = Λ.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from ..errors import DataError, ProblemError
+
+
+class Loss(ABC):
+    """A per-sample loss ℓ(f, y) with its output Hessian Λ and predictive sampler."""
+
+    name: str
+
+    @abstractmethod
+    def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
+        """ℓ(f_n, y_n) for every sample n, shape (B,)."""
+
+    @abstractmethod
+    def output_hessian_apply(self, output: Tensor, target: Tensor, v: Tensor) -> Tensor:
+        """Λ_n v_n for every sample n, where Λ_n = ∂²ℓ(f_n, y_n)/∂f_n²; v has the shape of output."""
+
+    @abstractmethod
+    def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int) -> Tensor:
+        """Draw `samples` targets per sample from p(y | f), shape (samples, *target_shape)."""
+
+    @abstractmethod
+    def check(self, output: Tensor, target: Tensor) -> None:
+        """Raise DataError when output and target do not fit this loss."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class CrossEntropy(Loss):
+    """ℓ(f, y) = −log softmax(f)_y for logits f ∈ ℝ^C and a class index y.
+
+    Output Hessian Λ = diag(p) − p pᵀ with p = softmax(f); predictive distribution Categorical(p).
+    """
+
+    name = "cross_entropy"
+
+    def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(output, target, reduction="none")
+
+    def output_hessian_apply(self, output: Tensor, target: Tensor, v: Tensor) -> Tensor:
+        p = torch.softmax(output, dim=-1)
+        return p * v - p * (p * v).sum(dim=-1, keepdim=True)
+
+    def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int) -> Tensor:
+        p = torch.softmax(output.detach(), dim=-1).to(device=generator.device, dtype=torch.float64)
+        draws = torch.multinomial(p, samples, replacement=True, generator=generator)  # (B, S)
+        return draws.T.contiguous().to(output.device)
+
+    def check(self, output: Tensor, target: Tensor) -> None:
+        if output.ndim != 2:
+            raise DataError(
+                f"cross_entropy expects model outputs of shape (batch, classes), got {tuple(output.shape)}"
+            )
+        if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise DataError(f"cross_entropy expects integer class targets, got dtype {target.dtype}")
+        if target.shape != output.shape[:1]:
+            raise DataError(
+                f"cross_entropy expects targets of shape {(output.shape[0],)}, got {tuple(target.shape)}"
+            )
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= output.shape[1]):
+            raise DataError(
+                f"cross_entropy targets must lie in [0, {output.shape[1] - 1}], "
+                f"got range [{int(target.min())}, {int(target.max())}]"
+            )
+
+
+class MeanSquaredError(Loss):
+    """ℓ(f, y) = ‖f − y‖² summed over the output dimensions of one sample.
+
+    Output Hessian Λ = 2I. It is the negative log-likelihood (up to a constant) of y ~ N(f, ½I), which is the
+    predictive distribution sampled for Monte-Carlo Fisher products.
+    """
+
+    name = "mse"
+
+    def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
+        return (output - target).pow(2).flatten(1).sum(dim=1)
+
+    def output_hessian_apply(self, output: Tensor, target: Tensor, v: Tensor) -> Tensor:
+        return 2.0 * v
+
+    def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int) -> Tensor:
+        noise = torch.randn(
+            (samples, *output.shape), generator=generator, device=generator.device, dtype=torch.float64
+        )
+        return output.detach().unsqueeze(0) + math.sqrt(0.5) * noise.to(device=output.device, dtype=output.dtype)
+
+    def check(self, output: Tensor, target: Tensor) -> None:
+        if target.shape != output.shape:
+            raise DataError(
+                f"mse expects targets of the output's shape {tuple(output.shape)}, got {tuple(target.shape)}"
+            )
+        if not target.is_floating_point():
+            raise DataError(f"mse expects floating-point targets, got dtype {target.dtype}")
+
+
+LOSSES: dict[str, type[Loss]] = {
+    "cross_entropy": CrossEntropy,
+    "crossentropy": CrossEntropy,
+    "ce": CrossEntropy,
+    "mse": MeanSquaredError,
+}
+
+
+def make_loss(loss: str | Loss) -> Loss:
+    """Resolve a loss name (``cross_entropy``, ``mse``) or pass a :class:`Loss` through."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, str) and loss.lower() in LOSSES:
+        return LOSSES[loss.lower()]()
+    raise ProblemError(f"unknown loss {loss!r}; choose one of 'cross_entropy', 'mse' or pass a curvdist Loss")
