@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import NonDeterministicError, NonFiniteError, ShapeError, SolverError
 from ..problem.data import shuffles
@@ -49,17 +51,36 @@ class CurvatureOperator(ABC):
 
     # ----------------------------------------------------------- to implement
     @abstractmethod
-    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, batch_index: int) -> Params:
-        """Σ_{n in batch} C_n v, unscaled, as parameter-shaped tensors."""
+    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, ctx: Any) -> Params:
+        """Σ_{n in batch} C_n v, unscaled, as parameter-shaped tensors; ``ctx`` is :meth:`batch_context`'s."""
+
+    def batch_context(self, params: Params, X: Tensor, y: Tensor, batch_index: int) -> Any:
+        """Per-batch data that does not depend on v (e.g. sampled labels), computed once outside ``vmap``."""
+        return None
 
     # ----------------------------------------------------------- products
     def matvec_params(self, v: Params) -> Params:
         """C v for parameter-shaped v (no validation): the accumulation over batches and the scaling."""
         params = self.problem.params
         acc = [torch.zeros_like(p) for p in params]
-        for b, (X, y) in enumerate(self.problem.batches()):
-            for a, part in zip(acc, self.batch_matvec(params, v, X, y, b)):
-                a.add_(part)
+        with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels lack forward-mode AD
+            for b, (X, y) in enumerate(self.problem.batches()):
+                ctx = self.batch_context(params, X, y, b)
+                for a, part in zip(acc, self.batch_matvec(params, v, X, y, ctx)):
+                    a.add_(part)
+        s = self.problem.scale
+        return tuple(a.mul_(s) for a in acc)
+
+    def matmat_params(self, V: Params) -> Params:
+        """C V for a block of vectors stacked along a leading axis, vectorized with ``torch.func.vmap``."""
+        params = self.problem.params
+        acc = [torch.zeros_like(v) for v in V]
+        with sdpa_kernel([SDPBackend.MATH]):
+            for b, (X, y) in enumerate(self.problem.batches()):
+                ctx = self.batch_context(params, X, y, b)
+                parts = vmap(lambda v, X=X, y=y, c=ctx: self.batch_matvec(params, v, X, y, c))(V)
+                for a, part in zip(acc, parts):
+                    a.add_(part)
         s = self.problem.scale
         return tuple(a.mul_(s) for a in acc)
 
@@ -122,16 +143,24 @@ class CurvatureOperator(ABC):
         return "; ".join(causes)
 
     # ----------------------------------------------------------- exports
-    def to_dense(self, max_dim: int = DENSE_LIMIT) -> Tensor:
-        """The d×d matrix, one product per column (for tiny models; refuses d > ``max_dim``)."""
+    def to_dense(self, max_dim: int = DENSE_LIMIT, chunk: int = 64) -> Tensor:
+        """The d×d matrix, ``chunk`` columns per vectorized product (tiny models only; refuses d > ``max_dim``)."""
         if self.dim > max_dim:
             raise SolverError(
                 f"to_dense() on a {self.dim}-dimensional operator would need a {self.dim}x{self.dim} matrix; "
                 f"raise max_dim (now {max_dim}) if you really want it"
             )
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        cols = [self.problem.flatten(self.matvec_params(self.problem.unflatten(eye[i]))) for i in range(self.dim)]
-        return torch.stack(cols, dim=1)
+        blocks = []
+        for start in range(0, self.dim, chunk):
+            E = eye[start : start + chunk]
+            V = tuple(t.reshape(E.shape[0], *s) for t, s in zip(self._split_rows(E), self.problem.shapes))
+            CV = self.matmat_params(V)
+            blocks.append(torch.cat([t.reshape(E.shape[0], -1) for t in CV], dim=1))
+        return torch.cat(blocks, dim=0).T.contiguous()
+
+    def _split_rows(self, E: Tensor) -> list[Tensor]:
+        return list(torch.split(E, [s.numel() for s in self.problem.shapes], dim=1))
 
     def to_scipy(self) -> LinearOperator:
         """A scipy ``LinearOperator`` (float64 numpy in and out) for use with ``scipy.sparse.linalg``."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 from torch.func import grad, jvp
 
@@ -14,7 +16,7 @@ class Hessian(CurvatureOperator):
 
     kind = "hessian"
 
-    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, batch_index: int) -> Params:
+    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, ctx: Any) -> Params:
         def batch_grad(p: Params) -> Params:
             return grad(self.problem.batch_loss)(p, X, y)
 

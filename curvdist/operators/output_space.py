@@ -18,6 +18,8 @@ Fisher equals the GGN, and :class:`Fisher` is computed as such.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
@@ -30,17 +32,23 @@ from .base import CurvatureOperator
 class OutputSpaceCurvature(CurvatureOperator):
     """C v = s · Σ_n J_nᵀ Λ_n J_n v; subclasses give Λ_n through :meth:`output_apply`."""
 
-    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, batch_index: int) -> Tensor:
+    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, ctx: Any) -> Tensor:
         """Λ_n u_n for every sample of the batch (u has the shape of the output)."""
         raise NotImplementedError
 
-    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, batch_index: int) -> Params:
+    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, ctx: Any) -> Params:
         def f(p: Params) -> Tensor:
             return self.problem.forward(p, X)
 
         out, Jv = jvp(f, (params,), (v,))
         _, pullback = vjp(f, params)
-        return pullback(self.output_apply(out.detach(), y, Jv, batch_index))[0]
+        return pullback(self.output_apply(out.detach(), y, Jv, ctx))[0]
+
+
+def _rank_one_apply(G: Tensor, u: Tensor) -> Tensor:
+    """(1/S) Σ_s g_s (g_sᵀ u) per sample, for G of shape (S, B, ...) and u of shape (B, ...)."""
+    coef = (G * u.unsqueeze(0)).flatten(2).sum(-1)  # (S, B)
+    return (G * coef.view(*coef.shape, *([1] * (G.ndim - 2)))).mean(0)
 
 
 class GGN(OutputSpaceCurvature):
@@ -48,7 +56,7 @@ class GGN(OutputSpaceCurvature):
 
     kind = "ggn"
 
-    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, batch_index: int) -> Tensor:
+    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, ctx: Any) -> Tensor:
         return self.problem.loss.output_hessian_apply(out, y, u)
 
 
@@ -92,10 +100,14 @@ class FisherMC(OutputSpaceCurvature):
         g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + batch_index)
         return self.problem.loss.sample_targets(out, g, self.mc_samples)
 
-    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, batch_index: int) -> Tensor:
-        G = _output_grads(self.problem, out, self.sampled_targets(out, batch_index))  # (S, B, ...)
-        coef = (G * u.unsqueeze(0)).flatten(2).sum(-1)  # g_nsᵀ u_n, shape (S, B)
-        return (G * coef.view(*coef.shape, *([1] * (G.ndim - 2)))).mean(0)
+    def batch_context(self, params: Params, X: Tensor, y: Tensor, batch_index: int) -> Tensor:
+        """Output gradients at the sampled labels, shape (S, B, ...)."""
+        with torch.no_grad():
+            out = self.problem.forward(params, X)
+        return _output_grads(self.problem, out, self.sampled_targets(out, batch_index))
+
+    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, ctx: Tensor) -> Tensor:
+        return _rank_one_apply(ctx, u)
 
 
 class EmpiricalFisher(OutputSpaceCurvature):
@@ -106,7 +118,11 @@ class EmpiricalFisher(OutputSpaceCurvature):
 
     kind = "empirical_fisher"
 
-    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, batch_index: int) -> Tensor:
-        G = _output_grads(self.problem, out, y.unsqueeze(0))[0]  # (B, ...)
-        coef = (G * u).flatten(1).sum(-1)
-        return G * coef.view(-1, *([1] * (G.ndim - 1)))
+    def batch_context(self, params: Params, X: Tensor, y: Tensor, batch_index: int) -> Tensor:
+        """Output gradients at the true labels, shape (1, B, ...)."""
+        with torch.no_grad():
+            out = self.problem.forward(params, X)
+        return _output_grads(self.problem, out, y.unsqueeze(0))
+
+    def output_apply(self, out: Tensor, y: Tensor, u: Tensor, ctx: Tensor) -> Tensor:
+        return _rank_one_apply(ctx, u)
