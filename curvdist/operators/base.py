@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import NonDeterministicError, NonFiniteError, ShapeError, SolverError
 from ..problem.data import shuffles
@@ -61,26 +60,19 @@ class CurvatureOperator(ABC):
     # ----------------------------------------------------------- products
     def matvec_params(self, v: Params) -> Params:
         """C v for parameter-shaped v (no validation): the accumulation over batches and the scaling."""
-        params = self.problem.params
-        acc = [torch.zeros_like(p) for p in params]
-        with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels lack forward-mode AD
-            for b, (X, y) in enumerate(self.problem.batches()):
-                ctx = self.batch_context(params, X, y, b)
-                for a, part in zip(acc, self.batch_matvec(params, v, X, y, ctx)):
-                    a.add_(part)
-        s = self.problem.scale
-        return tuple(a.mul_(s) for a in acc)
+        return self._accumulate(v, self.batch_matvec)
 
     def matmat_params(self, V: Params) -> Params:
         """C V for a block of vectors stacked along a leading axis, vectorized with ``torch.func.vmap``."""
+        return self._accumulate(V, lambda p, v, X, y, c: vmap(lambda u: self.batch_matvec(p, u, X, y, c))(v))
+
+    def _accumulate(self, v: Params, product: Any) -> Params:
         params = self.problem.params
-        acc = [torch.zeros_like(v) for v in V]
-        with sdpa_kernel([SDPBackend.MATH]):
-            for b, (X, y) in enumerate(self.problem.batches()):
-                ctx = self.batch_context(params, X, y, b)
-                parts = vmap(lambda v, X=X, y=y, c=ctx: self.batch_matvec(params, v, X, y, c))(V)
-                for a, part in zip(acc, parts):
-                    a.add_(part)
+        acc = [torch.zeros_like(t) for t in v]
+        for b, (X, y) in enumerate(self.problem.batches()):
+            ctx = self.batch_context(params, X, y, b)
+            for a, part in zip(acc, product(params, v, X, y, ctx)):
+                a.add_(part)
         s = self.problem.scale
         return tuple(a.mul_(s) for a in acc)
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import DataError, NonFiniteError, ProblemError, ShapeError
+from .autodiff import differentiable_kernels
 from .data import Batch, as_batches, unpack
 from .losses import Loss, make_loss
 
@@ -120,7 +121,8 @@ class Problem:
         """f(X; θ) with θ = params (in the order of ``param_names``); the rest of the model held fixed."""
         state = dict(self._frozen)
         state.update(zip(self.param_names, params))
-        return functional_call(self.model, state, (X,))
+        with differentiable_kernels():
+            return functional_call(self.model, state, (X,))
 
     def batch_loss(self, params: Params, X: Tensor, y: Tensor) -> Tensor:
         """Σ_{n in batch} ℓ(f(x_n; θ), y_n), unscaled."""

@@ -33,7 +33,7 @@ class _Counted:
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="matvec", leave=False)
+            self.bar = tqdm(total=total, desc=desc, unit="matvec", leave=False, disable=None)  # off without a TTY
 
     def __call__(self, v: Tensor) -> Tensor:
         p = self.op.problem

@@ -1,0 +1,219 @@
+"""The YAML job configuration and its schema (pydantic). Every error names the offending key in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from ..errors import ConfigError
+from ..operators import OPERATORS
+
+CURVATURES = tuple(OPERATORS)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+def _import_path(v: str) -> str:
+    if not isinstance(v, str) or v.count(":") != 1 or not all(v.split(":")):
+        raise ValueError(f"must be an import path 'module:callable', got {v!r}")
+    return v
+
+
+class ModelSpec(Strict):
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+
+    _check_factory = field_validator("factory")(lambda cls, v: _import_path(v))
+
+
+class DataSpec(Strict):
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    batch_size: PositiveInt | None = None
+
+    _check_factory = field_validator("factory")(lambda cls, v: _import_path(v))
+
+
+class TrainSpec(Strict):
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: Annotated[float, Field(gt=0)] = 1e-2
+    steps: Annotated[int, Field(ge=0)] = 100
+    momentum: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+
+
+class CurvatureSpec(Strict):
+    kind: Literal["hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher"] = "hessian"
+    mc_samples: PositiveInt = 1
+    check_determinism: bool = True
+
+    def options(self, seed: int) -> dict[str, Any]:
+        opts: dict[str, Any] = {"check_determinism": self.check_determinism}
+        if self.kind == "fisher_mc":
+            opts.update(mc_samples=self.mc_samples, seed=seed)
+        return opts
+
+
+class QueryBase(Strict):
+    curvature: CurvatureSpec | None = None
+    seed: int | None = None
+
+    @field_validator("curvature", mode="before")
+    @classmethod
+    def _curvature_name(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
+
+
+class EigsQuery(QueryBase):
+    kind: Literal["eigs"]
+    k: PositiveInt = 1
+    which: Literal["largest", "smallest", "magnitude"] = "largest"
+    tol: Annotated[float, Field(gt=0)] | None = None
+    maxiter: PositiveInt | None = None
+
+
+class TraceQuery(QueryBase):
+    kind: Literal["trace"]
+    method: Literal["hutchinson", "hutchpp", "xtrace", "exact"] = "hutchpp"
+    matvecs: PositiveInt = 100
+
+
+class DiagQuery(QueryBase):
+    kind: Literal["diag"]
+    method: Literal["hutchinson", "xdiag"] = "xdiag"
+    matvecs: PositiveInt = 100
+
+
+class LogdetQuery(QueryBase):
+    kind: Literal["logdet"]
+    damping: Annotated[float, Field(ge=0)] = 0.0
+    probes: PositiveInt = 20
+    steps: PositiveInt = 50
+
+
+class DensityQuery(QueryBase):
+    kind: Literal["density"]
+    probes: PositiveInt = 5
+    steps: PositiveInt = 80
+    grid: PositiveInt = 1000
+    sigma: Annotated[float, Field(gt=0)] | None = None
+
+
+class GradNormQuery(QueryBase):
+    kind: Literal["grad_norm"]
+
+
+Query = Annotated[
+    EigsQuery | TraceQuery | DiagQuery | LogdetQuery | DensityQuery | GradNormQuery, Field(discriminator="kind")
+]
+
+
+class BackendSpec(Strict):
+    kind: Literal["local"] = "local"
+
+
+class Config(Strict):
+    seed: int = 0
+    dtype: Literal["float32", "float64"] = "float64"
+    model: ModelSpec
+    data: DataSpec
+    loss: Literal["cross_entropy", "mse"]
+    params: list[str] | None = None
+    reduction: Literal["mean", "sum"] = "mean"
+    train: TrainSpec | None = None
+    curvature: CurvatureSpec = Field(default_factory=CurvatureSpec)
+    queries: Annotated[list[Query], Field(min_length=1)]
+    backend: BackendSpec = Field(default_factory=BackendSpec)
+    output: str | None = None
+
+    @field_validator("curvature", mode="before")
+    @classmethod
+    def _curvature_name(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    # drop the union-member tags pydantic inserts for discriminated unions ("eigs", "EigsQuery", ...)
+    parts = [str(p) for p in loc]
+    out: list[str] = []
+    for i, p in enumerate(parts):
+        if i > 0 and parts[i - 1].isdigit() and out and out[-2:-1] == ["queries"] and not p.isdigit() and \
+                p in ("eigs", "trace", "diag", "logdet", "density", "grad_norm"):
+            continue
+        if p in ("str", "CurvatureSpec", "function-after[<lambda>(), str]") or p.startswith("function-"):
+            continue
+        out.append(p)
+    return ".".join(out) or "<top level>"
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line naming the first offending key (and how many more errors there are)."""
+    errs = e.errors()
+    first = errs[0]
+    key = _where(first["loc"])
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown key '{key}'"
+    elif first["type"] == "missing":
+        msg = f"missing required key '{key}'"
+    else:
+        msg = f"invalid value for '{key}': {first['msg']}"
+        if "input" in first and not isinstance(first["input"], (dict, list)):
+            msg += f" (got {first['input']!r})"
+    if len(errs) > 1:
+        msg += f" (and {len(errs) - 1} more error{'s' if len(errs) > 2 else ''})"
+    return msg
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (value parsed as YAML; list items addressed by index)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text else None
+        parts = key.split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: no list item {part!r} at '{'.'.join(parts[:i])}'")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is not a mapping")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a YAML config; raises :class:`ConfigError` with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys, got {type(raw).__name__}")
+    return validate_config(apply_overrides(raw, overrides or []))
+
+
+def validate_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

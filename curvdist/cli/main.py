@@ -1,0 +1,51 @@
+"""The ``curvdist`` command line: ``curvdist run CONFIG [--set key=value ...] [--output PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..errors import CurvdistError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="curvdist", description="Curvature of neural-network loss landscapes.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the queries of a YAML config and write a JSON report")
+    run.add_argument("config", help="path to a YAML config")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key (dotted path, list items by index), value parsed as YAML")
+    run.add_argument("--output", "-o", default=None, help="JSON output path (default: config 'output' or "
+                     "results/<config name>.json)")
+    run.add_argument("--quiet", "-q", action="store_true", help="no table, no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from .config import load_config
+            from .runner import run
+            from .table import render
+
+            cfg = load_config(args.config, args.overrides)
+            doc = run(cfg, args.config, args.output, progress=not args.quiet)
+            if not args.quiet:
+                if doc.get("train"):
+                    t = doc["train"]
+                    print(f"trained {t['steps']} {t['optimizer']} steps: loss {t['final_loss']:.4g} "
+                          f"({t['seconds']:.1f} s)")
+                pr = doc["problem"]
+                print(f"problem: {pr['dim']} parameters, {pr['samples']} samples, loss {pr['loss_value']:.6g}")
+                print(render(doc["results"]))
+                print(f"wrote {doc['output']}" + "".join(f", {p}" for p in doc.get("plots", [])))
+        return 0
+    except CurvdistError as e:
+        print(f"curvdist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Small shared cases (model, loss, data, seed) that every operator and query is checked on.
+
+Adding a case here exercises every operator against its dense float64 ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from curvdist import zoo
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make_model: Callable[[], nn.Module]
+    loss: str
+    X: Tensor
+    y: Tensor
+    batch_size: int
+
+    def model(self) -> nn.Module:
+        return self.make_model().double().eval()
+
+
+def _digits(shape: str, n: int) -> tuple[Tensor, Tensor]:
+    return zoo.digits(shape=shape, n=n, dtype="float64")
+
+
+def _mlp_case() -> Case:
+    X, y = _digits("flat", 13)
+    X = X[:, ::8].contiguous()  # 8 features
+    return Case("mlp", lambda: zoo.mlp(8, (5,), 4, "tanh", seed=1), "cross_entropy", X, y % 4, 5)
+
+
+def _mlp_mse_case() -> Case:
+    X, y = zoo.regression(n=11, in_features=3, out_features=2, seed=2, dtype="float64")
+    return Case("mlp_mse", lambda: zoo.mlp(3, (4,), 2, "softplus", seed=2), "mse", X, y, 4)
+
+
+def _cnn_case() -> Case:
+    X, y = _digits("image", 9)
+    return Case("cnn", lambda: zoo.cnn((2, 2), image_size=8, out_features=10, seed=3), "cross_entropy", X, y, 4)
+
+
+def _transformer_case() -> Case:
+    X, y = _digits("sequence", 7)
+    make = lambda: zoo.transformer(tokens=8, features=8, d_model=4, heads=2, mlp_ratio=1, out_features=10,  # noqa
+                                   seed=4)
+    return Case("transformer", make, "cross_entropy", X, y, 3)
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "mlp": _mlp_case, "mlp_mse": _mlp_mse_case, "cnn": _cnn_case, "transformer": _transformer_case,
+}
+
+
+def spd_matrix(d: int, eigenvalues: Tensor, seed: int = 0) -> Tensor:
+    """Q diag(λ) Qᵀ with a random orthogonal Q (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (Q * eigenvalues) @ Q.T
