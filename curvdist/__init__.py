@@ -10,6 +10,7 @@ The Python API::
 """
 
 from .errors import (
+    AutodiffError,
     ConfigError,
     CurvdistError,
     DataError,
@@ -27,7 +28,7 @@ from .queries import Result, density, diag, eigs, grad_norm, logdet, trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "CurvatureOperator", "CurvdistError", "DataError", "NonDeterministicError", "NonFiniteError",
+    "AutodiffError", "ConfigError", "CurvatureOperator", "CurvdistError", "DataError", "NonDeterministicError", "NonFiniteError",
     "NotPositiveDefiniteError", "Problem", "ProblemError", "Result", "ShapeError", "SolverError", "__version__",
     "density", "diag", "eigs", "grad_norm", "logdet", "operator", "trace",
 ]

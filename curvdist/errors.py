@@ -27,6 +27,10 @@ class NonDeterministicError(CurvdistError, RuntimeError):
     """Two identical curvature products disagree: the problem is not a fixed function of the parameters."""
 
 
+class AutodiffError(CurvdistError, RuntimeError):
+    """A torch.func transform failed on the model (an op without forward-mode derivative, in-place state update)."""
+
+
 class ShapeError(CurvdistError, ValueError):
     """A vector does not match the parameter space of an operator."""
 

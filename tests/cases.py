@@ -33,7 +33,7 @@ def _digits(shape: str, n: int) -> tuple[Tensor, Tensor]:
 
 def _mlp_case() -> Case:
     X, y = _digits("flat", 13)
-    X = X[:, ::8].contiguous()  # 8 features
+    X = X[:, [19, 20, 27, 28, 35, 36, 43, 44]].contiguous()  # 8 central pixels
     return Case("mlp", lambda: zoo.mlp(8, (5,), 4, "tanh", seed=1), "cross_entropy", X, y % 4, 5)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from ..errors import NonDeterministicError, NonFiniteError, ShapeError, SolverError
+from ..errors import AutodiffError, CurvdistError, NonDeterministicError, NonFiniteError, ShapeError, SolverError
 from ..problem.data import shuffles
 from ..problem.problem import Params, Problem
 
@@ -70,8 +70,19 @@ class CurvatureOperator(ABC):
         params = self.problem.params
         acc = [torch.zeros_like(t) for t in v]
         for b, (X, y) in enumerate(self.problem.batches()):
-            ctx = self.batch_context(params, X, y, b)
-            for a, part in zip(acc, product(params, v, X, y, ctx)):
+            try:
+                ctx = self.batch_context(params, X, y, b)
+                parts = product(params, v, X, y, ctx)
+            except CurvdistError:
+                raise
+            except (RuntimeError, NotImplementedError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise AutodiffError(
+                    f"the {self.kind} product failed inside torch on batch {b}: {first} -- the model's forward pass "
+                    "must be a pure function of its parameters (no in-place updates of module state) built from "
+                    "ops with forward- and reverse-mode derivatives"
+                ) from e
+            for a, part in zip(acc, parts):
                 a.add_(part)
         s = self.problem.scale
         return tuple(a.mul_(s) for a in acc)

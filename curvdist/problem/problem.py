@@ -17,12 +17,22 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import DataError, NonFiniteError, ProblemError, ShapeError
+from ..errors import DataError, NonDeterministicError, NonFiniteError, ProblemError, ShapeError
 from .autodiff import differentiable_kernels
 from .data import Batch, as_batches, unpack
 from .losses import Loss, make_loss
 
 Params = tuple[Tensor, ...]
+
+
+def _refuse_stateful_modules(model: nn.Module) -> None:
+    """BatchNorm in train mode couples the samples of a batch and updates running statistics on every pass."""
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise NonDeterministicError(
+                f"BatchNorm module '{name or type(m).__name__}' in train mode: the loss would depend on the batch "
+                "composition and every pass would update its running statistics; call model.eval()"
+            )
 
 
 class Problem:
@@ -53,6 +63,7 @@ class Problem:
             raise ProblemError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if reduction not in ("mean", "sum"):
             raise ProblemError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        _refuse_stateful_modules(model)
         self.model = model
         self.loss = make_loss(loss)
         self.reduction = reduction
