@@ -43,9 +43,9 @@ def test_trace_queries(cnn):
     exact = cd.trace(op, method="exact")
     assert exact.value == pytest.approx(true, rel=1e-10) and exact.matvecs == problem.dim
     for method in ("hutchinson", "hutchpp", "xtrace"):
-        r = cd.trace(op, method=method, matvecs=problem.dim, seed=3)
-        assert abs(r.value - true) <= 4 * r.stderr + 1e-9 * abs(true), (method, r.value, true, r.stderr)
-        assert r.matvecs <= problem.dim and r.seed == 3 and r.info["method"] == method
+        r = cd.trace(op, method=method, matvecs=90, seed=3)
+        assert abs(r.value - true) <= 4 * r.stderr, (method, r.value, true, r.stderr)
+        assert r.matvecs <= 90 and r.seed == 3 and r.info["method"] == method
 
 
 def test_diag_query(cnn):
@@ -60,10 +60,10 @@ def test_logdet_and_density(cnn):
     op = cd.operator(problem, "ggn")
     delta = 1e-2
     true = float(torch.logdet(G + delta * torch.eye(problem.dim, dtype=torch.float64)))
-    r = cd.logdet(op, damping=delta, probes=30, steps=60, seed=1)
+    r = cd.logdet(op, damping=delta, probes=10, steps=40, seed=1)
     assert abs(r.value - true) <= 3 * r.stderr, (r.value, true, r.stderr)
     with pytest.raises(cd.NotPositiveDefiniteError):
-        cd.logdet(cd.operator(problem, "hessian"), probes=2, steps=60)
+        cd.logdet(cd.operator(problem, "hessian"), probes=1, steps=60)
     d = cd.density(op, probes=3, steps=40)
     grid, phi = d.value["grid"], d.value["density"]
     assert np.trapezoid(phi, grid) == pytest.approx(1.0, abs=1e-3)

@@ -152,21 +152,24 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(out) or "<top level>"
 
 
+def _describe(err: dict[str, Any]) -> str:
+    key = _where(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if err["type"] == "missing":
+        return f"missing required key '{key}'"
+    msg = f"invalid value for '{key}': {err['msg']}"
+    if "input" in err and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
 def format_validation_error(e: ValidationError) -> str:
-    """One line naming the first offending key (and how many more errors there are)."""
-    errs = e.errors()
-    first = errs[0]
-    key = _where(first["loc"])
-    if first["type"] == "extra_forbidden":
-        msg = f"unknown key '{key}'"
-    elif first["type"] == "missing":
-        msg = f"missing required key '{key}'"
-    else:
-        msg = f"invalid value for '{key}': {first['msg']}"
-        if "input" in first and not isinstance(first["input"], (dict, list)):
-            msg += f" (got {first['input']!r})"
-    if len(errs) > 1:
-        msg += f" (and {len(errs) - 1} more error{'s' if len(errs) > 2 else ''})"
+    """One line naming the offending keys: unknown keys first (a typo also makes its key 'missing')."""
+    errs = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+    msg = "; ".join(_describe(err) for err in errs[:2])
+    if len(errs) > 2:
+        msg += f" (and {len(errs) - 2} more)"
     return msg
 
 

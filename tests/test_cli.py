@@ -1,0 +1,148 @@
+"""The `curvdist run` command end to end, config validation, overrides and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from curvdist import zoo
+from curvdist.cli.main import main
+
+from . import dense
+
+MODEL_KWARGS = {"in_features": 64, "hidden": [6], "out_features": 10, "activation": "tanh", "seed": 3}
+DATA_KWARGS = {"split": "train", "n": 120, "dtype": "float64"}
+
+
+def _config(tmp_path: Path, **extra) -> dict:
+    cfg = {
+        "seed": 0,
+        "dtype": "float64",
+        "model": {"factory": "curvdist.zoo:mlp", "kwargs": MODEL_KWARGS},
+        "data": {"factory": "curvdist.zoo:digits", "kwargs": DATA_KWARGS, "batch_size": 50},
+        "loss": "cross_entropy",
+        "curvature": "hessian",
+        "queries": [
+            {"kind": "grad_norm"},
+            {"kind": "eigs", "k": 3, "tol": 1e-10},
+            {"kind": "trace", "method": "exact"},
+            {"kind": "trace", "method": "xtrace", "matvecs": 40},
+            {"kind": "logdet", "curvature": "ggn", "damping": 0.1, "probes": 4, "steps": 20},
+            {"kind": "density", "probes": 2, "steps": 20, "grid": 200},
+        ],
+        "output": str(tmp_path / "out.json"),
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def checkpointed(tmp_path):
+    """A model with perturbed weights saved as a state_dict, and the same model for ground truth."""
+    model = zoo.mlp(**MODEL_KWARGS, dtype="float64")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    return model.eval(), path
+
+
+def test_run_end_to_end(tmp_path, checkpointed, capsys):
+    model, ckpt = checkpointed
+    cfg = _config(tmp_path)
+    cfg["model"]["checkpoint"] = str(ckpt)
+    assert main(["run", str(_write(tmp_path, cfg))]) == 0
+    printed = capsys.readouterr().out
+    assert "eigs" in printed and "xtrace" not in printed and "wrote" in printed
+
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["config"]["model"]["checkpoint"] == str(ckpt)
+    assert {"curvdist", "torch", "python"} <= set(doc["versions"])
+    res = doc["results"]
+    assert [r["query"] for r in res] == ["grad_norm", "eigs", "trace", "trace", "logdet", "density"]
+    for r in res:
+        for key in ("query", "curvature", "metric", "coordinates", "value", "stderr", "matvecs", "seconds",
+                    "converged"):
+            assert key in r
+
+    X, y = zoo.digits(**DATA_KWARGS)
+    H = dense.dense_hessian(model, "cross_entropy", X, y, "mean")
+    G = dense.dense_ggn(model, "cross_entropy", X, y, "mean")
+    s = torch.linalg.eigvalsh(H)
+    np.testing.assert_allclose(res[1]["value"], s.flip(0)[:3].numpy(), rtol=1e-8)
+    assert res[2]["value"] == pytest.approx(float(torch.trace(H)), rel=1e-9)
+    assert abs(res[3]["value"] - float(torch.trace(H))) <= 4 * res[3]["stderr"]
+    logdet = float(torch.logdet(G + 0.1 * torch.eye(len(G), dtype=G.dtype)))
+    assert res[4]["curvature"] == "ggn" and abs(res[4]["value"] - logdet) <= 4 * res[4]["stderr"]
+    g = dense.per_sample_grads(model, "cross_entropy", X, y).mean(0)
+    assert res[0]["value"] == pytest.approx(float(g @ g), rel=1e-9)
+    png = tmp_path / "out_density.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert doc["plots"] == [str(png)]
+
+
+def test_train_reaches_lower_loss_and_overrides(tmp_path):
+    cfg = _config(tmp_path, queries=[{"kind": "grad_norm"}])
+    path = _write(tmp_path, cfg)
+    assert main(["run", str(path), "--set", "train={optimizer: adam, lr: 0.05, steps: 30}",
+                 "--set", "queries.0.kind=eigs", "--output", str(tmp_path / "o2.json"), "-q"]) == 0
+    doc = json.loads((tmp_path / "o2.json").read_text())
+    model = zoo.mlp(**MODEL_KWARGS, dtype="float64")
+    X, y = zoo.digits(**DATA_KWARGS)
+    with torch.no_grad():
+        initial = float(torch.nn.functional.cross_entropy(model(X), y))
+    assert doc["train"]["steps"] == 30
+    assert doc["train"]["final_loss"] < 0.5 * initial
+    assert doc["results"][0]["query"] == "eigs"  # the override took effect
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(qeries=c.pop("queries")), "unknown key 'qeries'"),
+    (lambda c: c["queries"][1].update(k="three"), "invalid value for 'queries.1.k'"),
+    (lambda c: c.pop("loss"), "missing required key 'loss'"),
+    (lambda c: c["queries"].append({"kind": "trace", "matvec": 5}), "unknown key 'queries.6.matvec'"),
+    (lambda c: c.update(curvature="hesian"), "invalid value for 'curvature.kind'"),
+    (lambda c: c["model"].update(factory="curvdist.zoo:nope"), "model.factory: module 'curvdist.zoo' has no "
+                                                                "attribute 'nope'"),
+    (lambda c: c["data"].update(factory="no_such_module:f"), "data.factory: cannot import module"),
+    (lambda c: c["model"].update(kwargs={"hiden": [3]}), "model.factory 'curvdist.zoo:mlp' failed with TypeError"),
+    (lambda c: c["model"].update(checkpoint="/nonexistent/w.pt"), "model.checkpoint: file not found"),
+])
+def test_config_errors_are_one_line(tmp_path, capsys, edit, message):
+    cfg = _config(tmp_path)
+    edit(cfg)
+    assert main(["run", str(_write(tmp_path, cfg))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_k_larger_than_dimension_is_a_clear_cli_error(tmp_path, capsys):
+    cfg = _config(tmp_path, queries=[{"kind": "eigs", "k": 10_000}])
+    assert main(["run", str(_write(tmp_path, cfg))]) == 2
+    assert "k=10000 eigenvalues requested but the operator has dimension" in capsys.readouterr().err
+
+
+def test_console_entry_point(tmp_path):
+    cfg = _config(tmp_path, queries=[{"kind": "eigs", "k": 1}])
+    proc = subprocess.run([sys.executable, "-m", "curvdist", "run", str(_write(tmp_path, cfg))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "eigs" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "curvdist", "run", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "config file not found" in bad.stderr
