@@ -14,11 +14,14 @@ from .errors import (
     ConfigError,
     CurvdistError,
     DataError,
+    MetricError,
     NonDeterministicError,
     NonFiniteError,
     NotPositiveDefiniteError,
     ProblemError,
+    ReparamError,
     ShapeError,
+    SingularMetricError,
     SolverError,
 )
 from .operators import CurvatureOperator, operator
@@ -28,7 +31,8 @@ from .queries import Result, density, diag, eigs, grad_norm, logdet, trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutodiffError", "ConfigError", "CurvatureOperator", "CurvdistError", "DataError", "NonDeterministicError", "NonFiniteError",
+    "AutodiffError", "ConfigError", "CurvatureOperator", "CurvdistError", "DataError", "MetricError", "ReparamError",
+    "SingularMetricError", "NonDeterministicError", "NonFiniteError",
     "NotPositiveDefiniteError", "Problem", "ProblemError", "Result", "ShapeError", "SolverError", "__version__",
     "density", "diag", "eigs", "grad_norm", "logdet", "operator", "trace",
 ]

@@ -43,5 +43,17 @@ class NotPositiveDefiniteError(SolverError):
     """A query that needs a positive-definite operator (log-det) met a non-positive eigenvalue."""
 
 
+class ReparamError(CurvdistError, ValueError):
+    """A reparametrization does not fit the parameters (shape, selection) or is not invertible at the point."""
+
+
+class MetricError(CurvdistError, ValueError):
+    """A metric cannot be built or cannot serve a request (unsupported layer, missing optimizer state, ...)."""
+
+
+class SingularMetricError(MetricError):
+    """The metric (with its damping) is singular, so M⁻¹ does not exist; add damping."""
+
+
 class ConfigError(CurvdistError, ValueError):
     """A YAML configuration is invalid; the message names the offending key."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..errors import DataError
 
@@ -17,7 +17,7 @@ Batch = tuple[Tensor, Tensor]
 def as_batches(data: Any, batch_size: int | None = None) -> Iterable[Batch]:
     """Normalize ``data`` to a re-iterable of (X, y) batches in a fixed order.
 
-    Accepted: a ``(X, y)`` tuple of tensors (split into batches of ``batch_size``, one batch if None); a torch
+    Accepted: a ``(X, y)`` tuple of tensors (sliced into batches of ``batch_size``, one batch if None); a torch
     ``Dataset`` (with ``batch_size``, iterated without shuffling); a ``DataLoader`` or a list of ``(X, y)``
     batches, used as given. One-shot iterators (generators) are refused: every curvature product needs a full
     pass over the data.
@@ -28,8 +28,8 @@ def as_batches(data: Any, batch_size: int | None = None) -> Iterable[Batch]:
         X, y = data
         if X.shape[0] != y.shape[0]:
             raise DataError(f"X has {X.shape[0]} samples but y has {y.shape[0]}")
-        data = TensorDataset(X, y)
-        batch_size = batch_size or max(len(data), 1)
+        b = batch_size or max(X.shape[0], 1)
+        return [(X[i : i + b], y[i : i + b]) for i in range(0, X.shape[0], b)]
     if isinstance(data, Dataset) and not isinstance(data, Sequence):
         if batch_size is None:
             raise DataError("a torch Dataset needs a batch_size")
@@ -49,8 +49,8 @@ def shuffles(data: Iterable[Batch]) -> bool:
     return isinstance(data, DataLoader) and isinstance(getattr(data, "sampler", None), RandomSampler)
 
 
-def unpack(batch: Any, index: int) -> Batch:
-    """Check that one element of the data is an (X, y) pair of tensors."""
+def unpack(batch: Any, index: int, check_values: bool = True) -> Batch:
+    """Check that one element of the data is an (X, y) pair of tensors (and, optionally, finite and non-empty)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise DataError(f"batch {index} is not an (X, y) pair (got {type(batch).__name__})")
     X, y = batch
@@ -58,6 +58,8 @@ def unpack(batch: Any, index: int) -> Batch:
         raise DataError(f"batch {index} must hold tensors, got ({type(X).__name__}, {type(y).__name__})")
     if X.shape[0] != y.shape[0]:
         raise DataError(f"batch {index}: X has {X.shape[0]} samples but y has {y.shape[0]}")
+    if not check_values:
+        return X, y
     if X.shape[0] == 0:
         raise DataError(f"batch {index} is empty")
     for name, t in (("X", X), ("y", y)):

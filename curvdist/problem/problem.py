@@ -101,7 +101,7 @@ class Problem:
         """One pass over the data: validate every batch, count samples, check the loss is finite."""
         n, b = 0, 0
         with torch.no_grad():
-            for b, (X, y) in enumerate(self.batches()):
+            for b, (X, y) in enumerate(self.batches(validate=True)):
                 out = self.forward(self.params, X)
                 if b == 0:
                     self.loss.check(out, y)
@@ -114,10 +114,14 @@ class Problem:
             raise DataError("the data set is empty")
         return n, b + 1
 
-    def batches(self) -> Iterator[Batch]:
-        """The data batches, validated and moved to the parameters' device (floating data cast to their dtype)."""
+    def batches(self, validate: bool = False) -> Iterator[Batch]:
+        """The data batches moved to the parameters' device (floating data cast to their dtype).
+
+        Every batch is validated (pairs of tensors, finite, non-empty) on the construction pass; later passes
+        only check the structure, since the data must be a fixed sequence anyway.
+        """
         for i, batch in enumerate(self.data):
-            X, y = unpack(batch, i)
+            X, y = unpack(batch, i, check_values=validate)
             X = X.to(self.device, self.dtype) if X.is_floating_point() else X.to(self.device)
             y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
             yield X, y
