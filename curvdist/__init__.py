@@ -24,15 +24,23 @@ from .errors import (
     SingularMetricError,
     SolverError,
 )
+from .geometry import Metric, RiemannianHessian, metric, reparametrize
+from .geometry import reparam
 from .operators import CurvatureOperator, operator
 from .problem import Problem
-from .queries import Result, density, diag, eigs, grad_norm, logdet, trace
+from .queries import Result, density, diag, eigs, flatness, grad_norm, logdet, trace
 
 __version__ = "0.1.0"
+
+
+def riemannian_hessian(problem: Problem, method: str = "autodiff") -> RiemannianHessian:
+    """The Riemannian Hessian Jᵀ H_θ J of a problem made by ``reparametrize`` (pull-back metric)."""
+    return RiemannianHessian(problem, method=method)
 
 __all__ = [
     "AutodiffError", "ConfigError", "CurvatureOperator", "CurvdistError", "DataError", "MetricError", "ReparamError",
     "SingularMetricError", "NonDeterministicError", "NonFiniteError",
     "NotPositiveDefiniteError", "Problem", "ProblemError", "Result", "ShapeError", "SolverError", "__version__",
-    "density", "diag", "eigs", "grad_norm", "logdet", "operator", "trace",
+    "Metric", "RiemannianHessian", "density", "diag", "eigs", "flatness", "grad_norm", "logdet", "metric", "operator",
+    "reparam", "reparametrize", "riemannian_hessian", "trace",
 ]

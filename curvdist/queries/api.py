@@ -19,23 +19,59 @@ from torch import Tensor
 from ..errors import ProblemError, SolverError
 from ..operators.base import CurvatureOperator
 from ..problem.problem import Problem
+from ..geometry.metrics.base import Metric
 from ..solvers import DIAG_METHODS, TRACE_METHODS, TorchSpace, eigsh, slq
 from .result import Result
 
 
-class _Counted:
-    """Wrap an operator as a linear map on flat tensors, counting products and advancing a progress bar."""
+class MetricSpace:
+    """ℝ^d with the inner product ⟨x, y⟩_M = xᵀ M y: M⁻¹C is self-adjoint in it, so Lanczos on M⁻¹C in this space
+    finds the eigenvalues of the pencil (C, M) when M has no cheap factor (CG solves instead)."""
 
-    def __init__(self, op: CurvatureOperator, progress: bool, total: int | None, desc: str) -> None:
-        self.op = op
-        self.count = 0
-        self.bar = None
+    def __init__(self, base: TorchSpace, metric: Metric) -> None:
+        self.base, self.metric, self.dim = base, metric, base.dim
+
+    def dot(self, x: Tensor, y: Tensor) -> float:
+        return self.base.dot(x, self.metric.apply(y))
+
+    def dots(self, xs: Any, y: Tensor) -> np.ndarray:
+        return self.base.dots(xs, self.metric.apply(y)) if len(xs) else np.zeros(0)
+
+    def norm(self, x: Tensor) -> float:
+        return float(np.sqrt(max(self.dot(x, x), 0.0)))
+
+    def __getattr__(self, name: str) -> Any:  # axpy, scale, zeros, random, mul, lincomb, to_tensor
+        return getattr(self.base, name)
+
+
+class _Target:
+    """What a solver sees: the operator C, composed with a metric M when one is given.
+
+    ``plain`` (no metric): C.  ``symmetric`` (M = WᵀW cheap): S = W⁻ᵀ C W⁻¹, eigenvalues of M⁻¹C, in the Euclidean
+    space.  ``generalized`` (M solved by CG): M⁻¹C in the M-inner-product space. Counts C products and advances
+    a progress bar.
+    """
+
+    def __init__(self, op: CurvatureOperator, metric: Metric | None, progress: bool, total: int | None,
+                 desc: str) -> None:
+        self.op, self.metric, self.count, self.bar = op, metric, 0, None
+        base = TorchSpace(op.dim, op.dtype, op.device)
+        if metric is None:
+            self.mode, self.space = "plain", base
+        else:
+            if not isinstance(metric, Metric):
+                raise ProblemError(f"metric must be a curvdist Metric (cd.metric(...)), got {type(metric).__name__}")
+            if metric.dim != op.dim:
+                raise ProblemError(f"the metric has dimension {metric.dim} but the operator {op.dim}")
+            self.mode = "symmetric" if metric.has_factor else "generalized"
+            self.space = base if metric.has_factor else MetricSpace(base, metric)
+        self.euclidean = base
         if progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="matvec", leave=False, disable=None)  # off without a TTY
 
-    def __call__(self, v: Tensor) -> Tensor:
+    def c(self, v: Tensor) -> Tensor:
         p = self.op.problem
         out = p.flatten(self.op.matvec_params(p.unflatten(v)))
         if not bool(torch.isfinite(out).all()):
@@ -44,6 +80,21 @@ class _Counted:
         if self.bar is not None:
             self.bar.update(1)
         return out
+
+    def __call__(self, v: Tensor) -> Tensor:
+        if self.mode == "plain":
+            return self.c(v)
+        if self.mode == "symmetric":
+            return self.metric.inv_factor_t_apply(self.c(self.metric.inv_factor_apply(v)))
+        return self.metric.solve(self.c(v))
+
+    def need_factor(self, query: str) -> None:
+        if self.mode == "generalized":
+            raise SolverError(
+                f"{query} with the {self.metric.kind} metric needs a cheap factor M = WᵀW, which a CG-solved "
+                "metric lacks; use method='dense' for the metric (small models), a diagonal/KFAC metric, or "
+                "trace(method='hutchinson')"
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -58,128 +109,178 @@ def _check_op(op: Any) -> CurvatureOperator:
     return op
 
 
+def coordinates_of(problem: Problem) -> str:
+    """'psi' for a problem made by cd.reparametrize, else 'theta'."""
+    return "psi" if getattr(problem.model, "reparam", None) is not None else "theta"
+
+
 def _run(op: CurvatureOperator, query: str, seed: int | None, progress: bool, total: int | None,
-         solve: Callable[[_Counted, TorchSpace], dict[str, Any]]) -> Result:
+         solve: Callable[[_Target], dict[str, Any]], metric: Metric | None = None) -> Result:
     op = _check_op(op)
-    space = TorchSpace(op.dim, op.dtype, op.device)
-    counted = _Counted(op, progress, total, query)
+    target = _Target(op, metric, progress, total, query)
     t0 = time.perf_counter()
     try:
-        fields = solve(counted, space)
+        fields = solve(target)
     finally:
-        counted.close()
+        target.close()
     seconds = time.perf_counter() - t0
-    return Result(query=query, matvecs=counted.count, seconds=seconds, seed=seed, dtype=str(op.dtype).replace(
-        "torch.", ""), curvature=op.kind, **fields)
+    info = fields.pop("info", {})
+    if metric is not None and op.kind == "hessian" and query != "grad_norm":
+        g = op.problem.flatten(op.problem.gradient())
+        gnorm = float(np.sqrt(max(float(torch.dot(g, metric.solve(g))), 0.0)))
+        info["grad_norm"] = gnorm
+        info["warning"] = (f"Hessian-based quantity with a metric at a point with gradient norm {gnorm:.3g}: "
+                           "invariant only at critical points (use the Riemannian Hessian of a pull-back metric "
+                           "for exact invariance)")
+    return Result(query=query, matvecs=target.count, seconds=seconds, seed=seed,
+                  dtype=str(op.dtype).replace("torch.", ""), curvature=op.kind,
+                  metric="euclidean" if metric is None else metric.describe(),
+                  coordinates=coordinates_of(op.problem), info=info, **fields)
 
 
 def _default_tol(dtype: torch.dtype) -> float:
     return 1e-8 if dtype == torch.float64 else 1e-5
 
 
-def eigs(op: CurvatureOperator, k: int = 1, which: str = "largest", *, tol: float | None = None,
-         maxiter: int | None = None, seed: int = 0, return_vectors: bool = False,
+def eigs(op: CurvatureOperator, k: int = 1, which: str = "largest", *, metric: Metric | None = None,
+         tol: float | None = None, maxiter: int | None = None, seed: int = 0, return_vectors: bool = False,
          progress: bool = False) -> Result:
-    """The k extreme eigenvalues of C (``which``: largest | smallest | magnitude) by Lanczos with full
-    reorthogonalization, stopping when every Ritz residual ‖Cy − θy‖ ≤ tol·max|θ| (default tol 1e-8 in float64,
-    1e-5 in float32). ``value`` lists the eigenvalues in the order asked (largest first for "largest");
-    ``info["residuals"]`` their residual norms; ``vectors`` the eigenvectors (flat tensors) if requested.
+    """The k extreme eigenvalues of M⁻¹C (of C without a metric); ``which``: largest | smallest | magnitude.
+
+    Lanczos with full reorthogonalization on S = W⁻ᵀCW⁻¹ when the metric has a cheap factor M = WᵀW, otherwise in
+    the M-inner product with CG solves. Stops when every Ritz residual ≤ tol·max|θ| (default tol 1e-8 in float64,
+    1e-5 in float32). ``value`` lists the eigenvalues in the order asked; ``info["residuals"]`` their residuals;
+    ``vectors`` the eigenvectors (of S, or M-orthonormal eigenvectors of M⁻¹C) if requested.
     """
     tol = _default_tol(_check_op(op).dtype) if tol is None else tol
 
-    def solve(apply: _Counted, space: TorchSpace) -> dict[str, Any]:
-        r = eigsh(apply, space, k, which, tol=tol, maxiter=maxiter, seed=seed, return_vectors=return_vectors)
+    def solve(t: _Target) -> dict[str, Any]:
+        r = eigsh(t, t.space, k, which, tol=tol, maxiter=maxiter, seed=seed, return_vectors=return_vectors)
         if not r.converged:
             warnings.warn(f"eigs: {k} {which} eigenvalues not converged to tol={tol:g} in {r.iterations} "
                           f"Lanczos steps (largest residual {r.residuals.max():.2e}); raise maxiter",
                           stacklevel=4)
         return dict(value=[float(x) for x in r.values], converged=r.converged, vectors=r.vectors,
-                    info={"which": which, "k": k, "tol": tol, "iterations": r.iterations,
+                    info={"which": which, "k": k, "tol": tol, "iterations": r.iterations, "mode": t.mode,
                           "residuals": r.residuals.tolist()})
 
-    return _run(op, "eigs", seed, progress, maxiter, solve)
+    return _run(op, "eigs", seed, progress, maxiter, solve, metric)
 
 
-def trace(op: CurvatureOperator, method: str = "hutchpp", matvecs: int = 100, *, seed: int = 0,
-          probe: str = "rademacher", progress: bool = False) -> Result:
-    """tr C by ``method`` ∈ {hutchinson, hutchpp (Meyer et al. 2021), xtrace (Epperly et al. 2024)} with a
-    budget of ``matvecs`` products; ``stderr`` is the estimator's standard error. ``method="exact"`` sums the
-    diagonal of the dense matrix (tiny models only)."""
+def trace(op: CurvatureOperator, method: str = "hutchpp", matvecs: int = 100, *, metric: Metric | None = None,
+          seed: int = 0, probe: str = "rademacher", progress: bool = False) -> Result:
+    """tr(M⁻¹C) (tr C without a metric) by ``method`` ∈ {hutchinson (1989), hutchpp (Meyer et al. 2021), xtrace
+    (Epperly et al. 2024)} with a budget of ``matvecs`` products of C; ``stderr`` is the estimator's standard
+    error. ``method="exact"`` sums the diagonal of the dense matrix (tiny models, no metric). A CG-solved metric
+    supports only Hutchinson (zᵀM⁻¹Cz is unbiased for any square matrix)."""
     if method == "exact":
-        def exact(apply: _Counted, space: TorchSpace) -> dict[str, Any]:
-            value = float(torch.diagonal(apply.op.to_dense()).sum())
-            apply.count += space.dim
+        if metric is not None:
+            raise SolverError("trace(method='exact') takes no metric; use eigs/trace estimators with metric=")
+
+        def exact(t: _Target) -> dict[str, Any]:
+            value = float(torch.diagonal(t.op.to_dense()).sum())
+            t.count += t.op.dim
             return dict(value=value, stderr=0.0, info={"method": "exact"})
 
         return _run(op, "trace", None, progress, _check_op(op).dim, exact)
     if method not in TRACE_METHODS:
         raise SolverError(f"unknown trace method {method!r}; choose one of {sorted(TRACE_METHODS)} or 'exact'")
 
-    def solve(apply: _Counted, space: TorchSpace) -> dict[str, Any]:
-        e = TRACE_METHODS[method](apply, space, matvecs, seed=seed, probe=probe)
+    def solve(t: _Target) -> dict[str, Any]:
+        if method != "hutchinson":
+            t.need_factor(f"trace(method={method!r})")
+        e = TRACE_METHODS[method](t, t.euclidean, matvecs, seed=seed, probe=probe)
         return dict(value=e.value, stderr=e.stderr, info={"method": method, "budget": matvecs, "probe": probe})
 
-    return _run(op, "trace", seed, progress, matvecs, solve)
+    return _run(op, "trace", seed, progress, matvecs, solve, metric)
 
 
 def diag(op: CurvatureOperator, method: str = "xdiag", matvecs: int = 100, *, seed: int = 0,
          probe: str = "rademacher", progress: bool = False) -> Result:
     """diag C by ``method`` ∈ {hutchinson (Bekas et al. 2007), xdiag (Epperly et al. 2024)}; ``value`` and
-    ``stderr`` are flat tensors (entrywise standard error)."""
+    ``stderr`` are flat tensors (entrywise standard error). The diagonal is a coordinate-dependent quantity, so it
+    takes no metric."""
     if method not in DIAG_METHODS:
         raise SolverError(f"unknown diagonal method {method!r}; choose one of {sorted(DIAG_METHODS)}")
 
-    def solve(apply: _Counted, space: TorchSpace) -> dict[str, Any]:
-        e = DIAG_METHODS[method](apply, space, matvecs, seed=seed, probe=probe)
+    def solve(t: _Target) -> dict[str, Any]:
+        e = DIAG_METHODS[method](t, t.space, matvecs, seed=seed, probe=probe)
         return dict(value=e.value, stderr=e.stderr, info={"method": method, "budget": matvecs, "probe": probe,
                                                           "sum": float(e.value.sum())})
 
     return _run(op, "diag", seed, progress, matvecs, solve)
 
 
-def logdet(op: CurvatureOperator, damping: float = 0.0, *, probes: int = 20, steps: int = 50, seed: int = 0,
-           probe: str = "rademacher", progress: bool = False) -> Result:
-    """log det(C + δI) by stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017) with ``probes`` probes of
-    ``steps`` Lanczos steps each; δ = ``damping`` ≥ 0. Raises NotPositiveDefiniteError when C + δI is not
-    positive definite."""
+def logdet(op: CurvatureOperator, damping: float = 0.0, *, metric: Metric | None = None, probes: int = 20,
+           steps: int = 50, seed: int = 0, probe: str = "rademacher", progress: bool = False) -> Result:
+    """log det(M⁻¹C + δI) = Σ_i log(λ_i + δ) over the eigenvalues λ_i of M⁻¹C (of C without a metric) by stochastic
+    Lanczos quadrature (Ubaru, Chen, Saad 2017), ``probes`` probes of ``steps`` steps; δ = ``damping`` ≥ 0 shifts
+    the invariant spectrum, so the result stays invariant. Raises NotPositiveDefiniteError when a Ritz value
+    of M⁻¹C + δI is ≤ 0."""
     if not damping >= 0:
         raise SolverError(f"damping must be ≥ 0, got {damping!r}")
 
-    def solve(apply: _Counted, space: TorchSpace) -> dict[str, Any]:
-        q = slq.quadrature(apply, space, probes, steps, seed=seed, probe=probe)
+    def solve(t: _Target) -> dict[str, Any]:
+        t.need_factor("logdet")
+        q = slq.quadrature(t, t.space, probes, steps, seed=seed, probe=probe)
         value, err, _ = slq.logdet(q, damping)
         return dict(value=value, stderr=err, info={"damping": damping, "probes": probes, "steps": steps})
 
-    return _run(op, "logdet", seed, progress, probes * steps, solve)
+    return _run(op, "logdet", seed, progress, probes * steps, solve, metric)
 
 
-def density(op: CurvatureOperator, *, probes: int = 5, steps: int = 80, grid: int | np.ndarray = 1000,
-            sigma: float | None = None, seed: int = 0, probe: str = "rademacher",
+def density(op: CurvatureOperator, *, metric: Metric | None = None, probes: int = 5, steps: int = 80,
+            grid: int | np.ndarray = 1000, sigma: float | None = None, seed: int = 0, probe: str = "rademacher",
             progress: bool = False) -> Result:
-    """Spectral density of C by stochastic Lanczos quadrature with Gaussian smoothing of width ``sigma``
-    (Ghorbani, Krishnan, Xiao 2019). ``value`` = {"grid", "density", "nodes", "weights"}; the density integrates
-    to 1."""
+    """Spectral density of M⁻¹C (of C without a metric) by stochastic Lanczos quadrature with Gaussian smoothing
+    of width ``sigma`` (Ghorbani, Krishnan, Xiao 2019). ``value`` = {"grid", "density", "nodes", "weights"}; the
+    density integrates to 1."""
 
-    def solve(apply: _Counted, space: TorchSpace) -> dict[str, Any]:
-        q = slq.quadrature(apply, space, probes, steps, seed=seed, probe=probe)
-        t, phi, s = slq.density(q, grid, sigma)
-        value = {"grid": t, "density": phi, "nodes": q.nodes, "weights": q.weights}
+    def solve(t: _Target) -> dict[str, Any]:
+        t.need_factor("density")
+        q = slq.quadrature(t, t.space, probes, steps, seed=seed, probe=probe)
+        grid_, phi, s = slq.density(q, grid, sigma)
+        value = {"grid": grid_, "density": phi, "nodes": q.nodes, "weights": q.weights}
         return dict(value=value, info={"probes": probes, "steps": steps, "sigma": s,
                                        "support": [float(min(n.min() for n in q.nodes)),
                                                    float(max(n.max() for n in q.nodes))]})
 
-    return _run(op, "density", seed, progress, probes * steps, solve)
+    return _run(op, "density", seed, progress, probes * steps, solve, metric)
 
 
-def grad_norm(target: CurvatureOperator | Problem) -> Result:
-    """gᵀg for the gradient g = ∇L of the problem (Euclidean metric); ``info["norm"]`` is ‖g‖."""
+def grad_norm(target: CurvatureOperator | Problem, *, metric: Metric | None = None) -> Result:
+    """gᵀM⁻¹g (gᵀg without a metric) for the gradient g = ∇L; ``info["norm"]`` is its square root. The Riemannian
+    gradient M⁻¹g is a tangent vector, so gᵀM⁻¹g is a scalar: invariant for a metric that transforms as a tensor."""
     problem = target.problem if isinstance(target, CurvatureOperator) else target
     if not isinstance(problem, Problem):
         raise ProblemError(f"grad_norm needs a Problem or a curvature operator, got {type(target).__name__}")
     t0 = time.perf_counter()
     g = problem.flatten(problem.gradient())
-    value = float(torch.dot(g.double(), g.double()))
+    mg = g if metric is None else metric.solve(g)
+    value = float(torch.dot(g.double(), mg.double()))
     curvature = target.kind if isinstance(target, CurvatureOperator) else ""
     return Result(query="grad_norm", value=value, seconds=time.perf_counter() - t0,
                   dtype=str(problem.dtype).replace("torch.", ""), curvature=curvature,
-                  info={"norm": float(np.sqrt(value))})
+                  metric="euclidean" if metric is None else metric.describe(), coordinates=coordinates_of(problem),
+                  info={"norm": float(np.sqrt(max(value, 0.0)))})
+
+
+def flatness(op: CurvatureOperator, *, metric: Metric | None = None, trace_method: str = "hutchpp",
+             matvecs: int = 100, logdet_damping: float = 0.0, probes: int = 10, steps: int = 40, seed: int = 0,
+             tol: float | None = None, progress: bool = False) -> Result:
+    """A bundle of flatness measures of M⁻¹C: top eigenvalue, trace and log det(M⁻¹C + δI) (δ = logdet_damping).
+    ``value`` and ``stderr`` are dicts keyed by measure."""
+    parts = {
+        "top_eigenvalue": eigs(op, k=1, metric=metric, tol=tol, seed=seed, progress=progress),
+        "trace": trace(op, trace_method, matvecs, metric=metric, seed=seed, progress=progress),
+        "logdet": logdet(op, logdet_damping, metric=metric, probes=probes, steps=steps, seed=seed,
+                         progress=progress),
+    }
+    first = parts["top_eigenvalue"]
+    return Result(query="flatness", value={k: (r.value[0] if k == "top_eigenvalue" else r.value)
+                                           for k, r in parts.items()},
+                  stderr={k: r.stderr for k, r in parts.items()}, matvecs=sum(r.matvecs for r in parts.values()),
+                  seconds=sum(r.seconds for r in parts.values()),
+                  converged=all(r.converged for r in parts.values()), seed=seed, dtype=first.dtype,
+                  curvature=first.curvature, metric=first.metric, coordinates=first.coordinates,
+                  info={k: r.info for k, r in parts.items()})
