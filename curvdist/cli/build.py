@@ -76,7 +76,7 @@ def build_data(cfg: Config) -> Any:
     )
 
 
-def train(model: nn.Module, problem: Problem, spec: TrainSpec) -> dict[str, Any]:
+def train(model: nn.Module, problem: Problem, spec: TrainSpec) -> tuple[dict[str, Any], torch.optim.Optimizer]:
     """A few optimizer steps on the problem's batches (cycled), to reach a minimum before measuring."""
     params = [dict(model.named_parameters())[n] for n in problem.param_names]
     opts = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -98,19 +98,19 @@ def train(model: nn.Module, problem: Problem, spec: TrainSpec) -> dict[str, Any]
             step += 1
     model.eval()
     return {"steps": spec.steps, "optimizer": spec.optimizer, "lr": spec.lr,
-            "final_loss": problem.value(), "seconds": time.perf_counter() - t0}
+            "final_loss": problem.value(), "seconds": time.perf_counter() - t0}, opt
 
 
-def build_problem(cfg: Config) -> tuple[Problem, dict[str, Any] | None]:
-    """Model + data + loss → Problem (trained first when the config asks)."""
+def build_problem(cfg: Config) -> tuple[Problem, dict[str, Any] | None, torch.optim.Optimizer | None]:
+    """Model + data + loss → Problem (trained first when the config asks; the optimizer is returned too)."""
     torch.manual_seed(cfg.seed)
     dtype = getattr(torch, cfg.dtype)
     model = build_model(cfg.model, dtype)
     data = as_batches(build_data(cfg), cfg.data.batch_size)
     model.eval()
     problem = Problem(model, cfg.loss, data, params=cfg.params, reduction=cfg.reduction)
-    info = None
+    info, opt = None, None
     if cfg.train is not None and cfg.train.steps > 0:
-        info = train(model, problem, cfg.train)
+        info, opt = train(model, problem, cfg.train)
         problem = Problem(model, cfg.loss, data, params=cfg.params, reduction=cfg.reduction)
-    return problem, info
+    return problem, info, opt

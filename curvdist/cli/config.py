@@ -60,9 +60,36 @@ class CurvatureSpec(Strict):
         return opts
 
 
+class MetricSpec(Strict):
+    """A metric: ``kind`` from the catalogue, damping δ ≥ 0, ``of`` (the θ metric a pullback pulls back),
+    ``options`` passed to the metric (e.g. ``method: cg``, ``mc_samples``)."""
+
+    kind: Literal["euclidean", "fisher", "ggn", "fisher_mc", "empirical_fisher", "diag_ggn", "diag_fisher_mc",
+                  "empirical_fisher_diag", "kfac", "kflr", "adam", "pullback"] = "euclidean"
+    damping: Annotated[float, Field(ge=0)] = 0.0
+    of: Literal["euclidean", "fisher", "ggn", "diag_ggn", "kfac", "kflr"] = "euclidean"
+    damping_reference: Literal["pullback", "identity"] = "pullback"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def label(self) -> str:
+        name = f"pullback({self.of})" if self.kind == "pullback" else self.kind
+        return name if not self.damping else f"{name}+{self.damping:g}"
+
+
+class ReparamSpec(Strict):
+    kind: Literal["scale", "exp", "softplus", "ntk", "weight_norm", "linear", "compose"]
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class QueryBase(Strict):
     curvature: CurvatureSpec | None = None
+    metric: MetricSpec | None = None
     seed: int | None = None
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metric_name(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
 
     @field_validator("curvature", mode="before")
     @classmethod
@@ -109,8 +136,18 @@ class GradNormQuery(QueryBase):
     kind: Literal["grad_norm"]
 
 
+class FlatnessQuery(QueryBase):
+    kind: Literal["flatness"]
+    trace_method: Literal["hutchinson", "hutchpp", "xtrace"] = "hutchpp"
+    matvecs: PositiveInt = 100
+    logdet_damping: Annotated[float, Field(ge=0)] = 0.0
+    probes: PositiveInt = 10
+    steps: PositiveInt = 40
+
+
 Query = Annotated[
-    EigsQuery | TraceQuery | DiagQuery | LogdetQuery | DensityQuery | GradNormQuery, Field(discriminator="kind")
+    EigsQuery | TraceQuery | DiagQuery | LogdetQuery | DensityQuery | GradNormQuery | FlatnessQuery,
+    Field(discriminator="kind"),
 ]
 
 
@@ -128,13 +165,21 @@ class Config(Strict):
     reduction: Literal["mean", "sum"] = "mean"
     train: TrainSpec | None = None
     curvature: CurvatureSpec = Field(default_factory=CurvatureSpec)
+    metric: MetricSpec = Field(default_factory=MetricSpec)
+    reparam: ReparamSpec | None = None
     queries: Annotated[list[Query], Field(min_length=1)]
     backend: BackendSpec = Field(default_factory=BackendSpec)
     output: str | None = None
+    plot: bool = True
 
     @field_validator("curvature", mode="before")
     @classmethod
     def _curvature_name(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metric_name(cls, v: Any) -> Any:
         return {"kind": v} if isinstance(v, str) else v
 
 
@@ -144,9 +189,9 @@ def _where(loc: tuple[Any, ...]) -> str:
     out: list[str] = []
     for i, p in enumerate(parts):
         if i > 0 and parts[i - 1].isdigit() and out and out[-2:-1] == ["queries"] and not p.isdigit() and \
-                p in ("eigs", "trace", "diag", "logdet", "density", "grad_norm"):
+                p in ("eigs", "trace", "diag", "logdet", "density", "grad_norm", "flatness"):
             continue
-        if p in ("str", "CurvatureSpec", "function-after[<lambda>(), str]") or p.startswith("function-"):
+        if p in ("str", "CurvatureSpec", "MetricSpec") or p.startswith("function-"):
             continue
         out.append(p)
     return ".".join(out) or "<top level>"

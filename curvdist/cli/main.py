@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             from .config import load_config
             from .runner import run
-            from .table import render
+            from .table import render, render_invariance
 
             cfg = load_config(args.config, args.overrides)
             doc = run(cfg, args.config, args.output, progress=not args.quiet)
@@ -40,6 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pr = doc["problem"]
                 print(f"problem: {pr['dim']} parameters, {pr['samples']} samples, loss {pr['loss_value']:.6g}")
                 print(render(doc["results"]))
+                if "invariance" in doc:
+                    r = doc["config"]["reparam"]
+                    print(f"\ninvariance under the {r['kind']} reparametrization (θ = φ(ψ)), each side computed in "
+                          "its own coordinates:")
+                    print(render_invariance(doc["invariance"]))
                 print(f"wrote {doc['output']}" + "".join(f", {p}" for p in doc.get("plots", [])))
         return 0
     except CurvdistError as e:

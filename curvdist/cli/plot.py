@@ -9,23 +9,27 @@ from ..queries import Result
 
 
 def plot_densities(results: Sequence[Result], path: Path) -> None:
-    """Spectral densities on a symmetric-log x axis and a log y axis, one curve per result."""
+    """Spectral densities, one panel per (curvature, metric), θ and ψ coordinates overlaid, log y axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    panels: dict[tuple[str, str], list[Result]] = {}
     for r in results:
-        grid, phi = np.asarray(r.value["grid"]), np.asarray(r.value["density"])
-        label = f"{r.curvature} ({r.metric}, {r.coordinates})"
-        ax.plot(grid, np.maximum(phi, 1e-12), label=label)
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=1e-6)
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("spectral density (Gaussian-smoothed SLQ)")
-    ax.legend()
+        panels.setdefault((r.curvature.replace("riemannian_", ""), r.metric), []).append(r)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, ((curv, metric), rs) in zip(axes[0], panels.items()):
+        for r, style in zip(rs, ("-", "--", ":")):
+            grid, phi = np.asarray(r.value["grid"]), np.asarray(r.value["density"])
+            ax.plot(grid, np.maximum(phi, 1e-12), style, label=f"{r.coordinates} ({r.curvature})")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=1e-6)
+        ax.set_title(f"spectrum of M⁻¹C: {curv}, metric {metric}")
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density (Gaussian-smoothed SLQ)")
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,6 +6,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,13 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..operators import CurvatureOperator, operator
-from ..problem import Problem
-from ..queries import Result, density, diag, eigs, grad_norm, logdet, trace
+from ..errors import ConfigError
+from ..geometry.reparam import make_reparam, reparametrize
+from ..queries import Result, density, diag, eigs, flatness, grad_norm, logdet, trace
 from ..queries.result import to_jsonable
 from .build import build_problem
-from .config import Config, CurvatureSpec, DensityQuery, DiagQuery, EigsQuery, LogdetQuery, TraceQuery
+from .config import Config, DensityQuery, DiagQuery, EigsQuery, FlatnessQuery, LogdetQuery, TraceQuery
+from .coordinates import Coordinates
 
 
 def versions() -> dict[str, str]:
@@ -28,32 +30,56 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "scipy": scipy.__version__}
 
 
-class OperatorCache:
-    """One operator per curvature spec, built on first use."""
-
-    def __init__(self, problem: Problem, seed: int) -> None:
-        self.problem, self.seed, self._ops = problem, seed, {}
-
-    def get(self, spec: CurvatureSpec) -> CurvatureOperator:
-        key = spec.model_dump_json()
-        if key not in self._ops:
-            self._ops[key] = operator(self.problem, spec.kind, **spec.options(self.seed))
-        return self._ops[key]
-
-
-def run_query(q: Any, op: CurvatureOperator, seed: int, progress: bool) -> Result:
+def run_query(q: Any, coords: Coordinates, cfg: Config, progress: bool) -> Result:
+    """One query in one coordinate system."""
+    spec = q.curvature or cfg.curvature
+    mspec = q.metric or cfg.metric
+    seed = cfg.seed if q.seed is None else q.seed
+    op = coords.operator(spec, mspec)
+    M = coords.metric(mspec)
     if isinstance(q, EigsQuery):
-        return eigs(op, k=q.k, which=q.which, tol=q.tol, maxiter=q.maxiter, seed=seed, progress=progress)
-    if isinstance(q, TraceQuery):
-        return trace(op, method=q.method, matvecs=q.matvecs, seed=seed, progress=progress)
-    if isinstance(q, DiagQuery):
-        return diag(op, method=q.method, matvecs=q.matvecs, seed=seed, progress=progress)
-    if isinstance(q, LogdetQuery):
-        return logdet(op, damping=q.damping, probes=q.probes, steps=q.steps, seed=seed, progress=progress)
-    if isinstance(q, DensityQuery):
-        return density(op, probes=q.probes, steps=q.steps, grid=q.grid, sigma=q.sigma, seed=seed,
-                       progress=progress)
-    return grad_norm(op)
+        r = eigs(op, k=q.k, which=q.which, metric=M, tol=q.tol, maxiter=q.maxiter, seed=seed, progress=progress)
+    elif isinstance(q, TraceQuery):
+        r = trace(op, method=q.method, matvecs=q.matvecs, metric=M, seed=seed, progress=progress)
+    elif isinstance(q, DiagQuery):
+        if M is not None:
+            raise ConfigError("queries: diag is coordinate-dependent and takes no metric (only euclidean)")
+        r = diag(op, method=q.method, matvecs=q.matvecs, seed=seed, progress=progress)
+    elif isinstance(q, LogdetQuery):
+        r = logdet(op, damping=q.damping, metric=M, probes=q.probes, steps=q.steps, seed=seed, progress=progress)
+    elif isinstance(q, DensityQuery):
+        r = density(op, metric=M, probes=q.probes, steps=q.steps, grid=q.grid, sigma=q.sigma, seed=seed,
+                    progress=progress)
+    elif isinstance(q, FlatnessQuery):
+        r = flatness(op, metric=M, trace_method=q.trace_method, matvecs=q.matvecs, logdet_damping=q.logdet_damping,
+                     probes=q.probes, steps=q.steps, seed=seed, progress=progress)
+    else:
+        r = grad_norm(op, metric=M)
+    return replace(r, metric=mspec.label(), coordinates=coords.name)
+
+
+def invariance_rows(theta: list[Result], psi: list[Result]) -> list[dict[str, Any]]:
+    """Pair each θ result with its ψ twin: quantity, curvature, metric, θ value, ψ value, relative change."""
+    rows = []
+    for a, b in zip(theta, psi):
+        for name, va, vb in _scalars(a, b):
+            rel = abs(vb - va) / abs(va) if va != 0 else abs(vb - va)
+            rows.append({"quantity": name, "curvature": a.curvature, "metric": a.metric, "theta": va, "psi": vb,
+                         "relative_change": rel})
+    return rows
+
+
+def _scalars(a: Result, b: Result) -> list[tuple[str, float, float]]:
+    if a.query == "eigs":
+        return [(f"eig[{i}] ({a.info['which']})", x, y) for i, (x, y) in enumerate(zip(a.value, b.value))]
+    if a.query == "flatness":
+        return [(f"flatness.{k}", a.value[k], b.value[k]) for k in a.value]
+    if a.query == "density":
+        return [("density support max", a.info["support"][1], b.info["support"][1])]
+    if a.query == "diag":
+        return [("diag sum", a.info["sum"], b.info["sum"])]
+    label = a.query if a.query != "trace" else f"trace ({a.info.get('method')})"
+    return [(label, float(a.value), float(b.value))]
 
 
 def output_path(cfg: Config, config_path: str | Path, output: str | None) -> Path:
@@ -65,17 +91,21 @@ def output_path(cfg: Config, config_path: str | Path, output: str | None) -> Pat
 
 
 def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None = None,
-        progress: bool = True, echo: Any = None) -> dict[str, Any]:
-    """Execute ``cfg``; returns the JSON document that is also written to the output path."""
+        progress: bool = True) -> dict[str, Any]:
+    """Execute ``cfg``; returns the JSON document that is also written to the output path.
+
+    With a ``reparam``, every query runs in θ and, independently, in ψ = φ⁻¹(θ) coordinates, and the document
+    gains an ``invariance`` table pairing them.
+    """
     t0 = time.perf_counter()
-    problem, train_info = build_problem(cfg)
-    cache = OperatorCache(problem, cfg.seed)
-    results: list[Result] = []
-    for q in cfg.queries:
-        spec = q.curvature or cfg.curvature
-        seed = cfg.seed if q.seed is None else q.seed
-        results.append(run_query(q, cache.get(spec), seed, progress))
-    doc = {
+    problem, train_info, optimizer = build_problem(cfg)
+    systems = [Coordinates("theta", problem, cfg.seed, optimizer=optimizer)]
+    if cfg.reparam is not None:
+        r = make_reparam(cfg.reparam.kind, **cfg.reparam.kwargs)
+        systems.append(Coordinates("psi", reparametrize(problem, r), cfg.seed, theta=systems[0]))
+    by_system = {c.name: [run_query(q, c, cfg, progress) for q in cfg.queries] for c in systems}
+    results = [r for rs in by_system.values() for r in rs]
+    doc: dict[str, Any] = {
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
         "problem": {"dim": problem.dim, "samples": problem.num_samples, "batches": problem.num_batches,
@@ -83,17 +113,19 @@ def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None
                     "loss_value": problem.value(), "params": list(problem.param_names)},
         "train": train_info,
         "results": [r.to_dict() for r in results],
-        "seconds": time.perf_counter() - t0,
     }
+    if cfg.reparam is not None:
+        doc["invariance"] = invariance_rows(by_system["theta"], by_system["psi"])
     path = output_path(cfg, config_path, output)
     path.parent.mkdir(parents=True, exist_ok=True)
     densities = [r for r in results if r.query == "density"]
-    if densities:
+    if densities and cfg.plot:
         from .plot import plot_densities
 
         png = path.with_name(path.stem + "_density.png")
         plot_densities(densities, png)
         doc["plots"] = [str(png)]
+    doc["seconds"] = time.perf_counter() - t0
     path.write_text(json.dumps(to_jsonable(doc), indent=2))
     doc["output"] = str(path)
     return doc

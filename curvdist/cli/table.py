@@ -12,6 +12,8 @@ def fmt_value(r: dict[str, Any]) -> str:
     if r["query"] == "density":
         lo, hi = r["info"]["support"]
         return f"support [{lo:.4g}, {hi:.4g}]"
+    if r["query"] == "flatness":
+        return ", ".join(f"{k} {x:.6g}" for k, x in v.items())
     if r["query"] == "diag":
         return f"sum {r['info']['sum']:.6g} ({len(v)} entries)"
     return f"{v:.6g}" if isinstance(v, (int, float)) else str(v)
@@ -20,6 +22,8 @@ def fmt_value(r: dict[str, Any]) -> str:
 def fmt_err(e: Any) -> str:
     if e is None:
         return "-"
+    if isinstance(e, dict):
+        return ", ".join(fmt_err(x) for x in e.values())
     if isinstance(e, list):
         return f"mean {sum(e) / max(len(e), 1):.2g}"
     return f"{e:.2g}" if isinstance(e, (int, float)) else str(e)
@@ -34,3 +38,13 @@ def render(results: list[dict[str, Any]]) -> str:
     out = [line, "-" * len(line)]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(out)
+
+
+def render_invariance(rows: list[dict[str, Any]]) -> str:
+    """The θ-vs-ψ table: quantity, curvature, metric, θ value, ψ value, relative change."""
+    head = ["quantity", "curvature", "metric", "theta", "psi", "rel. change"]
+    body = [[r["quantity"], r["curvature"], r["metric"], f"{r['theta']:.10g}", f"{r['psi']:.10g}",
+             f"{r['relative_change']:.2e}"] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
+    return "\n".join([line, "-" * len(line)] + ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body])
