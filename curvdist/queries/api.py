@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ProblemError, SolverError
+from ..errors import NotPositiveDefiniteError, ProblemError, SolverError
 from ..operators.base import CurvatureOperator
 from ..problem.problem import Problem
 from ..geometry.metrics.base import Metric
@@ -87,6 +87,18 @@ class _Target:
         if self.mode == "symmetric":
             return self.metric.inv_factor_t_apply(self.c(self.metric.inv_factor_apply(v)))
         return self.metric.solve(self.c(v))
+
+    def dense(self) -> Tensor:
+        """The matrix the solver sees (C, or S = W⁻ᵀCW⁻¹), materialized — tiny models only."""
+        self.need_factor("an exact (dense) query")
+        C = self.op.to_dense()
+        self.count += self.op.dim
+        if self.mode == "plain":
+            return C
+        Winv = torch.stack([self.metric.inv_factor_apply(e) for e in torch.eye(self.op.dim, dtype=C.dtype,
+                                                                                  device=C.device)], 1)
+        S = Winv.T @ C @ Winv
+        return 0.5 * (S + S.T)
 
     def need_factor(self, query: str) -> None:
         if self.mode == "generalized":
@@ -171,18 +183,13 @@ def trace(op: CurvatureOperator, method: str = "hutchpp", matvecs: int = 100, *,
           seed: int = 0, probe: str = "rademacher", progress: bool = False) -> Result:
     """tr(M⁻¹C) (tr C without a metric) by ``method`` ∈ {hutchinson (1989), hutchpp (Meyer et al. 2021), xtrace
     (Epperly et al. 2024)} with a budget of ``matvecs`` products of C; ``stderr`` is the estimator's standard
-    error. ``method="exact"`` sums the diagonal of the dense matrix (tiny models, no metric). A CG-solved metric
+    error. ``method="exact"`` sums the diagonal of the dense matrix (tiny models only). A CG-solved metric
     supports only Hutchinson (zᵀM⁻¹Cz is unbiased for any square matrix)."""
     if method == "exact":
-        if metric is not None:
-            raise SolverError("trace(method='exact') takes no metric; use eigs/trace estimators with metric=")
-
         def exact(t: _Target) -> dict[str, Any]:
-            value = float(torch.diagonal(t.op.to_dense()).sum())
-            t.count += t.op.dim
-            return dict(value=value, stderr=0.0, info={"method": "exact"})
+            return dict(value=float(torch.diagonal(t.dense()).sum()), stderr=0.0, info={"method": "exact"})
 
-        return _run(op, "trace", None, progress, _check_op(op).dim, exact)
+        return _run(op, "trace", None, progress, _check_op(op).dim, exact, metric)
     if method not in TRACE_METHODS:
         raise SolverError(f"unknown trace method {method!r}; choose one of {sorted(TRACE_METHODS)} or 'exact'")
 
@@ -211,14 +218,27 @@ def diag(op: CurvatureOperator, method: str = "xdiag", matvecs: int = 100, *, se
     return _run(op, "diag", seed, progress, matvecs, solve)
 
 
-def logdet(op: CurvatureOperator, damping: float = 0.0, *, metric: Metric | None = None, probes: int = 20,
-           steps: int = 50, seed: int = 0, probe: str = "rademacher", progress: bool = False) -> Result:
+def logdet(op: CurvatureOperator, damping: float = 0.0, *, metric: Metric | None = None, method: str = "slq",
+           probes: int = 20, steps: int = 50, seed: int = 0, probe: str = "rademacher",
+           progress: bool = False) -> Result:
     """log det(M⁻¹C + δI) = Σ_i log(λ_i + δ) over the eigenvalues λ_i of M⁻¹C (of C without a metric) by stochastic
     Lanczos quadrature (Ubaru, Chen, Saad 2017), ``probes`` probes of ``steps`` steps; δ = ``damping`` ≥ 0 shifts
     the invariant spectrum, so the result stays invariant. Raises NotPositiveDefiniteError when a Ritz value
-    of M⁻¹C + δI is ≤ 0."""
+    of M⁻¹C + δI is ≤ 0. ``method="exact"`` uses the eigenvalues of the dense matrix (tiny models only)."""
     if not damping >= 0:
         raise SolverError(f"damping must be ≥ 0, got {damping!r}")
+    if method == "exact":
+        def exact(t: _Target) -> dict[str, Any]:
+            lam = torch.linalg.eigvalsh(t.dense()).double() + damping
+            if not bool((lam > 0).all()):
+                raise NotPositiveDefiniteError(
+                    f"log-det needs M⁻¹C + {damping:g}·I positive definite; its smallest eigenvalue is "
+                    f"{float(lam.min()):.3e}: increase damping")
+            return dict(value=float(torch.log(lam).sum()), stderr=0.0, info={"method": "exact", "damping": damping})
+
+        return _run(op, "logdet", None, progress, _check_op(op).dim, exact, metric)
+    if method != "slq":
+        raise SolverError(f"logdet method must be 'slq' or 'exact', got {method!r}")
 
     def solve(t: _Target) -> dict[str, Any]:
         t.need_factor("logdet")
