@@ -88,3 +88,24 @@ def transformer(tokens: int = 8, features: int = 8, d_model: int = 16, heads: in
     """A tiny transformer-block classifier (see :class:`TransformerBlockClassifier`); digits as 8 rows of 8."""
     torch.manual_seed(seed)
     return TransformerBlockClassifier(tokens, features, d_model, heads, mlp_ratio, out_features).to(_dtype(dtype))
+
+
+class GainRegressor(nn.Module):
+    """f(x) = gain ⊙ tanh(W x + b) + c with a positive per-output ``gain`` (a scale parameter, the natural target of
+    an ``exp``/``softplus`` reparametrization)."""
+
+    def __init__(self, in_features: int = 3, out_features: int = 2, gain: float = 1.0) -> None:
+        super().__init__()
+        self.lin = nn.Linear(in_features, out_features)
+        self.gain = nn.Parameter(torch.full((out_features,), float(gain)))
+        self.offset = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gain * torch.tanh(self.lin(x)) + self.offset
+
+
+def gain_regressor(in_features: int = 3, out_features: int = 2, gain: float = 1.0, seed: int = 0,
+                   dtype: str | torch.dtype = "float32") -> GainRegressor:
+    """A small regression model with a positive gain parameter (see :class:`GainRegressor`)."""
+    torch.manual_seed(seed)
+    return GainRegressor(in_features, out_features, gain).to(_dtype(dtype))
