@@ -146,3 +146,58 @@ def test_console_entry_point(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "curvdist", "run", str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "config file not found" in bad.stderr
+
+
+QUICK_REPARAM_CONFIGS = ["ntk", "exp", "linear"]
+
+
+@pytest.mark.parametrize("name", QUICK_REPARAM_CONFIGS)
+def test_reparam_configs_show_invariance(tmp_path, name):
+    """Every invariant row (Fisher-metric GGN, pulled-back metric with the Riemannian Hessian, and for constant-J
+    kinds Fisher-metric Hessian) agrees to 1e-8 between θ and ψ; the Euclidean rows change."""
+    out = tmp_path / f"{name}.json"
+    assert main(["run", f"configs/reparam/{name}.yaml", "-o", str(out), "-q"]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["invariance"]
+    assert {r["coordinates"] for r in doc["results"]} == {"theta", "psi"}
+    constant_j = name in ("ntk", "linear", "scale")
+    for r in rows:
+        invariant = r["metric"].startswith("pullback") or (r["metric"].startswith("fisher") and
+                                                          (r["curvature"] == "ggn" or constant_j))
+        if invariant:
+            assert r["relative_change"] <= 1e-8, r
+        elif r["metric"] == "euclidean" and r["quantity"].startswith("eig[0]"):
+            assert r["relative_change"] >= 1e-3, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["scale", "softplus", "compose", "weight_norm"])
+def test_other_reparam_configs(tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    assert main(["run", f"configs/reparam/{name}.yaml", "-o", str(out), "-q"]) == 0
+    rows = json.loads(out.read_text())["invariance"]
+    assert any(r["relative_change"] <= 1e-8 for r in rows)
+
+
+def test_quickstart_invariance_table(tmp_path):
+    """The README's claim: invariant rows ≤ 1e-8 relative change, Euclidean rows ≥ 10×."""
+    out = tmp_path / "qs.json"
+    assert main(["run", "configs/quickstart.yaml", "-o", str(out), "-q"]) == 0
+    doc = json.loads(out.read_text())
+    for r in doc["invariance"]:
+        if r["metric"] == "euclidean":
+            assert r["relative_change"] >= 10, r
+        else:
+            assert r["relative_change"] <= 1e-8, r
+    assert (tmp_path / "qs_density.png").is_file()
+
+
+def test_all_configs_validate():
+    from pathlib import Path
+
+    from curvdist.cli.config import load_config
+
+    paths = sorted(Path("configs").rglob("*.yaml"))
+    assert len(paths) >= 8
+    for p in paths:
+        load_config(p)
