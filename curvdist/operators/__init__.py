@@ -28,6 +28,11 @@ def operator(problem: Problem, kind: str = "hessian", **options: Any) -> Curvatu
     """
     if not isinstance(problem, Problem):
         raise ProblemError(f"operator() needs a curvdist.Problem, got {type(problem).__name__}")
+    build = getattr(problem, "build_operator", None)  # problems whose data live elsewhere (Ray workers)
+    if build is not None:
+        if kind not in OPERATORS:
+            raise ProblemError(f"unknown curvature kind {kind!r}; choose one of {sorted(OPERATORS)}")
+        return build(kind, **options)
     if kind not in OPERATORS:
         raise ProblemError(f"unknown curvature kind {kind!r}; choose one of {sorted(OPERATORS)}")
     cls = OPERATORS[kind]

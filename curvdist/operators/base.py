@@ -39,6 +39,7 @@ class CurvatureOperator(ABC):
     """
 
     kind: str = "curvature"
+    backend: str = "local"
 
     def __init__(self, problem: Problem, check_determinism: bool = True) -> None:
         self.problem = problem
@@ -103,6 +104,16 @@ class CurvatureOperator(ABC):
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             raise NonFiniteError(f"the {self.kind} product is NaN or inf (check the data and the parameters)")
         return out
+
+    def vector_space(self) -> Any:
+        """The vector space solvers use for this operator (flat tensors on the parameters' device)."""
+        from ..solvers.space import TorchSpace
+
+        return TorchSpace(self.dim, self.dtype, self.device)
+
+    def apply_vector(self, v: Tensor) -> Tensor:
+        """C v for a flat vector of :meth:`vector_space` (no validation; the solvers' entry point)."""
+        return self.problem.flatten(self.matvec_params(self.problem.unflatten(v)))
 
     def __matmul__(self, v: VectorLike) -> Any:
         return self.matvec(v)

@@ -55,7 +55,7 @@ class _Target:
     def __init__(self, op: CurvatureOperator, metric: Metric | None, progress: bool, total: int | None,
                  desc: str) -> None:
         self.op, self.metric, self.count, self.bar = op, metric, 0, None
-        base = TorchSpace(op.dim, op.dtype, op.device)
+        base = op.vector_space()
         if metric is None:
             self.mode, self.space = "plain", base
         else:
@@ -72,9 +72,8 @@ class _Target:
             self.bar = tqdm(total=total, desc=desc, unit="matvec", leave=False, disable=None)  # off without a TTY
 
     def c(self, v: Tensor) -> Tensor:
-        p = self.op.problem
-        out = p.flatten(self.op.matvec_params(p.unflatten(v)))
-        if not bool(torch.isfinite(out).all()):
+        out = self.op.apply_vector(v)
+        if isinstance(out, Tensor) and not bool(torch.isfinite(out).all()):
             raise SolverError(f"the {self.op.kind} product returned NaN or inf during the solve")
         self.count += 1
         if self.bar is not None:
@@ -91,6 +90,8 @@ class _Target:
     def dense(self) -> Tensor:
         """The matrix the solver sees (C, or S = W⁻ᵀCW⁻¹), materialized — tiny models only."""
         self.need_factor("an exact (dense) query")
+        if not isinstance(self.op, CurvatureOperator):
+            raise SolverError(f"exact queries need a local or data-parallel operator, not {type(self.op).__name__}")
         C = self.op.to_dense()
         self.count += self.op.dim
         if self.mode == "plain":
@@ -114,7 +115,7 @@ class _Target:
 
 
 def _check_op(op: Any) -> CurvatureOperator:
-    if not isinstance(op, CurvatureOperator):
+    if not (isinstance(op, CurvatureOperator) or (hasattr(op, "apply_vector") and hasattr(op, "vector_space"))):
         raise ProblemError(
             f"expected a curvature operator (cd.operator(problem, kind)), got {type(op).__name__}"
         )
@@ -137,7 +138,8 @@ def _run(op: CurvatureOperator, query: str, seed: int | None, progress: bool, to
         target.close()
     seconds = time.perf_counter() - t0
     info = fields.pop("info", {})
-    if metric is not None and op.kind == "hessian" and query != "grad_norm":
+    problem = getattr(op, "problem", None)
+    if metric is not None and op.kind == "hessian" and problem is not None:
         g = op.problem.flatten(op.problem.gradient())
         gnorm = float(np.sqrt(max(float(torch.dot(g, metric.solve(g))), 0.0)))
         info["grad_norm"] = gnorm
@@ -147,7 +149,8 @@ def _run(op: CurvatureOperator, query: str, seed: int | None, progress: bool, to
     return Result(query=query, matvecs=target.count, seconds=seconds, seed=seed,
                   dtype=str(op.dtype).replace("torch.", ""), curvature=op.kind,
                   metric="euclidean" if metric is None else metric.describe(),
-                  coordinates=coordinates_of(op.problem), info=info, **fields)
+                  coordinates=coordinates_of(problem) if problem is not None else "theta",
+                  backend=getattr(op, "backend", "local"), info=info, **fields)
 
 
 def _default_tol(dtype: torch.dtype) -> float:

@@ -1,0 +1,77 @@
+"""Connecting to Ray: an embedded local instance or an existing cluster, started and stopped cleanly.
+
+Without an address an embedded Ray starts in this process: dashboard off, its node bound to 127.0.0.1 (Ray still
+listens on all interfaces for some internal ports — see the README), and ``RAY_AUTH_MODE`` set explicitly so a
+token written by an earlier ``ray.init()`` cannot make later job submission fail (STACK.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import CurvdistError
+
+
+class ClusterError(CurvdistError, RuntimeError):
+    """Ray could not be started or reached."""
+
+
+def resources_per_worker() -> dict[str, float]:
+    """One GPU per actor when this node has GPUs, else one CPU."""
+    import torch
+
+    return {"num_gpus": 1.0} if torch.cuda.is_available() else {"num_cpus": 1.0}
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
+    """``ray.init`` for the duration of the block; shuts down only what it started.
+
+    ``num_cpus`` is the embedded instance's logical CPU count: at least the number of actors to place (each asks
+    for one CPU), which may exceed the physical cores."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = False
+    if not ray.is_initialized():
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=True)
+            else:
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", log_to_driver=True)
+        except Exception as e:  # connection refused, bad address, ...
+            where = address or "an embedded local instance"
+            raise ClusterError(f"cannot start or reach Ray at {where}: {type(e).__name__}: {e}") from None
+        started = True
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+SCHEDULE_TIMEOUT = 300.0
+
+
+def wait_scheduled(ray: Any, actors: list[Any], what: str, timeout: float = SCHEDULE_TIMEOUT) -> None:
+    """Wait until every actor has been created; a clear error instead of waiting forever for resources.
+
+    A worker whose construction fails (a model that does not build, ...) raises its own error here."""
+    refs = [a.__ray_ready__.remote() for a in actors]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if pending:
+        res = resources_per_worker()
+        raise ClusterError(
+            f"{len(pending)} of {len(actors)} {what} could not be scheduled within {timeout:.0f} s: each needs "
+            f"{res} and the cluster has {ray.available_resources()} available"
+        )
+    for r in ready:
+        try:
+            ray.get(r)
+        except ray.exceptions.RayActorError as e:
+            cause = getattr(e, "cause", None) or getattr(e, "error_msg", None) or e
+            raise ClusterError(f"a {what.rstrip('s')} failed to start: {cause}") from None

@@ -1,0 +1,212 @@
+"""Pipeline mode, coordinator side: stage actors, the sharded vector space, and the pipelined operator.
+
+Vectors are :class:`ShardedVector` handles; their shards stay on the stage actors and every vector-space
+operation is one round of remote calls returning at most a few scalars, so Lanczos, Hutch++, XTrace, SLQ and CG
+run unchanged (DESIGN §4). Freed handles release their shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import NonFiniteError, ProblemError, ShapeError
+from ..geometry.metrics.base import Metric
+from ..problem.spec import ProblemSpec
+from .cluster import ClusterError, resources_per_worker, wait_scheduled
+from .stages import StageWorker
+
+KINDS = ("hessian", "ggn", "fisher")
+
+
+class ShardedVector:
+    """A handle to a vector whose shards live on the stage actors."""
+
+    __slots__ = ("id", "space", "__weakref__")
+
+    def __init__(self, space: ShardedSpace, vid: int) -> None:
+        self.id, self.space = vid, space
+        weakref.finalize(self, space._release, vid)
+
+
+class ShardedSpace:
+    """The :class:`~curvdist.solvers.space.VectorSpace` of stage-sharded vectors."""
+
+    def __init__(self, actors: list[Any], dims: list[int], dtype: torch.dtype) -> None:
+        import ray
+
+        self.ray, self.actors, self.dims, self.dtype = ray, actors, dims, dtype
+        self.dim = sum(dims)
+        self.offsets = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(int).tolist()
+        self._ids = itertools.count(1)
+        self._garbage: list[int] = []
+
+    # ------------------------------------------------------------ plumbing
+    def _new(self) -> ShardedVector:
+        return ShardedVector(self, next(self._ids))
+
+    def _release(self, vid: int) -> None:
+        self._garbage.append(vid)
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        if len(self._garbage) > 64:
+            ids, self._garbage = self._garbage, []
+            for a in self.actors:
+                a.free.remote(ids)
+        try:
+            return self.ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        except self.ray.exceptions.RayActorError as e:
+            raise ClusterError(f"a stage actor died during '{method}': pipeline vectors live on the actors, so the "
+                               "solve must restart from its last checkpoint") from e
+
+    # ------------------------------------------------------------ the interface
+    def dot(self, x: ShardedVector, y: ShardedVector) -> float:
+        return float(sum(self._all("dot", x.id, y.id)))
+
+    def dots(self, xs: list[ShardedVector], y: ShardedVector) -> np.ndarray:
+        if not xs:
+            return np.zeros(0)
+        return np.sum(np.array(self._all("dots", [x.id for x in xs], y.id)), axis=0)
+
+    def norm(self, x: ShardedVector) -> float:
+        return float(np.sqrt(max(self.dot(x, x), 0.0)))
+
+    def axpy(self, a: float, x: ShardedVector, y: ShardedVector) -> ShardedVector:
+        out = self._new()
+        self._all("axpy", out.id, float(a), x.id, y.id)
+        return out
+
+    def scale(self, a: float, x: ShardedVector) -> ShardedVector:
+        out = self._new()
+        self._all("scale", out.id, float(a), x.id)
+        return out
+
+    def mul(self, x: ShardedVector, y: ShardedVector) -> ShardedVector:
+        out = self._new()
+        self._all("mul", out.id, x.id, y.id)
+        return out
+
+    def zeros(self) -> ShardedVector:
+        out = self._new()
+        self._all("zeros", out.id)
+        return out
+
+    def random(self, seed: int, kind: str = "rademacher") -> ShardedVector:
+        out = self._new()
+        self.ray.get([a.random.remote(out.id, int(seed), kind, off, self.dim)
+                      for a, off in zip(self.actors, self.offsets)])
+        return out
+
+    def lincomb(self, coeffs: np.ndarray, xs: list[ShardedVector]) -> ShardedVector:
+        out = self._new()
+        self._all("lincomb", out.id, [float(c) for c in coeffs], [x.id for x in xs])
+        return out
+
+    def to_tensor(self, x: ShardedVector) -> Tensor:
+        return torch.cat(self._all("get", x.id))
+
+    def from_tensor(self, t: Tensor) -> ShardedVector:
+        if t.ndim != 1 or t.numel() != self.dim:
+            raise ShapeError(f"expected a flat vector of length {self.dim}, got {tuple(t.shape)}")
+        out = self._new()
+        self.ray.get([a.put.remote(out.id, t[off:off + d].cpu()) for a, off, d in
+                      zip(self.actors, self.offsets, self.dims)])
+        return out
+
+
+class StagePool:
+    """S :class:`StageWorker` actors built from a spec, with restarts."""
+
+    def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2) -> None:
+        import ray
+
+        from .stages import split_points
+
+        split_points(spec.build_model(), stages)  # validate on the coordinator: a clear error, early
+        cls = ray.remote(max_restarts=max_restarts, **resources_per_worker())(StageWorker)
+        self.ray, self.spec = ray, spec
+        self.actors = [cls.remote(spec, i, stages) for i in range(stages)]
+        wait_scheduled(ray, self.actors, "pipeline stages")
+        try:
+            self.infos = ray.get([a.info.remote() for a in self.actors])
+        except ray.exceptions.RayTaskError as e:
+            raise (e.cause if getattr(e, "cause", None) is not None else e) from None
+        self.space = ShardedSpace(self.actors, [i["dim"] for i in self.infos], getattr(torch, spec.dtype))
+        self.num_samples = self.infos[-1]["samples"]
+        self.num_batches = self.infos[-1]["batches"]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+
+
+class PipelineOperator:
+    """C v for C ∈ {hessian, ggn, fisher} through the stage pipeline; v and C v are :class:`ShardedVector`."""
+
+    backend = "ray-pipeline"
+
+    def __init__(self, pool: StagePool, kind: str = "hessian", reduction: str = "mean") -> None:
+        if kind not in KINDS:
+            raise ProblemError(f"pipeline mode supports curvature kinds {KINDS}, got {kind!r}")
+        self.pool, self.kind = pool, kind
+        self.dim = pool.space.dim
+        self.dtype = pool.space.dtype
+        self.scale = 1.0 / pool.num_samples if reduction == "mean" else 1.0
+
+    def vector_space(self) -> ShardedSpace:
+        return self.pool.space
+
+    def apply_vector(self, v: ShardedVector) -> ShardedVector:
+        ray, actors, space = self.pool.ray, self.pool.actors, self.pool.space
+        out = space._new()
+        ray.get([a.begin.remote(v.id, out.id) for a in actors])
+        mode = "hessian" if self.kind == "hessian" else "ggn"
+        pending = []
+        for b in range(self.pool.num_batches):
+            x, xdot = None, None
+            for a in actors:
+                ref = a.forward.options(num_returns=2).remote(b, x, xdot, v.id)
+                x, xdot = ref
+            g, gdot = actors[-1].loss_start.options(num_returns=2).remote(b, x, xdot, mode)
+            for a in reversed(actors):
+                g, gdot = a.backward.options(num_returns=2).remote(b, g, gdot, mode, out.id)
+            pending.append(gdot)
+        try:
+            ray.get(pending)
+            ray.get([a.scale_result.remote(out.id, self.scale) for a in actors])
+        except ray.exceptions.RayActorError as e:
+            raise ClusterError("a stage actor died during a pipelined product; restart the solve from its last "
+                               "checkpoint") from e
+        except ray.exceptions.RayTaskError as e:
+            raise (e.cause if getattr(e, "cause", None) is not None else e) from None
+        if not np.isfinite(space.dot(out, out)):
+            raise NonFiniteError(f"the pipelined {self.kind} product is NaN or inf")
+        return out
+
+
+class PipelineMetric(Metric):
+    """M_δ = C + δI for a pipelined curvature C (``ggn``/``fisher``), applied through the pipeline and solved by
+    CG in the sharded space: a metric without a cheap factor, so queries run Lanczos in its inner product."""
+
+    def __init__(self, op: PipelineOperator, damping: float = 0.0, cg_tol: float = 1e-12) -> None:
+        super().__init__(op.dim, op.dtype, "cpu", damping)
+        self.op, self.cg_tol, self.kind = op, cg_tol, op.kind
+
+    def apply_undamped(self, v: ShardedVector) -> ShardedVector:
+        return self.op.apply_vector(v)
+
+    def apply(self, v: ShardedVector) -> ShardedVector:
+        out = self.op.apply_vector(v)
+        return self.op.pool.space.axpy(self.damping, v, out) if self.damping else out
+
+    def solve(self, v: ShardedVector) -> ShardedVector:
+        from ..solvers.cg import cg
+
+        res = cg(self.apply, self.op.pool.space, v, tol=self.cg_tol, what=f"{self.kind} metric")
+        return res.x
+

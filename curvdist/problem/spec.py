@@ -1,0 +1,136 @@
+"""Picklable problem specifications: how workers (Ray actors, DeepSpeed ranks) rebuild a problem.
+
+A spec names import paths and plain keyword arguments — never live modules — plus, optionally, a parameter state
+(a ``state_dict`` of tensors, e.g. after training) that overrides the factory's initialization. ``build`` makes the
+model and the data shard ``shard`` of ``shards`` (contiguous, disjoint, sizes differing by at most one).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from ..errors import ConfigError, CurvdistError, ProblemError
+from .problem import Problem
+
+
+def import_callable(path: str, key: str = "factory") -> Callable[..., Any]:
+    """Resolve ``"package.module:attr"``; errors name the config key."""
+    if not isinstance(path, str) or path.count(":") != 1:
+        raise ConfigError(f"{key}: expected an import path 'module:callable', got {path!r}")
+    module_name, attr = path.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import module '{module_name}' ({e})") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{key}: module '{module_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{key}: '{path}' is not callable")
+    return obj
+
+
+def call_factory(path: str, kwargs: Mapping[str, Any], key: str) -> Any:
+    fn = import_callable(path, key)
+    try:
+        return fn(**kwargs)
+    except CurvdistError:
+        raise
+    except Exception as e:  # user code: report which factory failed and why
+        raise ConfigError(f"{key} '{path}' failed with {type(e).__name__}: {e}") from e
+
+
+@dataclass(frozen=True)
+class ProblemSpec:
+    """Everything needed to rebuild a problem in another process."""
+
+    model_factory: str
+    data_factory: str
+    loss: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_kwargs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int | None = None
+    checkpoint: str | None = None
+    state: dict[str, torch.Tensor] | None = None
+    params: tuple[str, ...] | None = None
+    reduction: str = "mean"
+    dtype: str = "float64"
+    seed: int = 0
+
+    def with_state(self, model: nn.Module) -> ProblemSpec:
+        """The same spec with the model's current parameters and buffers (detached CPU copies) as its state."""
+        return replace(self, state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+
+    def build_model(self, device: torch.device | str = "cpu") -> nn.Module:
+        torch.manual_seed(self.seed)
+        dtype = getattr(torch, self.dtype)
+        model = call_factory(self.model_factory, self.model_kwargs, "model.factory")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.factory '{self.model_factory}' returned {type(model).__name__}, "
+                              "not a torch.nn.Module")
+        model = model.to(dtype)
+        if self.checkpoint:
+            path = Path(self.checkpoint)
+            if not path.is_file():
+                raise ConfigError(f"model.checkpoint: file not found: {path}")
+            try:
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as e:
+                raise ConfigError(f"model.checkpoint: cannot load {path}: {str(e).splitlines()[0]}") from None
+        if self.state is not None:
+            model.load_state_dict(self.state)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def build_data(self) -> Any:
+        data = call_factory(self.data_factory, self.data_kwargs, "data.factory")
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+            return tuple(data)
+        if isinstance(data, Dataset):
+            if self.batch_size is None:
+                raise ConfigError("data.batch_size is required when data.factory returns a Dataset")
+            return data
+        raise ConfigError(f"data.factory '{self.data_factory}' returned {type(data).__name__}; expected a "
+                          "Dataset or an (X, y) tuple")
+
+    def build(self, shard: int = 0, shards: int = 1, reduction: str | None = None,
+              device: torch.device | str = "cpu") -> Problem:
+        """The problem on data shard ``shard`` of ``shards`` (reduction overridable, e.g. "sum" on workers)."""
+        if not 0 <= shard < shards:
+            raise ProblemError(f"shard {shard} out of range for {shards} shards")
+        model = self.build_model(device)
+        data = shard_data(self.build_data(), shard, shards)
+        return Problem(model, self.loss, data, params=list(self.params) if self.params else None,
+                       reduction=reduction or self.reduction, batch_size=self.batch_size)
+
+
+def shard_bounds(n: int, shard: int, shards: int) -> tuple[int, int]:
+    """[start, stop) of contiguous shard ``shard`` of n items split into ``shards`` near-equal parts."""
+    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    return int(bounds[shard]), int(bounds[shard + 1])
+
+
+def shard_data(data: Any, shard: int, shards: int) -> Any:
+    if shards == 1:
+        return data
+    if isinstance(data, tuple):
+        n = data[0].shape[0]
+        if n < shards:
+            raise ProblemError(f"{n} samples cannot be split into {shards} non-empty shards")
+        a, b = shard_bounds(n, shard, shards)
+        return data[0][a:b], data[1][a:b]
+    n = len(data)
+    if n < shards:
+        raise ProblemError(f"{n} samples cannot be split into {shards} non-empty shards")
+    a, b = shard_bounds(n, shard, shards)
+    return Subset(data, range(a, b))
