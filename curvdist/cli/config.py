@@ -152,7 +152,16 @@ Query = Annotated[
 
 
 class BackendSpec(Strict):
-    kind: Literal["local"] = "local"
+    """``local``, or ``ray`` with ``mode: data`` (``workers`` replicas, disjoint data shards) or ``mode: pipeline``
+    (``stages`` consecutive model stages); ``address`` connects to an existing cluster instead of an embedded one."""
+
+    kind: Literal["local", "ray"] = "local"
+    mode: Literal["data", "pipeline"] = "data"
+    workers: PositiveInt = 2
+    stages: PositiveInt = 2
+    address: str | None = None
+    max_restarts: Annotated[int, Field(ge=0)] = 2
+    checkpoint_every: PositiveInt = 10
 
 
 class Config(Strict):

@@ -19,19 +19,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", default=None, help="JSON output path (default: config 'output' or "
                      "results/<config name>.json)")
     run.add_argument("--quiet", "-q", action="store_true", help="no table, no progress bars")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint "
+                     "(<output>.ckpt/): finished queries are reused, an interrupted eigensolve restarts from its "
+                     "last saved Lanczos state")
+    from .cluster_commands import add_subcommands; add_subcommands(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        from .cluster_commands import dispatch
+        rc = dispatch(args)
+        if rc is not None: return rc
         if args.command == "run":
             from .config import load_config
             from .runner import run
             from .table import render, render_invariance
 
             cfg = load_config(args.config, args.overrides)
-            doc = run(cfg, args.config, args.output, progress=not args.quiet)
+            doc = run(cfg, args.config, args.output, progress=not args.quiet, resume=args.resume)
             if not args.quiet:
                 if doc.get("train"):
                     t = doc["train"]

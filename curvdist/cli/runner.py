@@ -18,8 +18,19 @@ from ..errors import ConfigError
 from ..geometry.reparam import make_reparam, reparametrize
 from ..queries import Result, density, diag, eigs, flatness, grad_norm, logdet, trace
 from ..queries.result import to_jsonable
-from .build import build_problem
-from .config import Config, DensityQuery, DiagQuery, EigsQuery, FlatnessQuery, LogdetQuery, TraceQuery
+from .backends import theta_coordinates, trained_spec
+from .build import build_problem, spec_of
+from .checkpoint import QueryCheckpoint
+from .config import (
+    Config,
+    DensityQuery,
+    DiagQuery,
+    EigsQuery,
+    FlatnessQuery,
+    GradNormQuery,
+    LogdetQuery,
+    TraceQuery,
+)
 from .coordinates import Coordinates
 
 
@@ -30,15 +41,19 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "scipy": scipy.__version__}
 
 
-def run_query(q: Any, coords: Coordinates, cfg: Config, progress: bool) -> Result:
-    """One query in one coordinate system."""
+def run_query(q: Any, coords: Coordinates, cfg: Config, progress: bool, lanczos_file: Path | None = None
+              ) -> Result:
+    """One query in one coordinate system (eigenvalue solves checkpoint their Lanczos state to ``lanczos_file``)."""
     spec = q.curvature or cfg.curvature
     mspec = q.metric or cfg.metric
     seed = cfg.seed if q.seed is None else q.seed
     op = coords.operator(spec, mspec)
     M = coords.metric(mspec)
     if isinstance(q, EigsQuery):
-        r = eigs(op, k=q.k, which=q.which, metric=M, tol=q.tol, maxiter=q.maxiter, seed=seed, progress=progress)
+        r = eigs(op, k=q.k, which=q.which, metric=M, tol=q.tol, maxiter=q.maxiter, seed=seed, progress=progress,
+                 checkpoint=lanczos_file, checkpoint_every=cfg.backend.checkpoint_every)
+    elif isinstance(q, GradNormQuery) and coords.problem is None:
+        raise ConfigError("grad_norm is not available in pipeline mode")
     elif isinstance(q, TraceQuery):
         r = trace(op, method=q.method, matvecs=q.matvecs, metric=M, seed=seed, progress=progress)
     elif isinstance(q, DiagQuery):
@@ -91,19 +106,35 @@ def output_path(cfg: Config, config_path: str | Path, output: str | None) -> Pat
 
 
 def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None = None,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Execute ``cfg``; returns the JSON document that is also written to the output path.
 
     With a ``reparam``, every query runs in θ and, independently, in ψ = φ⁻¹(θ) coordinates, and the document
-    gains an ``invariance`` table pairing them.
+    gains an ``invariance`` table pairing them. Finished queries and Lanczos states are checkpointed next to the
+    output; ``resume=True`` continues an interrupted run from them.
     """
     t0 = time.perf_counter()
     problem, train_info, optimizer = build_problem(cfg)
-    systems = [Coordinates("theta", problem, cfg.seed, optimizer=optimizer)]
-    if cfg.reparam is not None:
-        r = make_reparam(cfg.reparam.kind, **cfg.reparam.kwargs)
-        systems.append(Coordinates("psi", reparametrize(problem, r), cfg.seed, theta=systems[0]))
-    by_system = {c.name: [run_query(q, c, cfg, progress) for q in cfg.queries] for c in systems}
+    spec = trained_spec(spec_of(cfg), problem.model, train_info is not None)
+    path = output_path(cfg, config_path, output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = QueryCheckpoint(path.with_name(path.name + ".ckpt"), cfg.model_dump(mode="json"), resume)
+    with theta_coordinates(cfg, problem, spec, optimizer) as theta:
+        systems = [theta]
+        if cfg.reparam is not None:
+            r = make_reparam(cfg.reparam.kind, **cfg.reparam.kwargs)
+            systems.append(Coordinates("psi", reparametrize(problem, r), cfg.seed, theta=theta))
+        by_system: dict[str, list[Result]] = {}
+        for c in systems:
+            by_system[c.name] = []
+            for i, q in enumerate(cfg.queries):
+                key = f"{c.name}-{i}"
+                r = ckpt.load(key)
+                if r is None:
+                    r = run_query(q, c, cfg, progress, ckpt.lanczos_path(key))
+                    r = replace(r, backend=_backend_label(cfg))
+                    ckpt.save(key, r)
+                by_system[c.name].append(r)
     results = [r for rs in by_system.values() for r in rs]
     doc: dict[str, Any] = {
         "config": cfg.model_dump(mode="json"),
@@ -116,8 +147,6 @@ def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None
     }
     if cfg.reparam is not None:
         doc["invariance"] = invariance_rows(by_system["theta"], by_system["psi"])
-    path = output_path(cfg, config_path, output)
-    path.parent.mkdir(parents=True, exist_ok=True)
     densities = [r for r in results if r.query == "density"]
     if densities and cfg.plot:
         from .plot import plot_densities
@@ -127,5 +156,13 @@ def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None
         doc["plots"] = [str(png)]
     doc["seconds"] = time.perf_counter() - t0
     path.write_text(json.dumps(to_jsonable(doc), indent=2))
+    ckpt.finish()
     doc["output"] = str(path)
     return doc
+
+
+def _backend_label(cfg: Config) -> str:
+    b = cfg.backend
+    if b.kind == "local":
+        return "local"
+    return f"ray-data[{b.workers}]" if b.mode == "data" else f"ray-pipeline[{b.stages}]"

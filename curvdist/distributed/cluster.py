@@ -35,14 +35,16 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # forwarded to every worker process (fault injection for tests, auth mode)
+    env = {k: os.environ[k] for k in ("CURVDIST_FAULT", "RAY_AUTH_MODE") if k in os.environ}
     started = False
     if not ray.is_initialized():
         try:
             if address:
-                ray.init(address=address, log_to_driver=True)
+                ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
             else:
                 ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", log_to_driver=True)
+                         _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": env})
         except Exception as e:  # connection refused, bad address, ...
             where = address or "an embedded local instance"
             raise ClusterError(f"cannot start or reach Ray at {where}: {type(e).__name__}: {e}") from None

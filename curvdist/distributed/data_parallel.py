@@ -94,6 +94,10 @@ class RemoteProblem(Problem):
     def build_operator(self, kind: str, check_determinism: bool = True, **options: Any) -> DataParallelOperator:
         return DataParallelOperator(self, kind, check_determinism, **options)
 
+    def reduce_diagonal(self, kind: str, **options: Any) -> Tensor:
+        """The diagonal of a BackPACK diagonal metric: the workers' sum-reduced shard diagonals, summed, × s."""
+        return _ordered_sum(self.pool.call("diag_metric", kind, options)).to(self.dtype) * self.scale
+
     def batches(self, validate: bool = False) -> Any:
         raise ProblemError("a RemoteProblem's data live on its Ray workers; use its operators and gradient()")
 

@@ -7,9 +7,11 @@ matvec count, wall time, convergence, seed and dtype.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +22,12 @@ from ..errors import NotPositiveDefiniteError, ProblemError, SolverError
 from ..operators.base import CurvatureOperator
 from ..problem.problem import Problem
 from ..geometry.metrics.base import Metric
-from ..solvers import DIAG_METHODS, TRACE_METHODS, TorchSpace, eigsh, slq
+from ..solvers import DIAG_METHODS, TRACE_METHODS, Krylov, TorchSpace, eigsh, slq
 from .result import Result
+
+
+#: test hook: exit the process (code 75) right after saving a Lanczos checkpoint at or past this step
+STOP_ENV = "CURVDIST_STOP_AT_STEP"
 
 
 class MetricSpace:
@@ -159,27 +165,61 @@ def _default_tol(dtype: torch.dtype) -> float:
 
 def eigs(op: CurvatureOperator, k: int = 1, which: str = "largest", *, metric: Metric | None = None,
          tol: float | None = None, maxiter: int | None = None, seed: int = 0, return_vectors: bool = False,
-         progress: bool = False) -> Result:
+         progress: bool = False, checkpoint: str | Path | None = None, checkpoint_every: int = 10) -> Result:
     """The k extreme eigenvalues of M⁻¹C (of C without a metric); ``which``: largest | smallest | magnitude.
 
     Lanczos with full reorthogonalization on S = W⁻ᵀCW⁻¹ when the metric has a cheap factor M = WᵀW, otherwise in
     the M-inner product with CG solves. Stops when every Ritz residual ≤ tol·max|θ| (default tol 1e-8 in float64,
     1e-5 in float32). ``value`` lists the eigenvalues in the order asked; ``info["residuals"]`` their residuals;
     ``vectors`` the eigenvectors (of S, or M-orthonormal eigenvectors of M⁻¹C) if requested.
+
+    ``checkpoint``: a file to which the Lanczos state (tridiagonal, basis, restart count) is saved every
+    ``checkpoint_every`` steps; if it exists, the solve resumes from it and gives the uninterrupted result.
     """
     tol = _default_tol(_check_op(op).dtype) if tol is None else tol
 
     def solve(t: _Target) -> dict[str, Any]:
-        r = eigsh(t, t.space, k, which, tol=tol, maxiter=maxiter, seed=seed, return_vectors=return_vectors)
+        state, on_step = None, None
+        if checkpoint is not None:
+            path = Path(checkpoint)
+            if path.is_file():
+                state = _load_krylov(path, t.space)
+            every = max(int(checkpoint_every), 1)
+            on_step = lambda st: _save_krylov(path, st, t.space) if len(st.alphas) % every == 0 else None  # noqa
+        resumed = 0 if state is None else len(state.alphas)
+        r = eigsh(t, t.space, k, which, tol=tol, maxiter=maxiter, seed=seed, return_vectors=return_vectors,
+                  state=state, on_step=on_step)
         if not r.converged:
             warnings.warn(f"eigs: {k} {which} eigenvalues not converged to tol={tol:g} in {r.iterations} "
                           f"Lanczos steps (largest residual {r.residuals.max():.2e}); raise maxiter",
                           stacklevel=4)
         return dict(value=[float(x) for x in r.values], converged=r.converged, vectors=r.vectors,
                     info={"which": which, "k": k, "tol": tol, "iterations": r.iterations, "mode": t.mode,
-                          "residuals": r.residuals.tolist()})
+                          "residuals": r.residuals.tolist(), "resumed_from_step": resumed})
 
     return _run(op, "eigs", seed, progress, maxiter, solve, metric)
+
+
+def _save_krylov(path: Path, state: Krylov, space: Any) -> None:
+    """Atomically write the Lanczos state (basis gathered to flat CPU tensors)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"alphas": list(state.alphas), "betas": list(state.betas), "restarts": state.restarts,
+                "matvecs": state.matvecs, "basis": [space.to_tensor(q).detach().cpu() for q in state.basis]}, tmp)
+    tmp.replace(path)
+    stop = os.environ.get(STOP_ENV)
+    if stop and len(state.alphas) >= int(stop):  # test hook: simulate a crash right after a checkpoint
+        os._exit(75)
+
+
+def _load_krylov(path: Path, space: Any) -> Krylov:
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if len(d["basis"]) != len(d["alphas"]) + 1 or any(b.numel() != space.dim for b in d["basis"]):
+            raise ValueError("inconsistent basis")
+    except Exception as e:
+        raise SolverError(f"cannot resume from Lanczos checkpoint {path}: {e}") from None
+    return Krylov(alphas=list(d["alphas"]), betas=list(d["betas"]), basis=[space.from_tensor(b) for b in d["basis"]],
+                  matvecs=int(d["matvecs"]), restarts=int(d["restarts"]))
 
 
 def trace(op: CurvatureOperator, method: str = "hutchpp", matvecs: int = 100, *, metric: Metric | None = None,

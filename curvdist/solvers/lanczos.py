@@ -33,6 +33,7 @@ class Krylov:
     betas: list[float] = field(default_factory=list)
     basis: list[Vector] = field(default_factory=list)
     matvecs: int = 0
+    restarts: int = 0
 
     def tridiagonal_eigh(self) -> tuple[np.ndarray, np.ndarray]:
         """Eigenvalues (ascending) and eigenvectors of T_m."""
@@ -57,20 +58,27 @@ def lanczos(
     restart_seed: int = 0,
     restart: bool = True,
     stop: Callable[[Krylov], bool] | None = None,
+    state: Krylov | None = None,
+    on_step: Callable[[Krylov], None] | None = None,
 ) -> Krylov:
     """Run up to ``steps`` Lanczos steps from ``start``; ``stop(state)`` is asked after each step.
 
     With ``restart=False`` the run ends at breakdown (as stochastic Lanczos quadrature wants: its quadrature is
-    then exact); otherwise it continues in the orthogonal complement.
+    then exact); otherwise it continues in the orthogonal complement. ``state`` resumes an earlier run (its
+    basis holds one vector more than its α's: the next one to expand); ``on_step`` sees the state after every
+    step (checkpointing).
     """
-    nrm = space.norm(start)
-    if not nrm > 0:
-        raise SolverError("Lanczos start vector is zero")
-    state = Krylov(basis=[space.scale(1.0 / nrm, start)])
+    if state is None:
+        nrm = space.norm(start)
+        if not nrm > 0:
+            raise SolverError("Lanczos start vector is zero")
+        state = Krylov(basis=[space.scale(1.0 / nrm, start)])
     restarts = iter(probe_seeds(restart_seed, space.dim + 1))
+    for _ in range(state.restarts):
+        next(restarts)
     steps = min(steps, space.dim)
-    scale = 0.0
-    for j in range(steps):
+    scale = max([abs(a) for a in state.alphas] + [abs(b) for b in state.betas] + [0.0])
+    for j in range(len(state.alphas), steps):
         q = state.basis[j]
         w = apply(q)
         state.matvecs += 1
@@ -87,10 +95,13 @@ def lanczos(
             if not restart:
                 break
             w = _orthogonalize(space, state.basis, space.random(next(restarts), "gaussian"))
+            state.restarts += 1
             beta = space.norm(w)
         elif stop is not None and stop(state):
             break
         state.basis.append(space.scale(1.0 / beta, w))
+        if on_step is not None:
+            on_step(state)
     return state
 
 
@@ -124,11 +135,14 @@ def eigsh(
     maxiter: int | None = None,
     seed: int = 0,
     return_vectors: bool = False,
+    state: Krylov | None = None,
+    on_step: Callable[[Krylov], None] | None = None,
 ) -> EigenPairs:
     """k extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalization.
 
     Stops when every wanted Ritz pair has residual ≤ ``tol`` · max|θ| (θ the Ritz values), after ``maxiter``
     steps (default min(d, max(300, 20k))), or when the Krylov space is the whole space (then exact).
+    ``state``/``on_step`` resume from and checkpoint the Lanczos state (the result is the same as uninterrupted).
     """
     which_key = WHICH.get(str(which).lower())
     if which_key is None:
@@ -157,8 +171,9 @@ def eigsh(
         return bool(np.all(res <= tol * max(np.max(np.abs(theta)), np.finfo(np.float64).tiny)))
 
     seeds = probe_seeds(seed, 2)
-    state = lanczos(apply, space, space.random(seeds[0], "gaussian"), maxiter, restart_seed=seeds[1],
-                    stop=converged)
+    start = space.random(seeds[0], "gaussian") if state is None else None
+    state = lanczos(apply, space, start, maxiter, restart_seed=seeds[1], stop=converged, state=state,
+                    on_step=on_step)
     theta, S, idx = residuals(state)
     m = len(state.alphas)
     exact = m == space.dim

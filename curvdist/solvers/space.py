@@ -39,6 +39,7 @@ class VectorSpace(Protocol):
     def dots(self, xs: Sequence[Vector], y: Vector) -> np.ndarray: ...  # [x_iᵀ y]_i
     def lincomb(self, coeffs: np.ndarray, xs: Sequence[Vector]) -> Vector: ...  # Σ_i c_i x_i
     def to_tensor(self, x: Vector) -> Tensor: ...  # gather into one flat tensor
+    def from_tensor(self, t: Tensor) -> Vector: ...  # scatter a flat tensor (checkpoint restore)
 
 
 def random_flat(dim: int, seed: int, kind: str, dtype: torch.dtype) -> Tensor:
@@ -104,3 +105,6 @@ class TorchSpace:
 
     def to_tensor(self, x: Tensor) -> Tensor:
         return x
+
+    def from_tensor(self, t: Tensor) -> Tensor:
+        return t.to(self.device, self.dtype)

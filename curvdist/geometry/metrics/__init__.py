@@ -32,6 +32,8 @@ def metric(problem: Problem, kind: str = "euclidean", damping: float = 0.0, **op
     if kind in ("fisher", "ggn", "fisher_mc", "empirical_fisher"):
         return CurvatureMetric(problem, kind, damping, **options)
     if kind in ("diag_ggn", "diag_fisher_mc", "empirical_fisher_diag"):
+        if hasattr(problem, "reduce_diagonal"):  # data on Ray workers: shard diagonals reduced by the coordinator
+            return DiagonalMetric(problem.reduce_diagonal(kind, **options), damping, kind=kind)
         from . import backpack_metrics
 
         return getattr(backpack_metrics, kind)(problem, damping=damping, **options)
