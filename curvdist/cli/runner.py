@@ -135,6 +135,8 @@ def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None
                     r = replace(r, backend=_backend_label(cfg))
                     ckpt.save(key, r)
                 by_system[c.name].append(r)
+        pool = getattr(theta.problem, "pool", None)
+        stats = {"retried_worker_calls": pool.retries} if pool is not None else None
     results = [r for rs in by_system.values() for r in rs]
     doc: dict[str, Any] = {
         "config": cfg.model_dump(mode="json"),
@@ -143,6 +145,7 @@ def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None
                     "loss": problem.loss.name, "reduction": problem.reduction, "dtype": str(problem.dtype),
                     "loss_value": problem.value(), "params": list(problem.param_names)},
         "train": train_info,
+        "backend": stats,
         "results": [r.to_dict() for r in results],
     }
     if cfg.reparam is not None:

@@ -39,6 +39,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     env = {k: os.environ[k] for k in ("CURVDIST_FAULT", "RAY_AUTH_MODE") if k in os.environ}
     started = False
     if not ray.is_initialized():
+        if address:
+            _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
@@ -57,6 +59,23 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 
 
 SCHEDULE_TIMEOUT = 300.0
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (ray.init retries an unreachable GCS for minutes): a TCP connect to host:port first."""
+    import socket
+
+    if address == "auto":
+        return
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} is not of the form host:port (or ray://host:port, auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ClusterError(f"cannot start or reach Ray at {address}: {e}") from None
 
 
 def wait_scheduled(ray: Any, actors: list[Any], what: str, timeout: float = SCHEDULE_TIMEOUT) -> None:

@@ -36,6 +36,7 @@ class WorkerPool:
         self.ray = ray
         self.spec = spec
         self.actors = [cls.remote(spec, i, workers) for i in range(workers)]
+        self.retries = 0
         wait_scheduled(ray, self.actors, "data-mode workers")
         self.infos = self.call("info")
 
@@ -59,6 +60,7 @@ class WorkerPool:
             if attempt == RETRIES:
                 raise ClusterError(f"workers {sorted(failed)} failed {RETRIES + 1} times: {next(iter(failed.values()))}")
             time.sleep(0.2 * (attempt + 1))
+            self.retries += len(failed)
             refs = {i: getattr(self.actors[i], method).remote(*args) for i in failed}
         raise AssertionError("unreachable")
 

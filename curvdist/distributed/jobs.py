@@ -156,8 +156,10 @@ def prepare_submission(config: str | Path, *, working_dir: str | Path | None = N
         args += ["--output", output]
     for item in overrides:
         args += ["--set", item]
+    # RAY_OVERRIDE_JOB_RUNTIME_ENV: the driver's own ray.init(runtime_env=...) (curvdist's ray_session forwards
+    # RAY_AUTH_MODE to its workers) may name the same variables; without it Ray refuses to merge the two.
     runtime_env = {"working_dir": str(wd), "excludes": list(excludes),
-                   "env_vars": {"RAY_AUTH_MODE": auth_mode()}}
+                   "env_vars": {"RAY_AUTH_MODE": auth_mode(), "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}}
     return Submission(config=path, working_dir=wd, entrypoint=shlex.join(args), runtime_env=runtime_env,
                       entrypoint_num_cpus=num_cpus, entrypoint_num_gpus=num_gpus)
 

@@ -85,6 +85,6 @@ class ShardWorker:
 
     def diag_metric(self, kind: str, options: dict[str, Any]) -> Tensor:
         """The shard's sum-reduced diagonal of a BackPACK diagonal metric (undamped)."""
-        from ..geometry.metrics import backpack_metrics
+        from ..geometry.metrics.backpack_metrics import raw_diagonal
 
-        return getattr(backpack_metrics, kind)(self.problem, damping=0.0, **options).diagonal.cpu()
+        return raw_diagonal(self.problem, kind, **options).cpu()

@@ -322,8 +322,8 @@ def check_mc_samples(mc_samples: int) -> int:
     return n
 
 
-def _diagonal(problem: Problem, make_extension: Callable[[], Any], savefield: str, kind: str, damping: float,
-              second_order: bool) -> DiagonalMetric:
+def _diagonal_values(problem: Problem, make_extension: Callable[[], Any], savefield: str, kind: str,
+                     second_order: bool) -> Tensor:
     acc = {n: torch.zeros(s, dtype=problem.dtype, device=problem.device)
            for n, s in zip(problem.param_names, problem.shapes)}
 
@@ -331,8 +331,31 @@ def _diagonal(problem: Problem, make_extension: Callable[[], Any], savefield: st
         acc[name].add_(value.detach())
 
     backpack_pass(problem, make_extension, savefield, add, metric_name=kind, second_order=second_order)
-    diag = problem.flatten([acc[n] for n in problem.param_names]) * problem.scale
+    return problem.flatten([acc[n] for n in problem.param_names]) * problem.scale
+
+
+def _diagonal(problem: Problem, make_extension: Callable[[], Any], savefield: str, kind: str, damping: float,
+              second_order: bool) -> DiagonalMetric:
+    diag = _diagonal_values(problem, make_extension, savefield, kind, second_order)
     return DiagonalMetric(diag, damping=damping, kind=kind, names=entry_names(problem, diag, damping))
+
+
+def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0) -> Tensor:
+    """The undamped diagonal of ``kind`` ∈ {diag_ggn, diag_fisher_mc, empirical_fisher_diag} as a flat tensor
+    (for reductions over data shards, where a single shard's diagonal may have zeros)."""
+    from backpack.extensions import DiagGGNExact, DiagGGNMC, SumGradSquared
+
+    if kind == "diag_ggn":
+        return _diagonal_values(problem, lambda: add_activation_support(DiagGGNExact()), "diag_ggn_exact", kind,
+                                True)
+    if kind == "diag_fisher_mc":
+        check_mc_samples(mc_samples)
+        with seeded(seed, problem.device):
+            return _diagonal_values(problem, lambda: add_activation_support(DiagGGNMC(mc_samples=mc_samples)),
+                                    "diag_ggn_mc", kind, True)
+    if kind == "empirical_fisher_diag":
+        return _diagonal_values(problem, SumGradSquared, "sum_grad_squared", kind, False)
+    raise MetricError(f"unknown diagonal metric {kind!r}")
 
 
 def entry_names(problem: Problem, diag: Tensor, damping: float) -> list[str] | None:

@@ -1,0 +1,193 @@
+"""Ray backends equal the local backend: data mode (1, 2 workers) and pipeline mode (2, 3 stages), on an MLP and
+the CNN, for Hessian and GGN eigenvalues, traces and log-dets (same seeds) and an invariant query with a metric;
+faults, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import curvdist as cd
+from curvdist.distributed.cluster import ray_session
+from curvdist.distributed.data_parallel import RemoteProblem, WorkerPool
+from curvdist.distributed.pipeline import PipelineMetric, PipelineOperator, StagePool
+from curvdist.problem.spec import ProblemSpec
+
+REL = 1e-10
+
+SPECS = {
+    "mlp": ProblemSpec(model_factory="curvdist.zoo:mlp",
+                       model_kwargs={"in_features": 64, "hidden": [5, 4], "out_features": 10, "seed": 1},
+                       data_factory="curvdist.zoo:digits", data_kwargs={"n": 60, "dtype": "float64"},
+                       batch_size=30, loss="cross_entropy"),
+    "cnn": ProblemSpec(model_factory="curvdist.zoo:cnn", model_kwargs={"channels": [2, 2], "seed": 2},
+                       data_factory="curvdist.zoo:digits",
+                       data_kwargs={"n": 40, "shape": "image", "dtype": "float64"},
+                       batch_size=40, loss="cross_entropy"),
+}
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with ray_session(num_cpus=4) as ray:
+        yield ray
+
+
+def _close(a, b, rel=REL):
+    a, b = np.atleast_1d(np.asarray(a, float)), np.atleast_1d(np.asarray(b, float))
+    np.testing.assert_allclose(b, a, rtol=rel, atol=rel * np.abs(a).max())
+
+
+def _queries(op, metric=None):
+    return {
+        "eigs": cd.eigs(op, k=2, tol=1e-11, metric=metric).value,
+        "trace": cd.trace(op, method="xtrace", matvecs=8, seed=3, metric=metric).value,
+    }
+
+
+@pytest.mark.parametrize("name,workers", [("mlp", 1), ("cnn", 2),
+                                          pytest.param("mlp", 2, marks=pytest.mark.slow),
+                                          pytest.param("cnn", 1, marks=pytest.mark.slow)])
+def test_data_mode_equals_local(ray_module, name, workers):
+    spec = SPECS[name]
+    local = spec.build()
+    pool = WorkerPool(spec, workers)
+    try:
+        remote = RemoteProblem(spec, pool)
+        assert remote.num_samples == local.num_samples and remote.dim == local.dim
+        for kind in ("hessian", "ggn"):
+            a, b = _queries(cd.operator(local, kind)), _queries(cd.operator(remote, kind))
+            for key in a:
+                _close(a[key], b[key])
+        G = cd.operator(local, "ggn")
+        a = cd.logdet(G, damping=0.1, probes=2, steps=10, seed=1).value
+        b = cd.logdet(cd.operator(remote, "ggn"), damping=0.1, probes=2, steps=10, seed=1).value
+        _close(a, b)
+        # an invariant query: eigenvalues of (F + δI)⁻¹H with a dense Fisher metric built from worker products
+        H = cd.operator(local, "hessian")
+        a = cd.eigs(H, k=2, tol=1e-11, metric=cd.metric(local, "fisher", damping=0.1)).value
+        b = cd.eigs(cd.operator(remote, "hessian"), k=2, tol=1e-11,
+                    metric=cd.metric(remote, "fisher", damping=0.1)).value
+        _close(a, b)
+        _close(cd.grad_norm(local).value, cd.grad_norm(remote).value)
+        if name == "mlp":  # BackPACK diagonals computed per shard and reduced
+            _close(cd.metric(local, "diag_ggn", damping=0.1).to_dense().diagonal().numpy(),
+                   cd.metric(remote, "diag_ggn", damping=0.1).to_dense().diagonal().numpy())
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("name,stages", [("mlp", 2), ("cnn", 3), pytest.param("mlp", 3, marks=pytest.mark.slow),
+                                         pytest.param("cnn", 2, marks=pytest.mark.slow)])
+def test_pipeline_mode_equals_local(ray_module, name, stages):
+    spec = SPECS[name]
+    local = spec.build()
+    pool = StagePool(spec, stages)
+    try:
+        assert sum(i["dim"] for i in pool.infos) == local.dim
+        for kind in ("hessian", "ggn"):
+            op = PipelineOperator(pool, kind)
+            a, b = _queries(cd.operator(local, kind)), _queries(op)
+            for key in a:
+                _close(a[key], b[key])
+        a = cd.logdet(cd.operator(local, "ggn"), damping=0.1, probes=2, steps=8, seed=1).value
+        b = cd.logdet(PipelineOperator(pool, "ggn"), damping=0.1, probes=2, steps=8, seed=1).value
+        _close(a, b)
+        if stages == 2:  # invariant query with a CG-solved metric (Lanczos in its inner product), vectors on actors
+            a = cd.eigs(cd.operator(local, "hessian"), k=1, tol=1e-10,
+                        metric=cd.metric(local, "ggn", damping=0.5)).value
+            b = cd.eigs(PipelineOperator(pool, "hessian"), k=1, tol=1e-10,
+                        metric=PipelineMetric(PipelineOperator(pool, "ggn"), damping=0.5)).value
+            _close(a, b, rel=1e-8)  # CG solves to 1e-12 bound the agreement
+    finally:
+        pool.shutdown()
+
+
+def test_split_points_balance_parameters():
+    from curvdist.distributed.stages import split_points
+
+    model = SPECS["mlp"].build_model()
+    assert split_points(model, 1) == [(0, len(model))]
+    # parameter counts per module: 325, 0, 24, 0, 50 — the largest layer gets a stage of its own
+    assert split_points(model, 3) == [(0, 1), (1, 3), (3, 5)]
+    assert split_points(model, 2) == [(0, 1), (1, 5)]
+    with pytest.raises(cd.ProblemError, match="only 3 modules with parameters"):
+        split_points(model, 4)
+    with pytest.raises(cd.ProblemError, match="nn.Sequential or a model with a stages"):
+        split_points(cd.zoo.transformer(), 2)
+
+
+def test_bad_input(ray_module):
+    bad = ProblemSpec(model_factory="curvdist.zoo:mlp", model_kwargs={"hiden": [3]},
+                      data_factory="curvdist.zoo:digits", data_kwargs={"n": 20}, loss="cross_entropy")
+    with pytest.raises(Exception, match="hiden"):  # the worker's error reaches the user with its cause
+        WorkerPool(bad, 2)
+    with pytest.raises(cd.ProblemError, match="only 3 modules with parameters"):
+        StagePool(SPECS["mlp"], 4)
+
+
+def test_unreachable_address(tmp_path):
+    cfg = _config(tmp_path, {"kind": "ray", "mode": "data", "workers": 1, "address": "127.0.0.1:1"})
+    proc = _cli([str(cfg), "-q"], timeout=180)
+    assert proc.returncode == 2
+    assert "cannot start or reach Ray at 127.0.0.1:1" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()[-1]) < 500
+
+
+def _cli(args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "curvdist", "run", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
+
+
+def _config(tmp_path: Path, backend: dict) -> Path:
+    cfg = {"seed": 0, "dtype": "float64",
+           "model": {"factory": "curvdist.zoo:mlp", "kwargs": {"in_features": 64, "hidden": [6], "out_features": 10}},
+           "data": {"factory": "curvdist.zoo:digits", "kwargs": {"n": 80, "dtype": "float64"}, "batch_size": 40},
+           "loss": "cross_entropy",
+           "queries": [{"kind": "eigs", "k": 3, "tol": 1e-12}, {"kind": "trace", "method": "hutchpp", "matvecs": 9}],
+           "backend": backend}
+    path = tmp_path / f"{backend['kind']}-{backend.get('mode', '')}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _values(path: Path) -> list:
+    return [r["value"] for r in json.loads(path.read_text())["results"]]
+
+
+def test_killed_worker_mid_lanczos_gives_the_uninterrupted_result(tmp_path):
+    """CURVDIST_FAULT makes worker 1 exit at its 6th product (mid-Lanczos); Ray restarts it from its spec and
+    shard, the coordinator retries the product, and the numbers equal the uninterrupted run's."""
+    cfg = _config(tmp_path, {"kind": "ray", "mode": "data", "workers": 2})
+    clean = _cli([str(cfg), "-o", str(tmp_path / "clean.json"), "-q"])
+    assert clean.returncode == 0, clean.stderr
+    faulty = _cli([str(cfg), "-o", str(tmp_path / "faulty.json"), "-q"], env={"CURVDIST_FAULT": "worker=1,call=6"})
+    assert faulty.returncode == 0, faulty.stderr
+    assert json.loads((tmp_path / "faulty.json").read_text())["backend"]["retried_worker_calls"] == 1
+    assert json.loads((tmp_path / "clean.json").read_text())["backend"]["retried_worker_calls"] == 0
+    assert _values(tmp_path / "faulty.json") == _values(tmp_path / "clean.json")
+
+
+def test_stopped_and_resumed_run_gives_the_uninterrupted_result(tmp_path):
+    cfg = _config(tmp_path, {"kind": "local", "checkpoint_every": 4})
+    full = _cli([str(cfg), "-o", str(tmp_path / "full.json"), "-q"])
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "run.json"
+    stopped = _cli([str(cfg), "-o", str(out), "-q"], env={"CURVDIST_STOP_AT_STEP": "8"})
+    assert stopped.returncode == 75 and not out.exists()
+    assert (tmp_path / "run.json.ckpt" / "theta-0.lanczos.pt").is_file()
+    resumed = _cli([str(cfg), "-o", str(out), "-q", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert _values(out) == _values(tmp_path / "full.json")
+    doc = json.loads(out.read_text())
+    assert doc["results"][0]["info"]["resumed_from_step"] == 8
+    bad = _cli([str(cfg), "-o", str(tmp_path / "other.json"), "-q", "--resume"])
+    assert bad.returncode == 2 and "no checkpoint" in bad.stderr
