@@ -66,6 +66,21 @@ class ShardWorker:
         v = v.to(p.device, p.dtype)
         return p.flatten(self._op(kind, options).matvec_params(p.unflatten(v))).cpu()
 
+    def matvec_seconds(self, kind: str, options: dict[str, Any], v: Tensor, repeats: int = 3) -> float:
+        """Best wall time of the shard product inside this worker (benchmarks: compute without Ray's overhead)."""
+        import time
+
+        p = self.problem
+        op = self._op(kind, options)
+        u = p.unflatten(v.to(p.device, p.dtype))
+        op.matvec_params(u)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            op.matvec_params(u)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
     def matmat(self, kind: str, options: dict[str, Any], V: Tensor) -> Tensor:
         """Σ_{n in shard} C_n V for V of shape (k, d)."""
         self._maybe_fail()
