@@ -178,6 +178,23 @@ def test_submit_runs_the_config_on_the_cluster(ray_head, tmp_path, capsys, monke
         assert not (c.parent / ".venv").exists() and not (c.parent / "results").exists()
 
 
+@pytest.mark.slow
+def test_submitted_job_runs_the_ray_backend_on_the_cluster(ray_head, tmp_path, capsys, monkeypatch):
+    """A data-mode config: the job's driver joins the cluster it runs on (backend.address=auto) and its actors
+    compute there; the same eigenvalues as the local problem."""
+    address = ray_head["address"]
+    wd = _workdir(tmp_path)
+    monkeypatch.chdir(wd)
+    out_json = tmp_path / "ray.json"
+    rc, out, err = _cli(capsys, "submit", "job.yaml", "--address", address, "--python", sys.executable,
+                        "--output", str(out_json), "--set", "backend={kind: ray, mode: data, workers: 2}",
+                        "--set", "backend.address=auto", "--wait")
+    assert rc == 0, out + err
+    problem = cd.Problem(zoo.mlp(**MODEL_KWARGS, dtype="float64"), "cross_entropy", zoo.digits(**DATA_KWARGS))
+    local = cd.eigs(cd.operator(problem, "hessian"), k=2)
+    np.testing.assert_allclose(json.loads(out_json.read_text())["results"][0]["value"], local.value, rtol=1e-10)
+
+
 def test_wait_follows_a_failing_job_and_exits_nonzero(ray_head, tmp_path, capsys, monkeypatch):
     address = ray_head["address"]
     wd = _workdir(tmp_path)
@@ -252,7 +269,8 @@ def test_entrypoint_and_runtime_env(tmp_path, monkeypatch):
     env = sub.runtime_env
     assert env["working_dir"] == str(wd.resolve())
     assert {".venv", ".git", "results", "__pycache__"} <= set(env["excludes"])
-    assert env["env_vars"] == {"RAY_AUTH_MODE": "disabled"} and os.environ["RAY_AUTH_MODE"] == "disabled"
+    assert env["env_vars"]["RAY_AUTH_MODE"] == "disabled" and os.environ["RAY_AUTH_MODE"] == "disabled"
+    assert env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"  # the driver's ray.init may name RAY_AUTH_MODE
     assert sub.entrypoint_num_gpus == 1 and sub.entrypoint_num_cpus is None
 
 
@@ -393,5 +411,5 @@ def test_dockerfile():
     if hadolint:
         r = subprocess.run([hadolint, str(path)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
-    ignore = (ROOT / "docker/.dockerignore").read_text().split()
+    ignore = (ROOT / "docker/Dockerfile.dockerignore").read_text().split()
     assert {".git", ".venv", "results"} <= set(ignore)

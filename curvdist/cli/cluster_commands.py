@@ -124,5 +124,5 @@ def _logs(args: argparse.Namespace) -> int:
 def dispatch(args: argparse.Namespace) -> int | None:
     """Run ``args.command`` if it is ``submit``, ``status`` or ``logs`` and return its exit code; None otherwise."""
     handlers = {"submit": _submit, "status": _status, "logs": _logs}
-    handler = handlers.get(getattr(args, "command", None))
+    handler = handlers.get(str(getattr(args, "command", "")))
     return None if handler is None else handler(args)

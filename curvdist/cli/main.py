@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint "
                      "(<output>.ckpt/): finished queries are reused, an interrupted eigensolve restarts from its "
                      "last saved Lanczos state")
-    from .cluster_commands import add_subcommands; add_subcommands(sub)
+    from .cluster_commands import add_subcommands
+
+    add_subcommands(sub)
     return p
 
 
@@ -31,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .cluster_commands import dispatch
         rc = dispatch(args)
-        if rc is not None: return rc
+        if rc is not None:
+            return rc
         if args.command == "run":
             from .config import load_config
             from .runner import run

@@ -20,10 +20,11 @@ class ClusterError(CurvdistError, RuntimeError):
 
 
 def resources_per_worker() -> dict[str, float]:
-    """One GPU per actor when this node has GPUs, else one CPU."""
-    import torch
+    """One GPU per actor when the cluster has GPUs (a CPU-only head with GPU workers included), else one CPU."""
+    import ray
 
-    return {"num_gpus": 1.0} if torch.cuda.is_available() else {"num_cpus": 1.0}
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return {"num_gpus": 1.0} if gpus > 0 else {"num_cpus": 1.0}
 
 
 @contextmanager
@@ -38,8 +39,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     # forwarded to every worker process (fault injection for tests, auth mode)
     env = {k: os.environ[k] for k in ("CURVDIST_FAULT", "RAY_AUTH_MODE") if k in os.environ}
     started = False
+    if not address and os.environ.get("RAY_ADDRESS"):  # inside a Ray job or a launcher: join that cluster
+        address = os.environ["RAY_ADDRESS"]
     if not ray.is_initialized():
-        if address:
+        if address and address != "auto" and not address.startswith("http"):
             _check_reachable(address)
         try:
             if address:

@@ -6,7 +6,9 @@ shell command — on the cluster. curvdist adds nothing of its own on the wire; 
 
 - builds the entrypoint ``<python> -m curvdist run <config relative to the working dir> [--output P] [--set ...]``
   and a runtime environment that carries the working directory (without ``.venv``, ``.git``, ``results``,
-  ``__pycache__``, ...) and ``RAY_AUTH_MODE``;
+  ``__pycache__``, ...), ``RAY_AUTH_MODE``, and ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` so that the driver's own
+  ``ray.init(runtime_env=...)`` may repeat those variables (a config with ``backend: {kind: ray, address: auto}``
+  then runs its actors on the job's cluster);
 - checks locally what can be checked before anything is sent (the config exists, lies inside the working
   directory, and validates);
 - fails fast and in one line when the address is unreachable (a bounded HTTP probe before Ray's client, whose
@@ -208,7 +210,7 @@ class JobClient:
         """The job's output in chunks as it is written, from the beginning, until the job ends."""
         self.info(job_id)  # an unknown id fails here, in one line, instead of in the websocket handshake
         loop = asyncio.new_event_loop()
-        stream = self._client.tail_job_logs(job_id)
+        stream: Any = self._client.tail_job_logs(job_id)  # an async generator
         try:
             while True:
                 with self._errors("following the logs", job_id):
@@ -244,9 +246,9 @@ class _Translate:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
         if e is None or not isinstance(e, Exception) or isinstance(e, ClusterError):
-            return False
+            return  # nothing to translate; the exception, if any, propagates unchanged
         import requests
 
         text = str(e)
