@@ -10,7 +10,6 @@ is done with numpy/scipy (torch's OpenMP LAPACK can be very slow on a busy 2-cor
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,10 +275,6 @@ def test_pullback_of_weight_norm_has_no_factor(truths: dict[str, Truth]) -> None
             call()
 
 
-@pytest.mark.xfail(strict=True, raises=cd.ShapeError,
-                   reason="PullbackMetric.inv_factor_apply does not check has_factor: for weight norm it passes the "
-                          "ψ vector (length 78) to the θ metric's W_θ⁻¹ and fails with 'euclidean metric acts on flat "
-                          "vectors of length 69, got (78,)' instead of naming the missing inverse Jacobian")
 def test_pullback_of_weight_norm_inv_factor_names_the_cause(truths: dict[str, Truth]) -> None:
     """W⁻¹ = J⁻¹W_θ⁻¹ of a weight-norm pull-back does not exist: inv_factor_apply must say so (ReparamError or
     SolverError naming the missing factor, like inv_factor_t_apply), not fail on a vector length."""
@@ -470,10 +465,6 @@ def test_queries_reject_a_metric_of_another_dimension(truths: dict[str, Truth],
         cd.eigs(op, metric=torch.eye(69, dtype=torch.float64))
 
 
-@pytest.mark.xfail(strict=True, raises=cd.ShapeError,
-                   reason="grad_norm does not check the metric's dimension against the problem: the metric's own "
-                          "vector check raises ShapeError ('... acts on flat vectors of length 385, got (69,)') "
-                          "instead of the ProblemError the other queries raise")
 def test_grad_norm_rejects_a_metric_of_another_dimension(truths: dict[str, Truth],
                                                          dead_inputs: tuple[cd.Problem, list[int]]) -> None:
     """grad_norm with a metric of another dimension → ProblemError, like eigs/trace/logdet/density."""

@@ -317,6 +317,11 @@ def grad_norm(target: CurvatureOperator | Problem, *, metric: Metric | None = No
     problem = target.problem if isinstance(target, CurvatureOperator) else target
     if not isinstance(problem, Problem):
         raise ProblemError(f"grad_norm needs a Problem or a curvature operator, got {type(target).__name__}")
+    if metric is not None:
+        if not isinstance(metric, Metric):
+            raise ProblemError(f"metric must be a curvdist Metric (cd.metric(...)), got {type(metric).__name__}")
+        if metric.dim != problem.dim:
+            raise ProblemError(f"the metric has dimension {metric.dim} but the problem {problem.dim}")
     t0 = time.perf_counter()
     g = problem.flatten(problem.gradient())
     mg = g if metric is None else metric.solve(g)

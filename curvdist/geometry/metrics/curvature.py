@@ -54,18 +54,26 @@ class CurvatureMetric(Metric):
         if method == "dense":
             self._factor()
 
-    def _factor(self) -> None:
-        M = self.op.to_dense(max_dim=max(self.dim, DENSE_AUTO_LIMIT))
+    def to_dense(self, max_dim: int = 8192) -> Tensor:
+        """M_δ, the operator's vectorized dense matrix plus the damping term."""
+        M = self.op.to_dense(max_dim=max_dim)
         if self.damping:
             R = torch.eye(self.dim, dtype=self.dtype, device=self.device) if self.damping_metric is None \
-                else self.damping_metric.to_dense(max_dim=self.dim)
+                else self.damping_metric.to_dense(max_dim=max_dim)
             M = M + self.damping * R
+        return M
+
+    def _factor(self) -> None:
+        M = self.to_dense(max_dim=max(self.dim, DENSE_AUTO_LIMIT))
         M = 0.5 * (M + M.T)
         L, info = torch.linalg.cholesky_ex(M)
         if int(info) != 0:
+            advice = "add damping > 0" if self.damping_metric is None else (
+                f"add damping, and check that the damping reference ({self.damping_metric.kind}) is itself "
+                "positive definite (a pull-back through a non-bijective map is not)")
             raise SingularMetricError(
                 f"the {self.kind} metric (damping {self.damping:g}) is singular or not positive definite "
-                f"(Cholesky failed at column {int(info)}); add damping > 0"
+                f"(Cholesky failed at column {int(info)}); {advice}"
             )
         self._chol = L
         self.has_factor = True

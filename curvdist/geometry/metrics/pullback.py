@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ...errors import MetricError
+import torch
+
+from ...errors import MetricError, ReparamError, SolverError
 from ..reparam.base import Params, Reparametrization
 from .base import Metric
 
@@ -55,11 +57,20 @@ class PullbackMetric(Metric):
 
     def inv_factor_apply(self, v: Tensor) -> Tensor:
         self._check(v)
+        self._need_factor()
         return self._Jinv(self.theta_metric.inv_factor_apply(v))
 
     def inv_factor_t_apply(self, v: Tensor) -> Tensor:
         self._check(v)
+        self._need_factor()
         return self.theta_metric.inv_factor_t_apply(self._Jinv_t(v))
+
+    def _need_factor(self) -> None:
+        if not self.reparam.bijective:  # the reparametrization's own error names the missing inverse Jacobian
+            self.reparam.vjp_inverse(self.psi, self.psi)
+            raise ReparamError(f"the pullback through {self.reparam.kind} has no factor: J is not invertible")
+        if not self.theta_metric.has_factor:
+            raise SolverError(f"the pulled-back {self.theta_metric.kind} metric has no cheap factor; use its solve")
 
     def logdet(self) -> float:
         return self.theta_metric.logdet() + 2.0 * self.reparam.logabsdet(self.psi)
