@@ -22,6 +22,7 @@ from .cluster import ClusterError, resources_per_worker, wait_scheduled
 from .worker import ShardWorker
 
 RETRIES = 2
+RESTART_DEADLINE = 120.0
 
 
 class WorkerPool:
@@ -59,10 +60,23 @@ class WorkerPool:
                 return [out[i] for i in range(len(self.actors))]
             if attempt == RETRIES:
                 raise ClusterError(f"workers {sorted(failed)} failed {RETRIES + 1} times: {next(iter(failed.values()))}")
-            time.sleep(0.2 * (attempt + 1))
+            for i in failed:
+                self._wait_alive(i)
             self.retries += len(failed)
             refs = {i: getattr(self.actors[i], method).remote(*args) for i in failed}
         raise AssertionError("unreachable")
+
+    def _wait_alive(self, i: int, deadline: float = RESTART_DEADLINE) -> None:
+        """Block until Ray has restarted actor i (it rebuilds its problem from the spec in ``__init__``)."""
+        ray, t0 = self.ray, time.monotonic()
+        while True:
+            try:
+                ray.get(self.actors[i].__ray_ready__.remote(), timeout=10)
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                if time.monotonic() - t0 > deadline:
+                    raise ClusterError(f"worker {i} did not come back within {deadline:.0f} s: {e}") from None
+                time.sleep(0.5)
 
     def shutdown(self) -> None:
         for a in self.actors:
