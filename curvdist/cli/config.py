@@ -18,6 +18,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
 
+class NamedSpecs(Strict):
+    """Lets ``curvature: hessian`` / ``metric: fisher`` stand for ``{kind: hessian}`` / ``{kind: fisher}``."""
+
+    @field_validator("curvature", "metric", mode="before", check_fields=False)
+    @classmethod
+    def _kind_shorthand(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
+
+
 def _import_path(v: str) -> str:
     if not isinstance(v, str) or v.count(":") != 1 or not all(v.split(":")):
         raise ValueError(f"must be an import path 'module:callable', got {v!r}")
@@ -81,20 +90,10 @@ class ReparamSpec(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class QueryBase(Strict):
+class QueryBase(NamedSpecs):
     curvature: CurvatureSpec | None = None
     metric: MetricSpec | None = None
     seed: int | None = None
-
-    @field_validator("metric", mode="before")
-    @classmethod
-    def _metric_name(cls, v: Any) -> Any:
-        return {"kind": v} if isinstance(v, str) else v
-
-    @field_validator("curvature", mode="before")
-    @classmethod
-    def _curvature_name(cls, v: Any) -> Any:
-        return {"kind": v} if isinstance(v, str) else v
 
 
 class EigsQuery(QueryBase):
@@ -164,7 +163,7 @@ class BackendSpec(Strict):
     checkpoint_every: PositiveInt = 10
 
 
-class Config(Strict):
+class Config(NamedSpecs):
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float64"
     model: ModelSpec
@@ -180,16 +179,6 @@ class Config(Strict):
     backend: BackendSpec = Field(default_factory=BackendSpec)
     output: str | None = None
     plot: bool = True
-
-    @field_validator("curvature", mode="before")
-    @classmethod
-    def _curvature_name(cls, v: Any) -> Any:
-        return {"kind": v} if isinstance(v, str) else v
-
-    @field_validator("metric", mode="before")
-    @classmethod
-    def _metric_name(cls, v: Any) -> Any:
-        return {"kind": v} if isinstance(v, str) else v
 
 
 def _where(loc: tuple[Any, ...]) -> str:

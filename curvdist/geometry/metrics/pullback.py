@@ -14,6 +14,7 @@ import torch
 
 from ...errors import MetricError, ReparamError, SolverError
 from ..reparam.base import Params, Reparametrization
+from ..transform import pull_covector, pull_vector, push_covector, push_vector
 from .base import Metric
 
 
@@ -33,20 +34,16 @@ class PullbackMetric(Metric):
         self.diagonal_only = theta_metric.diagonal_only
 
     def _J(self, v: Tensor) -> Tensor:
-        r = self.reparam
-        return r.flatten_theta(r.jvp(self.psi, r.unflatten_psi(v)))
+        return push_vector(self.reparam, self.psi, v)
 
     def _Jt(self, w: Tensor) -> Tensor:
-        r = self.reparam
-        return r.flatten_psi(r.vjp(self.psi, r.unflatten_theta(w)))
+        return pull_covector(self.reparam, self.psi, w)
 
     def _Jinv(self, t: Tensor) -> Tensor:
-        r = self.reparam
-        return r.flatten_psi(r.jvp_inverse(self.psi, r.unflatten_theta(t)))
+        return pull_vector(self.reparam, self.psi, t)
 
     def _Jinv_t(self, c: Tensor) -> Tensor:
-        r = self.reparam
-        return r.flatten_theta(r.vjp_inverse(self.psi, r.unflatten_psi(c)))
+        return push_covector(self.reparam, self.psi, c)
 
     def apply_undamped(self, v: Tensor) -> Tensor:
         return self._Jt(self.theta_metric.apply(self._J(v)))
