@@ -107,6 +107,8 @@ KINDS: list[Kind] = [
     Kind("cnn", "ntk∘scale", lambda: compose(ntk(sigma_w=0.2, sigma_b=0.05), _cnn_scale_small()), "linear", 1000.0,
          slow=True),
     Kind("cnn", "weight_norm", lambda: weight_norm(), "weight_norm", 1.04),
+    Kind("cnn", "exp", lambda: exp("6.bias"), "nonlinear", 1.03),
+    Kind("cnn", "linear", lambda: linear(seed=1, condition=30.0), "linear", 3.0),
 ]
 KIND = {(k.case, k.name): k for k in KINDS}
 
