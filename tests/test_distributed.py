@@ -78,9 +78,11 @@ def test_data_mode_equals_local(ray_module, name, workers):
                     metric=cd.metric(remote, "fisher", damping=0.1)).value
         _close(a, b)
         _close(cd.grad_norm(local).value, cd.grad_norm(remote).value)
-        if name == "mlp":  # BackPACK diagonals computed per shard and reduced
+        if name == "mlp":  # BackPACK diagonals and Kronecker factors computed per shard and reduced
             _close(cd.metric(local, "diag_ggn", damping=0.1).to_dense().diagonal().numpy(),
                    cd.metric(remote, "diag_ggn", damping=0.1).to_dense().diagonal().numpy())
+            _close(cd.metric(local, "kflr", damping=0.1).to_dense().numpy(),
+                   cd.metric(remote, "kflr", damping=0.1).to_dense().numpy())
     finally:
         pool.shutdown()
 

@@ -114,6 +114,19 @@ class RemoteProblem(Problem):
         """The diagonal of a BackPACK diagonal metric: the workers' sum-reduced shard diagonals, summed, × s."""
         return _ordered_sum(self.pool.call("diag_metric", kind, options)).to(self.dtype) * self.scale
 
+    def reduce_kfac(self, damping: float, exact: bool, **options: Any) -> Any:
+        """KFAC/KFLR: the workers' summed Kronecker statistics, added in worker order, then normalized.
+
+        KFLR equals the local metric; sampled KFAC draws its labels per shard, so it is a different sample."""
+        from ..geometry.metrics.kfac import kfac_from_sums
+
+        parts = self.pool.call("kfac_sums", exact, options)
+        G = {n: _ordered_sum([p[0][n] for p in parts]).to(self.dtype) for n in self.param_names}
+        A = {n: (None if parts[0][1][n] is None else _ordered_sum([p[1][n] for p in parts]).to(self.dtype))
+             for n in self.param_names}
+        return kfac_from_sums(self.param_names, self.shapes, G, A, self.scale, self.num_samples, damping,
+                              "kflr" if exact else "kfac")
+
     def batches(self, validate: bool = False) -> Any:
         raise ProblemError("a RemoteProblem's data live on its Ray workers; use its operators and gradient()")
 

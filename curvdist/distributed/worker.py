@@ -103,3 +103,10 @@ class ShardWorker:
         from ..geometry.metrics.backpack_metrics import raw_diagonal
 
         return raw_diagonal(self.problem, kind, **options).cpu()
+
+    def kfac_sums(self, exact: bool, options: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The shard's summed Kronecker statistics (see :func:`curvdist.geometry.metrics.kfac.kfac_sums`)."""
+        from ..geometry.metrics.kfac import kfac_sums
+
+        G, A = kfac_sums(self.problem, exact=exact, **options)
+        return ({k: v.cpu() for k, v in G.items()}, {k: (None if v is None else v.cpu()) for k, v in A.items()})

@@ -38,6 +38,8 @@ def metric(problem: Problem, kind: str = "euclidean", damping: float = 0.0, **op
 
         return getattr(backpack_metrics, kind)(problem, damping=damping, **options)
     if kind in ("kfac", "kflr"):
+        if hasattr(problem, "reduce_kfac"):  # data on Ray workers: per-shard statistics reduced here
+            return problem.reduce_kfac(damping, kind == "kflr", **options)
         from .kfac import kfac
 
         return kfac(problem, damping=damping, exact=(kind == "kflr"), **options)

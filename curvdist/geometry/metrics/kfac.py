@@ -247,6 +247,16 @@ def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int 
             matrix-free metric), or BackPACK cannot backpropagate through the model.
         SingularMetricError: damping is 0 and a block is singular.
     """
+    kind = "kflr" if exact else "kfac"
+    G, A = kfac_sums(problem, mc_samples, seed, exact)
+    return kfac_from_sums(problem.param_names, problem.shapes, G, A, problem.scale, problem.num_samples, damping,
+                          kind)
+
+
+def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False
+              ) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
+    """Unnormalized Kronecker statistics summed over the problem's samples: G[name] = Σ_n B_n B_nᵀ (conv: /|T|)
+    and A[name] = Σ_n a_n a_nᵀ (None for biases) — sums, so data shards can be added before normalizing."""
     from backpack.extensions import KFAC, KFLR
 
     check_mc_samples(mc_samples)
@@ -273,16 +283,19 @@ def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int 
         with seeded(seed, problem.device):
             backpack_pass(problem, lambda: add_activation_support(KFAC(mc_samples=mc_samples)), savefield, add,
                           metric_name=kind, second_order=True, allowed=_kfac_layer_check)
-
-    factors: dict[str, tuple[Tensor, ...]] = {}
-    for name, shape in zip(problem.param_names, problem.shapes):
-        g = G[name]
-        if g is None:  # pragma: no cover - backpack_pass checks every parameter got a result
+    for name in problem.param_names:
+        if G[name] is None:  # pragma: no cover - backpack_pass checks every parameter got a result
             raise MetricError(f"no {kind} factors for {name}; {MATRIX_FREE_HINT}")
-        g = g * problem.scale
+    return G, A  # type: ignore[return-value]
+
+
+def kfac_from_sums(names: Sequence[str], shapes: Sequence[torch.Size], G: Mapping[str, Tensor],
+                   A: Mapping[str, Tensor | None], scale: float, num_samples: int, damping: float = 0.0,
+                   kind: str = "kfac") -> KFACMetric:
+    """The metric from summed statistics: G ← s·G, A ← A/N (the conventions of :func:`kfac`)."""
+    factors: dict[str, tuple[Tensor, ...]] = {}
+    for name in names:
+        g = G[name] * scale
         a = A[name]
-        if a is None:
-            factors[name] = (g,)
-        else:
-            factors[name] = (g, a / problem.num_samples)
-    return KFACMetric(problem.param_names, problem.shapes, factors, damping=damping, kind=kind)
+        factors[name] = (g,) if a is None else (g, a / num_samples)
+    return KFACMetric(names, shapes, factors, damping=damping, kind=kind)
