@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
+from torch.func import vmap
 
 from ..errors import ProblemError
 from ..operators import CurvatureOperator, operator
@@ -68,5 +68,11 @@ class RiemannianHessian(CurvatureOperator):
         return tuple(a - b for a, b in zip(h, s))
 
     def matmat_params(self, V: Params) -> Params:
-        cols = [self.matvec_params(tuple(t[i] for t in V)) for i in range(V[0].shape[0])]
-        return tuple(torch.stack([c[j] for c in cols]) for j in range(len(V)))
+        """The same for a block of vectors stacked along a leading axis (vectorized with vmap)."""
+        r = self.reparam
+        if self.method == "pullback":
+            JV = vmap(lambda u: r.jvp(self.psi, u))(V)
+            return vmap(lambda w: r.vjp(self.psi, w))(self.inner.matmat_params(JV))
+        h = self.inner.matmat_params(V)
+        s = vmap(lambda u: r.second_order(self.psi, self.grad_theta, u))(V)
+        return tuple(a - b for a, b in zip(h, s))
