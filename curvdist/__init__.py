@@ -25,6 +25,7 @@ from .errors import (
     SolverError,
 )
 from .geometry import Metric, RiemannianHessian, metric, reparametrize
+from . import optim
 from .geometry import reparam
 from .operators import CurvatureOperator, operator
 from .problem import Problem
@@ -42,5 +43,5 @@ __all__ = [
     "SingularMetricError", "NonDeterministicError", "NonFiniteError",
     "NotPositiveDefiniteError", "Problem", "ProblemError", "Result", "ShapeError", "SolverError", "__version__",
     "Metric", "RiemannianHessian", "density", "diag", "eigs", "flatness", "grad_norm", "logdet", "metric", "operator",
-    "reparam", "reparametrize", "riemannian_hessian", "trace",
+    "optim", "reparam", "reparametrize", "riemannian_hessian", "trace",
 ]
