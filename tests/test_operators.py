@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import curvdist as cd
-from curvdist.operators import FisherMC
 
 from . import dense
 from .cases import CASES

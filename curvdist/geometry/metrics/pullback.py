@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-import torch
 
 from ...errors import MetricError, ReparamError, SolverError
 from ..reparam.base import Params, Reparametrization
