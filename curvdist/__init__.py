@@ -9,6 +9,7 @@ The Python API::
     cd.trace(H, method="hutchpp", matvecs=150, seed=0)
 """
 
+from . import optim
 from .errors import (
     AutodiffError,
     ConfigError,
@@ -24,9 +25,7 @@ from .errors import (
     SingularMetricError,
     SolverError,
 )
-from .geometry import Metric, RiemannianHessian, metric, reparametrize
-from . import optim
-from .geometry import reparam
+from .geometry import Metric, RiemannianHessian, metric, reparam, reparametrize
 from .operators import CurvatureOperator, operator
 from .problem import Problem
 from .queries import Result, density, diag, eigs, flatness, grad_norm, logdet, trace

@@ -19,12 +19,11 @@ import torch
 from torch import Tensor
 
 from ..errors import NotPositiveDefiniteError, ProblemError, SolverError
+from ..geometry.metrics.base import Metric
 from ..operators.base import CurvatureOperator
 from ..problem.problem import Problem
-from ..geometry.metrics.base import Metric
 from ..solvers import DIAG_METHODS, TRACE_METHODS, Krylov, TorchSpace, eigsh, slq
 from .result import Result
-
 
 #: test hook: exit the process (code 75) right after saving a Lanczos checkpoint at or past this step
 STOP_ENV = "CURVDIST_STOP_AT_STEP"

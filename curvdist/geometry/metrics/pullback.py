@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-
 from ...errors import MetricError, ReparamError, SolverError
 from ..reparam.base import Params, Reparametrization
 from ..transform import pull_covector, pull_vector, push_covector, push_vector
