@@ -156,8 +156,19 @@ def _relerr(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+class Cached:
+    """A per-instance memo (``self.cache``) for expensive reference results."""
+
+    cache: dict[str, Any]
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+
 @dataclass
-class Theta:
+class Theta(Cached):
     """θ side at one (case, point): problem, metric and cached reference results."""
 
     case: str
@@ -166,17 +177,12 @@ class Theta:
     metric: cd.Metric
     cache: dict[str, Any] = field(default_factory=dict)
 
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self.cache:
-            self.cache[key] = compute()
-        return self.cache[key]
-
     def op(self, kind: str) -> cd.CurvatureOperator:
         return self.get(f"op:{kind}", lambda: cd.operator(self.problem, kind))
 
 
 @dataclass
-class Pair:
+class Pair(Cached):
     """θ and ψ sides of one (case, kind, point)."""
 
     theta: Theta
@@ -184,11 +190,6 @@ class Pair:
     r: Reparametrization
     problem: cd.Problem  # ψ
     cache: dict[str, Any] = field(default_factory=dict)
-
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self.cache:
-            self.cache[key] = compute()
-        return self.cache[key]
 
     def op(self, kind: str) -> cd.CurvatureOperator:
         if kind == "riemannian_hessian":
