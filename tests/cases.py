@@ -54,8 +54,32 @@ def _transformer_case() -> Case:
     return Case("transformer", make, "cross_entropy", X, y, 3)
 
 
+def _token_transformer_case() -> Case:
+    X, y = zoo.digits(shape="tokens", n=6)
+    make = lambda: zoo.transformer(tokens=6, d_model=4, heads=2, mlp_ratio=1, out_features=10, seed=5,  # noqa
+                                   vocab=17, positions="embedding")
+    return Case("token_transformer", make, "cross_entropy", X[:, 26:32].contiguous(), y, 4)
+
+
+def _cnn_batchnorm() -> nn.Module:
+    torch.manual_seed(6)
+    bn = nn.BatchNorm2d(2)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    nn.init.uniform_(bn.weight, 0.5, 1.5)
+    nn.init.uniform_(bn.bias, -0.5, 0.5)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), bn, nn.SiLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(2 * 4 * 4, 5))
+
+
+def _cnn_bn_case() -> Case:
+    X, y = _digits("image", 7)
+    return Case("cnn_bn", _cnn_batchnorm, "cross_entropy", X, y % 5, 3)
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "mlp": _mlp_case, "mlp_mse": _mlp_mse_case, "cnn": _cnn_case, "transformer": _transformer_case,
+    "token_transformer": _token_transformer_case, "cnn_bn": _cnn_bn_case,
 }
 
 

@@ -395,11 +395,11 @@ def test_adam_metric_errors():
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def test_kfac_on_transformer_names_the_layers():
+def test_backpack_kfac_on_transformer_names_the_layers():
     case = CASES["transformer"]()
     problem = make_problem(case)
     with pytest.raises(MetricError) as err:
-        kfac(problem, damping=1e-3)
+        kfac(problem, damping=1e-3, backend="backpack")
     msg = str(err.value)
     for part in ("'ln1' (LayerNorm)", "'attn' (MultiheadAttention)", "'attn.out_proj'", "ln1.weight",
                  "TransformerBlockClassifier", "'ggn' or 'fisher'"):
@@ -407,20 +407,20 @@ def test_kfac_on_transformer_names_the_layers():
     # only Linear layers selected: BackPACK still cannot backpropagate through the block
     sub = cd.Problem(case.model(), case.loss, (case.X, case.y), params=["head.weight"])
     with pytest.raises(MetricError, match="BackPACK cannot compute the kfac metric.*TransformerBlockClassifier"):
-        kfac(sub, damping=1e-3)
+        kfac(sub, damping=1e-3, backend="backpack")
 
 
-def test_diag_ggn_on_transformer_names_uncovered_parameters():
+def test_backpack_diag_ggn_on_transformer_names_uncovered_parameters():
     problem = make_problem(CASES["transformer"]())
     with pytest.raises(MetricError) as err:
-        diag_ggn(problem, damping=1e-3)
+        diag_ggn(problem, damping=1e-3, backend="backpack")
     msg = str(err.value)
     for part in ("cannot cover all selected parameters", "'pos'", "'ln1.weight'", "'ln2.bias'",
                  "'attn.in_proj_weight'", "'attn.out_proj.weight'", "not supported by BackPACK"):
         assert part in msg, (part, msg)
     assert "'head.weight'" not in msg
     with pytest.raises(MetricError, match="empirical_fisher_diag metric cannot cover"):
-        empirical_fisher_diag(problem)
+        empirical_fisher_diag(problem, backend="backpack")
 
 
 def test_singular_diagonal_needs_damping():

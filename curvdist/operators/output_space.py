@@ -18,6 +18,8 @@ Fisher equals the GGN, and :class:`Fisher` is computed as such.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -70,6 +72,31 @@ class Fisher(GGN):
     kind = "fisher"
 
 
+def mc_generator(seed: int, batch_index: int) -> torch.Generator:
+    """The CPU generator Monte-Carlo labels of one batch are drawn from, fixed by (seed, batch index); shared by
+    every sampled quantity so that a sampled metric and the sampled Fisher operator use the same labels."""
+    return torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + batch_index)
+
+
+def output_factors(problem: Problem, out: Tensor, y: Tensor, kind: str, batch_index: int = 0,
+                   mc_samples: int = 1, seed: int = 0) -> Tensor:
+    """U of shape (K, *out.shape) with Σ_k U[k, n] U[k, n]ᵀ the output-space matrix of ``kind`` for sample n:
+
+    * ``"ggn"``: Λ_n = ∂²ℓ_n/∂f_n² exactly (U = columns of a symmetric factor, K = output dimension);
+    * ``"fisher_mc"``: (1/S) Σ_s g_ns g_nsᵀ at labels ŷ_ns ~ p(·|f_n) drawn as :class:`FisherMC` draws them;
+    * ``"empirical"``: g_n g_nᵀ at the true labels.
+    """
+    out = out.detach()
+    if kind == "ggn":
+        return problem.loss.output_hessian_sqrt(out)
+    if kind == "fisher_mc":
+        targets = problem.loss.sample_targets(out, mc_generator(seed, batch_index), mc_samples)
+        return _output_grads(problem, out, targets) / math.sqrt(mc_samples)
+    if kind == "empirical":
+        return _output_grads(problem, out, y.unsqueeze(0))
+    raise ProblemError(f"unknown output-space factor kind {kind!r}; choose 'ggn', 'fisher_mc' or 'empirical'")
+
+
 def _output_grads(problem: Problem, out: Tensor, targets: Tensor) -> Tensor:
     """∇_f ℓ(f_n, t_n) for every sample; vectorized over a leading axis of ``targets``."""
 
@@ -97,8 +124,7 @@ class FisherMC(OutputSpaceCurvature):
 
     def sampled_targets(self, out: Tensor, batch_index: int) -> Tensor:
         """The S sampled targets of one batch, shape (S, *target_shape); fixed by (seed, batch index)."""
-        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + batch_index)
-        return self.problem.loss.sample_targets(out, g, self.mc_samples)
+        return self.problem.loss.sample_targets(out, mc_generator(self.seed, batch_index), self.mc_samples)
 
     def batch_context(self, params: Params, X: Tensor, y: Tensor, batch_index: int) -> Tensor:
         """Output gradients at the sampled labels, shape (S, B, ...)."""

@@ -36,6 +36,11 @@ class Loss(ABC):
     def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int) -> Tensor:
         """Draw `samples` targets per sample from p(y | f), shape (samples, *target_shape)."""
 
+    def output_hessian_sqrt(self, output: Tensor) -> Tensor:
+        """Columns of a symmetric factor S_n of Λ_n = S_n S_nᵀ for every sample, shape (K, *output.shape):
+        Λ_n = Σ_k U[k, n] U[k, n]ᵀ (the output-side factor of exact GGN blocks, as in KFLR)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no factorization of its output Hessian")
+
     @abstractmethod
     def check(self, output: Tensor, target: Tensor) -> None:
         """Raise DataError when output and target do not fit this loss."""
@@ -58,6 +63,12 @@ class CrossEntropy(Loss):
     def output_hessian_apply(self, output: Tensor, target: Tensor, v: Tensor) -> Tensor:
         p = torch.softmax(output, dim=-1)
         return p * v - p * (p * v).sum(dim=-1, keepdim=True)
+
+    def output_hessian_sqrt(self, output: Tensor) -> Tensor:
+        """U[c, n] = √p_c (e_c − p) for c = 1..C: Σ_c U[c] U[c]ᵀ = diag(p) − p pᵀ since Σ_c p_c = 1."""
+        p = torch.softmax(output.detach(), dim=-1)
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        return p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
 
     def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int) -> Tensor:
         p = torch.softmax(output.detach(), dim=-1).to(device=generator.device, dtype=torch.float64)
@@ -96,6 +107,12 @@ class MeanSquaredError(Loss):
 
     def output_hessian_apply(self, output: Tensor, target: Tensor, v: Tensor) -> Tensor:
         return 2.0 * v
+
+    def output_hessian_sqrt(self, output: Tensor) -> Tensor:
+        """U[k, n] = √2 e_k (the output flattened per sample): Σ_k U[k] U[k]ᵀ = 2I."""
+        flat = output.detach().flatten(1)
+        eye = math.sqrt(2.0) * torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device)
+        return eye.unsqueeze(1).expand(-1, flat.shape[0], -1).reshape(flat.shape[1], *output.shape)
 
     def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int) -> Tensor:
         noise = torch.randn(

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..errors import DataError
 
-SHAPES = ("flat", "image", "sequence")
+SHAPES = ("flat", "image", "sequence", "tokens")
 
 
 def digits(split: str = "train", test_fraction: float = 0.2, shape: str = "flat", n: int | None = None,
@@ -17,7 +17,8 @@ def digits(split: str = "train", test_fraction: float = 0.2, shape: str = "flat"
     training split's mean and standard deviation.
 
     ``split``: train | test | all; the split is stratified and fixed by ``seed``. ``shape``: flat (N, 64),
-    image (N, 1, 8, 8) or sequence (N, 8, 8) — 8 tokens of 8 features. ``n`` keeps the first n samples.
+    image (N, 1, 8, 8), sequence (N, 8, 8) — 8 tokens of 8 features — or tokens (N, 64): the raw pixel
+    intensities 0…16 as integer tokens (vocabulary 17, not standardized). ``n`` keeps the first n samples.
     Returns (X, y) with integer labels.
     """
     from sklearn.datasets import load_digits
@@ -28,6 +29,7 @@ def digits(split: str = "train", test_fraction: float = 0.2, shape: str = "flat"
     if shape not in SHAPES:
         raise DataError(f"shape must be one of {SHAPES}, got {shape!r}")
     X, y = load_digits(return_X_y=True)
+    raw = X.astype(np.int64)
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed,
                                            stratify=y)
     mean = X[idx_train].mean(0)
@@ -35,11 +37,13 @@ def digits(split: str = "train", test_fraction: float = 0.2, shape: str = "flat"
     std[std == 0] = 1.0
     X = (X - mean) / std
     idx = {"train": idx_train, "test": idx_test, "all": np.arange(len(y))}[split]
-    X, y = X[idx], y[idx]
+    X, y, raw = X[idx], y[idx], raw[idx]
     if n is not None:
         if n < 1:
             raise DataError(f"n must be positive, got {n}")
-        X, y = X[:n], y[:n]
+        X, y, raw = X[:n], y[:n], raw[:n]
+    if shape == "tokens":
+        return torch.as_tensor(raw), torch.as_tensor(y, dtype=torch.long)
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     Xt = torch.as_tensor(X, dtype=dt)
     if shape == "image":

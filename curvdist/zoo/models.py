@@ -60,13 +60,21 @@ class TransformerBlockClassifier(nn.Module):
 
     x (B, T, F) → Linear(F, d) + learned positions → x + MHA(LN(x)) → x + MLP(LN(x)) → mean over T → Linear(d, C).
     The attention is ``nn.MultiheadAttention`` (fused q/k/v projection), the MLP uses GELU; no dropout.
+    With ``vocab`` the input is integer tokens (B, T) embedded by ``nn.Embedding(vocab, d)`` instead of features
+    (B, T, F) mapped by a Linear; ``positions="embedding"`` holds the learned positions in an ``nn.Embedding``
+    (looked up for 0..T−1) instead of a bare parameter.
     """
 
     def __init__(self, tokens: int = 8, features: int = 8, d_model: int = 16, heads: int = 2, mlp_ratio: int = 2,
-                 out_features: int = 10) -> None:
+                 out_features: int = 10, vocab: int | None = None, positions: str = "parameter") -> None:
         super().__init__()
-        self.embed = nn.Linear(features, d_model)
-        self.pos = nn.Parameter(0.02 * torch.randn(tokens, d_model))
+        if positions not in ("parameter", "embedding"):
+            raise ProblemError(f"positions must be 'parameter' or 'embedding', got {positions!r}")
+        self.embed: nn.Module = nn.Linear(features, d_model) if vocab is None else nn.Embedding(vocab, d_model)
+        if positions == "parameter":
+            self.pos: nn.Parameter | nn.Embedding = nn.Parameter(0.02 * torch.randn(tokens, d_model))
+        else:
+            self.pos = nn.Embedding(tokens, d_model)
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = nn.MultiheadAttention(d_model, heads, dropout=0.0, batch_first=True)
         self.ln2 = nn.LayerNorm(d_model)
@@ -75,7 +83,11 @@ class TransformerBlockClassifier(nn.Module):
         self.head = nn.Linear(d_model, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.embed(x) + self.pos
+        h = self.embed(x)
+        if isinstance(self.pos, nn.Embedding):  # one lookup per sample, so every sample's positions are its own
+            h = h + self.pos(torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1))
+        else:  # a parameter (functional_call passes it as a plain tensor)
+            h = h + self.pos
         a = self.ln1(h)
         h = h + self.attn(a, a, a, need_weights=False)[0]
         h = h + self.mlp(self.ln2(h))
@@ -83,11 +95,12 @@ class TransformerBlockClassifier(nn.Module):
 
 
 def transformer(tokens: int = 8, features: int = 8, d_model: int = 16, heads: int = 2, mlp_ratio: int = 2,
-                out_features: int = 10, seed: int = 0, dtype: str | torch.dtype = "float32"
-                ) -> TransformerBlockClassifier:
+                out_features: int = 10, seed: int = 0, dtype: str | torch.dtype = "float32",
+                vocab: int | None = None, positions: str = "parameter") -> TransformerBlockClassifier:
     """A tiny transformer-block classifier (see :class:`TransformerBlockClassifier`); digits as 8 rows of 8."""
     torch.manual_seed(seed)
-    return TransformerBlockClassifier(tokens, features, d_model, heads, mlp_ratio, out_features).to(_dtype(dtype))
+    return TransformerBlockClassifier(tokens, features, d_model, heads, mlp_ratio, out_features, vocab,
+                                      positions).to(_dtype(dtype))
 
 
 class GainRegressor(nn.Module):

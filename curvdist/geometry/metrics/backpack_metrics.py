@@ -334,28 +334,80 @@ def _diagonal_values(problem: Problem, make_extension: Callable[[], Any], savefi
     return problem.flatten([acc[n] for n in problem.param_names]) * problem.scale
 
 
-def _diagonal(problem: Problem, make_extension: Callable[[], Any], savefield: str, kind: str, damping: float,
-              second_order: bool) -> DiagonalMetric:
-    diag = _diagonal_values(problem, make_extension, savefield, kind, second_order)
-    return DiagonalMetric(diag, damping=damping, kind=kind, names=entry_names(problem, diag, damping))
+#: the output-space factor (see curvdist.operators.output_space.output_factors) of each diagonal kind
+_OWN_KIND = {"diag_ggn": "ggn", "diag_fisher_mc": "fisher_mc", "empirical_fisher_diag": "empirical"}
+BACKENDS = ("auto", "backpack", "torch")
 
 
-def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0) -> Tensor:
-    """The undamped diagonal of ``kind`` ∈ {diag_ggn, diag_fisher_mc, empirical_fisher_diag} as a flat tensor
-    (for reductions over data shards, where a single shard's diagonal may have zeros)."""
+def _extension(kind: str, mc_samples: int) -> tuple[Callable[[], Any], str, bool]:
+    """(extension factory, savefield, second order) of BackPACK's computation of a diagonal kind."""
     from backpack.extensions import DiagGGNExact, DiagGGNMC, SumGradSquared
 
     if kind == "diag_ggn":
-        return _diagonal_values(problem, lambda: add_activation_support(DiagGGNExact()), "diag_ggn_exact", kind,
-                                True)
+        return (lambda: add_activation_support(DiagGGNExact())), "diag_ggn_exact", True
     if kind == "diag_fisher_mc":
-        check_mc_samples(mc_samples)
+        return (lambda: add_activation_support(DiagGGNMC(mc_samples=mc_samples))), "diag_ggn_mc", True
+    return SumGradSquared, "sum_grad_squared", False
+
+
+def backpack_applicable(problem: Problem, make_extension: Callable[[], Any], second_order: bool,
+                        allowed: Callable[[str, nn.Module], str | None] | None = None) -> bool:
+    """Whether BackPACK can compute the extension for the problem: every selected parameter's owner has a rule
+    (and passes ``allowed``) and, for curvature backpropagation, the model is a (nested) ``nn.Sequential`` of
+    layers with rules — BackPACK's second-order extensions cannot follow other control flow."""
+    supported = supported_modules(make_extension())
+    if supported is None:  # pragma: no cover - BackPACK hides its table: let backpack_pass decide
+        return True
+    modules = dict(problem.model.named_modules())
+    for name in problem.param_names:
+        path = owner_path(name)
+        if type(modules[path]) not in supported or (allowed is not None and allowed(path, modules[path])):
+            return False
+    if second_order:
+        for m in modules.values():
+            children = list(m.children())
+            if children and type(m) is not nn.Sequential or not children and type(m) not in supported:
+                return False
+    return True
+
+
+def resolve_backend(problem: Problem, backend: str, make_extension: Callable[[], Any], second_order: bool,
+                    allowed: Callable[[str, nn.Module], str | None] | None = None) -> str:
+    """``auto`` → ``backpack`` where BackPACK applies (:func:`backpack_applicable`), else ``torch`` (curvdist's own
+    kernels, :mod:`curvdist.geometry.blocks`)."""
+    if backend not in BACKENDS:
+        raise MetricError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "backpack" if backpack_applicable(problem, make_extension, second_order, allowed) else "torch"
+
+
+def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0, backend: str = "auto") -> Tensor:
+    """The undamped diagonal of ``kind`` ∈ {diag_ggn, diag_fisher_mc, empirical_fisher_diag} as a flat tensor
+    (for reductions over data shards, where a single shard's diagonal may have zeros).
+
+    ``backend``: ``backpack`` (BackPACK's extensions), ``torch`` (exact per-sample VJPs with ``torch.func``,
+    :func:`curvdist.geometry.blocks.diagonal.diagonal_sums`, any differentiable model; sampled labels are those of
+    the ``fisher_mc`` operator with the same seed) or ``auto`` (BackPACK where it applies)."""
+    if kind not in _OWN_KIND:
+        raise MetricError(f"unknown diagonal metric {kind!r}")
+    check_mc_samples(mc_samples)
+    make, savefield, second_order = _extension(kind, mc_samples)
+    if resolve_backend(problem, backend, make, second_order) == "torch":
+        from ..blocks.diagonal import diagonal_sums
+
+        loss_module(problem)  # the same loss check as BackPACK's path
+        return diagonal_sums(problem, _OWN_KIND[kind], mc_samples, seed) * problem.scale
+    if kind == "diag_fisher_mc":
         with seeded(seed, problem.device):
-            return _diagonal_values(problem, lambda: add_activation_support(DiagGGNMC(mc_samples=mc_samples)),
-                                    "diag_ggn_mc", kind, True)
-    if kind == "empirical_fisher_diag":
-        return _diagonal_values(problem, SumGradSquared, "sum_grad_squared", kind, False)
-    raise MetricError(f"unknown diagonal metric {kind!r}")
+            return _diagonal_values(problem, make, savefield, kind, second_order)
+    return _diagonal_values(problem, make, savefield, kind, second_order)
+
+
+def _diagonal(problem: Problem, kind: str, damping: float, mc_samples: int = 1, seed: int = 0,
+              backend: str = "auto") -> DiagonalMetric:
+    diag = raw_diagonal(problem, kind, mc_samples, seed, backend)
+    return DiagonalMetric(diag, damping=damping, kind=kind, names=entry_names(problem, diag, damping))
 
 
 def entry_names(problem: Problem, diag: Tensor, damping: float) -> list[str] | None:
@@ -367,12 +419,13 @@ def entry_names(problem: Problem, diag: Tensor, damping: float) -> list[str] | N
 
 
 # ====================================================================== public
-def diag_ggn(problem: Problem, damping: float = 0.0) -> DiagonalMetric:
+def diag_ggn(problem: Problem, damping: float = 0.0, backend: str = "auto") -> DiagonalMetric:
     """The exact diagonal of the generalized Gauss-Newton matrix, M_δ = diag(G) + δI.
 
     G = s · Σ_n J_nᵀ Λ_n J_n with J_n = ∂f(x_n; θ)/∂θ and Λ_n = ∂²ℓ_n/∂f_n² (for cross-entropy and MSE this is
     also the exact type-2 Fisher). Computed with BackPACK's ``DiagGGNExact`` (Dangel, Kunstner & Hennig 2020),
-    which backpropagates the symmetric factorization Λ_n = S_n S_nᵀ, in one backward pass per batch.
+    which backpropagates the symmetric factorization Λ_n = S_n S_nᵀ, in one backward pass per batch, or, for
+    models BackPACK cannot handle (``backend="auto"``/``"torch"``), from per-sample VJPs J_nᵀ S_n e_k.
 
     A diagonal metric is a tensor only under reparametrizations with a diagonal Jacobian.
 
@@ -382,40 +435,33 @@ def diag_ggn(problem: Problem, damping: float = 0.0) -> DiagonalMetric:
         SingularMetricError: an entry of diag(G) + δ is 0 (e.g. a weight fed by an input that is always 0);
             add damping.
     """
-    from backpack.extensions import DiagGGNExact
-
-    return _diagonal(problem, lambda: add_activation_support(DiagGGNExact()), "diag_ggn_exact", "diag_ggn",
-                     damping, second_order=True)
+    return _diagonal(problem, "diag_ggn", damping, backend=backend)
 
 
-def diag_fisher_mc(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int = 0) -> DiagonalMetric:
+def diag_fisher_mc(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int = 0,
+                   backend: str = "auto") -> DiagonalMetric:
     """A Monte-Carlo estimate of the diagonal of the Fisher (= GGN for cross-entropy and MSE), M_δ = diag(G̃) + δI.
 
     G̃ = s · Σ_n (1/S) Σ_{k=1..S} J_nᵀ g̃_nk g̃_nkᵀ J_n with g̃_nk = ∇_f ℓ(f_n, ỹ_nk) for labels ỹ_nk drawn from the
     model's predictive distribution p(y | f_n) (categorical for cross-entropy, N(f_n, ½I) for MSE), S = mc_samples.
     E[G̃] = diag(G). Computed with BackPACK's ``DiagGGNMC`` (Dangel, Kunstner & Hennig 2020). The draws come from
     torch's global generator seeded with ``seed`` inside ``torch.random.fork_rng``: the result is reproducible for
-    a seed and the caller's random state is left as it was.
+    a seed and the caller's random state is left as it was. With the ``torch`` backend (automatic where BackPACK
+    does not apply) the labels are those of the ``fisher_mc`` operator with the same seed, so the result is exactly
+    the diagonal of that operator.
 
     A diagonal metric is a tensor only under reparametrizations with a diagonal Jacobian.
     """
-    from backpack.extensions import DiagGGNMC
-
-    check_mc_samples(mc_samples)
-    with seeded(seed, problem.device):
-        return _diagonal(problem, lambda: add_activation_support(DiagGGNMC(mc_samples=mc_samples)),
-                         "diag_ggn_mc", "diag_fisher_mc", damping, second_order=True)
+    return _diagonal(problem, "diag_fisher_mc", damping, mc_samples, seed, backend)
 
 
-def empirical_fisher_diag(problem: Problem, damping: float = 0.0) -> DiagonalMetric:
+def empirical_fisher_diag(problem: Problem, damping: float = 0.0, backend: str = "auto") -> DiagonalMetric:
     """The diagonal of the empirical Fisher, M_δ = diag(s · Σ_n g_n ∘ g_n) + δI with g_n = ∇_θ ℓ(f(x_n; θ), y_n).
 
     Computed with BackPACK's first-order ``SumGradSquared`` (Dangel, Kunstner & Hennig 2020) from per-sample
-    gradients of the layers it supports (Linear, convolutions, BatchNorm in eval mode, Embedding, RNN/LSTM).
+    gradients of the layers it supports (Linear, convolutions, BatchNorm in eval mode, Embedding, RNN/LSTM), or
+    from per-sample gradients with ``torch.func`` for any other parameter (``backend="auto"``/``"torch"``).
 
     A diagonal metric is a tensor only under reparametrizations with a diagonal Jacobian.
     """
-    from backpack.extensions import SumGradSquared
-
-    return _diagonal(problem, SumGradSquared, "sum_grad_squared", "empirical_fisher_diag", damping,
-                     second_order=False)
+    return _diagonal(problem, "empirical_fisher_diag", damping, backend=backend)

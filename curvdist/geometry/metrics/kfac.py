@@ -55,6 +55,8 @@ from .backpack_metrics import (
     add_activation_support,
     backpack_pass,
     check_mc_samples,
+    loss_module,
+    resolve_backend,
     seeded,
 )
 from .base import Metric
@@ -226,7 +228,7 @@ def _kfac_layer_check(path: str, module: nn.Module) -> str | None:
 
 
 def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int = 0,
-         exact: bool = False) -> KFACMetric:
+         exact: bool = False, backend: str = "auto") -> KFACMetric:
     """The Kronecker-factored GGN/Fisher metric of the problem's selected parameters (see the module docstring).
 
     ``exact=False``: KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions) — the output-side factor
@@ -236,31 +238,42 @@ def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int 
     deterministic); kind ``"kflr"``. Factors from BackPACK (Dangel, Kunstner & Hennig 2020), accumulated over all
     batches with a sum-reduction loss and scaled as above, so the result does not depend on the batching.
 
-    Every selected parameter must belong to a ``Linear`` (2-d input) or ``Conv2d`` (groups = 1, zero padding)
-    layer; weights and biases are independent blocks, so either may be selected alone. The network between those
-    layers and the output must consist of layers BackPACK can backpropagate curvature through (Linear, Conv2d,
-    pooling, Flatten, Dropout, ReLU, Tanh, Sigmoid, and the ELU/SELU/LeakyReLU/Softplus/GELU/SiLU rules added
-    here) in an ``nn.Sequential``.
+    ``backend="backpack"``: every selected parameter must belong to a ``Linear`` (2-d input) or ``Conv2d``
+    (groups = 1, zero padding) layer of an ``nn.Sequential`` whose layers BackPACK can backpropagate curvature
+    through (Linear, Conv2d, pooling, Flatten, Dropout, ReLU, Tanh, Sigmoid, and the ELU/SELU/LeakyReLU/Softplus/
+    GELU/SiLU rules added here). ``backend="torch"``: curvdist's own kernels (:mod:`curvdist.geometry.blocks`) —
+    any model whose selected parameters belong to Linear (any leading dimensions), Conv2d, Embedding, LayerNorm,
+    BatchNorm (eval) or self-attention ``MultiheadAttention`` layers; LayerNorm/BatchNorm parameters get their exact
+    (single-factor) block; sampled labels are those of the ``fisher_mc`` operator with the same seed.
+    ``backend="auto"`` (default): BackPACK where it applies, else the own kernels. Weights and biases are
+    independent blocks, so either may be selected alone.
 
     Raises:
-        MetricError: a selected parameter's layer is not supported (the message names the layer and suggests a
-            matrix-free metric), or BackPACK cannot backpropagate through the model.
+        MetricError: a selected parameter's layer is not supported (the message lists all uncovered parameters and
+            suggests a matrix-free metric), or BackPACK cannot backpropagate through the model.
         SingularMetricError: damping is 0 and a block is singular.
     """
     kind = "kflr" if exact else "kfac"
-    G, A = kfac_sums(problem, mc_samples, seed, exact)
+    G, A = kfac_sums(problem, mc_samples, seed, exact, backend)
     return kfac_from_sums(problem.param_names, problem.shapes, G, A, problem.scale, problem.num_samples, damping,
                           kind)
 
 
-def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False
+def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False, backend: str = "auto"
               ) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
     """Unnormalized Kronecker statistics summed over the problem's samples: G[name] = Σ_n B_n B_nᵀ (conv: /|T|)
-    and A[name] = Σ_n a_n a_nᵀ (None for biases) — sums, so data shards can be added before normalizing."""
+    and A[name] = Σ_n a_n a_nᵀ (None for biases) — sums, so data shards can be added before normalizing.
+    ``backend``: see :func:`kfac`."""
     from backpack.extensions import KFAC, KFLR
 
     check_mc_samples(mc_samples)
     kind = "kflr" if exact else "kfac"
+    probe = (lambda: add_activation_support(KFLR())) if exact else (lambda: add_activation_support(KFAC()))
+    if resolve_backend(problem, backend, probe, True, _kfac_layer_check) == "torch":
+        from ..blocks.kronecker import kfac_sums_probes
+
+        loss_module(problem)
+        return kfac_sums_probes(problem, mc_samples, seed, exact)
     savefield = kind
     G: dict[str, Tensor | None] = {n: None for n in problem.param_names}
     A: dict[str, Tensor | None] = {n: None for n in problem.param_names}
