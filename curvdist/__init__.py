@@ -28,7 +28,7 @@ from .errors import (
 from .geometry import Metric, RiemannianHessian, metric, reparam, reparametrize
 from .operators import CurvatureOperator, operator
 from .problem import Problem
-from .queries import Result, density, diag, eigs, flatness, grad_norm, logdet, trace
+from .queries import Result, block_spectra, density, diag, eigs, flatness, grad_norm, logdet, trace
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,6 @@ __all__ = [
     "AutodiffError", "ConfigError", "CurvatureOperator", "CurvdistError", "DataError", "MetricError", "ReparamError",
     "SingularMetricError", "NonDeterministicError", "NonFiniteError",
     "NotPositiveDefiniteError", "Problem", "ProblemError", "Result", "ShapeError", "SolverError", "__version__",
-    "Metric", "RiemannianHessian", "density", "diag", "eigs", "flatness", "grad_norm", "logdet", "metric", "operator",
+    "Metric", "RiemannianHessian", "block_spectra", "density", "diag", "eigs", "flatness", "grad_norm", "logdet", "metric", "operator",
     "optim", "reparam", "reparametrize", "riemannian_hessian", "trace",
 ]

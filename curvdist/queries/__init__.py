@@ -1,6 +1,7 @@
 """Queries on curvature operators and their results."""
 
 from .api import density, diag, eigs, flatness, grad_norm, logdet, trace
+from .blocks import block_spectra
 from .result import Result
 
-__all__ = ["Result", "density", "diag", "eigs", "flatness", "grad_norm", "logdet", "trace"]
+__all__ = ["Result", "block_spectra", "density", "diag", "eigs", "flatness", "grad_norm", "logdet", "trace"]
