@@ -57,3 +57,7 @@ class SingularMetricError(MetricError):
 
 class ConfigError(CurvdistError, ValueError):
     """A YAML configuration is invalid; the message names the offending key."""
+
+
+class DependencyError(CurvdistError, ImportError):
+    """An optional dependency is not installed; the message names the extra that provides it."""

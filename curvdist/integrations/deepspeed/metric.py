@@ -1,0 +1,116 @@
+"""A metric whose statistics are reduced over a data-parallel process group, as a ``problem -> Metric`` callable
+for :class:`curvdist.optim.RiemannianSGD` (``metric=``).
+
+Every rank passes the same metric batch; at each refresh every rank takes its contiguous shard of it, computes
+the local statistics on a clean replica of the model (in the metric's dtype, e.g. float32 under bf16 training) and
+``all_reduce``-s them, so all ranks build the same metric as one process would on the whole batch:
+
+* ``kfac``/``kflr``: local Kronecker sums (:func:`~curvdist.geometry.metrics.kfac.kfac_sums`) → all_reduce →
+  :func:`~curvdist.geometry.metrics.kfac.kfac_from_sums` with the global sample count;
+* ``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``: local raw diagonal sums → all_reduce →
+  :class:`~curvdist.geometry.metrics.base.DiagonalMetric`;
+* ``fisher``, ``ggn``, ``fisher_mc``, ``empirical_fisher``, ``euclidean``: ``cd.metric`` on the data-parallel
+  problem, whose products are all-reduced.
+
+Sampled statistics (``kfac``, ``diag_fisher_mc``, ``fisher_mc``) draw their labels per shard: a different sample
+than one process would draw. The reduced statistics of the last build are kept (:meth:`state_dict`) so that a
+checkpoint restores the very same metric (:meth:`rebuild`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import MetricError
+from ...geometry.metrics import Metric, metric
+from ...problem.data import as_batches
+from ...problem.losses import Loss
+from ...problem.problem import Problem
+from .data_parallel import ProcessGroupProblem, concatenate, split_problem
+from .engine import torch_linear
+from .replica import Replica
+
+KRONECKER = ("kfac", "kflr")
+DIAGONAL = ("diag_ggn", "diag_fisher_mc", "empirical_fisher_diag")
+MATRIX_FREE = ("euclidean", "fisher", "ggn", "fisher_mc", "empirical_fisher")
+KINDS = KRONECKER + DIAGONAL + MATRIX_FREE
+
+
+class DataParallelMetric:
+    """``problem -> M_δ`` with M of ``kind`` reduced over the ranks of ``group`` (default: the default group).
+
+    Args:
+        kind: one of :data:`KINDS`.
+        damping: δ ≥ 0.
+        group: the data-parallel process group (the engine's ``data_parallel_group``; None: the default group).
+        dtype: the precision of the statistics (the replica's dtype).
+        batch_size: batch size for each rank's shard (None: one batch).
+        **options: options of the metric (``mc_samples``, ``seed``, ``backend``, ``method``...).
+    """
+
+    def __init__(self, kind: str = "kfac", damping: float = 1e-3, *, group: Any = None,
+                 dtype: torch.dtype | str = torch.float32, batch_size: int | None = None, **options: Any) -> None:
+        if kind not in KINDS:
+            raise MetricError(f"a data-parallel metric must be one of {KINDS}, got {kind!r}")
+        if not damping >= 0:
+            raise MetricError(f"damping must be ≥ 0, got {damping!r}")
+        self.kind, self.damping, self.group, self.options = kind, float(damping), group, dict(options)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.batch_size = batch_size
+        self._replica: Replica | None = None
+        self._replica_of: int | None = None
+        self._state: dict[str, Any] | None = None
+
+    def __call__(self, problem: Problem) -> Metric:
+        """Build M at the current parameters of ``problem.model`` on ``problem``'s data split across the ranks."""
+        return self.build(problem.model, problem.loss, problem.data, problem.param_names, problem.reduction)
+
+    def build(self, model: nn.Module, loss: str | Loss, data: Any, params: Sequence[str] | None = None,
+              reduction: str = "mean") -> Metric:
+        """Build M for ``model`` at its current parameters on ``data`` (any form :class:`Problem` accepts, the same
+        on every rank) split across the ranks. ``model`` is only read (through a clean replica): no forward pass
+        runs through it, so DeepSpeed's module hooks never fire."""
+        if self._replica is None or self._replica_of != id(model):
+            self._replica, self._replica_of = Replica(model, self.dtype), id(model)
+        X, y = concatenate(list(as_batches(data)))
+        with torch_linear(), self._replica.loaded(model) as replica:
+            dp = split_problem(replica, loss, X, y, self.group, params, reduction, self.batch_size)
+            return self._build(dp)
+
+    def _build(self, dp: ProcessGroupProblem) -> Metric:
+        if self.kind in KRONECKER:
+            exact = self.kind == "kflr"
+            G, A = dp.kronecker_sums(exact, **self.options)
+            self._state = {"kind": self.kind, "G": G, "A": A, "names": list(dp.param_names),
+                           "shapes": [list(s) for s in dp.shapes], "scale": dp.scale,
+                           "num_samples": dp.num_samples}
+            return dp.kronecker_metric(G, A, self.damping, exact)
+        if self.kind in DIAGONAL:
+            total = dp.diagonal_sum(self.kind, **self.options)
+            self._state = {"kind": self.kind, "diagonal_sum": total, "scale": dp.scale}
+            return dp.diagonal_metric(self.kind, total, self.damping)
+        self._state = None  # matrix-free metrics keep the problem; they are rebuilt, not restored
+        return metric(dp, self.kind, self.damping, **self.options)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any] | None:
+        """The reduced statistics of the last build (None before the first build and for matrix-free kinds)."""
+        return self._state
+
+    def rebuild(self, state: dict[str, Any]) -> Metric:
+        """The metric of :meth:`state_dict`'s statistics, identical to the one built then."""
+        from ...geometry.metrics.base import DiagonalMetric
+        from ...geometry.metrics.kfac import kfac_from_sums
+
+        kind = state.get("kind")
+        if kind != self.kind:
+            raise MetricError(f"the checkpoint holds a {kind} metric, this preconditioner uses {self.kind}")
+        self._state = state
+        if kind in KRONECKER:
+            return kfac_from_sums(state["names"], [torch.Size(s) for s in state["shapes"]], state["G"], state["A"],
+                                  state["scale"], state["num_samples"], self.damping, kind)
+        return DiagonalMetric(state["diagonal_sum"] * state["scale"], self.damping, kind=kind)

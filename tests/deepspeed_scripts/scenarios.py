@@ -1,0 +1,223 @@
+"""DeepSpeed scenarios for tests/test_deepspeed.py, run in one process (RANK/WORLD_SIZE/MASTER_* set by the test)
+or under ``torchrun --nproc_per_node 2``. Each rank writes ``<out>.rank<r>.json``.
+
+    python scenarios.py OUT SCENARIO[,SCENARIO...] [--stages 0,1,2,3]
+
+Scenarios: monitor (per ZeRO stage: a short training run with the monitor, its values and the parameters they were
+measured at, and the same run without the monitor), optimizer (DeepSpeedRiemannianSGD under ZeRO 0-2, fp32 and
+bf16), checkpoint (an uninterrupted run against save → new engine → load → continue), errors (what must fail).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+
+from curvdist import zoo
+from curvdist.integrations.deepspeed import (
+    CurvatureMonitor,
+    DeepSpeedRiemannianSGD,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+MODEL = {"in_features": 64, "hidden": (8,), "out_features": 10, "seed": 0}
+GLOBAL_BATCH = 16
+HELD = 40
+MONITOR = {
+    "every": 2,
+    "seed": 0,
+    "queries": [
+        {"kind": "eigs", "name": "eigs", "k": 2, "curvature": "hessian"},
+        {"kind": "flatness", "name": "flatness", "curvature": "ggn",
+         "metric": {"kind": "fisher", "damping": 0.01}, "matvecs": 12, "probes": 3, "steps": 12},
+        {"kind": "trace", "name": "trace_diag", "curvature": "ggn", "method": "hutchpp", "matvecs": 12,
+         "metric": {"kind": "diag_ggn", "damping": 0.001}},
+        {"kind": "eigs", "name": "eigs_fisher", "k": 1, "curvature": "hessian",
+         "metric": {"kind": "fisher", "damping": 0.01}},
+        {"kind": "eigs", "name": "eigs_kflr", "k": 1, "curvature": "ggn", "metric": {"kind": "kflr", "damping": 0.001}},
+        {"kind": "grad_norm", "name": "grad_norm", "metric": {"kind": "fisher", "damping": 0.01}},
+    ],
+}
+
+
+def rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def ds_config(stage: int, bf16: bool = False, monitor: dict | None = None, csv_dir: str | None = None) -> dict:
+    _, world = rank_world()
+    cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+           "bf16": {"enabled": bf16}, "steps_per_print": 10**6}
+    if monitor is not None:
+        cfg["curvdist"] = {"monitor": monitor}
+    if csv_dir is not None:
+        cfg["csv_monitor"] = {"enabled": True, "output_path": csv_dir, "job_name": "curvdist"}
+    return cfg
+
+
+def train_data() -> tuple[torch.Tensor, torch.Tensor]:
+    return zoo.digits(split="train", n=GLOBAL_BATCH * 8)
+
+
+def local_batch(X: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of global batch ``step`` (identical global batches for any world size)."""
+    rank, world = rank_world()
+    lo = (step * GLOBAL_BATCH) % X.shape[0]
+    Xg, yg = X[lo:lo + GLOBAL_BATCH], y[lo:lo + GLOBAL_BATCH]
+    per = GLOBAL_BATCH // world
+    return Xg[rank * per:(rank + 1) * per], yg[rank * per:(rank + 1) * per]
+
+
+def full_params(module: torch.nn.Module) -> list[float]:
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None):
+        return torch.cat([p.detach().float().reshape(-1) for p in params]).tolist()
+
+
+def train(engine, steps: int, start: int = 0, monitor: CurvatureMonitor | None = None) -> dict:
+    X, y = train_data()
+    losses, measured, modes = [], [], []
+    dtype = next(engine.module.parameters()).dtype
+    for s in range(start, start + steps):
+        xb, yb = local_batch(X, y, s)
+        loss = F.cross_entropy(engine(xb.to(dtype)), yb)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+        if monitor is not None:
+            values = monitor.step()
+            modes.append(engine.module.training)
+            if values is not None:
+                measured.append({"step": int(engine.global_steps), "values": values,
+                                 "params": full_params(engine.module)})
+    return {"losses": losses, "measured": measured, "training_mode_kept": all(modes)}
+
+
+def engine_for(stage: int, bf16: bool = False, optimizer=None, model=None, monitor: dict | None = None,
+               csv_dir: str | None = None):
+    model = zoo.mlp(**MODEL) if model is None else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.2) if optimizer is None else optimizer(model)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, bf16, monitor, csv_dir))
+    return engine, opt
+
+
+def held() -> tuple[torch.Tensor, torch.Tensor]:
+    return zoo.digits(split="test", n=HELD)
+
+
+def scenario_monitor(stages: list[int]) -> dict:
+    out = {}
+    for stage in stages:
+        csv_dir = tempfile.mkdtemp(prefix="curvdist-csv-")
+        engine, _ = engine_for(stage, monitor=MONITOR, csv_dir=csv_dir)
+        torch.manual_seed(123)
+        monitor = CurvatureMonitor(engine, held())  # reads the curvdist section of the DeepSpeed config
+        t0 = time.perf_counter()
+        with_monitor = train(engine, 4, monitor=monitor)
+        seconds = time.perf_counter() - t0
+        rng_after = torch.rand(3).tolist()
+        engine2, _ = engine_for(stage)
+        torch.manual_seed(123)
+        without = train(engine2, 4)
+        rng_plain = torch.rand(3).tolist()
+        csv_files = sorted(p.name for p in Path(csv_dir).rglob("*.csv"))
+        out[str(stage)] = {**with_monitor, "losses_without_monitor": without["losses"], "rng_after": rng_after,
+                           "rng_without_monitor": rng_plain, "csv_files": csv_files, "seconds": seconds,
+                           "measure_seconds": [h["seconds"] for h in monitor.history],
+                           "names": monitor.names}
+    return out
+
+
+def preconditioner(model: torch.nn.Module) -> DeepSpeedRiemannianSGD:
+    return DeepSpeedRiemannianSGD(model, "cross_entropy", zoo.digits(split="train", n=48), metric="kflr",
+                                  lr=0.3, damping=0.05, refresh=2)
+
+
+def scenario_optimizer(stages: list[int]) -> dict:
+    out = {}
+    for stage, bf16 in [(s, False) for s in stages if s <= 2] + [(s, True) for s in stages if s <= 1]:
+        engine, _ = engine_for(stage, bf16, optimizer=preconditioner)
+        res = train(engine, 6)
+        res["params"] = full_params(engine.module)
+        out[f"{stage}{'-bf16' if bf16 else ''}"] = res
+    return out
+
+
+def scenario_checkpoint(stages: list[int]) -> dict:
+    stage = 1 if 1 in stages else stages[0]
+    monitor_spec = {**MONITOR, "queries": MONITOR["queries"][:2]}
+    engine, opt = engine_for(stage, optimizer=preconditioner, monitor=monitor_spec)
+    monitor = CurvatureMonitor(engine, held())
+    full = train(engine, 6, monitor=monitor)
+    full_history = monitor.state_dict()["history"]
+
+    rank, _ = rank_world()
+    ckpt = os.environ["CURVDIST_CKPT_DIR"]
+    engine, opt = engine_for(stage, optimizer=preconditioner, monitor=monitor_spec)
+    monitor = CurvatureMonitor(engine, held())
+    first = train(engine, 3, monitor=monitor)
+    save_checkpoint(engine, ckpt, tag="step3", monitor=monitor, optimizer=opt)
+    engine, opt = engine_for(stage, optimizer=preconditioner, monitor=monitor_spec,
+                             model=zoo.mlp(**{**MODEL, "seed": 99}))
+    monitor = CurvatureMonitor(engine, held())
+    load_checkpoint(engine, ckpt, tag="step3", monitor=monitor, optimizer=opt)
+    second = train(engine, 3, start=3, monitor=monitor)
+    return {"stage": stage, "full_losses": full["losses"], "resumed_losses": first["losses"] + second["losses"],
+            "full_history": [{k: h[k] for k in ("step", "values")} for h in full_history],
+            "resumed_history": [{k: h[k] for k in ("step", "values")} for h in monitor.state_dict()["history"]],
+            "rank": rank}
+
+
+def scenario_errors(stages: list[int]) -> dict:
+    out = {}
+    engine, _ = engine_for(3)
+    try:
+        CurvatureMonitor(engine, held(), {"queries": [{"kind": "eigs", "metric": "adam"}]})
+        out["adam_zero3"] = None
+    except Exception as e:  # noqa: BLE001 - the test checks type and message
+        out["adam_zero3"] = [type(e).__name__, str(e)]
+    try:
+        CurvatureMonitor(engine, held())  # the config has no curvdist section
+        out["no_section"] = None
+    except Exception as e:  # noqa: BLE001
+        out["no_section"] = [type(e).__name__, str(e)]
+    try:
+        engine, _ = engine_for(3, optimizer=preconditioner)
+        train(engine, 1)
+        out["preconditioner_zero3"] = None
+    except Exception as e:  # noqa: BLE001
+        out["preconditioner_zero3"] = [type(e).__name__, str(e)]
+    return out
+
+
+SCENARIOS = {"monitor": scenario_monitor, "optimizer": scenario_optimizer, "checkpoint": scenario_checkpoint,
+             "errors": scenario_errors}
+
+
+def main() -> None:
+    out_path, names = sys.argv[1], sys.argv[2].split(",")
+    stages = [0, 1, 2, 3]
+    if "--stages" in sys.argv:
+        stages = [int(s) for s in sys.argv[sys.argv.index("--stages") + 1].split(",")]
+    rank, world = rank_world()
+    os.environ.setdefault("CURVDIST_CKPT_DIR", f"{out_path}.ckpt")
+    doc = {"rank": rank, "world": world, "seconds": {}}
+    for name in names:
+        t0 = time.perf_counter()
+        doc[name] = SCENARIOS[name](stages)
+        doc["seconds"][name] = time.perf_counter() - t0
+    Path(f"{out_path}.rank{rank}.json").write_text(json.dumps(doc))
+
+
+if __name__ == "__main__":
+    main()
