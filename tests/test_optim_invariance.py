@@ -111,3 +111,18 @@ def test_sgd_and_adam_trajectories_do_not(reparam: str, method: str) -> None:
     riemannian = _gaps(reparam, "riemannian")
     assert gaps[-1] > 0.7 * gaps[0], gaps  # the gap does not vanish as α → 0
     assert gaps[-1] > 10 * riemannian[-1], (gaps, riemannian)
+
+
+@pytest.mark.parametrize("reparam", ["scale", "linear", "ntk∘scale"])
+def test_pullback_metric_in_psi_is_gradient_descent_in_theta(reparam: str) -> None:
+    """M_ψ = JᵀJ (the pull-back of the Euclidean θ metric): for a linear φ, Riemannian steps in ψ are exactly plain
+    gradient-descent steps in θ."""
+    model, data = _mlp()
+    psi_model = _psi_model(model, data, REPARAMS[reparam]())
+    theta_end = _run(model, data, "sgd", 0.1, 3)
+    opt = RiemannianSGD(psi_model, "cross_entropy", data, metric="pullback", lr=0.1, damping=0.0, refresh=1)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(psi_model(data[0]), data[1]).backward()
+        opt.step()
+    torch.testing.assert_close(_theta_of(psi_model), theta_end, rtol=1e-10, atol=1e-12)

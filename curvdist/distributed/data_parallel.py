@@ -43,8 +43,14 @@ class WorkerPool:
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Run ``method(*args)`` on every worker; a worker that died is retried (Ray restarts it from its spec)."""
+        return self.call_each(method, [args] * len(self.actors))
+
+    def call_each(self, method: str, args: list[tuple[Any, ...]]) -> list[Any]:
+        """Run ``method(*args[i])`` on worker i, with the retries of :meth:`call`."""
         ray = self.ray
-        refs = {i: getattr(a, method).remote(*args) for i, a in enumerate(self.actors)}
+        if len(args) != len(self.actors):
+            raise ProblemError(f"call_each needs {len(self.actors)} argument tuples, got {len(args)}")
+        refs = {i: getattr(a, method).remote(*args[i]) for i, a in enumerate(self.actors)}
         out: dict[int, Any] = {}
         for attempt in range(RETRIES + 1):
             failed = {}
@@ -63,7 +69,7 @@ class WorkerPool:
             for i in failed:
                 self._wait_alive(i)
             self.retries += len(failed)
-            refs = {i: getattr(self.actors[i], method).remote(*args) for i in failed}
+            refs = {i: getattr(self.actors[i], method).remote(*args[i]) for i in failed}
         raise AssertionError("unreachable")
 
     def _wait_alive(self, i: int, deadline: float = RESTART_DEADLINE) -> None:
@@ -81,6 +87,18 @@ class WorkerPool:
     def shutdown(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
+
+
+def assign_by_cost(costs: dict[str, float], workers: int) -> list[list[str]]:
+    """Greedy longest-processing-time assignment of named jobs to workers: each job, most expensive first, to the
+    worker with the least work so far (ties to the lowest index). Deterministic."""
+    loads = [0.0] * workers
+    shares: list[list[str]] = [[] for _ in range(workers)]
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        i = min(range(workers), key=lambda j: (loads[j], j))
+        shares[i].append(name)
+        loads[i] += costs[name]
+    return shares
 
 
 class RemoteProblem(Problem):
@@ -115,17 +133,33 @@ class RemoteProblem(Problem):
         return _ordered_sum(self.pool.call("diag_metric", kind, options)).to(self.dtype) * self.scale
 
     def reduce_kfac(self, damping: float, exact: bool, **options: Any) -> Any:
-        """KFAC/KFLR: the workers' summed Kronecker statistics, added in worker order, then normalized.
+        """KFAC/KFLR: the workers' summed Kronecker statistics, added in worker order, normalized, and
+        eigendecomposed on the workers, the layers spread over them (as in distributed K-FAC, Osawa et al. 2019;
+        Pauloski et al. 2020) — the coordinator only adds.
 
         KFLR equals the local metric; sampled KFAC draws its labels per shard, so it is a different sample."""
-        from ..geometry.metrics.kfac import kfac_from_sums
+        from ..geometry.metrics.kfac import KFACMetric, normalized_factors
 
         parts = self.pool.call("kfac_sums", exact, options)
         G = {n: _ordered_sum([p[0][n] for p in parts]).to(self.dtype) for n in self.param_names}
         A = {n: (None if parts[0][1][n] is None else _ordered_sum([p[1][n] for p in parts]).to(self.dtype))
              for n in self.param_names}
-        return kfac_from_sums(self.param_names, self.shapes, G, A, self.scale, self.num_samples, damping,
-                              "kflr" if exact else "kfac")
+        factors = normalized_factors(self.param_names, G, A, self.scale, self.num_samples)
+        shares = assign_by_cost({n: sum(f.shape[0] ** 3 for f in fs) for n, fs in factors.items()},
+                                len(self.pool.actors))
+        self.last_eigh_assignment = shares
+        results = self.pool.call_each("factor_eigh", [({n: factors[n] for n in share},) for share in shares])
+        eigh = {n: r for part in results for n, r in part.items()}
+        return KFACMetric(self.param_names, self.shapes, factors, damping=damping, kind="kflr" if exact else "kfac",
+                          eigh=eigh)
+
+    def set_params(self, params: Params) -> None:
+        """Move the coordinator's and every worker's selected parameters to ``params`` (one broadcast)."""
+        flat = self.flatten(params).detach()
+        with torch.no_grad():
+            for p, new in zip(self.params, self.unflatten(flat.to(self.device, self.dtype))):
+                p.copy_(new)
+        self.pool.call("set_params", self.pool.ray.put(flat.cpu()))
 
     def batches(self, validate: bool = False) -> Any:
         raise ProblemError("a RemoteProblem's data live on its Ray workers; use its operators and gradient()")

@@ -98,6 +98,19 @@ class ShardWorker:
     def loss_sum(self) -> float:
         return self.problem.value()
 
+    def set_params(self, flat: Tensor) -> None:
+        """Overwrite the replica's selected parameters (the problem aliases them, so products follow)."""
+        p = self.problem
+        with torch.no_grad():
+            for t, new in zip(p.params, p.unflatten(flat.to(p.device, p.dtype))):
+                t.copy_(new)
+
+    def factor_eigh(self, factors: dict[str, list[Tensor]]) -> dict[str, list[tuple[Tensor, Tensor]]]:
+        """Eigendecompositions of the given layers' Kronecker factors (this worker's share of the layers)."""
+        from ..geometry.metrics.kfac import eigh_psd
+
+        return {n: [tuple(t.cpu() for t in eigh_psd(F, n)) for F in fs] for n, fs in factors.items()}
+
     def diag_metric(self, kind: str, options: dict[str, Any]) -> Tensor:
         """The shard's sum-reduced diagonal of a BackPACK diagonal metric (undamped)."""
         from ..geometry.metrics.backpack_metrics import raw_diagonal

@@ -29,24 +29,8 @@ from curvdist.integrations.deepspeed import (
     save_checkpoint,
 )
 
-MODEL = {"in_features": 64, "hidden": (8,), "out_features": 10, "seed": 0}
-GLOBAL_BATCH = 16
-HELD = 40
-MONITOR = {
-    "every": 2,
-    "seed": 0,
-    "queries": [
-        {"kind": "eigs", "name": "eigs", "k": 2, "curvature": "hessian"},
-        {"kind": "flatness", "name": "flatness", "curvature": "ggn",
-         "metric": {"kind": "fisher", "damping": 0.01}, "matvecs": 12, "probes": 3, "steps": 12},
-        {"kind": "trace", "name": "trace_diag", "curvature": "ggn", "method": "hutchpp", "matvecs": 12,
-         "metric": {"kind": "diag_ggn", "damping": 0.001}},
-        {"kind": "eigs", "name": "eigs_fisher", "k": 1, "curvature": "hessian",
-         "metric": {"kind": "fisher", "damping": 0.01}},
-        {"kind": "eigs", "name": "eigs_kflr", "k": 1, "curvature": "ggn", "metric": {"kind": "kflr", "damping": 0.001}},
-        {"kind": "grad_norm", "name": "grad_norm", "metric": {"kind": "fisher", "damping": 0.01}},
-    ],
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ds_common import GLOBAL_BATCH, MODEL, MONITOR, held, train_data  # noqa: E402
 
 
 def rank_world() -> tuple[int, int]:
@@ -63,10 +47,6 @@ def ds_config(stage: int, bf16: bool = False, monitor: dict | None = None, csv_d
     if csv_dir is not None:
         cfg["csv_monitor"] = {"enabled": True, "output_path": csv_dir, "job_name": "curvdist"}
     return cfg
-
-
-def train_data() -> tuple[torch.Tensor, torch.Tensor]:
-    return zoo.digits(split="train", n=GLOBAL_BATCH * 8)
 
 
 def local_batch(X: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,10 +89,6 @@ def engine_for(stage: int, bf16: bool = False, optimizer=None, model=None, monit
     opt = torch.optim.SGD(model.parameters(), lr=0.2) if optimizer is None else optimizer(model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, bf16, monitor, csv_dir))
     return engine, opt
-
-
-def held() -> tuple[torch.Tensor, torch.Tensor]:
-    return zoo.digits(split="test", n=HELD)
 
 
 def scenario_monitor(stages: list[int]) -> dict:

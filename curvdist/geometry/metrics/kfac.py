@@ -106,7 +106,7 @@ class _Block:
         return block + damping * torch.eye(block.shape[0], dtype=block.dtype, device=block.device)
 
 
-def _eigh_psd(F: Tensor, what: str) -> tuple[Tensor, Tensor]:
+def eigh_psd(F: Tensor, what: str) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD factor (in float64), rounding-level eigenvalues set to 0."""
     if F.ndim != 2 or F.shape[0] != F.shape[1]:
         raise ShapeError(f"Kronecker factor of {what} must be square, got shape {tuple(F.shape)}")
@@ -135,6 +135,8 @@ class KFACMetric(Metric):
             numel × numel).
         damping: δ ≥ 0.
         kind: ``"kfac"`` or ``"kflr"`` (a label).
+        eigh: optional precomputed :func:`eigh_psd` results per name, ``[(λ, U), ...]`` in factor order (e.g.
+            computed on the Ray actors, one layer each, as in distributed K-FAC).
     """
 
     kind = "kfac"
@@ -143,7 +145,8 @@ class KFACMetric(Metric):
     diagonal_only = True
 
     def __init__(self, names: Sequence[str], shapes: Sequence[torch.Size], factors: Mapping[str, Sequence[Tensor]],
-                 damping: float = 0.0, kind: str = "kfac") -> None:
+                 damping: float = 0.0, kind: str = "kfac",
+                 eigh: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None = None) -> None:
         names, shapes = list(names), [torch.Size(s) for s in shapes]
         if len(names) != len(shapes) or not names:
             raise ShapeError(f"need one shape per parameter name, got {len(names)} names and {len(shapes)} shapes")
@@ -169,7 +172,8 @@ class KFACMetric(Metric):
             for F, n in zip(fs, expected):
                 if tuple(F.shape) != (n, n):
                     raise ShapeError(f"Kronecker factor of {name} has shape {tuple(F.shape)}, expected {(n, n)}")
-            eig = [_eigh_psd(F.to(self.dtype), name) for F in fs]
+            eig = ([(lam.to(self.dtype), U.to(self.dtype)) for lam, U in eigh[name]] if eigh is not None and name in eigh
+                   else [eigh_psd(F.to(self.dtype), name) for F in fs])
             block = _Block(name, offset, shape, tuple(U for _, U in eig), tuple(lam for lam, _ in eig))
             if self.damping == 0 and not bool((block.eigenvalues > 0).all()):
                 raise SingularMetricError(
@@ -302,13 +306,22 @@ def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool 
     return G, A  # type: ignore[return-value]
 
 
-def kfac_from_sums(names: Sequence[str], shapes: Sequence[torch.Size], G: Mapping[str, Tensor],
-                   A: Mapping[str, Tensor | None], scale: float, num_samples: int, damping: float = 0.0,
-                   kind: str = "kfac") -> KFACMetric:
-    """The metric from summed statistics: G ← s·G, A ← A/N (the conventions of :func:`kfac`)."""
+def normalized_factors(names: Sequence[str], G: Mapping[str, Tensor], A: Mapping[str, Tensor | None],
+                       scale: float, num_samples: int) -> dict[str, tuple[Tensor, ...]]:
+    """Factors from summed statistics: G ← s·G, A ← A/N (the conventions of :func:`kfac`)."""
     factors: dict[str, tuple[Tensor, ...]] = {}
     for name in names:
         g = G[name] * scale
         a = A[name]
         factors[name] = (g,) if a is None else (g, a / num_samples)
-    return KFACMetric(names, shapes, factors, damping=damping, kind=kind)
+    return factors
+
+
+def kfac_from_sums(names: Sequence[str], shapes: Sequence[torch.Size], G: Mapping[str, Tensor],
+                   A: Mapping[str, Tensor | None], scale: float, num_samples: int, damping: float = 0.0,
+                   kind: str = "kfac", eigh: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None = None
+                   ) -> KFACMetric:
+    """The metric from summed statistics: G ← s·G, A ← A/N (the conventions of :func:`kfac`); ``eigh``: optional
+    precomputed eigendecompositions of those normalized factors (see :class:`KFACMetric`)."""
+    return KFACMetric(names, shapes, normalized_factors(names, G, A, scale, num_samples), damping=damping,
+                      kind=kind, eigh=eigh)

@@ -1,0 +1,37 @@
+"""What the DeepSpeed scenarios and tests/test_deepspeed.py share: the model, the batches and the monitor's
+queries (no DeepSpeed import here, so the test module collects without DeepSpeed)."""
+
+from __future__ import annotations
+
+import torch
+
+from curvdist import zoo
+
+MODEL = {"in_features": 64, "hidden": (8,), "out_features": 10, "seed": 0}
+GLOBAL_BATCH = 16
+HELD = 40
+MONITOR = {
+    "every": 2,
+    "seed": 0,
+    "queries": [
+        {"kind": "eigs", "name": "eigs", "k": 2, "curvature": "hessian"},
+        {"kind": "flatness", "name": "flatness", "curvature": "ggn",
+         "metric": {"kind": "fisher", "damping": 0.01}, "matvecs": 12, "probes": 3, "steps": 12},
+        {"kind": "trace", "name": "trace_diag", "curvature": "ggn", "method": "hutchpp", "matvecs": 12,
+         "metric": {"kind": "diag_ggn", "damping": 0.001}},
+        {"kind": "eigs", "name": "eigs_fisher", "k": 1, "curvature": "hessian",
+         "metric": {"kind": "fisher", "damping": 0.01}},
+        {"kind": "eigs", "name": "eigs_kflr", "k": 1, "curvature": "ggn", "metric": {"kind": "kflr", "damping": 0.001}},
+        {"kind": "grad_norm", "name": "grad_norm", "metric": {"kind": "fisher", "damping": 0.01}},
+    ],
+}
+
+
+def train_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """The training samples; global batch s is rows [16·s, 16·(s+1)) modulo 128."""
+    return zoo.digits(split="train", n=GLOBAL_BATCH * 8)
+
+
+def held() -> tuple[torch.Tensor, torch.Tensor]:
+    """The monitor's held batch."""
+    return zoo.digits(split="test", n=HELD)

@@ -1,0 +1,266 @@
+"""DeepSpeed integration on CPU (gloo), one process and two (``torchrun --nproc_per_node 2``), ZeRO 0-3.
+
+The scenarios run in subprocesses (tests/deepspeed_scripts/scenarios.py, one launch per world size, every ZeRO stage
+in the same launch) and write JSON; ground truth comes from plain curvdist in this process: the same queries on
+a single-process Problem over the whole held batch at the parameters the monitor measured, and
+``curvdist.optim.RiemannianSGD`` (no DeepSpeed) for the preconditioner.
+
+Tolerances (float32, both runs): monitor values against plain curvdist ≤ 2e-4 relative (observed ≲ 1e-5: the
+shards' partial products are summed in a different order, and Lanczos/SLQ amplify float32 rounding); preconditioned
+parameters against plain RiemannianSGD ≤ 1e-4 relative to their norm. Identical-by-construction quantities (loss
+curves with and without the monitor, values across ranks, resumed against uninterrupted runs) are compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import curvdist as cd
+from curvdist import zoo
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve().parent / "deepspeed_scripts" / "scenarios.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import ds_common as S  # noqa: E402  (the scenarios' model, batches and monitor queries)
+
+REL_MONITOR = 2e-4
+REL_PARAMS = 1e-4
+TIMEOUT = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+
+
+def _launch(tmp: Path, world: int, scenarios: str) -> list[dict]:
+    pytest.importorskip("deepspeed")
+    out = tmp / f"world{world}"
+    if world == 1:
+        env = _env()
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        _run([sys.executable, str(SCRIPT), str(out), scenarios], env)
+    else:
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+        _run([torchrun, "--nproc_per_node", str(world), "--master_addr", "127.0.0.1", "--master_port",
+              str(_free_port()), str(SCRIPT), str(out), scenarios], _env())
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> list[dict]:
+    return _launch(tmp_path_factory.mktemp("ds1"), 1, "monitor,optimizer,checkpoint,errors")
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> list[dict]:
+    return _launch(tmp_path_factory.mktemp("ds2"), 2, "monitor,optimizer,checkpoint")
+
+
+@pytest.fixture(params=[1, 2], ids=["1proc", "2proc"])
+def runs(request) -> list[dict]:
+    return request.getfixturevalue("one" if request.param == 1 else "two")
+
+
+# --------------------------------------------------------------------------- ground truth
+def _model_at(flat: list[float]) -> torch.nn.Module:
+    model = zoo.mlp(**S.MODEL).eval()
+    torch.nn.utils.vector_to_parameters(torch.tensor(flat, dtype=torch.float32), model.parameters())
+    return model
+
+
+def _reference(flat: list[float]) -> dict[str, float]:
+    """The monitor's queries (scenarios.MONITOR) with plain single-process curvdist on the whole held batch."""
+    problem = cd.Problem(_model_at(flat), "cross_entropy", S.held())
+    H, G = cd.operator(problem, "hessian"), cd.operator(problem, "ggn")
+    fisher = cd.metric(problem, "fisher", 0.01)
+    q = {q["name"]: q for q in S.MONITOR["queries"]}
+    out = {}
+    for i, v in enumerate(cd.eigs(H, k=2, seed=0).value):
+        out[f"curvdist/eigs/eig{i}"] = v
+    fq = q["flatness"]
+    flat_r = cd.flatness(G, metric=fisher, matvecs=fq["matvecs"], probes=fq["probes"], steps=fq["steps"], seed=0)
+    out.update({f"curvdist/flatness/{k}": v for k, v in flat_r.value.items()})
+    out["curvdist/trace_diag/value"] = cd.trace(G, method="hutchpp", matvecs=12, seed=0,
+                                                metric=cd.metric(problem, "diag_ggn", 0.001)).value
+    out["curvdist/eigs_fisher/eig0"] = cd.eigs(H, k=1, metric=fisher, seed=0).value[0]
+    out["curvdist/eigs_kflr/eig0"] = cd.eigs(G, k=1, metric=cd.metric(problem, "kflr", 0.001), seed=0).value[0]
+    out["curvdist/grad_norm/value"] = cd.grad_norm(problem, metric=fisher).value
+    return out
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+# --------------------------------------------------------------------------- monitor
+@pytest.mark.parametrize("stage", ["0", "1", "2", "3"])
+def test_monitor_equals_single_process_curvdist(runs, stage):
+    """Every logged value equals plain curvdist on the whole held batch at the measured parameters."""
+    res = runs[0]["monitor"][stage]
+    assert [m["step"] for m in res["measured"]] == [2, 4]
+    worst = 0.0
+    for m in res["measured"]:
+        ref = _reference(m["params"])
+        assert set(m["values"]) == set(ref)
+        for name, expected in ref.items():
+            err = _rel(m["values"][name], expected)
+            worst = max(worst, err)
+            assert err <= REL_MONITOR, (name, m["values"][name], expected)
+    print(f"world {runs[0]['world']} ZeRO-{stage}: worst relative deviation {worst:.2e}")
+
+
+@pytest.mark.parametrize("stage", ["0", "1", "2", "3"])
+def test_monitor_leaves_training_unchanged(runs, stage):
+    """Same loss curve and RNG stream as without the monitor, train mode kept, values identical on all ranks,
+    scalars written by DeepSpeed's CSV monitor."""
+    res = runs[0]["monitor"][stage]
+    assert res["losses"] == res["losses_without_monitor"]
+    assert res["rng_after"] == res["rng_without_monitor"]
+    assert res["training_mode_kept"]
+    for other in runs[1:]:
+        assert other["monitor"][stage]["measured"] == res["measured"]
+        assert other["monitor"][stage]["csv_files"] == []  # only rank 0 writes
+    names = {f"{n.replace('/', '_')}.csv" for n in _reference(res["measured"][0]["params"])}
+    assert names <= set(res["csv_files"])
+
+
+# --------------------------------------------------------------------------- preconditioner
+def _plain_riemannian_sgd() -> list[float]:
+    """scenarios.preconditioner's run with curvdist.optim.RiemannianSGD alone (one process, no DeepSpeed)."""
+    model = zoo.mlp(**S.MODEL)
+    opt = cd.optim.RiemannianSGD(model, "cross_entropy", zoo.digits(split="train", n=48), metric="kflr", lr=0.3,
+                                 damping=0.05, refresh=2)
+    X, y = S.train_data()
+    for s in range(6):
+        lo = s * S.GLOBAL_BATCH
+        opt.zero_grad()
+        F.cross_entropy(model(X[lo:lo + S.GLOBAL_BATCH]), y[lo:lo + S.GLOBAL_BATCH]).backward()
+        opt.step()
+    return torch.nn.utils.parameters_to_vector(model.parameters()).tolist()
+
+
+@pytest.fixture(scope="module")
+def plain_params() -> np.ndarray:
+    return np.array(_plain_riemannian_sgd())
+
+
+def _train_loss(flat: list[float]) -> float:
+    X, y = S.train_data()
+    with torch.no_grad():
+        return float(F.cross_entropy(_model_at(flat)(X), y))
+
+
+@pytest.mark.parametrize("config", ["0", "1", "2", "0-bf16", "1-bf16"])
+def test_preconditioner_as_client_optimizer(runs, config, plain_params):
+    """DeepSpeedRiemannianSGD under ZeRO 0-2 (and bf16) takes the steps of plain RiemannianSGD on the same global
+    batches, decreases the loss, and keeps the parameters identical across ranks."""
+    res = runs[0]["optimizer"][config]
+    params = np.array(res["params"])
+    for other in runs[1:]:
+        assert other["optimizer"][config]["params"] == res["params"]
+    initial = torch.nn.utils.parameters_to_vector(zoo.mlp(**S.MODEL).parameters()).tolist()
+    assert _train_loss(res["params"]) < 0.9 * _train_loss(initial)
+    if "bf16" in config:  # bf16 weights: only close to the fp32 run
+        assert np.linalg.norm(params - plain_params) <= 0.05 * np.linalg.norm(plain_params)
+    else:
+        assert np.linalg.norm(params - plain_params) <= REL_PARAMS * np.linalg.norm(plain_params)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_resume_continues_the_curves(runs):
+    """Save at step 3 (mid refresh period), load into a fresh engine with other weights, go on: the loss curve
+    and the monitor history equal the uninterrupted run's."""
+    for r in runs:
+        c = r["checkpoint"]
+        assert c["resumed_losses"] == c["full_losses"]
+        assert c["resumed_history"] == c["full_history"]
+        assert [h["step"] for h in c["full_history"]] == [2, 4, 6]
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_in_a_deepspeed_run(one):
+    kind, msg = one[0]["errors"]["adam_zero3"]
+    assert kind == "ConfigError" and "adam" in msg and "ZeRO stage 3" in msg
+    kind, msg = one[0]["errors"]["no_section"]
+    assert kind == "ConfigError" and "no 'curvdist' section" in msg
+    kind, msg = one[0]["errors"]["preconditioner_zero3"]
+    assert kind == "ConfigError" and "ZeRO-3" in msg
+
+
+def test_monitor_refuses_a_plain_module():
+    pytest.importorskip("deepspeed")
+    from curvdist.integrations.deepspeed import CurvatureMonitor
+
+    with pytest.raises(cd.ConfigError, match=r"DeepSpeedEngine.*torch\.nn\.modules\.linear\.Linear"):
+        CurvatureMonitor(torch.nn.Linear(3, 2), (torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)))
+
+
+def test_config_section_errors(tmp_path):
+    from curvdist.cli.config import DensityQuery, EigsQuery, MetricSpec
+    from curvdist.integrations.deepspeed import read_section
+    from curvdist.integrations.deepspeed.queries import check_query
+
+    with pytest.raises(cd.ConfigError, match="no 'curvdist' section"):
+        read_section({"train_batch_size": 8})
+    with pytest.raises(cd.ConfigError, match=r"curvdist\.monitor\.queries\.0\.k"):
+        read_section({"curvdist": {"monitor": {"queries": [{"kind": "eigs", "k": 0}]}}})
+    with pytest.raises(cd.ConfigError, match=r"unknown key 'curvdist\.monitor\.evry'"):
+        read_section({"curvdist": {"monitor": {"evry": 5}}})
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"curvdist": {"monitor": {"every": 5, "queries": [
+        {"kind": "flatness", "name": "flat", "metric": {"kind": "fisher", "damping": 0.01}}]}}}))
+    section = read_section(str(path))
+    assert section.monitor.every == 5 and section.monitor.names == ["flat"] and section.preconditioner is None
+    with pytest.raises(cd.ConfigError, match="density"):
+        check_query(DensityQuery(kind="density"), MetricSpec(), 0)
+    with pytest.raises(cd.ConfigError, match="pullback"):
+        check_query(EigsQuery(kind="eigs"), MetricSpec(kind="pullback"), 0)
+
+
+def test_without_deepspeed_curvdist_imports_and_the_integration_says_how_to_install():
+    code = (
+        "import sys; sys.modules['deepspeed'] = None\n"
+        "import curvdist, curvdist.integrations.deepspeed as d\n"
+        "try:\n"
+        "    d.CurvatureMonitor(object(), None)\n"
+        "except ImportError as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("DependencyError") and "pip install 'curvdist[deepspeed]'" in proc.stdout
+
+
+def test_import_curvdist_does_not_import_deepspeed():
+    code = "import sys, curvdist, curvdist.integrations.deepspeed; print('deepspeed' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
