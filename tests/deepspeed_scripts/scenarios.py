@@ -41,7 +41,7 @@ def ds_config(stage: int, bf16: bool = False, monitor: dict | None = None, csv_d
     _, world = rank_world()
     cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-           "bf16": {"enabled": bf16}, "steps_per_print": 10**6}
+           "bf16": {"enabled": bf16}, "steps_per_print": 10**6, "gradient_clipping": 0.0}
     if monitor is not None:
         cfg["curvdist"] = {"monitor": monitor}
     if csv_dir is not None:
