@@ -201,3 +201,66 @@ def test_all_configs_validate():
     assert len(paths) >= 8
     for p in paths:
         load_config(p)
+
+
+# ---------------------------------------------------------------------------------------------- curvdist train
+TRAIN = {"optimizer": "riemannian_sgd", "lr": 0.2, "steps": 4, "refresh": 2, "log_every": 2,
+         "metric": {"kind": "kflr", "damping": 0.05}}
+LOGGED = [{"kind": "eigs", "k": 1, "tol": 1e-11, "metric": {"kind": "fisher", "damping": 0.1}},
+          {"kind": "grad_norm", "metric": {"kind": "fisher", "damping": 0.1}}]
+
+
+def _train_by_hand() -> list[torch.nn.Module]:
+    """The same training outside the CLI: RiemannianSGD with KFLR on the same mini-batches; snapshots at 0, 2, 4."""
+    from curvdist.optim import RiemannianSGD
+
+    model = zoo.mlp(**MODEL_KWARGS, dtype="float64")
+    X, y = zoo.digits(**DATA_KWARGS)
+    batches = [(X[i:i + 50], y[i:i + 50]) for i in range(0, len(y), 50)]
+    opt = RiemannianSGD(model, "cross_entropy", batches, metric="kflr", lr=0.2, damping=0.05, refresh=2)
+    import copy
+
+    snaps = [copy.deepcopy(model)]
+    for step in range(4):
+        Xb, yb = batches[step % len(batches)]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(Xb), yb).backward()
+        opt.step()
+        if step % 2 == 1:
+            snaps.append(copy.deepcopy(model))
+    return snaps
+
+
+def test_train_logs_invariant_flatness(tmp_path, capsys):
+    cfg = _config(tmp_path, train=TRAIN, queries=LOGGED)
+    path = _write(tmp_path, cfg)
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "step     4: loss" in out.out + out.err
+    doc = json.loads((tmp_path / "out.json").read_text())
+    history = doc["history"]
+    assert [h["step"] for h in history] == [0, 2, 4]
+    assert Path(doc["plots"][0]).is_file()
+    X, y = zoo.digits(**DATA_KWARGS)
+    for h, model in zip(history, _train_by_hand()):
+        H = dense.dense_hessian(model, "cross_entropy", X, y, "mean").numpy()
+        F = dense.dense_ggn(model, "cross_entropy", X, y, "mean").numpy() + 0.1 * np.eye(len(H))
+        top = np.linalg.eigvalsh(np.linalg.solve(np.linalg.cholesky(F), np.linalg.solve(
+            np.linalg.cholesky(F), H).T)).max()
+        np.testing.assert_allclose(h["eigs[0]"], top, rtol=1e-8)
+        with torch.no_grad():
+            np.testing.assert_allclose(h["loss"], float(torch.nn.functional.cross_entropy(model(X), y)), rtol=1e-12)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.pop("train"), "needs a 'train' section"),
+    (lambda c: c["train"].update(optimizer="adam"), "train.metric is used by riemannian_sgd only"),
+    (lambda c: c.update(reparam={"kind": "ntk"}), "remove 'reparam'"),
+    (lambda c: c.update(backend={"kind": "ray", "mode": "pipeline"}), "not pipeline mode"),
+])
+def test_train_config_errors(tmp_path, capsys, edit, message):
+    cfg = _config(tmp_path, train=dict(TRAIN), queries=LOGGED)
+    edit(cfg)
+    assert main(["train", str(_write(tmp_path, cfg)), "-q"]) != 0
+    assert message in capsys.readouterr().err

@@ -6,12 +6,13 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..problem import Problem
 from ..problem.data import as_batches
 from ..problem.spec import ProblemSpec
-from .config import Config, TrainSpec
+from .config import Config, MetricSpec, TrainSpec
 
 
 def spec_of(cfg: Config) -> ProblemSpec:
@@ -23,14 +24,44 @@ def spec_of(cfg: Config) -> ProblemSpec:
                        seed=cfg.seed)
 
 
-def train(model: nn.Module, problem: Problem, spec: TrainSpec) -> tuple[dict[str, Any], torch.optim.Optimizer]:
-    """A few optimizer steps on the problem's batches (cycled), to reach a minimum before measuring."""
+def make_optimizer(model: nn.Module, problem: Problem, spec: TrainSpec, metric_problem: Problem | None = None
+                   ) -> torch.optim.Optimizer:
+    """The optimizer of a ``train`` section over the problem's parameters. ``riemannian_sgd`` builds its metric
+    (``train.metric``, default KFAC with damping 1e-3) on the problem's data, or on ``metric_problem`` (a
+    ``RemoteProblem`` on Ray workers) when given."""
     params = [dict(model.named_parameters())[n] for n in problem.param_names]
+    if spec.optimizer == "riemannian_sgd":
+        from ..optim import RiemannianSGD
+
+        m = spec.metric if spec.metric is not None else MetricSpec(kind="kfac", damping=1e-3)
+        if spec.weight_decay:
+            raise ConfigError("train.weight_decay is not supported by riemannian_sgd")
+        common = dict(metric=m.kind, lr=spec.lr, damping=m.damping, refresh=spec.refresh, momentum=spec.momentum,
+                      params=list(problem.param_names), metric_options=dict(m.options))
+        if metric_problem is not None:
+            return RiemannianSGD(model, problem=metric_problem, **common)  # type: ignore[arg-type]
+        return RiemannianSGD(model, problem.loss.name, problem.data, **common)  # type: ignore[arg-type]
+    if spec.metric is not None:
+        raise ConfigError(f"train.metric is used by riemannian_sgd only, not by {spec.optimizer}")
     opts = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     kwargs: dict[str, Any] = {"lr": spec.lr, "weight_decay": spec.weight_decay}
     if spec.optimizer == "sgd":
         kwargs["momentum"] = spec.momentum
-    opt = opts[spec.optimizer](params, **kwargs)
+    return opts[spec.optimizer](params, **kwargs)
+
+
+def train_step(model: nn.Module, problem: Problem, opt: torch.optim.Optimizer, X: Tensor, y: Tensor) -> float:
+    """One optimizer step on the mini-batch (X, y) with the batch-mean loss; returns the loss before the step."""
+    opt.zero_grad()
+    loss = problem.loss.per_sample(model(X), y).mean()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def train(model: nn.Module, problem: Problem, spec: TrainSpec) -> tuple[dict[str, Any], torch.optim.Optimizer]:
+    """A few optimizer steps on the problem's batches (cycled), to reach a minimum before measuring."""
+    opt = make_optimizer(model, problem, spec)
     t0 = time.perf_counter()
     step = 0
     model.train()
@@ -38,10 +69,7 @@ def train(model: nn.Module, problem: Problem, spec: TrainSpec) -> tuple[dict[str
         for X, y in problem.batches():
             if step >= spec.steps:
                 break
-            opt.zero_grad()
-            loss = problem.loss.per_sample(model(X), y).mean()
-            loss.backward()
-            opt.step()
+            train_step(model, problem, opt, X, y)
             step += 1
     model.eval()
     return {"steps": spec.steps, "optimizer": spec.optimizer, "lr": spec.lr,

@@ -49,14 +49,6 @@ class DataSpec(Strict):
     _check_factory = field_validator("factory")(lambda cls, v: _import_path(v))
 
 
-class TrainSpec(Strict):
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: Annotated[float, Field(gt=0)] = 1e-2
-    steps: Annotated[int, Field(ge=0)] = 100
-    momentum: Annotated[float, Field(ge=0)] = 0.0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-
-
 class CurvatureSpec(Strict):
     kind: Literal["hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher"] = "hessian"
     mc_samples: PositiveInt = 1
@@ -83,6 +75,20 @@ class MetricSpec(Strict):
     def label(self) -> str:
         name = f"pullback({self.of})" if self.kind == "pullback" else self.kind
         return name if not self.damping else f"{name}+{self.damping:g}"
+
+
+class TrainSpec(Strict):
+    """Training: ``optimizer`` (``riemannian_sgd`` preconditions with ``metric``, rebuilt every ``refresh``
+    steps); ``curvdist train`` evaluates the queries every ``log_every`` steps."""
+
+    optimizer: Literal["sgd", "adam", "adamw", "riemannian_sgd"] = "adam"
+    lr: Annotated[float, Field(gt=0)] = 1e-2
+    steps: Annotated[int, Field(ge=0)] = 100
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    metric: MetricSpec | None = None
+    refresh: PositiveInt = 10
+    log_every: PositiveInt = 10
 
 
 class ReparamSpec(Strict):

@@ -22,6 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint "
                      "(<output>.ckpt/): finished queries are reused, an interrupted eigensolve restarts from its "
                      "last saved Lanczos state")
+    tr = sub.add_parser("train", help="train with the config's train section, logging its queries (e.g. invariant "
+                        "flatness) every train.log_every steps")
+    tr.add_argument("config", help="path to a YAML config with a 'train' section")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (dotted path), value parsed as YAML")
+    tr.add_argument("--output", "-o", default=None, help="JSON output path")
+    tr.add_argument("--quiet", "-q", action="store_true", help="no log lines")
     from .cluster_commands import add_subcommands
 
     add_subcommands(sub)
@@ -35,6 +42,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = dispatch(args)
         if rc is not None:
             return rc
+        if args.command == "train":
+            from .config import load_config
+            from .train import train_and_log
+
+            cfg = load_config(args.config, args.overrides)
+            doc = train_and_log(cfg, args.config, args.output, progress=not args.quiet)
+            if not args.quiet:
+                print(f"wrote {doc['output']}" + "".join(f", {p}" for p in doc.get("plots", [])))
+            return 0
         if args.command == "run":
             from .config import load_config
             from .runner import run

@@ -33,3 +33,23 @@ def plot_densities(results: Sequence[Result], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_history(history: Sequence[dict], path: Path, title: str = "") -> None:
+    """Every logged scalar against the training step, one panel each (the loss first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in history[0] if k not in ("step", "seconds")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    steps = [h["step"] for h in history]
+    for ax, key in zip(axes[0], keys):
+        ax.plot(steps, [h.get(key, float("nan")) for h in history], "o-", ms=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
