@@ -244,3 +244,28 @@ def test_riemannian_sgd_through_ray_equals_local(ray_module, kind):
         assert not torch.equal(next(models[0].parameters()), next(spec.build_model().double().parameters()))
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize("name,stages,exact", [("mlp", 2, True), ("cnn", 3, False)])
+def test_pipeline_kfac_blocks_equal_local(ray_module, name, stages, exact):
+    """Every stage computes its own layers' Kronecker factors from the activations and output gradients passing
+    through it, and applies its blocks to its shard: equal to the local own-kernel metric, and usable by queries."""
+    from curvdist.distributed.pipeline import PipelineKFACMetric
+    from curvdist.geometry.metrics.kfac import kfac
+
+    spec = SPECS[name]
+    local = spec.build()
+    M_local = kfac(local, damping=0.1, exact=exact, mc_samples=2, seed=5, backend="torch")
+    pool = StagePool(spec, stages)
+    try:
+        M = PipelineKFACMetric(pool, damping=0.1, exact=exact, mc_samples=2, seed=5)
+        v = torch.randn(local.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        space = pool.space
+        for method in ("apply", "solve", "inv_sqrt_apply"):
+            _close(getattr(M_local, method)(v).numpy(), space.to_tensor(getattr(M, method)(space.from_tensor(v))).numpy())
+        _close(M_local.logdet(), M.logdet())
+        a = cd.eigs(cd.operator(local, "ggn"), k=2, tol=1e-11, metric=M_local).value
+        b = cd.eigs(PipelineOperator(pool, "ggn"), k=2, tol=1e-11, metric=M).value
+        _close(a, b)
+    finally:
+        pool.shutdown()

@@ -189,6 +189,30 @@ class StageWorker:
         if plan and plan[0] == self.stage and plan[1] == self.calls and not self.restarted:
             os._exit(1)
 
+    # ------------------------------------------------------------------ Kronecker blocks of this stage's layers
+    def kfac_forward(self, b: int, x: Any) -> Tensor:
+        from .stage_blocks import StageBlocks
+
+        if getattr(self, "blocks", None) is None:
+            self.blocks = StageBlocks(self.module, self.names, self.shapes)
+        return self.blocks.forward(b, self.batches[b][0] if self.stage == 0 else x, self.stage == 0)
+
+    def kfac_start(self, b: int, out: Tensor, kind: str, mc_samples: int, seed: int) -> Tensor:
+        from .stage_blocks import output_vectors
+
+        return output_vectors(self.loss, out, self.batches[b][1], kind, b, mc_samples, seed)
+
+    def kfac_backward(self, b: int, grads_out: Tensor) -> Tensor | None:
+        return self.blocks.backward(b, grads_out)
+
+    def kfac_finish(self, scale: float, num_samples: int, damping: float, kind: str) -> float:
+        return self.blocks.finish(scale, num_samples, damping, kind)
+
+    def kfac_power(self, out: int, vid: int, exponent: float, damped: bool) -> None:
+        """vectors[out] = (this stage's blocks of M (+ δI))^exponent · vectors[vid]."""
+        M = self.blocks.metric
+        self.vectors[out] = M._power(self.vectors[vid], exponent, M.damping if damped else 0.0)
+
     # ------------------------------------------------------------------ vector shards
     def put(self, i: int, t: Tensor) -> None:
         self.vectors[i] = t.to(self.device, self.dtype)

@@ -36,7 +36,7 @@ def _add(acc: dict[str, Tensor | None], name: str | None, value: Tensor) -> None
     acc[name] = value if acc.get(name) is None else acc[name] + value  # type: ignore[operator]
 
 
-def _input_stats(site: Site, A: dict[str, Tensor | None], first: dict[str, Tensor | None]) -> None:
+def input_stats(site: Site, A: dict[str, Tensor | None], first: dict[str, Tensor | None]) -> None:
     """The input-side factor sums of one site for one batch (independent of the output vectors)."""
     weight = site.params.get("weight")
     if weight is None:
@@ -52,7 +52,7 @@ def _input_stats(site: Site, A: dict[str, Tensor | None], first: dict[str, Tenso
         _add(first, weight, torch.diag(counts))
 
 
-def _output_stats(site: Site, b: Tensor, G: dict[str, Tensor | None]) -> None:
+def output_stats(site: Site, b: Tensor, G: dict[str, Tensor | None]) -> None:
     """The output-side sums of one site for one output vector (b: (B, T, out))."""
     weight, bias = site.params.get("weight"), site.params.get("bias")
     if site.kind == "norm":
@@ -90,9 +90,16 @@ def kfac_sums_probes(problem: Problem, mc_samples: int = 1, seed: int = 0, exact
             for k in range(U.shape[0]):
                 grads = torch.autograd.grad(out, probes, U[k], retain_graph=k < U.shape[0] - 1, allow_unused=True)
                 for site, b in zip(rec.sites, grads):
-                    _output_stats(site, torch.zeros_like(site.probe) if b is None else b, G)
+                    output_stats(site, torch.zeros_like(site.probe) if b is None else b, G)
         for site in rec.sites:
-            _input_stats(site, A, first)
+            input_stats(site, A, first)
+    return assemble(names, G, A, first)
+
+
+def assemble(names: list[str], G: dict[str, Tensor | None], A: dict[str, Tensor | None],
+             first: dict[str, Tensor | None]) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
+    """The (first factor, second factor) sums per parameter from the accumulated output-side (G), input-side (A)
+    and embedding-count (first) statistics."""
     out_G: dict[str, Tensor] = {}
     out_A: dict[str, Tensor | None] = {}
     for name in names:
