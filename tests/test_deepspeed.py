@@ -5,9 +5,10 @@ in the same launch) and write JSON; ground truth comes from plain curvdist in th
 a single-process Problem over the whole held batch at the parameters the monitor measured, and
 ``curvdist.optim.RiemannianSGD`` (no DeepSpeed) for the preconditioner.
 
-Tolerances (float32, both runs): monitor values against plain curvdist ≤ 2e-4 relative (observed ≲ 1e-5: the
+Tolerances (float32, both runs): monitor values against plain curvdist ≤ 2e-4 relative (observed ≤ 1e-5: the
 shards' partial products are summed in a different order, and Lanczos/SLQ amplify float32 rounding); preconditioned
-parameters against plain RiemannianSGD ≤ 1e-4 relative to their norm. Identical-by-construction quantities (loss
+parameters against plain RiemannianSGD ≤ 1e-4 relative to their norm (observed ≲ 3e-6; bf16 runs within 10%,
+observed 3-5%). Identical-by-construction quantities (loss
 curves with and without the monitor, values across ranks, resumed against uninterrupted runs) are compared exactly.
 """
 
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "deepspeed_scripts" / "scenarios.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import ds_common as S  # noqa: E402  (the scenarios' model, batches and monitor queries)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 
 REL_MONITOR = 2e-4
 REL_PARAMS = 1e-4
@@ -201,10 +204,9 @@ def test_preconditioner_as_client_optimizer(runs, config, plain_params):
         assert other["optimizer"][config]["params"] == res["params"]
     initial = torch.nn.utils.parameters_to_vector(zoo.mlp(**S.MODEL).parameters()).tolist()
     assert _train_loss(res["params"]) < 0.9 * _train_loss(initial)
-    if "bf16" in config:  # bf16 weights: only close to the fp32 run
-        assert np.linalg.norm(params - plain_params) <= 0.05 * np.linalg.norm(plain_params)
-    else:
-        assert np.linalg.norm(params - plain_params) <= REL_PARAMS * np.linalg.norm(plain_params)
+    deviation = np.linalg.norm(params - plain_params) / np.linalg.norm(plain_params)
+    print(f"world {runs[0]['world']} {config}: relative deviation from plain RiemannianSGD {deviation:.2e}")
+    assert deviation <= (0.1 if "bf16" in config else REL_PARAMS)  # bf16 weights: only close to the fp32 run
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -219,6 +221,12 @@ def test_checkpoint_resume_continues_the_curves(runs):
 
 
 # --------------------------------------------------------------------------- bad input
+def test_monitor_configured_from_python(one):
+    spec = one[0]["errors"]["python_spec"]
+    assert spec["every"] == 3 and spec["names"] == ["g", "eigs_hessian_diag_ggn+0.1"]
+    assert set(spec["values"]) == {"curvdist/g/value", "curvdist/eigs_hessian_diag_ggn+0.1/eig0"}
+
+
 def test_bad_input_in_a_deepspeed_run(one):
     kind, msg = one[0]["errors"]["adam_zero3"]
     assert kind == "ConfigError" and "adam" in msg and "ZeRO stage 3" in msg
@@ -279,3 +287,62 @@ def test_import_curvdist_does_not_import_deepspeed():
                           env=_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- slow: transformer, launcher
+@_one_thread()
+def _transformer_reference(flat: list[float]) -> dict[str, float]:
+    model = zoo.transformer(**S.TRANSFORMER).eval()
+    torch.nn.utils.vector_to_parameters(torch.tensor(flat, dtype=torch.float32), model.parameters())
+    X, y = S.sequence_data("test", S.HELD)
+    problem = cd.Problem(model.double(), "cross_entropy", (X.double(), y))
+    H, G = cd.operator(problem, "hessian"), cd.operator(problem, "ggn")
+    out = {f"curvdist/eigs/eig{i}": v for i, v in enumerate(cd.eigs(H, k=2, seed=0).value)}
+    out["curvdist/eigs_fisher/eig0"] = cd.eigs(H, k=1, metric=cd.metric(problem, "fisher", 0.01), seed=0).value[0]
+    out["curvdist/trace_diag/value"] = cd.trace(G, method="hutchpp", matvecs=10, seed=0,
+                                                metric=cd.metric(problem, "diag_ggn", 0.01)).value
+    out["curvdist/grad_norm_ef/value"] = cd.grad_norm(
+        problem, metric=cd.metric(problem, "empirical_fisher_diag", 0.01)).value
+    return out
+
+
+@pytest.mark.slow
+def test_transformer_under_zero3_two_ranks_float64(tmp_path):
+    """The tiny transformer (LayerNorm, attention) trained in float32 under ZeRO-3 on 2 ranks, monitored in float64:
+    equal to single-process float64 curvdist to 1e-9."""
+    runs = _launch(tmp_path, 2, "transformer")
+    res = runs[0]["transformer"]["3"]
+    assert runs[1]["transformer"]["3"]["measured"] == res["measured"]
+    assert [m["step"] for m in res["measured"]] == [2, 4]
+    for m in res["measured"]:
+        ref = _transformer_reference(m["params"])
+        for name, expected in ref.items():
+            assert _rel(m["values"][name], expected) <= 1e-9, (name, m["values"][name], expected)
+
+
+@pytest.mark.slow
+def test_launcher_resume_continues_the_curves(tmp_path):
+    """launchers/deepspeed/train.py under torchrun: 40 steps, checkpoint, resume to 60 = 60 uninterrupted steps."""
+    pytest.importorskip("deepspeed")
+    config = json.loads((ROOT / "launchers" / "deepspeed" / "ds_config.json").read_text())
+    config["csv_monitor"]["output_path"] = str(tmp_path / "csv")
+    config["curvdist"]["monitor"]["every"] = 20
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps(config))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    script = str(ROOT / "launchers" / "deepspeed" / "train.py")
+
+    def train(out: str, *extra: str) -> None:
+        _run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+              script, "--config", str(cfg), "--held", "64", "--out", str(tmp_path / out), *extra], _env())
+
+    train("full", "--steps", "60")
+    train("resumed", "--steps", "40", "--save-every", "40")
+    train("resumed", "--steps", "60", "--resume")
+    full = json.loads((tmp_path / "full" / "history.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert resumed["losses"] == full["losses"] and len(full["losses"]) == 60
+    assert [h["values"] for h in resumed["history"]] == [h["values"] for h in full["history"]]
+    assert [h["step"] for h in full["history"]] == [20, 40, 60]
+    assert full["losses"][-1][1] < 0.5 * full["losses"][0][1]
+    assert (tmp_path / "csv" / "digits" / "curvdist_sharpness_fisher_eig0.csv").is_file()

@@ -1,8 +1,10 @@
 """Train the digits MLP (or the tiny transformer) with DeepSpeed, curvdist's curvature monitor and, if the config
 asks for it, the Riemannian preconditioner as client optimizer.
 
-CPU, two processes (gloo):   torchrun --nproc_per_node 2 launchers/deepspeed/train.py --config launchers/deepspeed/ds_config.json
-GPU hosts:                   deepspeed --num_gpus N launchers/deepspeed/train.py --config launchers/deepspeed/ds_config.json
+CPU, two processes (gloo):
+    torchrun --nproc_per_node 2 launchers/deepspeed/train.py --config launchers/deepspeed/ds_config.json
+GPU hosts:
+    deepspeed --num_gpus N launchers/deepspeed/train.py --config launchers/deepspeed/ds_config.json
 
 Each rank trains on its shard of the training split; the monitor's held batch is the first ``--held`` test images
 (the same on every rank: the ranks split it and reduce over the data-parallel group). Rank 0 writes

@@ -35,3 +35,24 @@ def train_data() -> tuple[torch.Tensor, torch.Tensor]:
 def held() -> tuple[torch.Tensor, torch.Tensor]:
     """The monitor's held batch."""
     return zoo.digits(split="test", n=HELD)
+
+
+TRANSFORMER = {"seed": 0}
+TRANSFORMER_MONITOR = {
+    "every": 2,
+    "seed": 0,
+    "dtype": "float64",
+    "queries": [
+        {"kind": "eigs", "name": "eigs", "k": 2, "curvature": "hessian"},
+        {"kind": "eigs", "name": "eigs_fisher", "k": 1, "curvature": "hessian",
+         "metric": {"kind": "fisher", "damping": 0.01}},
+        {"kind": "trace", "name": "trace_diag", "curvature": "ggn", "method": "hutchpp", "matvecs": 10,
+         "metric": {"kind": "diag_ggn", "damping": 0.01}},
+        {"kind": "grad_norm", "name": "grad_norm_ef", "metric": {"kind": "empirical_fisher_diag", "damping": 0.01}},
+    ],
+}
+
+
+def sequence_data(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits as 8 tokens of 8 features (the transformer's input)."""
+    return zoo.digits(split=split, n=n, shape="sequence")

@@ -30,7 +30,17 @@ from curvdist.integrations.deepspeed import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ds_common import GLOBAL_BATCH, MODEL, MONITOR, held, train_data  # noqa: E402
+from ds_common import (  # noqa: E402
+    GLOBAL_BATCH,
+    HELD,
+    MODEL,
+    MONITOR,
+    TRANSFORMER,
+    TRANSFORMER_MONITOR,
+    held,
+    sequence_data,
+    train_data,
+)
 
 
 def rank_world() -> tuple[int, int]:
@@ -162,6 +172,9 @@ def scenario_errors(stages: list[int]) -> dict:
         out["adam_zero3"] = None
     except Exception as e:  # noqa: BLE001 - the test checks type and message
         out["adam_zero3"] = [type(e).__name__, str(e)]
+    m = CurvatureMonitor(engine, held(), {"queries": [{"kind": "grad_norm", "name": "g"}, {"kind": "eigs"}]},
+                         every=3, metric={"kind": "diag_ggn", "damping": 0.1})
+    out["python_spec"] = {"every": m.spec.every, "names": m.names, "values": m.measure()}
     try:
         CurvatureMonitor(engine, held())  # the config has no curvdist section
         out["no_section"] = None
@@ -176,8 +189,32 @@ def scenario_errors(stages: list[int]) -> dict:
     return out
 
 
+def scenario_transformer(stages: list[int]) -> dict:
+    """The tiny transformer block with a float64 monitor (training in float32)."""
+    out = {}
+    X, y = sequence_data("train", GLOBAL_BATCH * 8)
+    rank, world = rank_world()
+    for stage in stages:
+        engine, _ = engine_for(stage, model=zoo.transformer(**TRANSFORMER), monitor=TRANSFORMER_MONITOR)
+        monitor = CurvatureMonitor(engine, sequence_data("test", HELD))
+        measured = []
+        for s in range(4):
+            per = GLOBAL_BATCH // world
+            lo = s * GLOBAL_BATCH + rank * per
+            loss = F.cross_entropy(engine(X[lo:lo + per]), y[lo:lo + per])
+            engine.backward(loss)
+            engine.step()
+            values = monitor.step()
+            if values is not None:
+                measured.append({"step": int(engine.global_steps), "values": values,
+                                 "params": full_params(engine.module)})
+        out[str(stage)] = {"measured": measured}
+    return out
+
+
 SCENARIOS = {"monitor": scenario_monitor, "optimizer": scenario_optimizer, "checkpoint": scenario_checkpoint,
-             "errors": scenario_errors}
+             "errors": scenario_errors,
+             "transformer": scenario_transformer}
 
 
 def main() -> None:

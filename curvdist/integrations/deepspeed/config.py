@@ -21,7 +21,6 @@ from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from ...cli.config import (
     CurvatureSpec,
-    FlatnessQuery,
     MetricSpec,
     NamedSpecs,
     Query,
@@ -47,8 +46,7 @@ class MonitorSpec(NamedSpecs):
     seed: int = 0
     curvature: CurvatureSpec = Field(default_factory=CurvatureSpec)
     metric: MetricSpec = Field(default_factory=MetricSpec)
-    queries: Annotated[list[Query], Field(min_length=1)] = Field(
-        default_factory=lambda: [FlatnessQuery(kind="flatness")])
+    queries: Annotated[list[Query], Field(min_length=1)]
     names: list[str | None] = Field(default_factory=list)
     prefix: str = "curvdist"
 

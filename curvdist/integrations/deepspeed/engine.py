@@ -46,7 +46,8 @@ def data_parallel_group(engine: Any) -> Any:
 
 
 def raw_config(source: Any) -> dict[str, Any]:
-    """The DeepSpeed configuration as a dict, from an engine, a dict, or a JSON file path."""
+    """The DeepSpeed configuration as a dict, from a dict, a JSON file path, or an engine (whose ``config`` is what
+    was passed to ``deepspeed.initialize``)."""
     if isinstance(source, dict):
         return source
     if isinstance(source, (str, Path)):
@@ -60,12 +61,12 @@ def raw_config(source: Any) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return data
-    parsed = getattr(getattr(source, "_config", None), "_param_dict", None)
+    config = getattr(source, "config", None)
+    if isinstance(config, (dict, str, Path)):
+        return raw_config(config)
+    parsed = getattr(getattr(source, "_config", None), "_param_dict", None)  # e.g. a config passed via args
     if isinstance(parsed, dict):
         return parsed
-    config = getattr(source, "config", None)
-    if isinstance(config, dict):
-        return config
     raise ConfigError(f"cannot read a DeepSpeed configuration from {type(source).__name__}; pass the engine, the "
                       f"config dict or the path of its JSON file")
 

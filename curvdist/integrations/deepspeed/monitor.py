@@ -14,9 +14,9 @@ from their own seeded generators, so a measurement is a deterministic function o
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor
 from ...errors import ConfigError, DataError
 from ...queries.result import Result
 from .config import MonitorSpec, monitor_spec
-from .data_parallel import ProcessGroupProblem, all_reduce_sum, split_problem
+from .data_parallel import ProcessGroupProblem, split_problem
 from .engine import check_engine, data_parallel_group, torch_linear, zero_stage
 from .queries import QueryContext, check_query, clean_name, default_name, run_query, scalars
 from .replica import Replica
@@ -156,7 +156,7 @@ class CurvatureMonitor:
         if not torch.equal(lo, hi):
             raise DataError("the held batch differs between ranks: pass the same (X, y) on every rank (each rank "
                             "keeps its own shard of it)")
-        world = int(all_reduce_sum(torch.ones(1, device=device), self.group)[0])
+        world = dist.get_world_size(self.group)
         if X.shape[0] < world:
             raise DataError(f"the held batch has {X.shape[0]} samples, fewer than the {world} data-parallel ranks")
         return X, y
