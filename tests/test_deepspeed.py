@@ -169,11 +169,13 @@ def test_monitor_leaves_training_unchanged(runs, stage):
 
 # --------------------------------------------------------------------------- preconditioner
 @_one_thread()
-def _plain_riemannian_sgd() -> list[float]:
-    """scenarios.preconditioner's run with curvdist.optim.RiemannianSGD alone (one process, no DeepSpeed)."""
+def _plain_riemannian_sgd(adam: bool = False) -> list[float]:
+    """scenarios.preconditioner's (adam_preconditioner's) run with curvdist.optim.RiemannianSGD alone (one
+    process, no DeepSpeed)."""
     model = zoo.mlp(**S.MODEL)
-    opt = cd.optim.RiemannianSGD(model, "cross_entropy", zoo.digits(split="train", n=48), metric="kflr", lr=0.3,
-                                 damping=0.05, refresh=2)
+    options = dict(metric="adam", lr=0.02, damping=1e-3) if adam else dict(metric="kflr", lr=0.3, damping=0.05,
+                                                                            refresh=2)
+    opt = cd.optim.RiemannianSGD(model, "cross_entropy", zoo.digits(split="train", n=48), **options)
     X, y = S.train_data()
     for s in range(6):
         lo = s * S.GLOBAL_BATCH
@@ -184,8 +186,8 @@ def _plain_riemannian_sgd() -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def plain_params() -> np.ndarray:
-    return np.array(_plain_riemannian_sgd())
+def plain_params() -> dict[str, np.ndarray]:
+    return {"kflr": np.array(_plain_riemannian_sgd()), "adam": np.array(_plain_riemannian_sgd(adam=True))}
 
 
 def _train_loss(flat: list[float]) -> float:
@@ -194,12 +196,13 @@ def _train_loss(flat: list[float]) -> float:
         return float(F.cross_entropy(_model_at(flat)(X), y))
 
 
-@pytest.mark.parametrize("config", ["0", "1", "2", "0-bf16", "1-bf16"])
+@pytest.mark.parametrize("config", ["0", "1", "2", "0-bf16", "1-bf16", "2-adam"])
 def test_preconditioner_as_client_optimizer(runs, config, plain_params):
     """DeepSpeedRiemannianSGD under ZeRO 0-2 (and bf16) takes the steps of plain RiemannianSGD on the same global
     batches, decreases the loss, and keeps the parameters identical across ranks."""
     res = runs[0]["optimizer"][config]
     params = np.array(res["params"])
+    plain_params = plain_params["adam" if "adam" in config else "kflr"]
     for other in runs[1:]:
         assert other["optimizer"][config]["params"] == res["params"]
     initial = torch.nn.utils.parameters_to_vector(zoo.mlp(**S.MODEL).parameters()).tolist()

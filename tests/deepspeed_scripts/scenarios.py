@@ -129,8 +129,17 @@ def preconditioner(model: torch.nn.Module) -> DeepSpeedRiemannianSGD:
                                   lr=0.3, damping=0.05, refresh=2)
 
 
+def adam_preconditioner(model: torch.nn.Module) -> DeepSpeedRiemannianSGD:
+    return DeepSpeedRiemannianSGD(model, "cross_entropy", zoo.digits(split="train", n=48), metric="adam",
+                                  lr=0.02, damping=1e-3)
+
+
 def scenario_optimizer(stages: list[int]) -> dict:
     out = {}
+    if 2 in stages:
+        engine, _ = engine_for(2, optimizer=adam_preconditioner)
+        res = train(engine, 6)
+        out["2-adam"] = {**res, "params": full_params(engine.module)}
     for stage, bf16 in [(s, False) for s in stages if s <= 2] + [(s, True) for s in stages if s <= 1]:
         engine, _ = engine_for(stage, bf16, optimizer=preconditioner)
         res = train(engine, 6)

@@ -41,9 +41,10 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
     """θ ← θ − lr·(M + δI)⁻¹g inside DeepSpeed, with M's statistics reduced over the data-parallel group.
 
     Args are those of :class:`~curvdist.optim.RiemannianSGD`; ``data`` is the metric batch, the same on every rank
-    (each rank uses its shard). A metric kind becomes a :class:`DataParallelMetric` over ``group`` in ``dtype``;
-    a callable ``problem -> Metric`` is used as given. ``group``: the data-parallel group (None: the default group,
-    which is DeepSpeed's for pure data parallelism).
+    (each rank uses its shard). A metric kind becomes a :class:`DataParallelMetric` over ``group`` in ``dtype``
+    (``"adam"`` stays RiemannianSGD's own, from the full gradients every rank assembles); a callable
+    ``problem -> Metric`` is called on a clean replica of the model. ``group``: the data-parallel group (None: the
+    default group, which is DeepSpeed's for pure data parallelism).
     """
 
     def __init__(self, model: nn.Module, loss: str, data: Any, metric: str | Callable[[Problem], Metric] = "kfac",
@@ -51,7 +52,7 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
                  params: Sequence[str] | None = None, batch_size: int | None = None,
                  metric_options: dict[str, Any] | None = None, group: Any = None,
                  dtype: torch.dtype | str = torch.float32) -> None:
-        if isinstance(metric, str):
+        if isinstance(metric, str) and metric != "adam":  # adam: RiemannianSGD's own v from the (full) gradients
             metric = DataParallelMetric(metric, damping, group=group, dtype=dtype, batch_size=batch_size,
                                         **(metric_options or {}))
         super().__init__(model, loss, data, metric=metric, lr=lr, damping=damping, refresh=refresh,
@@ -63,6 +64,8 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
     def refresh_metric(self) -> Metric:
         """Rebuild M at the current parameters, on a clean replica of the model (never through DeepSpeed's
         module: its forward hooks would fire, and the engine may still be under construction)."""
+        if self.metric_kind == "adam":
+            return super().refresh_metric()
         if isinstance(self.metric_kind, DataParallelMetric):
             M = self.metric_kind.build(self.model, self.loss, self.data, self.names)
         else:
@@ -90,9 +93,9 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
         """Built from the ``curvdist.preconditioner`` section of a DeepSpeed configuration (dict or JSON path)."""
         spec = config if isinstance(config, PreconditionerSpec) else preconditioner_spec(config)
         m = spec.metric
-        if m.kind not in KINDS:
+        if m.kind not in (*KINDS, "adam"):
             raise ConfigError(f"curvdist.preconditioner.metric: the {m.kind} metric cannot precondition a DeepSpeed "
-                              f"run; choose one of {KINDS}")
+                              f"run; choose one of {(*KINDS, 'adam')}")
         return cls(model, spec.loss, data, metric=m.kind, lr=spec.lr, damping=m.damping, refresh=spec.refresh,
                    momentum=spec.momentum, params=spec.params, batch_size=spec.batch_size,
                    metric_options=dict(m.options), group=group, dtype=spec.dtype)
@@ -174,7 +177,7 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
     def curvdist_state_dict(self) -> dict[str, Any]:
         """Step count, momentum buffer and the metric's reduced statistics (plain values and tensors)."""
         factory = self.metric_kind
-        return {"steps": self.steps, "buffer": self._buffer,
+        return {"steps": self.steps, "buffer": self._buffer, "adam_v": getattr(self, "_sq", None),
                 "metric": factory.state_dict() if isinstance(factory, DataParallelMetric) and self.metric is not None
                 else None}
 
@@ -182,6 +185,10 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
         """Restore :meth:`curvdist_state_dict`: the resumed run takes the same steps as an uninterrupted one."""
         self.steps = int(state["steps"])
         self._buffer = state["buffer"]
+        if self.metric_kind == "adam":
+            self._sq = state.get("adam_v")
+            self.metric = None  # rebuilt from v at the next step, as in an uninterrupted run
+            return
         factory = self.metric_kind
         if state.get("metric") is not None and isinstance(factory, DataParallelMetric):
             self.metric = factory.rebuild(state["metric"])
