@@ -220,7 +220,7 @@ def test_data_mode_blocks_equal_local(ray_module):
         pool.shutdown()
 
 
-@pytest.mark.parametrize("kind", ["kflr", "fisher"])
+@pytest.mark.parametrize("kind", ["kflr", pytest.param("fisher", marks=pytest.mark.slow)])
 def test_riemannian_sgd_through_ray_equals_local(ray_module, kind):
     """The optimizer with its metric on 2 Ray workers (parameters broadcast at every refresh) takes the same steps
     as with the metric computed locally."""
@@ -246,7 +246,8 @@ def test_riemannian_sgd_through_ray_equals_local(ray_module, kind):
         pool.shutdown()
 
 
-@pytest.mark.parametrize("name,stages,exact", [("mlp", 2, True), ("cnn", 3, False)])
+@pytest.mark.parametrize("name,stages,exact", [("mlp", 2, True),
+                                               pytest.param("cnn", 3, False, marks=pytest.mark.slow)])
 def test_pipeline_kfac_blocks_equal_local(ray_module, name, stages, exact):
     """Every stage computes its own layers' Kronecker factors from the activations and output gradients passing
     through it, and applies its blocks to its shard: equal to the local own-kernel metric, and usable by queries."""
