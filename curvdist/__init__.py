@@ -15,6 +15,7 @@ from .errors import (
     ConfigError,
     CurvdistError,
     DataError,
+    DependencyError,
     MetricError,
     NonDeterministicError,
     NonFiniteError,
@@ -38,7 +39,7 @@ def riemannian_hessian(problem: Problem, method: str = "autodiff") -> Riemannian
     return RiemannianHessian(problem, method=method)
 
 __all__ = [
-    "AutodiffError", "ConfigError", "CurvatureOperator", "CurvdistError", "DataError", "MetricError", "ReparamError",
+    "AutodiffError", "ConfigError", "CurvatureOperator", "CurvdistError", "DataError", "DependencyError", "MetricError", "ReparamError",
     "SingularMetricError", "NonDeterministicError", "NonFiniteError",
     "NotPositiveDefiniteError", "Problem", "ProblemError", "Result", "ShapeError", "SolverError", "__version__",
     "Metric", "RiemannianHessian", "block_spectra", "density", "diag", "eigs", "flatness", "grad_norm", "logdet", "metric", "operator",
