@@ -252,16 +252,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a YAML config; raises :class:`ConfigError` with a one-line message."""
+    raw = read_mapping(path, "YAML", yaml.safe_load, yaml.YAMLError, "config file")
+    return validate_config(apply_overrides(raw, overrides or []))
+
+
+def read_mapping(path: str | Path, fmt: str, parse: Any, error: type[Exception], what: str) -> dict[str, Any]:
+    """A file holding one mapping (YAML or JSON), read with ``parse``; a missing file, a parse ``error`` or a
+    non-mapping is a one-line :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raw = parse(path.read_text())
+    except error as e:
+        raise ConfigError(f"{path} is not valid {fmt}: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of keys, got {type(raw).__name__}")
-    return validate_config(apply_overrides(raw, overrides or []))
+    return raw
 
 
 def validate_config(raw: dict[str, Any]) -> Config:

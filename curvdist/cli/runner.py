@@ -15,22 +15,14 @@ import torch
 from .. import __version__
 from ..errors import ConfigError
 from ..geometry.reparam import make_reparam, reparametrize
-from ..queries import Result, density, diag, eigs, flatness, grad_norm, logdet, trace
+from ..queries import Result
 from ..queries.result import to_jsonable
 from .backends import theta_coordinates, trained_spec
 from .build import build_problem, spec_of
 from .checkpoint import QueryCheckpoint
-from .config import (
-    Config,
-    DensityQuery,
-    DiagQuery,
-    EigsQuery,
-    FlatnessQuery,
-    GradNormQuery,
-    LogdetQuery,
-    TraceQuery,
-)
+from .config import Config, GradNormQuery
 from .coordinates import Coordinates
+from .dispatch import answer
 
 
 def versions() -> dict[str, str]:
@@ -48,27 +40,9 @@ def run_query(q: Any, coords: Coordinates, cfg: Config, progress: bool, lanczos_
     seed = cfg.seed if q.seed is None else q.seed
     op = coords.operator(spec, mspec)
     M = coords.metric(mspec)
-    if isinstance(q, EigsQuery):
-        r = eigs(op, k=q.k, which=q.which, metric=M, tol=q.tol, maxiter=q.maxiter, seed=seed, progress=progress,
-                 checkpoint=lanczos_file, checkpoint_every=cfg.backend.checkpoint_every)
-    elif isinstance(q, GradNormQuery) and coords.problem is None:
+    if isinstance(q, GradNormQuery) and coords.problem is None:
         raise ConfigError("grad_norm is not available in pipeline mode")
-    elif isinstance(q, TraceQuery):
-        r = trace(op, method=q.method, matvecs=q.matvecs, metric=M, seed=seed, progress=progress)
-    elif isinstance(q, DiagQuery):
-        if M is not None:
-            raise ConfigError("queries: diag is coordinate-dependent and takes no metric (only euclidean)")
-        r = diag(op, method=q.method, matvecs=q.matvecs, seed=seed, progress=progress)
-    elif isinstance(q, LogdetQuery):
-        r = logdet(op, damping=q.damping, metric=M, probes=q.probes, steps=q.steps, seed=seed, progress=progress)
-    elif isinstance(q, DensityQuery):
-        r = density(op, metric=M, probes=q.probes, steps=q.steps, grid=q.grid, sigma=q.sigma, seed=seed,
-                    progress=progress)
-    elif isinstance(q, FlatnessQuery):
-        r = flatness(op, metric=M, trace_method=q.trace_method, matvecs=q.matvecs, logdet_damping=q.logdet_damping,
-                     probes=q.probes, steps=q.steps, seed=seed, progress=progress)
-    else:
-        r = grad_norm(op, metric=M)
+    r = answer(q, op, M, seed, progress, lanczos_file, cfg.backend.checkpoint_every)
     return replace(r, metric=mspec.label(), coordinates=coords.name)
 
 

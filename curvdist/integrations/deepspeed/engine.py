@@ -51,16 +51,9 @@ def raw_config(source: Any) -> dict[str, Any]:
     if isinstance(source, dict):
         return source
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"DeepSpeed config file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return data
+        from ...cli.config import read_mapping
+
+        return read_mapping(source, "JSON", json.loads, json.JSONDecodeError, "DeepSpeed config file")
     config = getattr(source, "config", None)
     if isinstance(config, (dict, str, Path)):
         return raw_config(config)

@@ -8,22 +8,13 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from ...cli.config import (
-    CurvatureSpec,
-    DensityQuery,
-    DiagQuery,
-    EigsQuery,
-    FlatnessQuery,
-    GradNormQuery,
-    LogdetQuery,
-    MetricSpec,
-    TraceQuery,
-)
+from ...cli.config import CurvatureSpec, DensityQuery, DiagQuery, MetricSpec
+from ...cli.dispatch import answer
 from ...errors import ConfigError
 from ...geometry.metrics import Metric, metric
 from ...operators import CurvatureOperator, operator
 from ...problem.problem import Problem
-from ...queries import Result, diag, eigs, flatness, grad_norm, logdet, trace
+from ...queries import Result
 
 #: metrics a monitor cannot build, with the reason
 UNSERVED_METRICS = {
@@ -76,23 +67,7 @@ class QueryContext:
 
 def run_query(q: Any, ctx: QueryContext, curvature: CurvatureSpec, metric_spec: MetricSpec, seed: int) -> Result:
     """One query with its own curvature/metric/seed or the defaults given."""
-    op = ctx.operator(curvature)
-    M = ctx.metric(metric_spec)
-    if isinstance(q, EigsQuery):
-        r = eigs(op, k=q.k, which=q.which, metric=M, tol=q.tol, maxiter=q.maxiter, seed=seed)
-    elif isinstance(q, TraceQuery):
-        r = trace(op, method=q.method, matvecs=q.matvecs, metric=M, seed=seed)
-    elif isinstance(q, DiagQuery):
-        r = diag(op, method=q.method, matvecs=q.matvecs, seed=seed)
-    elif isinstance(q, LogdetQuery):
-        r = logdet(op, damping=q.damping, metric=M, probes=q.probes, steps=q.steps, seed=seed)
-    elif isinstance(q, FlatnessQuery):
-        r = flatness(op, metric=M, trace_method=q.trace_method, matvecs=q.matvecs, logdet_damping=q.logdet_damping,
-                     probes=q.probes, steps=q.steps, seed=seed)
-    elif isinstance(q, GradNormQuery):
-        r = grad_norm(op, metric=M)
-    else:  # pragma: no cover - check_query refuses the rest
-        raise ConfigError(f"queries: unsupported query kind {getattr(q, 'kind', q)!r}")
+    r = answer(q, ctx.operator(curvature), ctx.metric(metric_spec), seed)
     return replace(r, metric=metric_spec.label())
 
 
