@@ -115,3 +115,23 @@ def test_adam_metric_is_adams_preconditioner():
         opt.step()
         after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         torch.testing.assert_close(after - before, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_fisher_by_cg_with_momentum():
+    """metric="fisher" solved by CG, heavy-ball momentum: d_t = (F + δI)⁻¹g_t, b_t = μ b_{t−1} + d_t, θ ← θ − α b_t,
+    against dense float64 solves (the metric refreshed every step)."""
+    case = CASES["mlp"]()
+    model = case.model()
+    opt = RiemannianSGD(model, "cross_entropy", (case.X, case.y), metric="fisher", lr=0.3, damping=0.1, refresh=1,
+                        momentum=0.9, metric_options={"method": "cg", "cg_tol": 1e-13})
+    buf = None
+    for _ in range(2):
+        before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        F = dense.dense_ggn(model, "cross_entropy", case.X, case.y, "mean")
+        _grad(model, case.X, case.y)
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        d = torch.linalg.solve(F + 0.1 * torch.eye(len(F), dtype=F.dtype), g)
+        buf = d if buf is None else 0.9 * buf + d
+        opt.step()
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(after - before, -0.3 * buf, rtol=1e-8, atol=1e-11)
