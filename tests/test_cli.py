@@ -247,7 +247,7 @@ def test_train_logs_invariant_flatness(tmp_path, capsys):
         F = dense.dense_ggn(model, "cross_entropy", X, y, "mean").numpy() + 0.1 * np.eye(len(H))
         top = np.linalg.eigvalsh(np.linalg.solve(np.linalg.cholesky(F), np.linalg.solve(
             np.linalg.cholesky(F), H).T)).max()
-        np.testing.assert_allclose(h["eigs[0]"], top, rtol=1e-8)
+        np.testing.assert_allclose(h["eigs/eig0"], top, rtol=1e-8)
         with torch.no_grad():
             np.testing.assert_allclose(h["loss"], float(torch.nn.functional.cross_entropy(model(X), y)), rtol=1e-12)
     assert history[-1]["loss"] < 0.7 * history[0]["loss"]

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 import yaml
 
 import curvdist as cd

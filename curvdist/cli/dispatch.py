@@ -37,3 +37,15 @@ def answer(q: Any, op: CurvatureOperator, M: Metric | None, seed: int, progress:
     if isinstance(q, GradNormQuery):
         return grad_norm(op, metric=M)
     raise ConfigError(f"queries: unsupported query kind {getattr(q, 'kind', q)!r}")
+
+
+def scalars(result: Result) -> dict[str, float]:
+    """The scalars of a result: ``eig0``… (eigs), ``top_eigenvalue``/``trace``/``logdet`` (flatness), ``sum``
+    (diag) or ``value``."""
+    if result.query == "eigs":
+        return {f"eig{i}": float(v) for i, v in enumerate(result.value)}
+    if result.query == "flatness":
+        return {k: float(v) for k, v in result.value.items()}
+    if result.query == "diag":
+        return {"sum": float(result.info["sum"])}
+    return {"value": float(result.value)}

@@ -18,24 +18,13 @@ from typing import Any
 from ..errors import ConfigError
 from ..problem import Problem
 from ..problem.data import as_batches
-from ..queries.result import Result, to_jsonable
+from ..queries.result import to_jsonable
 from .backends import theta_coordinates
 from .build import make_optimizer, spec_of, train_step
 from .config import Config
 from .coordinates import Coordinates
+from .dispatch import scalars
 from .runner import output_path, run_query, versions
-
-
-def scalars(r: Result) -> dict[str, float]:
-    """The scalar series a query contributes to the training log (eigenvalues by rank, flatness by measure)."""
-    v = r.value
-    if isinstance(v, dict) and r.query == "flatness":
-        return {f"flatness.{k}": float(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return {f"{r.query}[{i}]": float(x) for i, x in enumerate(v)}
-    if isinstance(v, (int, float)):
-        return {r.query: float(v)}
-    return {}
 
 
 def train_and_log(cfg: Config, config_path: str | Path = "config.yaml", output: str | None = None,
@@ -69,8 +58,8 @@ def train_and_log(cfg: Config, config_path: str | Path = "config.yaml", output: 
             coords = Coordinates("theta", target, cfg.seed)
             results = [run_query(q, coords, cfg, False) for q in cfg.queries]
             entry: dict[str, Any] = {"step": step, "loss": target.value(), "seconds": time.perf_counter() - t0}
-            for r in results:
-                entry.update(scalars(r))
+            for q, r in zip(cfg.queries, results):
+                entry.update({f"{q.kind}/{k}": v for k, v in scalars(r).items()})
             history.append(entry)
             if progress:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("step", "seconds"))

@@ -19,7 +19,6 @@ Fisher equals the GGN, and :class:`Fisher` is computed as such.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import torch

@@ -24,7 +24,8 @@ import scipy.linalg
 import torch
 
 from ..errors import SolverError
-from ..geometry.metrics import Metric, metric as build_metric
+from ..geometry.metrics import Metric
+from ..geometry.metrics import metric as build_metric
 from ..operators import operator as build_operator
 from ..problem.problem import Problem
 from .api import eigs, trace

@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ...cli.dispatch import scalars
 from ...errors import ConfigError, DataError
 from ...queries.result import Result
 from .config import MonitorSpec, monitor_spec
 from .data_parallel import ProcessGroupProblem, split_problem
 from .engine import check_engine, data_parallel_group, torch_linear, zero_stage
-from .queries import QueryContext, check_query, clean_name, default_name, run_query, scalars
+from .queries import QueryContext, check_query, clean_name, default_name, run_query
 from .replica import Replica
 
 

@@ -79,15 +79,3 @@ def default_name(q: Any, curvature: CurvatureSpec, metric_spec: MetricSpec) -> s
 def clean_name(name: str) -> str:
     """A name safe in file names (DeepSpeed's CSV monitor makes one file per scalar): no '/', no spaces."""
     return re.sub(r"[^A-Za-z0-9_.+\-\[\]]", "_", name)
-
-
-def scalars(result: Result) -> dict[str, float]:
-    """The scalars of a result: ``eig0``… (eigs), ``top_eigenvalue``/``trace``/``logdet`` (flatness), ``sum``
-    (diag) or ``value``."""
-    if result.query == "eigs":
-        return {f"eig{i}": float(v) for i, v in enumerate(result.value)}
-    if result.query == "flatness":
-        return {k: float(v) for k, v in result.value.items()}
-    if result.query == "diag":
-        return {"sum": float(result.info["sum"])}
-    return {"value": float(result.value)}
