@@ -163,6 +163,15 @@ class Problem:
             raise NonFiniteError("the gradient is NaN or inf")
         return out
 
+    def set_params(self, params: Params) -> None:
+        """Move the selected parameters to ``params`` in place (for a problem that aliases a model's parameters,
+        as one built from a live model does, the model moves with it)."""
+        flat = self.flatten(params).detach()
+        with torch.no_grad():
+            for p, new in zip(self.params, self.unflatten(flat.to(self.device, self.dtype))):
+                if p.data_ptr() != new.data_ptr():
+                    p.copy_(new)
+
     # ---------------------------------------------------------------- vectors
     def flatten(self, tensors: Sequence[Tensor] | Mapping[str, Tensor]) -> Tensor:
         """Concatenate parameter-shaped tensors (a sequence in ``param_names`` order, or a name→tensor dict)."""
