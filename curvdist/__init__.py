@@ -9,7 +9,8 @@ The Python API::
     cd.trace(H, method="hutchpp", matvecs=150, seed=0)
 """
 
-from . import optim
+from . import catalogue, optim
+from .distributed.backend import RayBackend, ray_backend
 from .errors import (
     AutodiffError,
     ConfigError,
@@ -25,10 +26,11 @@ from .errors import (
     ShapeError,
     SingularMetricError,
     SolverError,
+    UnknownNameError,
 )
 from .geometry import Metric, RiemannianHessian, metric, reparam, reparametrize
 from .operators import CurvatureOperator, operator
-from .problem import Problem
+from .problem import InProcessReducer, Problem, ProblemSpec, ProcessGroupReducer, ShardedProblem, ShardReducer
 from .queries import Result, block_spectra, density, diag, eigs, flatness, grad_norm, logdet, trace
 
 __version__ = "0.1.0"
@@ -44,4 +46,6 @@ __all__ = [
     "NotPositiveDefiniteError", "Problem", "ProblemError", "Result", "ShapeError", "SolverError", "__version__",
     "Metric", "RiemannianHessian", "block_spectra", "density", "diag", "eigs", "flatness", "grad_norm", "logdet", "metric", "operator",
     "optim", "reparam", "reparametrize", "riemannian_hessian", "trace",
+    "InProcessReducer", "ProblemSpec", "ProcessGroupReducer", "RayBackend", "ShardReducer", "ShardedProblem",
+    "UnknownNameError", "catalogue", "ray_backend",
 ]

@@ -61,3 +61,8 @@ class ConfigError(CurvdistError, ValueError):
 
 class DependencyError(CurvdistError, ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""
+
+
+class UnknownNameError(CurvdistError, ValueError):
+    """A name (curvature, metric, query, estimator, reparametrization kind...) is not in the catalogue; the message
+    lists the valid names (:mod:`curvdist.catalogue`)."""

@@ -17,7 +17,8 @@ import yaml
 
 import curvdist as cd
 from curvdist.distributed.cluster import ray_session
-from curvdist.distributed.data_parallel import RemoteProblem, WorkerPool
+from curvdist.distributed.backend import RayBackend
+from curvdist.distributed.data_parallel import WorkerPool
 from curvdist.distributed.pipeline import PipelineMetric, PipelineOperator, StagePool
 from curvdist.problem.spec import ProblemSpec
 
@@ -60,9 +61,9 @@ def _queries(op, metric=None):
 def test_data_mode_equals_local(ray_module, name, workers):
     spec = SPECS[name]
     local = spec.build()
-    pool = WorkerPool(spec, workers)
+    backend = RayBackend()
     try:
-        remote = RemoteProblem(spec, pool)
+        remote = backend.data_parallel(spec, workers)
         assert remote.num_samples == local.num_samples and remote.dim == local.dim
         for kind in ("hessian", "ggn"):
             a, b = _queries(cd.operator(local, kind)), _queries(cd.operator(remote, kind))
@@ -85,7 +86,7 @@ def test_data_mode_equals_local(ray_module, name, workers):
             _close(cd.metric(local, "kflr", damping=0.1).to_dense().numpy(),
                    cd.metric(remote, "kflr", damping=0.1).to_dense().numpy())
     finally:
-        pool.shutdown()
+        backend.shutdown()
 
 
 @pytest.mark.parametrize("name,stages", [("mlp", 2), ("cnn", 3), pytest.param("mlp", 3, marks=pytest.mark.slow),
@@ -207,17 +208,17 @@ def test_data_mode_blocks_equal_local(ray_module):
     """Own-kernel Kronecker factors (LayerNorm, Embedding, attention) and torch.func diagonals per shard, reduced
     on the coordinator and eigendecomposed on the workers, equal the local metric."""
     local = TOKENS.build()
-    pool = WorkerPool(TOKENS, 2)
+    backend = RayBackend()
     try:
-        remote = RemoteProblem(TOKENS, pool)
+        remote = backend.data_parallel(TOKENS, 2)
         _close(cd.metric(local, "kflr", damping=0.1).to_dense().numpy(),
                cd.metric(remote, "kflr", damping=0.1).to_dense().numpy())
-        shares = remote.last_eigh_assignment
+        shares = remote.reducer.last_assignment
         assert all(shares) and sorted(n for s in shares for n in s) == sorted(local.param_names)
         _close(cd.metric(local, "diag_ggn", damping=0.1).to_dense().diagonal().numpy(),
                cd.metric(remote, "diag_ggn", damping=0.1).to_dense().diagonal().numpy())
     finally:
-        pool.shutdown()
+        backend.shutdown()
 
 
 @pytest.mark.parametrize("kind", ["kflr", pytest.param("fisher", marks=pytest.mark.slow)])
@@ -229,9 +230,9 @@ def test_riemannian_sgd_through_ray_equals_local(ray_module, kind):
     spec = SPECS["mlp"]
     X, y = spec.build_data()
     models = [spec.build_model().double(), spec.build_model().double()]
-    pool = WorkerPool(spec, 2)
+    backend = RayBackend()
     try:
-        remote = RemoteProblem(spec, pool)
+        remote = backend.data_parallel(spec, 2)
         opts = [RiemannianSGD(models[0], "cross_entropy", (X, y), metric=kind, lr=0.3, damping=0.1, refresh=2),
                 RiemannianSGD(models[1], metric=kind, lr=0.3, damping=0.1, refresh=2, problem=remote)]
         for _ in range(4):
@@ -243,7 +244,7 @@ def test_riemannian_sgd_through_ray_equals_local(ray_module, kind):
             _close(a.detach().numpy(), b.detach().numpy())
         assert not torch.equal(next(models[0].parameters()), next(spec.build_model().double().parameters()))
     finally:
-        pool.shutdown()
+        backend.shutdown()
 
 
 @pytest.mark.parametrize("name,stages,exact", [("mlp", 2, False),

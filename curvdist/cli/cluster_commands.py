@@ -76,7 +76,10 @@ def _submit(args: argparse.Namespace) -> int:
     from ..distributed.jobs import DEFAULT_EXCLUDES, JobClient, normalize_address, prepare_submission
 
     address = normalize_address(args.address)
+    from .config import load_config
+
     sub = prepare_submission(args.config, working_dir=args.working_dir, overrides=args.overrides,
+                             validate=load_config,
                              output=args.output, python=args.python,
                              excludes=[*DEFAULT_EXCLUDES, *args.excludes], num_cpus=args.num_cpus,
                              num_gpus=args.num_gpus, address=address)

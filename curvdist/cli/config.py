@@ -8,23 +8,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
+from ..catalogue import ReparamKind
 from ..errors import ConfigError
-from ..operators import OPERATORS
-
-CURVATURES = tuple(OPERATORS)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
-
-
-class NamedSpecs(Strict):
-    """Lets ``curvature: hessian`` / ``metric: fisher`` stand for ``{kind: hessian}`` / ``{kind: fisher}``."""
-
-    @field_validator("curvature", "metric", mode="before", check_fields=False)
-    @classmethod
-    def _kind_shorthand(cls, v: Any) -> Any:
-        return {"kind": v} if isinstance(v, str) else v
+from ..queries.specs import (CurvatureSpec, DensityQuery, DiagQuery, EigsQuery, FlatnessQuery, GradNormQuery,
+                             LogdetQuery, MetricSpec, NamedSpecs, Query, Strict, TraceQuery, choice,
+                             format_validation_error, read_mapping)
 
 
 def _import_path(v: str) -> str:
@@ -49,34 +37,6 @@ class DataSpec(Strict):
     _check_factory = field_validator("factory")(lambda cls, v: _import_path(v))
 
 
-class CurvatureSpec(Strict):
-    kind: Literal["hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher"] = "hessian"
-    mc_samples: PositiveInt = 1
-    check_determinism: bool = True
-
-    def options(self, seed: int) -> dict[str, Any]:
-        opts: dict[str, Any] = {"check_determinism": self.check_determinism}
-        if self.kind == "fisher_mc":
-            opts.update(mc_samples=self.mc_samples, seed=seed)
-        return opts
-
-
-class MetricSpec(Strict):
-    """A metric: ``kind`` from the catalogue, damping δ ≥ 0, ``of`` (the θ metric a pullback pulls back),
-    ``options`` passed to the metric (e.g. ``method: cg``, ``mc_samples``)."""
-
-    kind: Literal["euclidean", "fisher", "ggn", "fisher_mc", "empirical_fisher", "diag_ggn", "diag_fisher_mc",
-                  "empirical_fisher_diag", "kfac", "kflr", "adam", "pullback"] = "euclidean"
-    damping: Annotated[float, Field(ge=0)] = 0.0
-    of: Literal["euclidean", "fisher", "ggn", "diag_ggn", "kfac", "kflr"] = "euclidean"
-    damping_reference: Literal["pullback", "identity"] = "pullback"
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    def label(self) -> str:
-        name = f"pullback({self.of})" if self.kind == "pullback" else self.kind
-        return name if not self.damping else f"{name}+{self.damping:g}"
-
-
 class TrainSpec(Strict):
     """Training: ``optimizer`` (``riemannian_sgd`` preconditions with ``metric``, rebuilt every ``refresh``
     steps); ``curvdist train`` evaluates the queries every ``log_every`` steps."""
@@ -92,68 +52,8 @@ class TrainSpec(Strict):
 
 
 class ReparamSpec(Strict):
-    kind: Literal["scale", "exp", "softplus", "ntk", "weight_norm", "linear", "compose"]
+    kind: choice(ReparamKind)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class QueryBase(NamedSpecs):
-    curvature: CurvatureSpec | None = None
-    metric: MetricSpec | None = None
-    seed: int | None = None
-
-
-class EigsQuery(QueryBase):
-    kind: Literal["eigs"]
-    k: PositiveInt = 1
-    which: Literal["largest", "smallest", "magnitude"] = "largest"
-    tol: Annotated[float, Field(gt=0)] | None = None
-    maxiter: PositiveInt | None = None
-
-
-class TraceQuery(QueryBase):
-    kind: Literal["trace"]
-    method: Literal["hutchinson", "hutchpp", "xtrace", "exact"] = "hutchpp"
-    matvecs: PositiveInt = 100
-
-
-class DiagQuery(QueryBase):
-    kind: Literal["diag"]
-    method: Literal["hutchinson", "xdiag"] = "xdiag"
-    matvecs: PositiveInt = 100
-
-
-class LogdetQuery(QueryBase):
-    kind: Literal["logdet"]
-    damping: Annotated[float, Field(ge=0)] = 0.0
-    probes: PositiveInt = 20
-    steps: PositiveInt = 50
-
-
-class DensityQuery(QueryBase):
-    kind: Literal["density"]
-    probes: PositiveInt = 5
-    steps: PositiveInt = 80
-    grid: PositiveInt = 1000
-    sigma: Annotated[float, Field(gt=0)] | None = None
-
-
-class GradNormQuery(QueryBase):
-    kind: Literal["grad_norm"]
-
-
-class FlatnessQuery(QueryBase):
-    kind: Literal["flatness"]
-    trace_method: Literal["hutchinson", "hutchpp", "xtrace"] = "hutchpp"
-    matvecs: PositiveInt = 100
-    logdet_damping: Annotated[float, Field(ge=0)] = 0.0
-    probes: PositiveInt = 10
-    steps: PositiveInt = 40
-
-
-Query = Annotated[
-    EigsQuery | TraceQuery | DiagQuery | LogdetQuery | DensityQuery | GradNormQuery | FlatnessQuery,
-    Field(discriminator="kind"),
-]
 
 
 class BackendSpec(Strict):
@@ -185,41 +85,6 @@ class Config(NamedSpecs):
     backend: BackendSpec = Field(default_factory=BackendSpec)
     output: str | None = None
     plot: bool = True
-
-
-def _where(loc: tuple[Any, ...]) -> str:
-    # drop the union-member tags pydantic inserts for discriminated unions ("eigs", "EigsQuery", ...)
-    parts = [str(p) for p in loc]
-    out: list[str] = []
-    for i, p in enumerate(parts):
-        if i > 0 and parts[i - 1].isdigit() and out and out[-2:-1] == ["queries"] and not p.isdigit() and \
-                p in ("eigs", "trace", "diag", "logdet", "density", "grad_norm", "flatness"):
-            continue
-        if p in ("str", "CurvatureSpec", "MetricSpec") or p.startswith("function-"):
-            continue
-        out.append(p)
-    return ".".join(out) or "<top level>"
-
-
-def _describe(err: dict[str, Any]) -> str:
-    key = _where(err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    if err["type"] == "missing":
-        return f"missing required key '{key}'"
-    msg = f"invalid value for '{key}': {err['msg']}"
-    if "input" in err and not isinstance(err["input"], (dict, list)):
-        msg += f" (got {err['input']!r})"
-    return msg
-
-
-def format_validation_error(e: ValidationError) -> str:
-    """One line naming the offending keys: unknown keys first (a typo also makes its key 'missing')."""
-    errs = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
-    msg = "; ".join(_describe(err) for err in errs[:2])
-    if len(errs) > 2:
-        msg += f" (and {len(errs) - 2} more)"
-    return msg
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -254,21 +119,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a YAML config; raises :class:`ConfigError` with a one-line message."""
     raw = read_mapping(path, "YAML", yaml.safe_load, yaml.YAMLError, "config file")
     return validate_config(apply_overrides(raw, overrides or []))
-
-
-def read_mapping(path: str | Path, fmt: str, parse: Any, error: type[Exception], what: str) -> dict[str, Any]:
-    """A file holding one mapping (YAML or JSON), read with ``parse``; a missing file, a parse ``error`` or a
-    non-mapping is a one-line :class:`ConfigError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    try:
-        raw = parse(path.read_text())
-    except error as e:
-        raise ConfigError(f"{path} is not valid {fmt}: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of keys, got {type(raw).__name__}")
-    return raw
 
 
 def validate_config(raw: dict[str, Any]) -> Config:

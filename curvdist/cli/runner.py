@@ -15,14 +15,13 @@ import torch
 from .. import __version__
 from ..errors import ConfigError
 from ..geometry.reparam import make_reparam, reparametrize
-from ..queries import Result
+from ..queries import Result, session
 from ..queries.result import to_jsonable
+from ..queries.session import Coordinates, invariance_rows
 from .backends import theta_coordinates, trained_spec
 from .build import build_problem, spec_of
 from .checkpoint import QueryCheckpoint
-from .config import Config, GradNormQuery
-from .coordinates import Coordinates
-from .dispatch import answer
+from .config import Config
 
 
 def versions() -> dict[str, str]:
@@ -34,40 +33,9 @@ def versions() -> dict[str, str]:
 
 def run_query(q: Any, coords: Coordinates, cfg: Config, progress: bool, lanczos_file: Path | None = None
               ) -> Result:
-    """One query in one coordinate system (eigenvalue solves checkpoint their Lanczos state to ``lanczos_file``)."""
-    spec = q.curvature or cfg.curvature
-    mspec = q.metric or cfg.metric
-    seed = cfg.seed if q.seed is None else q.seed
-    op = coords.operator(spec, mspec)
-    M = coords.metric(mspec)
-    if isinstance(q, GradNormQuery) and coords.problem is None:
-        raise ConfigError("grad_norm is not available in pipeline mode")
-    r = answer(q, op, M, seed, progress, lanczos_file, cfg.backend.checkpoint_every)
-    return replace(r, metric=mspec.label(), coordinates=coords.name)
-
-
-def invariance_rows(theta: list[Result], psi: list[Result]) -> list[dict[str, Any]]:
-    """Pair each θ result with its ψ twin: quantity, curvature, metric, θ value, ψ value, relative change."""
-    rows = []
-    for a, b in zip(theta, psi):
-        for name, va, vb in _scalars(a, b):
-            rel = abs(vb - va) / abs(va) if va != 0 else abs(vb - va)
-            rows.append({"quantity": name, "curvature": a.curvature, "metric": a.metric, "theta": va, "psi": vb,
-                         "relative_change": rel})
-    return rows
-
-
-def _scalars(a: Result, b: Result) -> list[tuple[str, float, float]]:
-    if a.query == "eigs":
-        return [(f"eig[{i}] ({a.info['which']})", x, y) for i, (x, y) in enumerate(zip(a.value, b.value))]
-    if a.query == "flatness":
-        return [(f"flatness.{k}", a.value[k], b.value[k]) for k in a.value]
-    if a.query == "density":
-        return [("density support max", a.info["support"][1], b.info["support"][1])]
-    if a.query == "diag":
-        return [("diag sum", a.info["sum"], b.info["sum"])]
-    label = a.query if a.query != "trace" else f"trace ({a.info.get('method')})"
-    return [(label, float(a.value), float(b.value))]
+    """One query of the config in one coordinate system (see :func:`curvdist.queries.session.run_query`)."""
+    return session.run_query(q, coords, cfg.curvature, cfg.metric, cfg.seed, progress, lanczos_file,
+                             cfg.backend.checkpoint_every)
 
 
 def output_path(cfg: Config, config_path: str | Path, output: str | None) -> Path:
@@ -105,11 +73,9 @@ def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None
                 r = ckpt.load(key)
                 if r is None:
                     r = run_query(q, c, cfg, progress, ckpt.lanczos_path(key))
-                    r = replace(r, backend=_backend_label(cfg))
                     ckpt.save(key, r)
                 by_system[c.name].append(r)
-        pool = getattr(theta.problem, "pool", None)
-        stats = {"retried_worker_calls": pool.retries} if pool is not None else None
+        stats = theta.problem.backend_stats()
     results = [r for rs in by_system.values() for r in rs]
     doc: dict[str, Any] = {
         "config": cfg.model_dump(mode="json"),
@@ -135,10 +101,3 @@ def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None
     ckpt.finish()
     doc["output"] = str(path)
     return doc
-
-
-def _backend_label(cfg: Config) -> str:
-    b = cfg.backend
-    if b.kind == "local":
-        return "local"
-    return f"ray-data[{b.workers}]" if b.mode == "data" else f"ray-pipeline[{b.stages}]"

@@ -19,11 +19,10 @@ from ..errors import ConfigError
 from ..problem import Problem
 from ..problem.data import as_batches
 from ..queries.result import to_jsonable
+from ..queries.session import Coordinates, scalars
 from .backends import theta_coordinates
 from .build import make_optimizer, spec_of, train_step
 from .config import Config
-from .coordinates import Coordinates
-from .dispatch import scalars
 from .runner import output_path, run_query, versions
 
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import CurvdistError
+from ..faults import FAULT_ENV
 
 
 class ClusterError(CurvdistError, RuntimeError):
@@ -37,7 +38,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # forwarded to every worker process (fault injection for tests, auth mode)
-    env = {k: os.environ[k] for k in ("CURVDIST_FAULT", "RAY_AUTH_MODE") if k in os.environ}
+    env = {k: os.environ[k] for k in (FAULT_ENV, "RAY_AUTH_MODE") if k in os.environ}
     started = False
     if not address and os.environ.get("RAY_ADDRESS"):  # inside a Ray job or a launcher: join that cluster
         address = os.environ["RAY_ADDRESS"]

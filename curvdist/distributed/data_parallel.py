@@ -1,9 +1,10 @@
-"""Data mode: every Ray actor holds a model replica and a disjoint data shard.
+"""Data mode: every Ray actor holds a model replica and a disjoint data shard; :class:`RayReducer` is the
+:class:`~curvdist.problem.reducers.ShardReducer` over them.
 
-An operator product broadcasts v once (``ray.put``) and returns the sum of the actors' sum-reduced partial
-products times the problem's scale, C v = s·Σ_workers Σ_{n in shard} C_n v. The coordinator holds the model
-(for shapes and parameter values) but no data: :class:`RemoteProblem` is a :class:`Problem` whose data passes —
-products, gradients, loss values — run on the workers.
+A statistic (a product, a gradient, metric sums) is one call per worker — its tensor arguments broadcast once with
+``ray.put`` — and the sum of the workers' results in worker order, e.g. C v = s·Σ_workers Σ_{n in shard} C_n v.
+The coordinator holds the model (for shapes and parameter values) but no data: its problem is a
+:class:`~curvdist.problem.sharded.ShardedProblem` over a :class:`RayReducer`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
+from collections.abc import Callable, Mapping
+
 from torch import Tensor
 
 from ..errors import ProblemError
-from ..operators.base import CurvatureOperator
-from ..problem.problem import Params, Problem
+from ..problem.reducers import ShardReducer, Statistic, Tree, tree_sum
 from ..problem.spec import ProblemSpec
 from .cluster import ClusterError, resources_per_worker, wait_scheduled
 from .worker import ShardWorker
@@ -101,110 +102,35 @@ def assign_by_cost(costs: dict[str, float], workers: int) -> list[list[str]]:
     return shares
 
 
-class RemoteProblem(Problem):
-    """A Problem whose data live on the workers: same parameters, shapes and scale as the local problem."""
+class RayReducer(ShardReducer):
+    """Σ over the shards held by a :class:`WorkerPool`'s actors, added in worker order."""
 
-    def __init__(self, spec: ProblemSpec, pool: WorkerPool) -> None:  # noqa: D107 — no data scan here
-        self.spec, self.pool = spec, pool
-        model = spec.build_model()
-        names = list(spec.params) if spec.params else [n for n, p in model.named_parameters() if p.requires_grad]
-        named = dict(model.named_parameters())
-        self.model = model
-        from ..problem.losses import make_loss
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.label = f"ray-data[{len(pool.actors)}]"
 
-        self.loss = make_loss(spec.loss)
-        self.reduction = spec.reduction
-        self.data = None  # type: ignore[assignment]
-        self.param_names = tuple(names)
-        self.params = tuple(named[n].detach() for n in names)
-        self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self._frozen = {n: p.detach() for n, p in named.items() if n not in self.param_names}
-        self._frozen.update(dict(model.named_buffers()))
-        self.shapes = tuple(p.shape for p in self.params)
-        self.dim = sum(p.numel() for p in self.params)
-        self.num_samples = sum(i["samples"] for i in pool.infos)
-        self.num_batches = len(pool.infos)
+    @property
+    def shards(self) -> int:
+        return len(self.pool.actors)
 
-    def build_operator(self, kind: str, check_determinism: bool = True, **options: Any) -> DataParallelOperator:
-        return DataParallelOperator(self, kind, check_determinism, **options)
+    def counts(self) -> tuple[int, int]:
+        return (sum(int(i["samples"]) for i in self.pool.infos), sum(int(i["batches"]) for i in self.pool.infos))
 
-    def reduce_diagonal(self, kind: str, **options: Any) -> Tensor:
-        """The diagonal of a BackPACK diagonal metric: the workers' sum-reduced shard diagonals, summed, × s."""
-        return _ordered_sum(self.pool.call("diag_metric", kind, options)).to(self.dtype) * self.scale
+    def sum(self, statistic: Statistic, *args: Any) -> Tree:
+        ray = self.pool.ray
+        args = tuple(ray.put(a.detach().cpu()) if isinstance(a, Tensor) else a for a in args)
+        return tree_sum(self.pool.call("run", statistic, *args))
 
-    def reduce_kfac(self, damping: float, exact: bool, **options: Any) -> Any:
-        """KFAC/KFLR: the workers' summed Kronecker statistics, added in worker order, normalized, and
-        eigendecomposed on the workers, the layers spread over them (as in distributed K-FAC, Osawa et al. 2019;
-        Pauloski et al. 2020) — the coordinator only adds.
+    def set_params(self, flat: Tensor) -> None:
+        self.pool.call("set_params", self.pool.ray.put(flat.detach().cpu()))
 
-        KFLR equals the local metric; sampled KFAC draws its labels per shard, so it is a different sample."""
-        from ..geometry.metrics.kfac import KFACMetric, normalized_factors
+    def map(self, fn: Callable[[dict[str, Any]], dict[str, Any]], jobs: dict[str, Any],
+            costs: Mapping[str, float]) -> dict[str, Any]:
+        """The jobs spread over the workers by cost (:func:`assign_by_cost`); results merged by name."""
+        shares = assign_by_cost(dict(costs), len(self.pool.actors))
+        self.last_assignment = shares
+        results = self.pool.call_each("apply", [(fn, {n: jobs[n] for n in share}) for share in shares])
+        return {n: r for part in results for n, r in part.items()}
 
-        parts = self.pool.call("kfac_sums", exact, options)
-        G = {n: _ordered_sum([p[0][n] for p in parts]).to(self.dtype) for n in self.param_names}
-        A = {n: (None if parts[0][1][n] is None else _ordered_sum([p[1][n] for p in parts]).to(self.dtype))
-             for n in self.param_names}
-        factors = normalized_factors(self.param_names, G, A, self.scale, self.num_samples)
-        shares = assign_by_cost({n: sum(f.shape[0] ** 3 for f in fs) for n, fs in factors.items()},
-                                len(self.pool.actors))
-        self.last_eigh_assignment = shares
-        results = self.pool.call_each("factor_eigh", [({n: factors[n] for n in share},) for share in shares])
-        eigh = {n: r for part in results for n, r in part.items()}
-        return KFACMetric(self.param_names, self.shapes, factors, damping=damping, kind="kflr" if exact else "kfac",
-                          eigh=eigh)
-
-    def set_params(self, params: Params) -> None:
-        """Move the coordinator's and every worker's selected parameters to ``params`` (one broadcast)."""
-        flat = self.flatten(params).detach()
-        with torch.no_grad():
-            for p, new in zip(self.params, self.unflatten(flat.to(self.device, self.dtype))):
-                p.copy_(new)
-        self.pool.call("set_params", self.pool.ray.put(flat.cpu()))
-
-    def batches(self, validate: bool = False) -> Any:
-        raise ProblemError("a RemoteProblem's data live on its Ray workers; use its operators and gradient()")
-
-    def value(self, params: Params | None = None) -> float:
-        if params is not None:
-            raise ProblemError("a RemoteProblem is evaluated at its own parameters only")
-        return self.scale * sum(self.pool.call("loss_sum"))
-
-    def gradient(self, params: Params | None = None) -> Params:
-        if params is not None:
-            raise ProblemError("a RemoteProblem is evaluated at its own parameters only")
-        return self.unflatten(_ordered_sum(self.pool.call("gradient")).to(self.dtype) * self.scale)
-
-
-def _ordered_sum(parts: list[Tensor]) -> Tensor:
-    total = parts[0].clone()
-    for p in parts[1:]:
-        total += p
-    return total
-
-
-class DataParallelOperator(CurvatureOperator):
-    """C v = s · Σ_workers (shard partial product), one ``ray.put`` of v per product."""
-
-    backend = "ray-data"
-
-    def __init__(self, problem: RemoteProblem, kind: str, check_determinism: bool = True, **options: Any) -> None:
-        self.kind = kind
-        self.options = options
-        super().__init__(problem, check_determinism)
-
-    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, ctx: Any) -> Params:
-        raise NotImplementedError  # products are assembled across workers
-
-    def matvec_params(self, v: Params) -> Params:
-        p = self.problem
-        ref = p.pool.ray.put(p.flatten(v).detach().cpu())
-        total = _ordered_sum(p.pool.call("matvec", self.kind, self.options, ref))
-        return p.unflatten(total.to(p.device, p.dtype) * p.scale)
-
-    def matmat_params(self, V: Params) -> Params:
-        p = self.problem
-        k = V[0].shape[0]
-        flat = torch.cat([t.reshape(k, -1) for t in V], 1).detach().cpu()
-        total = _ordered_sum(p.pool.call("matmat", self.kind, self.options, p.pool.ray.put(flat)))
-        total = total.to(p.device, p.dtype) * p.scale
-        return tuple(t.reshape(k, *s) for t, s in zip(torch.split(total, [s.numel() for s in p.shapes], 1), p.shapes))
+    def stats(self) -> dict[str, Any] | None:
+        return {"retried_worker_calls": self.pool.retries}

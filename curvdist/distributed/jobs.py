@@ -29,7 +29,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -126,16 +126,16 @@ class Submission:
 def prepare_submission(config: str | Path, *, working_dir: str | Path | None = None,
                        overrides: Sequence[str] = (), output: str | None = None, python: str = "python",
                        excludes: Sequence[str] = DEFAULT_EXCLUDES, num_cpus: float | None = None,
-                       num_gpus: float | None = None, address: str = "the cluster") -> Submission:
+                       num_gpus: float | None = None, address: str = "the cluster",
+                       validate: Callable[[Path, list[str]], Any] | None = None) -> Submission:
     """Check the config locally and build the job; nothing is sent.
 
     The config must lie inside ``working_dir`` (default: the current directory), the folder the job receives;
     it is not copied anywhere. It is validated with the overrides applied, so a typo fails here, not on the
     cluster. ``output`` is passed on unchanged (seen from the job's working directory on the node that runs
-    it). ``address`` only serves the error messages.
+    it). ``address`` only serves the error messages. ``validate(path, overrides)``: the caller's config check
+    (the CLI passes its YAML loader), so a typo fails here, before anything is sent.
     """
-    from ..cli.config import load_config
-
     wd = Path(working_dir if working_dir is not None else os.getcwd()).resolve()
     if not wd.is_dir():
         raise ClusterError(f"working directory not found: {wd} (nothing was submitted to {address})")
@@ -151,7 +151,8 @@ def prepare_submission(config: str | Path, *, working_dir: str | Path | None = N
     if excluded:
         raise ClusterError(f"config {path} lies in a folder excluded from the upload ({excluded[0]!r}); "
                            f"nothing was submitted to {address}")
-    load_config(path, list(overrides))  # ConfigError (one line, names the key) before anything is sent
+    if validate is not None:
+        validate(path, list(overrides))  # ConfigError (one line, names the key) before anything is sent
 
     args = [python, "-m", "curvdist", "run", str(rel)]
     if output:

@@ -15,13 +15,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError, ProblemError, ShapeError
+from ..catalogue import Curvature, MetricKind, names
+from ..errors import MetricError, NonFiniteError, ProblemError, ShapeError
 from ..geometry.metrics.base import Metric
+from ..problem.base import StagedProblem
 from ..problem.spec import ProblemSpec
 from .cluster import ClusterError, resources_per_worker, wait_scheduled
 from .stages import StageWorker
 
-KINDS = ("hessian", "ggn", "fisher")
+#: what the stages compute: curvature products, and the metrics built from them or from the stages' own blocks
+KINDS = (Curvature.HESSIAN.value, Curvature.GGN.value, Curvature.FISHER.value)
+METRICS = (MetricKind.EUCLIDEAN.value, MetricKind.GGN.value, MetricKind.FISHER.value, MetricKind.KFAC.value,
+           MetricKind.KFLR.value)
 
 
 class ShardedVector:
@@ -145,15 +150,59 @@ class StagePool:
             self.ray.kill(a)
 
 
+class PipelineProblem(StagedProblem):
+    """The problem of a :class:`StagePool`: the model split into stages on Ray actors, vectors sharded by stage.
+
+    ``cd.operator`` gives the pipelined ``hessian``/``ggn``/``fisher``; ``cd.metric`` the CG-solved ``ggn``/``fisher``
+    metrics and the stage-local ``kfac``/``kflr`` blocks. Anything else — other curvature or metric kinds, the
+    gradient (and so ``grad_norm``), reparametrizations, ``block_spectra``, ``RiemannianSGD`` — is refused when
+    asked, with an error naming what pipeline mode offers.
+    """
+
+    def __init__(self, pool: StagePool, reduction: str | None = None) -> None:
+        self.pool = pool
+        self.reduction = reduction or pool.spec.reduction
+        self.dim, self.dtype = pool.space.dim, pool.space.dtype
+        self.num_samples = pool.num_samples
+
+    @property
+    def backend(self) -> str:
+        return f"ray-pipeline[{len(self.pool.actors)}]"
+
+    def curvature_operator(self, kind: str, check_determinism: bool = True, **options: Any) -> PipelineOperator:
+        if options:
+            raise ProblemError(f"pipeline operators take no options, got {sorted(options)}")
+        return PipelineOperator(self.pool, kind, self.reduction)
+
+    def curvature_metric(self, kind: str, damping: float = 0.0, **options: Any) -> Metric | None:
+        if kind == MetricKind.EUCLIDEAN and not damping and not options:
+            return None
+        if kind in (MetricKind.GGN, MetricKind.FISHER):
+            return PipelineMetric(PipelineOperator(self.pool, kind, self.reduction), damping, **options)
+        if kind in (MetricKind.KFAC, MetricKind.KFLR):
+            options.pop("backend", None)
+            return PipelineKFACMetric(self.pool, damping, exact=kind == MetricKind.KFLR, reduction=self.reduction,
+                                      **options)
+        raise MetricError(f"pipeline mode has no {kind!r} metric{' with damping' if kind == 'euclidean' else ''}; "
+                          f"it offers: euclidean (undamped), ggn, fisher (CG-solved), kfac, kflr (stage-local blocks)")
+
+    def value(self) -> float:
+        raise ProblemError("pipeline mode computes curvature products only; the loss and the gradient (grad_norm) "
+                           "are not available")
+
+    gradient = value
+
+
 class PipelineOperator:
     """C v for C ∈ {hessian, ggn, fisher} through the stage pipeline; v and C v are :class:`ShardedVector`."""
 
-    backend = "ray-pipeline"
-
     def __init__(self, pool: StagePool, kind: str = "hessian", reduction: str = "mean") -> None:
         if kind not in KINDS:
-            raise ProblemError(f"pipeline mode supports curvature kinds {KINDS}, got {kind!r}")
+            raise ProblemError(f"pipeline mode supports the curvature kinds {', '.join(KINDS)}; got {kind!r} "
+                               f"(of {', '.join(names(Curvature))})")
         self.pool, self.kind = pool, kind
+        self.backend = f"ray-pipeline[{len(pool.actors)}]"
+        self.problem = PipelineProblem(pool, reduction)
         self.dim = pool.space.dim
         self.dtype = pool.space.dtype
         self.scale = 1.0 / pool.num_samples if reduction == "mean" else 1.0

@@ -18,7 +18,6 @@ vectors live on the stage actors as shards and the coordinator sees only scalars
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,7 @@ from ..problem.data import as_batches
 from ..problem.losses import make_loss
 from ..problem.spec import ProblemSpec
 from ..solvers.space import random_flat
-from .worker import _fault_plan
+from ..faults import maybe_fail
 
 
 def stage_modules(model: nn.Module) -> list[nn.Module]:
@@ -185,9 +184,7 @@ class StageWorker:
 
     def _maybe_fail(self) -> None:
         self.calls += 1
-        plan = _fault_plan()
-        if plan and plan[0] == self.stage and plan[1] == self.calls and not self.restarted:
-            os._exit(1)
+        maybe_fail(self.stage, self.calls, self.restarted)
 
     # ------------------------------------------------------------------ Kronecker blocks of this stage's layers
     def kfac_forward(self, b: int, x: Any) -> Tensor:

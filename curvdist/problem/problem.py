@@ -10,32 +10,19 @@ other parameters and the buffers are held fixed at their current values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from ..errors import DataError, NonDeterministicError, NonFiniteError, ProblemError, ShapeError
-from .autodiff import differentiable_kernels
+from ..errors import DataError, NonFiniteError
+from .base import BaseProblem, Params
 from .data import Batch, as_batches, unpack
-from .losses import Loss, make_loss
-
-Params = tuple[Tensor, ...]
+from .losses import Loss
 
 
-def _refuse_stateful_modules(model: nn.Module) -> None:
-    """BatchNorm in train mode couples the samples of a batch and updates running statistics on every pass."""
-    for name, m in model.named_modules():
-        if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise NonDeterministicError(
-                f"BatchNorm module '{name or type(m).__name__}' in train mode: the loss would depend on the batch "
-                "composition and every pass would update its running statistics; call model.eval()"
-            )
-
-
-class Problem:
+class Problem(BaseProblem):
     """Model, loss, data and parameter selection, evaluated functionally with ``torch.func``.
 
     Args:
@@ -59,41 +46,8 @@ class Problem:
         reduction: str = "mean",
         batch_size: int | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ProblemError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if reduction not in ("mean", "sum"):
-            raise ProblemError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        _refuse_stateful_modules(model)
-        self.model = model
-        self.loss = make_loss(loss)
-        self.reduction = reduction
+        super().__init__(model, loss, params, reduction)
         self.data: Iterable[Batch] = as_batches(data, batch_size)
-
-        named = dict(model.named_parameters())
-        if params is None:
-            names = [n for n, p in named.items() if p.requires_grad]
-        else:
-            if isinstance(params, str):
-                params = [params]
-            unknown = [n for n in params if n not in named]
-            if unknown:
-                raise ProblemError(f"unknown parameter names {unknown}; the model has {list(named)}")
-            if len(set(params)) != len(params):
-                raise ProblemError(f"parameter names are repeated in {list(params)}")
-            names = list(params)
-        if not names:
-            raise ProblemError("no parameters selected: the model has no parameters that require gradients")
-        self.param_names: tuple[str, ...] = tuple(names)
-        self.params: Params = tuple(named[n].detach() for n in names)
-        dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ProblemError(f"selected parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
-        self.dtype: torch.dtype = self.params[0].dtype
-        self.device: torch.device = self.params[0].device
-        self._frozen: dict[str, Tensor] = {n: p.detach() for n, p in named.items() if n not in self.param_names}
-        self._frozen.update({n: b for n, b in model.named_buffers()})
-        self.shapes: tuple[torch.Size, ...] = tuple(p.shape for p in self.params)
-        self.dim: int = sum(p.numel() for p in self.params)
         self.num_samples, self.num_batches = self._scan()
 
     # ---------------------------------------------------------------- data
@@ -126,19 +80,6 @@ class Problem:
             y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
             yield X, y
 
-    @property
-    def scale(self) -> float:
-        """s in L = s · Σ_n ℓ_n: 1/N for reduction="mean", 1 for "sum"."""
-        return 1.0 / self.num_samples if self.reduction == "mean" else 1.0
-
-    # ---------------------------------------------------------------- functional model
-    def forward(self, params: Params, X: Tensor) -> Tensor:
-        """f(X; θ) with θ = params (in the order of ``param_names``); the rest of the model held fixed."""
-        state = dict(self._frozen)
-        state.update(zip(self.param_names, params))
-        with differentiable_kernels():
-            return functional_call(self.model, state, (X,))
-
     def batch_loss(self, params: Params, X: Tensor, y: Tensor) -> Tensor:
         """Σ_{n in batch} ℓ(f(x_n; θ), y_n), unscaled."""
         return self.loss.per_sample(self.forward(params, X), y).sum()
@@ -162,41 +103,6 @@ class Problem:
         if not all(bool(torch.isfinite(t).all()) for t in out):
             raise NonFiniteError("the gradient is NaN or inf")
         return out
-
-    def set_params(self, params: Params) -> None:
-        """Move the selected parameters to ``params`` in place (for a problem that aliases a model's parameters,
-        as one built from a live model does, the model moves with it)."""
-        flat = self.flatten(params).detach()
-        with torch.no_grad():
-            for p, new in zip(self.params, self.unflatten(flat.to(self.device, self.dtype))):
-                if p.data_ptr() != new.data_ptr():
-                    p.copy_(new)
-
-    # ---------------------------------------------------------------- vectors
-    def flatten(self, tensors: Sequence[Tensor] | Mapping[str, Tensor]) -> Tensor:
-        """Concatenate parameter-shaped tensors (a sequence in ``param_names`` order, or a name→tensor dict)."""
-        if isinstance(tensors, Mapping):
-            missing = [n for n in self.param_names if n not in tensors]
-            if missing or len(tensors) != len(self.param_names):
-                raise ShapeError(f"expected tensors for exactly {list(self.param_names)}, got {list(tensors)}")
-            tensors = [tensors[n] for n in self.param_names]
-        if len(tensors) != len(self.shapes):
-            raise ShapeError(f"expected {len(self.shapes)} parameter-shaped tensors, got {len(tensors)}")
-        for name, t, s in zip(self.param_names, tensors, self.shapes):
-            if tuple(t.shape) != tuple(s):
-                raise ShapeError(f"tensor for {name} has shape {tuple(t.shape)}, expected {tuple(s)}")
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    def unflatten(self, flat: Tensor) -> Params:
-        """Split a flat vector of length ``dim`` into parameter-shaped tensors."""
-        if flat.ndim != 1 or flat.numel() != self.dim:
-            raise ShapeError(f"expected a flat vector of length {self.dim}, got shape {tuple(flat.shape)}")
-        out, i = [], 0
-        for s in self.shapes:
-            k = s.numel()
-            out.append(flat[i : i + k].view(s))
-            i += k
-        return tuple(out)
 
     def __repr__(self) -> str:
         return (

@@ -7,7 +7,6 @@ matvec count, wall time, convergence, seed and dtype.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -18,15 +17,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..catalogue import DiagMethod, LogdetMethod, TraceMethod, parse
+from ..faults import maybe_stop
 from ..errors import NotPositiveDefiniteError, ProblemError, SolverError
 from ..geometry.metrics.base import Metric
 from ..operators.base import CurvatureOperator
-from ..problem.problem import Problem
+from ..problem.base import BaseProblem, StagedProblem
 from ..solvers import DIAG_METHODS, TRACE_METHODS, Krylov, TorchSpace, eigsh, slq
 from .result import Result
 
-#: test hook: exit the process (code 75) right after saving a Lanczos checkpoint at or past this step
-STOP_ENV = "CURVDIST_STOP_AT_STEP"
 
 
 class MetricSpace:
@@ -127,7 +126,7 @@ def _check_op(op: Any) -> CurvatureOperator:
     return op
 
 
-def coordinates_of(problem: Problem) -> str:
+def coordinates_of(problem: BaseProblem) -> str:
     """'psi' for a problem made by cd.reparametrize, else 'theta'."""
     return "psi" if getattr(problem.model, "reparam", None) is not None else "theta"
 
@@ -144,6 +143,8 @@ def _run(op: CurvatureOperator, query: str, seed: int | None, progress: bool, to
     seconds = time.perf_counter() - t0
     info = fields.pop("info", {})
     problem = getattr(op, "problem", None)
+    if not isinstance(problem, BaseProblem):  # a staged (pipeline) problem has no gradient here
+        problem = None
     if metric is not None and op.kind == "hessian" and problem is not None:
         g = op.problem.flatten(op.problem.gradient())
         gnorm = float(np.sqrt(max(float(torch.dot(g, metric.solve(g))), 0.0)))
@@ -205,9 +206,7 @@ def _save_krylov(path: Path, state: Krylov, space: Any) -> None:
     torch.save({"alphas": list(state.alphas), "betas": list(state.betas), "restarts": state.restarts,
                 "matvecs": state.matvecs, "basis": [space.to_tensor(q).detach().cpu() for q in state.basis]}, tmp)
     tmp.replace(path)
-    stop = os.environ.get(STOP_ENV)
-    if stop and len(state.alphas) >= int(stop):  # test hook: simulate a crash right after a checkpoint
-        os._exit(75)
+    maybe_stop(len(state.alphas))  # the fault-injection switch: a crash right after a checkpoint
 
 
 def _load_krylov(path: Path, space: Any) -> Krylov:
@@ -227,13 +226,12 @@ def trace(op: CurvatureOperator, method: str = "hutchpp", matvecs: int = 100, *,
     (Epperly et al. 2024)} with a budget of ``matvecs`` products of C; ``stderr`` is the estimator's standard
     error. ``method="exact"`` sums the diagonal of the dense matrix (tiny models only). A CG-solved metric
     supports only Hutchinson (zᵀM⁻¹Cz is unbiased for any square matrix)."""
+    method = parse(TraceMethod, method, "trace method").value
     if method == "exact":
         def exact(t: _Target) -> dict[str, Any]:
             return dict(value=float(torch.diagonal(t.dense()).sum()), stderr=0.0, info={"method": "exact"})
 
         return _run(op, "trace", None, progress, _check_op(op).dim, exact, metric)
-    if method not in TRACE_METHODS:
-        raise SolverError(f"unknown trace method {method!r}; choose one of {sorted(TRACE_METHODS)} or 'exact'")
 
     def solve(t: _Target) -> dict[str, Any]:
         if method != "hutchinson":
@@ -249,8 +247,7 @@ def diag(op: CurvatureOperator, method: str = "xdiag", matvecs: int = 100, *, se
     """diag C by ``method`` ∈ {hutchinson (Bekas et al. 2007), xdiag (Epperly et al. 2024)}; ``value`` and
     ``stderr`` are flat tensors (entrywise standard error). The diagonal is a coordinate-dependent quantity, so it
     takes no metric."""
-    if method not in DIAG_METHODS:
-        raise SolverError(f"unknown diagonal method {method!r}; choose one of {sorted(DIAG_METHODS)}")
+    method = parse(DiagMethod, method, "diagonal method").value
 
     def solve(t: _Target) -> dict[str, Any]:
         e = DIAG_METHODS[method](t, t.space, matvecs, seed=seed, probe=probe)
@@ -269,6 +266,7 @@ def logdet(op: CurvatureOperator, damping: float = 0.0, *, metric: Metric | None
     of M⁻¹C + δI is ≤ 0. ``method="exact"`` uses the eigenvalues of the dense matrix (tiny models only)."""
     if not damping >= 0:
         raise SolverError(f"damping must be ≥ 0, got {damping!r}")
+    method = parse(LogdetMethod, method, "logdet method").value
     if method == "exact":
         def exact(t: _Target) -> dict[str, Any]:
             lam = torch.linalg.eigvalsh(t.dense()).double() + damping
@@ -279,8 +277,6 @@ def logdet(op: CurvatureOperator, damping: float = 0.0, *, metric: Metric | None
             return dict(value=float(torch.log(lam).sum()), stderr=0.0, info={"method": "exact", "damping": damping})
 
         return _run(op, "logdet", None, progress, _check_op(op).dim, exact, metric)
-    if method != "slq":
-        raise SolverError(f"logdet method must be 'slq' or 'exact', got {method!r}")
 
     def solve(t: _Target) -> dict[str, Any]:
         t.need_factor("logdet")
@@ -310,11 +306,13 @@ def density(op: CurvatureOperator, *, metric: Metric | None = None, probes: int 
     return _run(op, "density", seed, progress, probes * steps, solve, metric)
 
 
-def grad_norm(target: CurvatureOperator | Problem, *, metric: Metric | None = None) -> Result:
+def grad_norm(target: CurvatureOperator | BaseProblem, *, metric: Metric | None = None) -> Result:
     """gᵀM⁻¹g (gᵀg without a metric) for the gradient g = ∇L; ``info["norm"]`` is its square root. The Riemannian
     gradient M⁻¹g is a tangent vector, so gᵀM⁻¹g is a scalar: invariant for a metric that transforms as a tensor."""
-    problem = target.problem if isinstance(target, CurvatureOperator) else target
-    if not isinstance(problem, Problem):
+    problem = getattr(target, "problem", None) if not isinstance(target, (BaseProblem, StagedProblem)) else target
+    if isinstance(problem, StagedProblem):
+        problem.gradient()  # raises: names what the stages offer
+    if not isinstance(problem, BaseProblem):
         raise ProblemError(f"grad_norm needs a Problem or a curvature operator, got {type(target).__name__}")
     if metric is not None:
         if not isinstance(metric, Metric):

@@ -4,42 +4,61 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...catalogue import CURVATURE_METRICS, DIAGONAL_METRICS, KRONECKER_METRICS, MetricKind, names, parse
 from ...errors import MetricError
-from ...problem.problem import Problem
+from ...problem.base import BaseProblem, StagedProblem
+from ...problem.sharded import ShardedProblem
 from .base import DiagonalMetric, Metric
 from .curvature import CurvatureMetric
 from .euclidean import EuclideanMetric
 from .pullback import PullbackMetric
 
-KINDS = ("euclidean", "fisher", "ggn", "fisher_mc", "empirical_fisher", "diag_ggn", "diag_fisher_mc",
-         "empirical_fisher_diag", "kfac", "kflr", "adam", "pullback")
+KINDS = tuple(names(MetricKind))
 
 
-def metric(problem: Problem, kind: str = "euclidean", damping: float = 0.0, **options: Any) -> Metric:
+def metric(problem: BaseProblem | StagedProblem, kind: str = "euclidean", damping: float = 0.0,
+           damping_reference: str = "identity", **options: Any) -> Metric:
     """Build the metric ``kind`` of ``problem`` with damping δ (M_δ = M + δI).
+
+    ``damping_reference``: ``"identity"`` (δ·I of the problem's coordinates) or ``"pullback"`` (for a problem made
+    by ``cd.reparametrize``: δ·JᵀJ, the θ-identity pulled back, so that the damped metric is a tensor; kept in the
+    metric's structure or refused, see :mod:`curvdist.geometry.damping`).
 
     ``euclidean``; ``fisher``/``ggn``/``fisher_mc``/``empirical_fisher`` (options: ``method`` auto|dense|cg,
     ``cg_tol``, ``damping_metric``, operator options); ``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``
     (BackPACK); ``kfac``/``kflr`` (BackPACK Kronecker factors); ``adam`` (option ``optimizer``); ``pullback``
     (options ``of``: the θ metric or its kind, and, unless ``problem`` was made by ``cd.reparametrize``,
-    ``reparam`` and ``psi``).
+    ``reparam`` and ``psi``). Kinds are :class:`curvdist.catalogue.MetricKind`. On a sharded problem the
+    statistics are per-shard sums reduced by its reducer (:mod:`.statistics`); a staged (pipeline) problem builds
+    the metrics its stages can.
     """
-    if not isinstance(problem, Problem):
+    if not isinstance(problem, (BaseProblem, StagedProblem)):
         raise MetricError(f"metric() needs a curvdist.Problem, got {type(problem).__name__}")
+    kind = parse(MetricKind, kind, "metric kind").value
+    if damping_reference != "identity":
+        from ..damping import with_damping_reference
+
+        options = with_damping_reference(kind, damping, problem, damping_reference, options)
+    if isinstance(problem, StagedProblem):
+        return problem.curvature_metric(kind, damping, **options)
     if kind == "euclidean":
         _no_options(kind, options)
         return EuclideanMetric(problem.dim, problem.dtype, problem.device, damping)
-    if kind in ("fisher", "ggn", "fisher_mc", "empirical_fisher"):
+    if kind in CURVATURE_METRICS:
         return CurvatureMetric(problem, kind, damping, **options)
-    if kind in ("diag_ggn", "diag_fisher_mc", "empirical_fisher_diag"):
-        if hasattr(problem, "reduce_diagonal"):  # data on Ray workers: shard diagonals reduced by the coordinator
-            return DiagonalMetric(problem.reduce_diagonal(kind, **options), damping, kind=kind)
+    if kind in DIAGONAL_METRICS:
+        if isinstance(problem, ShardedProblem):
+            from .statistics import diagonal_metric
+
+            return diagonal_metric(problem, kind, damping, **options)
         from . import backpack_metrics
 
         return getattr(backpack_metrics, kind)(problem, damping=damping, **options)
-    if kind in ("kfac", "kflr"):
-        if hasattr(problem, "reduce_kfac"):  # data on Ray workers: per-shard statistics reduced here
-            return problem.reduce_kfac(damping, kind == "kflr", **options)
+    if kind in KRONECKER_METRICS:
+        if isinstance(problem, ShardedProblem):
+            from .statistics import kronecker_metric
+
+            return kronecker_metric(problem, damping, kind == "kflr", **options)
         from .kfac import kfac
 
         return kfac(problem, damping=damping, exact=(kind == "kflr"), **options)
@@ -49,9 +68,8 @@ def metric(problem: Problem, kind: str = "euclidean", damping: float = 0.0, **op
         if "optimizer" not in options:
             raise MetricError("the adam metric needs optimizer=<a torch.optim.Adam/AdamW with state>")
         return adam(problem, damping=damping, **options)
-    if kind == "pullback":
-        return _pullback(problem, damping, **options)
-    raise MetricError(f"unknown metric kind {kind!r}; choose one of {KINDS}")
+    assert kind == "pullback"
+    return _pullback(problem, damping, **options)
 
 
 def _no_options(kind: str, options: dict[str, Any]) -> None:
@@ -59,7 +77,7 @@ def _no_options(kind: str, options: dict[str, Any]) -> None:
         raise MetricError(f"the {kind} metric takes no options, got {sorted(options)}")
 
 
-def _pullback(problem: Problem, damping: float, of: Metric | str = "euclidean", reparam: Any = None,
+def _pullback(problem: BaseProblem, damping: float, of: Metric | str = "euclidean", reparam: Any = None,
               psi: Any = None, **of_options: Any) -> Metric:
     if reparam is None:
         reparam = getattr(problem.model, "reparam", None)

@@ -16,7 +16,7 @@ Importing this package does not import DeepSpeed; using it without DeepSpeed rai
 
 from .checkpoint import client_state, load_checkpoint, restore, save_checkpoint
 from .config import CurvdistSection, MonitorSpec, PreconditionerSpec, read_section
-from .data_parallel import AllReduceOperator, ProcessGroupProblem, split_problem
+from .data_parallel import split_problem
 from .dependency import INSTALL_HINT, require_deepspeed
 from .metric import DataParallelMetric
 from .monitor import CurvatureMonitor
@@ -24,7 +24,7 @@ from .optimizer import DeepSpeedRiemannianSGD
 from .replica import Replica
 
 __all__ = [
-    "INSTALL_HINT", "AllReduceOperator", "CurvatureMonitor", "CurvdistSection", "DataParallelMetric",
-    "DeepSpeedRiemannianSGD", "MonitorSpec", "PreconditionerSpec", "ProcessGroupProblem", "Replica", "client_state",
+    "INSTALL_HINT", "CurvatureMonitor", "CurvdistSection", "DataParallelMetric",
+    "DeepSpeedRiemannianSGD", "MonitorSpec", "PreconditionerSpec", "Replica", "client_state",
     "load_checkpoint", "read_section", "require_deepspeed", "restore", "save_checkpoint", "split_problem",
 ]

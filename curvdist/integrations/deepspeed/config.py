@@ -19,14 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PositiveInt, ValidationError, model_validator
 
-from ...cli.config import (
-    CurvatureSpec,
-    MetricSpec,
-    NamedSpecs,
-    Query,
-    Strict,
-    format_validation_error,
-)
+from ...queries.specs import CurvatureSpec, MetricSpec, NamedSpecs, Query, Strict, format_validation_error
 from ...errors import ConfigError
 from .engine import raw_config
 

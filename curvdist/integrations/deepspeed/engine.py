@@ -51,7 +51,7 @@ def raw_config(source: Any) -> dict[str, Any]:
     if isinstance(source, dict):
         return source
     if isinstance(source, (str, Path)):
-        from ...cli.config import read_mapping
+        from ...queries.specs import read_mapping
 
         return read_mapping(source, "JSON", json.loads, json.JSONDecodeError, "DeepSpeed config file")
     config = getattr(source, "config", None)

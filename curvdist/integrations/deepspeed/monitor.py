@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ...cli.dispatch import scalars
 from ...errors import ConfigError, DataError
 from ...queries.result import Result
+from ...queries.session import Coordinates, run_query, scalars
+from ...queries.specs import validate
 from .config import MonitorSpec, monitor_spec
-from .data_parallel import ProcessGroupProblem, split_problem
+from .data_parallel import split_problem
 from .engine import check_engine, data_parallel_group, torch_linear, zero_stage
-from .queries import QueryContext, check_query, clean_name, default_name, run_query
+from .queries import check_query, clean_name, default_name
 from .replica import Replica
 
 
@@ -106,10 +107,9 @@ class CurvatureMonitor:
         with preserved_rng(X.device), torch_linear(), self.replica.loaded(self.engine.module) as model:
             problem = split_problem(model, self.spec.loss, X, y, self.group, self.spec.params, self.spec.reduction,
                                     self.spec.batch_size)
-            ctx = QueryContext(problem, self.spec.seed)
+            coords = Coordinates("theta", problem, self.spec.seed)
             for (q, curvature, metric_spec, seed), name in zip(self.queries, self.names):
-                r = run_query(q, ctx, curvature, metric_spec, seed)
-                r = _with_backend(r, problem)
+                r = run_query(q, coords, curvature, metric_spec, seed)
                 results.append(r)
                 for quantity, v in scalars(r).items():
                     values[f"{self.spec.prefix}/{name}/{quantity}"] = v
@@ -163,19 +163,8 @@ class CurvatureMonitor:
         return X, y
 
 
-def _with_backend(r: Result, problem: ProcessGroupProblem) -> Result:
-    return replace(r, backend=f"deepspeed-data-parallel[{problem.world_size}]")
-
-
 def _validate_monitor(raw: dict[str, Any]) -> MonitorSpec:
-    from pydantic import ValidationError
-
-    from ...cli.config import format_validation_error
-
-    try:
-        return MonitorSpec.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"monitor: {format_validation_error(e)}") from None
+    return validate(MonitorSpec, raw, "monitor")
 
 
 def _names(spec: MonitorSpec) -> list[str | None]:

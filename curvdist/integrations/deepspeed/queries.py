@@ -1,20 +1,13 @@
-"""Run the CLI's query objects (``EigsQuery``, ``FlatnessQuery``, ...) on a problem and turn their results into
-named scalars for DeepSpeed's monitor — the same wiring as :func:`curvdist.cli.runner.run_query`, for a problem
-whose data are split across ranks (no coordinate systems, no checkpointed solves)."""
+"""The monitor's use of the library's query layer (:mod:`curvdist.queries.session`): which queries a DeepSpeed run
+can serve, and the names under which their scalars are logged."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from typing import Any
 
-from ...cli.config import CurvatureSpec, DensityQuery, DiagQuery, MetricSpec
-from ...cli.dispatch import answer
 from ...errors import ConfigError
-from ...geometry.metrics import Metric, metric
-from ...operators import CurvatureOperator, operator
-from ...problem.problem import Problem
-from ...queries import Result
+from ...queries.specs import CurvatureSpec, DensityQuery, DiagQuery, MetricSpec
 
 #: metrics a monitor cannot build, with the reason
 UNSERVED_METRICS = {
@@ -39,36 +32,6 @@ def check_query(q: Any, metric_spec: MetricSpec, zero_stage: int) -> None:
                  "module's parameters")
         raise ConfigError(f"queries: the adam metric cannot be served by the DeepSpeed monitor: {where}; use "
                           f"diag_fisher_mc or empirical_fisher_diag for a diagonal metric")
-
-
-class QueryContext:
-    """Operators and metrics of one problem, built on demand and shared by the queries of one measurement."""
-
-    def __init__(self, problem: Problem, seed: int) -> None:
-        self.problem, self.seed = problem, seed
-        self._ops: dict[str, CurvatureOperator] = {}
-        self._metrics: dict[str, Metric | None] = {}
-
-    def operator(self, spec: CurvatureSpec) -> CurvatureOperator:
-        key = spec.model_dump_json()
-        if key not in self._ops:
-            self._ops[key] = operator(self.problem, spec.kind, **spec.options(self.seed))
-        return self._ops[key]
-
-    def metric(self, spec: MetricSpec) -> Metric | None:
-        key = spec.model_dump_json()
-        if key not in self._metrics:
-            if spec.kind == "euclidean" and spec.damping == 0:
-                self._metrics[key] = None
-            else:
-                self._metrics[key] = metric(self.problem, spec.kind, spec.damping, **spec.options)
-        return self._metrics[key]
-
-
-def run_query(q: Any, ctx: QueryContext, curvature: CurvatureSpec, metric_spec: MetricSpec, seed: int) -> Result:
-    """One query with its own curvature/metric/seed or the defaults given."""
-    r = answer(q, ctx.operator(curvature), ctx.metric(metric_spec), seed)
-    return replace(r, metric=metric_spec.label())
 
 
 def default_name(q: Any, curvature: CurvatureSpec, metric_spec: MetricSpec) -> str:

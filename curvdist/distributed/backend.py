@@ -1,0 +1,86 @@
+"""Backends in the Python API: where a problem's samples or stages live.
+
+::
+
+    spec = cd.ProblemSpec("mymodels:net", "mymodels:data", loss="cross_entropy", batch_size=256)
+    with cd.ray_backend(workers=4) as backend:          # address="auto" joins a running cluster
+        problem = backend.data_parallel(spec)           # a ShardedProblem: one data shard per Ray actor
+        staged = backend.pipeline(spec, stages=3)       # a PipelineProblem: the model split over 3 actors
+        cd.eigs(cd.operator(problem, "hessian"), k=5, metric=cd.metric(problem, "kfac", damping=1e-3))
+
+Operators, metrics, every query, ``block_spectra`` and ``RiemannianSGD`` take the data-parallel problem like a
+local one; the pipeline problem serves what its stages compute and refuses the rest when asked. Leaving the block
+shuts the actors down and stops the embedded Ray instance if the block started one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import ProblemError
+from ..problem.sharded import ShardedProblem
+from ..problem.spec import ProblemSpec
+
+
+class RayBackend:
+    """Builds problems whose shards or stages are Ray actors; created by :func:`ray_backend`."""
+
+    def __init__(self, workers: int = 2, max_restarts: int = 2) -> None:
+        self.workers, self.max_restarts = workers, max_restarts
+        self._pools: list[Any] = []
+
+    def data_parallel(self, spec: ProblemSpec, workers: int | None = None) -> ShardedProblem:
+        """``spec``'s problem with its samples split over ``workers`` actors (contiguous, disjoint shards), each
+        holding a replica of the model: products, gradients and metric statistics are summed over the actors."""
+        from .data_parallel import RayReducer, WorkerPool
+
+        _check_spec(spec)
+        pool = WorkerPool(spec, workers or self.workers, max_restarts=self.max_restarts)
+        self._pools.append(pool)
+        model = spec.build_model()
+        return ShardedProblem(model, spec.loss, RayReducer(pool), list(spec.params) if spec.params else None,
+                              spec.reduction)
+
+    def pipeline(self, spec: ProblemSpec, stages: int = 2) -> Any:
+        """``spec``'s problem with its model split into ``stages`` consecutive stages by parameter count, stage i
+        on actor i with only its parameters (an ``nn.Sequential`` or a model with a ``stages()`` method)."""
+        from .pipeline import PipelineProblem, StagePool
+
+        _check_spec(spec)
+        pool = StagePool(spec, stages, max_restarts=self.max_restarts)
+        self._pools.append(pool)
+        return PipelineProblem(pool)
+
+    def shutdown(self) -> None:
+        """Kill every actor this backend started."""
+        for pool in self._pools:
+            pool.shutdown()
+        self._pools.clear()
+
+
+def _check_spec(spec: Any) -> None:
+    if not isinstance(spec, ProblemSpec):
+        raise ProblemError(f"a backend builds problems from a curvdist.ProblemSpec (import paths, not live modules), "
+                           f"got {type(spec).__name__}")
+
+
+@contextmanager
+def ray_backend(workers: int = 2, address: str | None = None, max_restarts: int = 2,
+                num_cpus: int | None = None) -> Iterator[RayBackend]:
+    """A Ray backend for the block: an embedded Ray instance (``num_cpus`` logical CPUs, default the machine's
+    cores or ``workers`` if more) unless ``address`` names a cluster (``"auto"``, ``host:port``; ``RAY_ADDRESS``
+    is honoured too). Actors restart up to ``max_restarts`` times, rebuild themselves from the spec and the
+    coordinator retries the call."""
+    from .cluster import ray_session
+
+    if not isinstance(workers, int) or workers < 1:
+        raise ProblemError(f"workers must be a positive integer, got {workers!r}")
+    backend = RayBackend(workers, max_restarts)
+    with ray_session(address, num_cpus=num_cpus or max(os.cpu_count() or 1, workers)):
+        try:
+            yield backend
+        finally:
+            backend.shutdown()

@@ -1,0 +1,80 @@
+"""Metric statistics as per-shard sums → metric, once for every place the samples live.
+
+Each shard computes the undamped, unscaled sums of its own samples (:func:`diagonal_sum`: Σ_n of a diagonal
+statistic; :func:`kronecker_sums`: G = Σ_n B_n B_nᵀ and A = Σ_n a_n a_nᵀ); the problem's
+:class:`~curvdist.problem.reducers.ShardReducer` adds them in shard order; the metric is then formed from the global
+sums with the global scale s and sample count N:
+
+    diagonal:   M = s · Σ_shards d_shard,
+    Kronecker:  G ← s · Σ_shards G_shard,  A ← Σ_shards A_shard / N,  per layer A ⊗ G,
+
+and the Kronecker factors are eigendecomposed where the reducer spreads the layers (Ray workers by cost, as
+distributed K-FAC does: Osawa et al. 2019; Pauloski et al. 2020), or here. Sampled statistics (``diag_fisher_mc``,
+``kfac``) draw their labels per shard: a different sample than one process on all samples draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ...problem.reducers import Shard
+from ...problem.sharded import ShardedProblem
+from .base import DiagonalMetric
+from .kfac import KFACMetric, eigh_psd, normalized_factors
+
+
+def diagonal_sum(shard: Shard, kind: str, options: dict[str, Any]) -> Tensor:
+    """Σ_{n∈shard} of the diagonal statistic ``kind`` (diag_ggn, diag_fisher_mc, empirical_fisher_diag), flat."""
+    from .backpack_metrics import raw_diagonal
+
+    return raw_diagonal(shard.problem, kind, **options).detach()
+
+
+def kronecker_sums(shard: Shard, exact: bool, options: dict[str, Any]
+                   ) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
+    """The shard's Kronecker sums G, A (None for biases), see :func:`~curvdist.geometry.metrics.kfac.kfac_sums`."""
+    from .kfac import kfac_sums
+
+    G, A = kfac_sums(shard.problem, exact=exact, **options)
+    return ({k: v.detach() for k, v in G.items()}, {k: (None if v is None else v.detach()) for k, v in A.items()})
+
+
+def factor_eigh(factors: dict[str, list[Tensor]]) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """Eigendecompositions of the given layers' Kronecker factors (one worker's share of the layers)."""
+    return {n: [eigh_psd(F, n) for F in fs] for n, fs in factors.items()}
+
+
+def reduced_diagonal(problem: ShardedProblem, kind: str, options: dict[str, Any]) -> Tensor:
+    """Σ_shards d_shard (unscaled), in the problem's dtype."""
+    return problem.reducer.sum(diagonal_sum, kind, dict(options)).to(problem.dtype)
+
+
+def diagonal_metric(problem: ShardedProblem, kind: str, damping: float, **options: Any) -> DiagonalMetric:
+    """The damped diagonal metric s · Σ_shards d_shard + δI of a sharded problem."""
+    return DiagonalMetric(reduced_diagonal(problem, kind, options) * problem.scale, damping, kind=kind)
+
+
+def reduced_kronecker(problem: ShardedProblem, exact: bool, options: dict[str, Any]
+                      ) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
+    """(Σ_shards G_shard, Σ_shards A_shard) per parameter, in the problem's dtype."""
+    G, A = problem.reducer.sum(kronecker_sums, exact, dict(options))
+    return ({n: G[n].to(problem.dtype) for n in problem.param_names},
+            {n: None if A[n] is None else A[n].to(problem.dtype) for n in problem.param_names})
+
+
+def kronecker_from_sums(problem: ShardedProblem, G: dict[str, Tensor], A: dict[str, Tensor | None], damping: float,
+                        kind: str) -> KFACMetric:
+    """KFAC/KFLR from the reduced sums: normalized with the global s and N, factors eigendecomposed by the reducer
+    (layers spread over the shards by cost n³)."""
+    factors = normalized_factors(problem.param_names, G, A, problem.scale, problem.num_samples)
+    costs = {n: float(sum(f.shape[0] ** 3 for f in fs)) for n, fs in factors.items()}
+    eigh = problem.reducer.map(factor_eigh, {n: list(fs) for n, fs in factors.items()}, costs)
+    return KFACMetric(problem.param_names, problem.shapes, factors, damping=damping, kind=kind, eigh=eigh)
+
+
+def kronecker_metric(problem: ShardedProblem, damping: float, exact: bool, **options: Any) -> KFACMetric:
+    """The damped KFAC (``exact=False``) or KFLR metric of a sharded problem."""
+    G, A = reduced_kronecker(problem, exact, options)
+    return kronecker_from_sums(problem, G, A, damping, "kflr" if exact else "kfac")

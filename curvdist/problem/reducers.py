@@ -1,0 +1,180 @@
+"""The one seam of data parallelism: shards that each compute a sum-reduced statistic of their own samples, and a
+reducer that adds the shards' results in a fixed order.
+
+A *statistic* is a module-level function ``statistic(shard, *args)`` of a :class:`Shard` — a sum-reduced
+:class:`~curvdist.problem.problem.Problem` over one disjoint part of the samples, with its own cache of operators —
+returning a tree of tensors (tensors, numbers, ``None``, and dicts/tuples/lists of them): a curvature product
+Σ_{n∈shard} C_n v, a gradient, BackPACK diagonal sums, Kronecker factor sums. A :class:`ShardReducer` evaluates it
+on every shard and returns Σ_shards, added in shard order so that the result is deterministic. Implementations:
+
+* :class:`InProcessReducer` — one shard in this process;
+* :class:`ProcessGroupReducer` — this rank's shard, ``all_reduce``-d over a ``torch.distributed`` group (e.g. the
+  data-parallel group of a DeepSpeed engine); every rank receives the same sum;
+* :class:`curvdist.distributed.data_parallel.RayReducer` — shards on Ray actors (restarts and retries included).
+
+Operators and metrics are written once against this interface (:mod:`curvdist.problem.sharded`), as kfac-pytorch
+passes one communicator to its layers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ProblemError
+
+Tree = Any
+Statistic = Callable[..., Tree]
+
+
+class Shard:
+    """One shard of the samples: a sum-reduced problem and its operators, built once and reused."""
+
+    def __init__(self, problem: Any) -> None:
+        if problem.reduction != "sum":
+            raise ProblemError("a shard's problem must use reduction='sum' (the global scale is applied after the "
+                               "reduction)")
+        self.problem = problem
+        self._operators: dict[str, Any] = {}
+
+    def operator(self, kind: str, options: Mapping[str, Any]) -> Any:
+        """The shard's curvature operator ``kind`` (no determinism check: the sharded operator checks the sum)."""
+        key = repr((kind, sorted(options.items())))
+        if key not in self._operators:
+            from ..operators import operator
+
+            self._operators[key] = operator(self.problem, kind, check_determinism=False, **options)
+        return self._operators[key]
+
+
+def tree_map(fn: Callable[[Tensor], Tensor], tree: Tree) -> Tree:
+    """``fn`` applied to every tensor of a tree (numbers and ``None`` pass through)."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    return tree
+
+
+def tree_sum(parts: list[Tree]) -> Tree:
+    """Σ of trees of one structure, added left to right (tensors cloned: the inputs are not modified)."""
+    first = parts[0]
+    if isinstance(first, Tensor):
+        total = first.clone()
+        for p in parts[1:]:
+            total += p
+        return total
+    if isinstance(first, dict):
+        return {k: tree_sum([p[k] for p in parts]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(tree_sum([p[i] for p in parts]) for i in range(len(first)))
+    if first is None:
+        return None
+    return sum(parts[1:], first)
+
+
+def shard_counts(shard: Shard) -> tuple[int, int]:
+    """(samples, batches) of a shard."""
+    return shard.problem.num_samples, shard.problem.num_batches
+
+
+class ShardReducer(ABC):
+    """Σ over the shards of a statistic; see the module docstring."""
+
+    #: where the shards live, e.g. ``local``, ``ray-data[4]``; recorded in every result
+    label: str = "local"
+
+    @property
+    @abstractmethod
+    def shards(self) -> int:
+        """The number of shards."""
+
+    @abstractmethod
+    def sum(self, statistic: Statistic, *args: Any) -> Tree:
+        """Σ_shards statistic(shard, *args), in shard order."""
+
+    @abstractmethod
+    def set_params(self, flat: Tensor) -> None:
+        """Move every shard's selected parameters to the flat vector ``flat``."""
+
+    def counts(self) -> tuple[int, int]:
+        """(samples, batches) over all shards."""
+        return self.sum(shard_counts)
+
+    def map(self, fn: Callable[[dict[str, Any]], dict[str, Any]], jobs: dict[str, Any],
+            costs: Mapping[str, float]) -> dict[str, Any]:
+        """``fn`` over named jobs (a dict in, a dict of results out), spread over the shards by cost where the
+        shards are separate processes; here, in this process."""
+        return fn(jobs)
+
+    def stats(self) -> dict[str, Any] | None:
+        """Backend statistics for the report (e.g. retried calls), or None."""
+        return None
+
+
+class InProcessReducer(ShardReducer):
+    """One shard, in this process."""
+
+    def __init__(self, local: Any) -> None:
+        self.shard = Shard(local)
+
+    @property
+    def shards(self) -> int:
+        return 1
+
+    def sum(self, statistic: Statistic, *args: Any) -> Tree:
+        return statistic(self.shard, *args)
+
+    def set_params(self, flat: Tensor) -> None:
+        p = self.shard.problem
+        p.set_params(p.unflatten(flat.to(p.device, p.dtype)))
+
+
+class ProcessGroupReducer(ShardReducer):
+    """This rank's shard, summed over the ranks of a ``torch.distributed`` group with ``all_reduce`` (every rank
+    must make the same calls in the same order: they are collectives)."""
+
+    def __init__(self, local: Any, group: Any = None, label: str = "process-group") -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ProblemError("torch.distributed is not initialized (deepspeed.initialize or "
+                               "deepspeed.init_distributed does that)")
+        self.dist, self.group = dist, group
+        self.shard = Shard(local)
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.label = f"{label}[{self.world_size}]"
+
+    @property
+    def shards(self) -> int:
+        return self.world_size
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        t = t.detach().clone()
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def sum(self, statistic: Statistic, *args: Any) -> Tree:
+        local = statistic(self.shard, *args)
+        return self._reduce_tree(local)
+
+    def _reduce_tree(self, tree: Tree) -> Tree:
+        if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+            device = self.shard.problem.device
+            out = self._all_reduce(torch.tensor([float(tree)], dtype=torch.float64, device=device))
+            return type(tree)(out[0].item()) if isinstance(tree, int) else float(out[0])
+        if isinstance(tree, dict):
+            return {k: self._reduce_tree(v) for k, v in tree.items()}
+        if isinstance(tree, (tuple, list)):
+            return type(tree)(self._reduce_tree(v) for v in tree)
+        return tree_map(self._all_reduce, tree)
+
+    def set_params(self, flat: Tensor) -> None:
+        p = self.shard.problem
+        p.set_params(p.unflatten(flat.to(p.device, p.dtype)))
