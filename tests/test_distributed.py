@@ -271,3 +271,63 @@ def test_pipeline_kfac_blocks_equal_local(ray_module, name, stages, exact):
         _close(a, b)
     finally:
         pool.shutdown()
+
+
+def _cli_config(mode: str, queries: list[dict]) -> dict:
+    spec = SPECS["mlp"]
+    backend = {"kind": "ray", "mode": mode, "workers": 2, "stages": 2}
+    return {"seed": 0, "dtype": "float64", "loss": "cross_entropy", "plot": False,
+            "model": {"factory": spec.model_factory, "kwargs": dict(spec.model_kwargs)},
+            "data": {"factory": spec.data_factory, "kwargs": dict(spec.data_kwargs), "batch_size": spec.batch_size},
+            "queries": queries, "backend": backend}
+
+
+def test_python_backend_api_equals_cli(ray_module, tmp_path):
+    """The same queries through cd.ray_backend (data and pipeline mode) and through the CLI's YAML backend give
+    identical numbers; what pipeline mode cannot do is refused when asked."""
+    from curvdist.cli.config import validate_config
+    from curvdist.cli.runner import run
+
+    spec = cd.ProblemSpec("curvdist.zoo:mlp", "curvdist.zoo:digits", loss="cross_entropy",
+                          model_kwargs=dict(SPECS["mlp"].model_kwargs), data_kwargs=dict(SPECS["mlp"].data_kwargs),
+                          batch_size=30, dtype="float64")
+    data_queries = [{"kind": "eigs", "k": 2, "tol": 1e-10}, {"kind": "trace", "method": "xtrace", "matvecs": 8},
+                    {"kind": "eigs", "k": 1, "metric": {"kind": "kflr", "damping": 0.1}}, {"kind": "grad_norm"}]
+    cli = run(validate_config(_cli_config("data", data_queries)), output=str(tmp_path / "d.json"), progress=False)
+    pipe_queries = [{"kind": "eigs", "k": 2, "tol": 1e-10},
+                    {"kind": "eigs", "k": 1, "metric": {"kind": "ggn", "damping": 0.5}, "tol": 1e-10}]
+    cli_pipe = run(validate_config(_cli_config("pipeline", pipe_queries)), output=str(tmp_path / "p.json"),
+                   progress=False)
+    with cd.ray_backend(workers=2) as backend:
+        problem = backend.data_parallel(spec)
+        assert isinstance(problem, cd.ShardedProblem) and problem.backend == "ray-data[2]"
+        H = cd.operator(problem, "hessian")
+        api = [cd.eigs(H, k=2, tol=1e-10, seed=0), cd.trace(H, method="xtrace", matvecs=8, seed=0),
+               cd.eigs(H, k=1, tol=1e-8, metric=cd.metric(problem, "kflr", damping=0.1), seed=0),
+               cd.grad_norm(problem)]
+        # per-layer spectra of a data-parallel problem equal the local ones
+        local = spec.build()
+        a = cd.block_spectra(local, "ggn", "kflr", damping=0.1, compare=False).value["blocks"]
+        b = cd.block_spectra(problem, "ggn", "kflr", damping=0.1, compare=False).value["blocks"]
+        for name in a:
+            _close(a[name]["eigenvalues"], b[name]["eigenvalues"])
+
+        staged = backend.pipeline(spec, stages=2)
+        assert staged.backend == "ray-pipeline[2]"
+        Hp = cd.operator(staged, "hessian")
+        api_pipe = [cd.eigs(Hp, k=2, tol=1e-10, seed=0),
+                    cd.eigs(Hp, k=1, tol=1e-10, metric=cd.metric(staged, "ggn", damping=0.5), seed=0)]
+        with pytest.raises(cd.ProblemError, match="pipeline mode supports the curvature kinds hessian, ggn, fisher"):
+            cd.operator(staged, "fisher_mc")
+        with pytest.raises(cd.MetricError, match="pipeline mode has no 'diag_ggn' metric"):
+            cd.metric(staged, "diag_ggn", damping=0.1)
+        with pytest.raises(cd.ProblemError, match="the gradient \\(grad_norm\\) .*not available"):
+            cd.grad_norm(Hp)
+        with pytest.raises(cd.ProblemError, match="parameters this process holds"):
+            cd.block_spectra(staged)
+        with pytest.raises(cd.ProblemError, match="pipeline"):
+            cd.optim.RiemannianSGD(spec.build_model(), problem=staged)
+    for r, doc in zip(api, cli["results"]):
+        assert r.value == doc["value"] and r.backend == doc["backend"] == "ray-data[2]"
+    for r, doc in zip(api_pipe, cli_pipe["results"]):
+        assert r.value == doc["value"] and r.backend == doc["backend"] == "ray-pipeline[2]"

@@ -136,7 +136,7 @@ def test_fisher_mc_rejects_bad_sample_count(mlp_problem):
 
 
 def test_operator_rejects_unknown_kind_and_options(mlp_problem):
-    with pytest.raises(cd.ProblemError, match="unknown curvature kind 'hesian'"):
+    with pytest.raises(cd.UnknownNameError, match="unknown curvature kind 'hesian'; choose one of: hessian, ggn"):
         cd.operator(mlp_problem, "hesian")
     with pytest.raises(cd.ProblemError, match="invalid options"):
         cd.operator(mlp_problem, "hessian", mc_samples=3)

@@ -102,8 +102,12 @@ def test_queries_reject_bad_input(mlp_problem):
     op = cd.operator(mlp_problem, "hessian")
     with pytest.raises(cd.SolverError, match=f"k={mlp_problem.dim + 1} eigenvalues requested"):
         cd.eigs(op, k=mlp_problem.dim + 1)
-    with pytest.raises(cd.SolverError, match="unknown trace method"):
+    with pytest.raises(cd.UnknownNameError, match="unknown trace method 'hutch\\+'; choose one of: hutchinson"):
         cd.trace(op, method="hutch+")
+    with pytest.raises(cd.UnknownNameError, match="unknown diagonal method 'xdiagg'; choose one of: hutchinson, xdiag"):
+        cd.diag(op, method="xdiagg")
+    with pytest.raises(cd.UnknownNameError, match="unknown logdet method 'lanczos'; choose one of: slq, exact"):
+        cd.logdet(op, method="lanczos")
     with pytest.raises(cd.ProblemError, match="expected a curvature operator"):
         cd.eigs(torch.eye(3), k=1)
     with pytest.raises(cd.SolverError, match="damping"):

@@ -100,6 +100,10 @@ class BaseProblem(ABC):
         """Statistics of the backend for the report (e.g. retried remote calls), or None."""
         return None
 
+    @abstractmethod
+    def restricted(self, params: Sequence[str]) -> BaseProblem:
+        """The same problem (samples, reduction, backend) over a subset of the parameters, e.g. a layer block."""
+
     @property
     def scale(self) -> float:
         """s in L = s · Σ_n ℓ_n: 1/N for reduction="mean", 1 for "sum"."""

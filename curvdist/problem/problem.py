@@ -68,6 +68,9 @@ class Problem(BaseProblem):
             raise DataError("the data set is empty")
         return n, b + 1
 
+    def restricted(self, params: Sequence[str]) -> Problem:
+        return Problem(self.model, self.loss, self.data, params=list(params), reduction=self.reduction)
+
     def batches(self, validate: bool = False) -> Iterator[Batch]:
         """The data batches moved to the parameters' device (floating data cast to their dtype).
 

@@ -40,6 +40,16 @@ class Shard:
                                "reduction)")
         self.problem = problem
         self._operators: dict[str, Any] = {}
+        self._subsets: dict[tuple[str, ...], Shard] = {}
+
+    def subset(self, params: tuple[str, ...]) -> Shard:
+        """The same samples over a subset of the parameters (cached)."""
+        if params not in self._subsets:
+            from .problem import Problem
+
+            p = self.problem
+            self._subsets[params] = Shard(Problem(p.model, p.loss, p.data, params=list(params), reduction="sum"))
+        return self._subsets[params]
 
     def operator(self, kind: str, options: Mapping[str, Any]) -> Any:
         """The shard's curvature operator ``kind`` (no determinism check: the sharded operator checks the sum)."""
@@ -116,6 +126,36 @@ class ShardReducer(ABC):
     def stats(self) -> dict[str, Any] | None:
         """Backend statistics for the report (e.g. retried calls), or None."""
         return None
+
+
+def on_subset(shard: Shard, params: tuple[str, ...], statistic: Statistic, *args: Any) -> Tree:
+    """statistic on the shard's samples over the parameter subset ``params``."""
+    return statistic(shard.subset(params), *args)
+
+
+class SubsetReducer(ShardReducer):
+    """A reducer's shards restricted to a subset of the parameters (e.g. one layer's block)."""
+
+    def __init__(self, parent: ShardReducer, params: tuple[str, ...]) -> None:
+        self.parent, self.params, self.label = parent, tuple(params), parent.label
+
+    @property
+    def shards(self) -> int:
+        return self.parent.shards
+
+    def counts(self) -> tuple[int, int]:
+        return self.parent.counts()
+
+    def sum(self, statistic: Statistic, *args: Any) -> Tree:
+        return self.parent.sum(on_subset, self.params, statistic, *args)
+
+    def set_params(self, flat: Tensor) -> None:
+        raise ProblemError("a parameter subset of a sharded problem cannot move the parameters; move the full "
+                           "problem's with set_params")
+
+    def map(self, fn: Callable[[dict[str, Any]], dict[str, Any]], jobs: dict[str, Any],
+            costs: Mapping[str, float]) -> dict[str, Any]:
+        return self.parent.map(fn, jobs, costs)
 
 
 class InProcessReducer(ShardReducer):

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..errors import ProblemError
 from .base import BaseProblem, Params
 from .losses import Loss
-from .reducers import InProcessReducer, Shard, ShardReducer
+from .reducers import InProcessReducer, Shard, ShardReducer, SubsetReducer
 
 
 def loss_sum(shard: Shard) -> float:
@@ -69,6 +69,10 @@ class ShardedProblem(BaseProblem):
 
     def backend_stats(self) -> dict[str, Any] | None:
         return self.reducer.stats()
+
+    def restricted(self, params: Sequence[str]) -> ShardedProblem:
+        return ShardedProblem(self.model, self.loss, SubsetReducer(self.reducer, tuple(params)), list(params),
+                              self.reduction)
 
     # ---------------------------------------------------------------- data passes, summed over the shards
     def batches(self, validate: bool = False) -> Any:

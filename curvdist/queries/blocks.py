@@ -23,18 +23,18 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..errors import SolverError
+from ..errors import ProblemError, SolverError
 from ..geometry.metrics import Metric
 from ..geometry.metrics import metric as build_metric
 from ..operators import operator as build_operator
-from ..problem.problem import Problem
+from ..problem.base import BaseProblem
 from .api import eigs, trace
 from .result import Result
 
 GROUPINGS = ("layer", "parameter")
 
 
-def partition(problem: Problem, groups: str | Mapping[str, Sequence[str]] = "layer") -> dict[str, list[str]]:
+def partition(problem: BaseProblem, groups: str | Mapping[str, Sequence[str]] = "layer") -> dict[str, list[str]]:
     """Blocks of the problem's parameters: by owning module (``layer``), one per parameter (``parameter``), or an
     explicit mapping block name → parameter names (which must partition the selected parameters)."""
     names = list(problem.param_names)
@@ -64,7 +64,7 @@ def _generalized_eigvals(C: torch.Tensor, M: torch.Tensor | None) -> np.ndarray:
     return np.sort(scipy.linalg.eigh(Cn, 0.5 * (Mn + Mn.T), eigvals_only=True))[::-1]
 
 
-def block_spectra(problem: Problem, curvature: str = "ggn", metric: str | None = "kfac", damping: float = 1e-3,
+def block_spectra(problem: BaseProblem, curvature: str = "ggn", metric: str | None = "kfac", damping: float = 1e-3,
                   groups: str | Mapping[str, Sequence[str]] = "layer", k: int = 10, compare: bool = True,
                   max_block_dim: int = 4096, max_dense_dim: int = 3000, metric_options: dict[str, Any] | None = None,
                   operator_options: dict[str, Any] | None = None, seed: int = 0) -> Result:
@@ -82,16 +82,19 @@ def block_spectra(problem: Problem, curvature: str = "ggn", metric: str | None =
     ``value``: ``{"blocks": {block: {"eigenvalues", "trace", "max", "dim"}}, "union_top", "full_top",
     "top_rel_error", "union_trace", "full_trace", "trace_rel_error"}``.
     """
+    if not isinstance(problem, BaseProblem):
+        raise ProblemError(f"block_spectra needs a curvdist problem whose parameters this process holds (local or "
+                           f"data-parallel), got {type(problem).__name__}")
     t0 = time.perf_counter()
     blocks = partition(problem, groups)
     metric_options, operator_options = dict(metric_options or {}), dict(operator_options or {})
 
-    def metric_of(p: Problem) -> Metric | None:
+    def metric_of(p: BaseProblem) -> Metric | None:
         return None if metric is None else build_metric(p, metric, damping, **metric_options)
 
     out: dict[str, dict[str, Any]] = {}
     for name, params in blocks.items():
-        sub = Problem(problem.model, problem.loss, problem.data, params=params, reduction=problem.reduction)
+        sub = problem.restricted(params)
         if sub.dim > max_block_dim:
             raise SolverError(f"block {name!r} has {sub.dim} parameters > max_block_dim={max_block_dim}; use "
                               f"groups='parameter' or a larger max_block_dim")

@@ -83,11 +83,8 @@ class Coordinates:
             if self.theta is not None:
                 raise ConfigError("metric kind 'adam' exists only in the coordinates the optimizer trained in (θ)")
             opts["optimizer"] = self.optimizer
-        if kind in ("fisher", "ggn", "fisher_mc", "empirical_fisher") and self.theta is not None and damping \
-                and spec.damping_reference == "pullback":
-            opts["damping_metric"] = PullbackMetric(
-                EuclideanMetric(self.theta.problem.dim, self.theta.problem.dtype, self.theta.problem.device),
-                self.reparam, self.problem.params)
+        if self.theta is not None:  # in ψ: damp with δ·I_θ pulled back (a tensor) unless told otherwise
+            opts["damping_reference"] = spec.damping_reference
         return metric(self.problem, kind, damping, **opts)
 
 

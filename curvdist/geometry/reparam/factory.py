@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ...catalogue import ReparamKind, parse
 from ...errors import ReparamError
 from .base import Reparametrization
 from .compose import compose
@@ -65,8 +66,7 @@ def _part(spec: Any, which: str) -> Reparametrization:
 
 def make_reparam(kind: str, **kwargs: Any) -> Reparametrization:
     """The reparametrization ``kind`` built from plain data (see the module docstring for the arguments)."""
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise ReparamError(f"unknown reparametrization kind {kind!r}; choose one of {sorted(KINDS)}")
+    kind = parse(ReparamKind, kind, "reparametrization kind").value
     build = KINDS[kind]
     try:
         inspect.signature(build).bind(**kwargs)
