@@ -9,7 +9,9 @@ reduction="mean", s = 1 for "sum", N the size of the whole data set) and its sel
                                  ỹ_nk ~ p(y | f_n) (S = mc_samples); E[G̃] = G for both built-in losses
 * :func:`empirical_fisher_diag` diag(s · Σ_n g_n g_nᵀ),  g_n = ∇_θ ℓ_n
 
-Each is returned as a :class:`~curvdist.geometry.metrics.base.DiagonalMetric` M_δ = diag(d) + δI.
+Each is returned as a :class:`~curvdist.geometry.metrics.base.DiagonalMetric` M_δ = diag(d) + δI, or
+diag(d) + δ·diag(r) with ``damping_diagonal=r`` (the θ-identity pulled back to ψ, r = diag(JᵀJ), for a diagonal J;
+:mod:`curvdist.geometry.damping`).
 
 A diagonal metric transforms as a tensor (M_ψ = Jᵀ M_θ J) only under reparametrizations θ = φ(ψ) with a diagonal
 Jacobian (elementwise maps, per-layer scalings such as the NTK parametrization); under any other reparametrization
@@ -405,22 +407,28 @@ def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0
 
 
 def _diagonal(problem: Problem, kind: str, damping: float, mc_samples: int = 1, seed: int = 0,
-              backend: str = "auto") -> DiagonalMetric:
+              backend: str = "auto", damping_diagonal: Tensor | None = None) -> DiagonalMetric:
     diag = raw_diagonal(problem, kind, mc_samples, seed, backend)
-    return DiagonalMetric(diag, damping=damping, kind=kind, names=entry_names(problem, diag, damping))
+    return DiagonalMetric(diag, damping=damping, kind=kind,
+                          names=entry_names(problem, diag, damping, damping_diagonal),
+                          damping_diagonal=damping_diagonal)
 
 
-def entry_names(problem: Problem, diag: Tensor, damping: float) -> list[str] | None:
+def entry_names(problem: Problem, diag: Tensor, damping: float,
+                damping_diagonal: Tensor | None = None) -> list[str] | None:
     """The parameter name of every flat entry, for DiagonalMetric's error message; built only when an entry of
-    diag + damping is ≤ 0 (a name per entry costs a pointer per parameter)."""
-    if bool((diag + damping > 0).all()):
+    diag + damping (· damping_diagonal) is ≤ 0 (a name per entry costs a pointer per parameter)."""
+    damped = diag + damping if damping_diagonal is None else diag + damping * damping_diagonal.reshape(-1).to(diag)
+    if bool((damped > 0).all()):
         return None
     return [n for n, s in zip(problem.param_names, problem.shapes) for _ in range(s.numel())]
 
 
 # ====================================================================== public
-def diag_ggn(problem: Problem, damping: float = 0.0, backend: str = "auto") -> DiagonalMetric:
-    """The exact diagonal of the generalized Gauss-Newton matrix, M_δ = diag(G) + δI.
+def diag_ggn(problem: Problem, damping: float = 0.0, backend: str = "auto",
+             damping_diagonal: Tensor | None = None) -> DiagonalMetric:
+    """The exact diagonal of the generalized Gauss-Newton matrix, M_δ = diag(G) + δI (δ·diag(r) with
+    ``damping_diagonal`` r, e.g. the pulled-back θ-identity diag(JᵀJ), see :mod:`curvdist.geometry.damping`).
 
     G = s · Σ_n J_nᵀ Λ_n J_n with J_n = ∂f(x_n; θ)/∂θ and Λ_n = ∂²ℓ_n/∂f_n² (for cross-entropy and MSE this is
     also the exact type-2 Fisher). Computed with BackPACK's ``DiagGGNExact`` (Dangel, Kunstner & Hennig 2020),
@@ -435,12 +443,13 @@ def diag_ggn(problem: Problem, damping: float = 0.0, backend: str = "auto") -> D
         SingularMetricError: an entry of diag(G) + δ is 0 (e.g. a weight fed by an input that is always 0);
             add damping.
     """
-    return _diagonal(problem, "diag_ggn", damping, backend=backend)
+    return _diagonal(problem, "diag_ggn", damping, backend=backend, damping_diagonal=damping_diagonal)
 
 
 def diag_fisher_mc(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int = 0,
-                   backend: str = "auto") -> DiagonalMetric:
-    """A Monte-Carlo estimate of the diagonal of the Fisher (= GGN for cross-entropy and MSE), M_δ = diag(G̃) + δI.
+                   backend: str = "auto", damping_diagonal: Tensor | None = None) -> DiagonalMetric:
+    """A Monte-Carlo estimate of the diagonal of the Fisher (= GGN for cross-entropy and MSE), M_δ = diag(G̃) + δI
+    (δ·diag(r) with ``damping_diagonal`` r, as in :func:`diag_ggn`).
 
     G̃ = s · Σ_n (1/S) Σ_{k=1..S} J_nᵀ g̃_nk g̃_nkᵀ J_n with g̃_nk = ∇_f ℓ(f_n, ỹ_nk) for labels ỹ_nk drawn from the
     model's predictive distribution p(y | f_n) (categorical for cross-entropy, N(f_n, ½I) for MSE), S = mc_samples.
@@ -452,11 +461,13 @@ def diag_fisher_mc(problem: Problem, damping: float = 0.0, mc_samples: int = 1, 
 
     A diagonal metric is a tensor only under reparametrizations with a diagonal Jacobian.
     """
-    return _diagonal(problem, "diag_fisher_mc", damping, mc_samples, seed, backend)
+    return _diagonal(problem, "diag_fisher_mc", damping, mc_samples, seed, backend, damping_diagonal)
 
 
-def empirical_fisher_diag(problem: Problem, damping: float = 0.0, backend: str = "auto") -> DiagonalMetric:
-    """The diagonal of the empirical Fisher, M_δ = diag(s · Σ_n g_n ∘ g_n) + δI with g_n = ∇_θ ℓ(f(x_n; θ), y_n).
+def empirical_fisher_diag(problem: Problem, damping: float = 0.0, backend: str = "auto",
+                          damping_diagonal: Tensor | None = None) -> DiagonalMetric:
+    """The diagonal of the empirical Fisher, M_δ = diag(s · Σ_n g_n ∘ g_n) + δI with g_n = ∇_θ ℓ(f(x_n; θ), y_n)
+    (δ·diag(r) with ``damping_diagonal`` r, as in :func:`diag_ggn`).
 
     Computed with BackPACK's first-order ``SumGradSquared`` (Dangel, Kunstner & Hennig 2020) from per-sample
     gradients of the layers it supports (Linear, convolutions, BatchNorm in eval mode, Embedding, RNN/LSTM), or
@@ -464,4 +475,4 @@ def empirical_fisher_diag(problem: Problem, damping: float = 0.0, backend: str =
 
     A diagonal metric is a tensor only under reparametrizations with a diagonal Jacobian.
     """
-    return _diagonal(problem, "empirical_fisher_diag", damping, backend=backend)
+    return _diagonal(problem, "empirical_fisher_diag", damping, backend=backend, damping_diagonal=damping_diagonal)

@@ -19,6 +19,8 @@ and :meth:`inv_sqrt_apply` is offered too.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -107,7 +109,13 @@ class Metric(ABC):
 
 
 class DiagonalMetric(Metric):
-    """M_δ = diag(d) + δI for a vector d ≥ 0 (refused when an entry of d + δ is ≤ 0)."""
+    """M_δ = diag(d) + δ·diag(r) for a vector d ≥ 0 and the damping reference's diagonal r (default r = 1, i.e.
+    δI; refused when an entry of d + δr is ≤ 0).
+
+    ``damping_diagonal`` r: the diagonal of a diagonal damping reference, e.g. r = diag(JᵀJ) = J_ii² for the
+    θ-identity pulled back through a reparametrization with a diagonal Jacobian (see
+    :func:`curvdist.geometry.damping.pulled_back_damping`), which keeps the damped metric diagonal *and* a tensor.
+    """
 
     kind = "diagonal"
     has_factor = True
@@ -115,14 +123,24 @@ class DiagonalMetric(Metric):
     diagonal_only = True
 
     def __init__(self, diagonal: Tensor, damping: float = 0.0, kind: str | None = None,
-                 names: list[str] | None = None) -> None:
+                 names: list[str] | None = None, damping_diagonal: Tensor | None = None) -> None:
         super().__init__(diagonal.numel(), diagonal.dtype, diagonal.device, damping)
         if kind is not None:
             self.kind = kind
         self.diagonal = diagonal.reshape(-1)
         if not bool(torch.isfinite(self.diagonal).all()):
             raise MetricError(f"the {self.kind} metric's diagonal contains NaN or inf")
-        self._d = self.diagonal + self.damping
+        self.damping_diagonal: Tensor | None = None
+        if damping_diagonal is None:
+            self._d = self.diagonal + self.damping
+        else:
+            r = damping_diagonal.detach().reshape(-1).to(dtype=self.dtype, device=self.device)
+            if r.numel() != self.dim:
+                raise ShapeError(f"damping_diagonal has {r.numel()} entries, the {self.kind} metric {self.dim}")
+            if not bool(torch.isfinite(r).all()) or not bool((r >= 0).all()):
+                raise MetricError(f"the {self.kind} metric's damping diagonal must be finite and ≥ 0")
+            self.damping_diagonal = r
+            self._d = self.diagonal + self.damping * r
         if not bool((self._d > 0).all()):
             from ...errors import SingularMetricError
 
@@ -155,3 +173,19 @@ class DiagonalMetric(Metric):
 
     def to_dense(self, max_dim: int = 8192) -> Tensor:
         return torch.diag(self._d)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """What determines M_δ = diag(d) + δ·diag(r), as plain values and tensors (``torch.load(weights_only=True)``
+        reads it back): ``{"type": "diagonal", "kind", "damping", "diagonal": d, "damping_diagonal": r or None}``."""
+        return {"type": "diagonal", "kind": self.kind, "damping": self.damping, "diagonal": self.diagonal,
+                "damping_diagonal": getattr(self, "damping_diagonal", None)}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> DiagonalMetric:
+        """The very metric whose :meth:`state_dict` ``state`` is (nothing is recomputed from data)."""
+        if state.get("type") != "diagonal":
+            raise MetricError(f"not the state of a diagonal metric (type {state.get('type')!r})")
+        r = state.get("damping_diagonal")
+        extra = {} if r is None else {"damping_diagonal": r}
+        return cls(state["diagonal"], float(state["damping"]), kind=str(state["kind"]), **extra)

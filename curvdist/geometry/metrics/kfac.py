@@ -29,8 +29,11 @@ V = W.reshape(out, -1), (G ⊗ A) vec_r(V) = vec_r(G V Aᵀ), and ``torch.kron(G
 
 Damping and factors
 -------------------
-M_δ = M + δI. Each factor is eigendecomposed once (G = U_G diag(λ_G) U_Gᵀ, A = U_A diag(λ_A) U_Aᵀ), so a block of
-M_δ is (U_G ⊗ U_A) diag(λ_G[o] λ_A[i] + δ) (U_G ⊗ U_A)ᵀ and M_δ^p v for p = 1, −1, −½ and log det M_δ are exact.
+M_δ = M + δI, or M + δR with a damping reference R = blockdiag_p(w_p I) (``damping_weights`` w_p per parameter:
+the θ-identity pulled back through a per-tensor scalar Jacobian J = c_p I is c_p² I on block p, see
+:mod:`curvdist.geometry.damping`); every block stays Kronecker-with-scalar-damping. Each factor is
+eigendecomposed once (G = U_G diag(λ_G) U_Gᵀ, A = U_A diag(λ_A) U_Aᵀ), so a block of M_δ is
+(U_G ⊗ U_A) diag(λ_G[o] λ_A[i] + δw_p) (U_G ⊗ U_A)ᵀ and M_δ^p v for p = 1, −1, −½ and log det M_δ are exact.
 Eigenvalues of a factor below n·ε·max|λ| (rounding, including slightly negative values) are set to 0; the matrix
 the metric represents is the one with those clipped eigenvalues. With δ = 0 a block with a zero eigenvalue makes
 M singular (:class:`~curvdist.errors.SingularMetricError`).
@@ -38,12 +41,20 @@ M singular (:class:`~curvdist.errors.SingularMetricError`).
 Like diagonal metrics, a Kronecker-factored metric is not a tensor under general reparametrizations: recomputing
 it in new coordinates agrees with the transformed Jᵀ M J only for Jacobians that are diagonal and Kronecker
 structured per layer (per-layer scalings such as the NTK parametrization, per-row/per-column scalings).
+
+Reparametrized problems (``cd.reparametrize``): the ψ model runs the θ network at θ = φ(ψ), so the layers whose
+inputs and output gradients KFAC needs are the θ layers. For a Jacobian that is a scalar multiple of the identity
+on every parameter tensor (θ_p = c_p ψ_p: ``scale`` by numbers, ``ntk``, compositions of those) the ψ gradient of
+a layer is c_p times the θ one, so the ψ factors are exactly (c_p² G_p, A_p), computed from the θ network at
+φ(ψ) (the same sampled labels for the same seed). Other Jacobians make the ψ blocks non-Kronecker and are refused.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +84,7 @@ class _Block:
     shape: torch.Size
     evecs: tuple[Tensor, ...]  # U_G[, U_A]
     evals: tuple[Tensor, ...]  # λ_G[, λ_A], clipped at 0
+    damping_weight: float = 1.0  # w: the block's damping reference is w·I
 
     @property
     def numel(self) -> int:
@@ -137,6 +149,8 @@ class KFACMetric(Metric):
         kind: ``"kfac"`` or ``"kflr"`` (a label).
         eigh: optional precomputed :func:`eigh_psd` results per name, ``[(λ, U), ...]`` in factor order (e.g.
             computed on the Ray actors, one layer each, as in distributed K-FAC).
+        damping_weights: optional per-name weights w_p > 0 of the damping reference R = blockdiag(w_p I)
+            (block p is damped by δ·w_p; names not given keep w = 1).
     """
 
     kind = "kfac"
@@ -146,13 +160,21 @@ class KFACMetric(Metric):
 
     def __init__(self, names: Sequence[str], shapes: Sequence[torch.Size], factors: Mapping[str, Sequence[Tensor]],
                  damping: float = 0.0, kind: str = "kfac",
-                 eigh: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None = None) -> None:
+                 eigh: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None = None,
+                 damping_weights: Mapping[str, float] | None = None) -> None:
         names, shapes = list(names), [torch.Size(s) for s in shapes]
         if len(names) != len(shapes) or not names:
             raise ShapeError(f"need one shape per parameter name, got {len(names)} names and {len(shapes)} shapes")
         missing = [n for n in names if n not in factors]
         if missing:
             raise MetricError(f"no Kronecker factors for {missing}")
+        weights = dict(damping_weights or {})
+        unknown = [n for n in weights if n not in names]
+        if unknown:
+            raise MetricError(f"damping_weights names {unknown}, which are not among the parameters {names}")
+        bad = {n: w for n, w in weights.items() if not (isinstance(w, (int, float)) and 0 < float(w) < float("inf"))}
+        if bad:
+            raise MetricError(f"damping_weights must be finite positive numbers, got {bad}")
         first = next(iter(factors[names[0]]))
         dim = sum(s.numel() for s in shapes)
         super().__init__(dim, first.dtype, first.device, damping)
@@ -174,7 +196,8 @@ class KFACMetric(Metric):
                     raise ShapeError(f"Kronecker factor of {name} has shape {tuple(F.shape)}, expected {(n, n)}")
             eig = ([(lam.to(self.dtype), U.to(self.dtype)) for lam, U in eigh[name]] if eigh is not None and name in eigh
                    else [eigh_psd(F.to(self.dtype), name) for F in fs])
-            block = _Block(name, offset, shape, tuple(U for _, U in eig), tuple(lam for lam, _ in eig))
+            block = _Block(name, offset, shape, tuple(U for _, U in eig), tuple(lam for lam, _ in eig),
+                           float(weights.get(name, 1.0)))
             if self.damping == 0 and not bool((block.eigenvalues > 0).all()):
                 raise SingularMetricError(
                     f"the {self.kind} metric is singular: its block for parameter {name} has a zero eigenvalue "
@@ -187,8 +210,10 @@ class KFACMetric(Metric):
 
     # ------------------------------------------------------------------ helpers
     def _power(self, v: Tensor, exponent: float, damping: float) -> Tensor:
+        """(M + damping·R)^exponent v, R = blockdiag(w_p I)."""
         self._check(v)
-        return torch.cat([b.power(v[b.offset : b.offset + b.numel], exponent, damping) for b in self.blocks])
+        return torch.cat([b.power(v[b.offset : b.offset + b.numel], exponent, damping * b.damping_weight)
+                          for b in self.blocks])
 
     def factors(self) -> dict[str, tuple[Tensor, ...]]:
         """The (clipped) Kronecker factors per parameter: ``(G, A)`` or ``(G,)``."""
@@ -213,15 +238,42 @@ class KFACMetric(Metric):
         return self._power(v, -0.5, self.damping)
 
     def logdet(self) -> float:
-        return float(sum(torch.log((b.eigenvalues + self.damping).double()).sum() for b in self.blocks))
+        return float(sum(torch.log((b.eigenvalues + self.damping * b.damping_weight).double()).sum()
+                         for b in self.blocks))
 
     def to_dense(self, max_dim: int = 8192) -> Tensor:
         if self.dim > max_dim:
             from ...errors import SolverError
 
             raise SolverError(f"to_dense() of a {self.dim}-dimensional metric refused (max_dim={max_dim})")
-        return torch.block_diag(*[b.dense(self.damping) for b in self.blocks])
+        return torch.block_diag(*[b.dense(self.damping * b.damping_weight) for b in self.blocks])
 
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """What determines M_δ, as plain values and tensors (``torch.load(weights_only=True)`` reads it back): per
+        block the eigendecompositions of its (clipped) factors and its damping weight, ``{"type": "kronecker",
+        "kind", "damping", "names", "shapes", "evecs": [[U_G, U_A] or [U_G], ...], "evals": [[λ_G, λ_A] or [λ_G],
+        ...], "damping_weights": [w_p, ...]}``."""
+        return {"type": "kronecker", "kind": self.kind, "damping": self.damping,
+                "names": [b.name for b in self.blocks], "shapes": [list(b.shape) for b in self.blocks],
+                "evecs": [list(b.evecs) for b in self.blocks], "evals": [list(b.evals) for b in self.blocks],
+                "damping_weights": [float(getattr(b, "damping_weight", 1.0)) for b in self.blocks]}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> KFACMetric:
+        """The very metric whose :meth:`state_dict` ``state`` is: built from the saved eigendecompositions (no
+        eigendecomposition, nothing recomputed from data); the factors are F = U diag(λ) Uᵀ."""
+        if state.get("type") != "kronecker":
+            raise MetricError(f"not the state of a Kronecker-factored metric (type {state.get('type')!r})")
+        names = [str(n) for n in state["names"]]
+        eigh = {n: list(zip(lams, Us)) for n, lams, Us in zip(names, state["evals"], state["evecs"], strict=True)}
+        factors = {n: tuple(0.5 * ((U * lam) @ U.T + ((U * lam) @ U.T).T) for lam, U in pairs)
+                   for n, pairs in eigh.items()}
+        weights = {n: float(w) for n, w in zip(names, state.get("damping_weights") or [], strict=False) if w != 1.0}
+        extra: dict[str, Any] = {"damping_weights": weights} if weights else {}
+        return cls(names, [torch.Size(s) for s in state["shapes"]], factors, damping=float(state["damping"]),
+                   kind=str(state["kind"]), eigh=eigh, **extra)
 
 def _kfac_layer_check(path: str, module: nn.Module) -> str | None:
     if type(module) not in (nn.Linear, nn.Conv2d):
@@ -232,7 +284,8 @@ def _kfac_layer_check(path: str, module: nn.Module) -> str | None:
 
 
 def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int = 0,
-         exact: bool = False, backend: str = "auto") -> KFACMetric:
+         exact: bool = False, backend: str = "auto", damping_weights: Mapping[str, float] | None = None
+         ) -> KFACMetric:
     """The Kronecker-factored GGN/Fisher metric of the problem's selected parameters (see the module docstring).
 
     ``exact=False``: KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions) — the output-side factor
@@ -252,15 +305,63 @@ def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int 
     ``backend="auto"`` (default): BackPACK where it applies, else the own kernels. Weights and biases are
     independent blocks, so either may be selected alone.
 
+    A problem made by ``cd.reparametrize`` with θ_p = c_p ψ_p on every tensor (``scale`` by numbers, ``ntk``) gets
+    the factors (c_p² G_p, A_p) of the θ network at θ = φ(ψ) (see the module docstring). ``damping_weights``: the
+    damping reference R = blockdiag(w_p I) (:class:`KFACMetric`).
+
     Raises:
         MetricError: a selected parameter's layer is not supported (the message lists all uncovered parameters and
-            suggests a matrix-free metric), or BackPACK cannot backpropagate through the model.
+            suggests a matrix-free metric), BackPACK cannot backpropagate through the model, or the problem is
+            reparametrized with a Jacobian that is not a scalar multiple of the identity on every tensor.
         SingularMetricError: damping is 0 and a block is singular.
     """
     kind = "kflr" if exact else "kfac"
-    G, A = kfac_sums(problem, mc_samples, seed, exact, backend)
+    scalar = _per_tensor_scales(problem, kind)
+    if scalar is None:
+        G, A = kfac_sums(problem, mc_samples, seed, exact, backend)
+    else:
+        theta, c = scalar
+        G_t, A_t = kfac_sums(theta, mc_samples, seed, exact, backend)
+        G = {n: G_t[t] * c[n] ** 2 for n, t in zip(problem.param_names, theta.param_names)}
+        A = {n: A_t[t] for n, t in zip(problem.param_names, theta.param_names)}
     return kfac_from_sums(problem.param_names, problem.shapes, G, A, problem.scale, problem.num_samples, damping,
-                          kind)
+                          kind, damping_weights=damping_weights)
+
+
+def _per_tensor_scales(problem: Problem, kind: str) -> tuple[Problem, dict[str, float]] | None:
+    """For a problem made by ``cd.reparametrize``: the θ problem at θ = φ(ψ) (on a copy of the θ network, the
+    user's model is not touched) and c_p per ψ parameter name, where J = c_p I on every tensor; None for a problem
+    that is not reparametrized. Raises MetricError for other Jacobians."""
+    from ..reparam.reparametrize import ReparametrizedModel
+
+    model = getattr(problem, "model", None)
+    if not isinstance(model, ReparametrizedModel):
+        return None
+    r, theta = model.reparam, model.theta_problem
+    if tuple(problem.param_names) != tuple(model.psi_param_names):
+        raise MetricError(f"the {kind} metric of a reparametrized problem needs all its ψ parameters "
+                          f"{list(model.psi_param_names)} selected, got {list(problem.param_names)}")
+    diag = r.jacobian_diagonal(problem.params)
+    why = None
+    if diag is None:
+        why = "mixes parameter entries (its Jacobian is not diagonal)"
+    elif any(d.numel() != 1 for d in diag):
+        entrywise = [n for n, d in zip(r.psi_names, diag) if d.numel() != 1]
+        why = f"scales the entries of {entrywise} individually (its Jacobian is not c·I on each tensor)"
+    if why is not None:
+        raise MetricError(
+            f"the {kind} metric cannot be computed in the coordinates of the {r.kind} reparametrization: it {why}, "
+            f"so the ψ curvature blocks are not Kronecker-factored. Use metric 'pullback' with of='{kind}' "
+            f"(Jᵀ M_θ J, a tensor), a diagonal metric (for a diagonal Jacobian) or 'fisher'/'ggn'"
+        )
+    c = {n: float(d.reshape(())) for n, d in zip(problem.param_names, diag)}
+    net = copy.deepcopy(theta.model)
+    named = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, t in zip(r.theta_names, r.forward(tuple(p.detach() for p in problem.params))):
+            named[name].copy_(t)
+    at = Problem(net, theta.loss, theta.data, params=list(theta.param_names), reduction=theta.reduction)
+    return at, c
 
 
 def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False, backend: str = "auto"
@@ -319,9 +420,10 @@ def normalized_factors(names: Sequence[str], G: Mapping[str, Tensor], A: Mapping
 
 def kfac_from_sums(names: Sequence[str], shapes: Sequence[torch.Size], G: Mapping[str, Tensor],
                    A: Mapping[str, Tensor | None], scale: float, num_samples: int, damping: float = 0.0,
-                   kind: str = "kfac", eigh: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None = None
-                   ) -> KFACMetric:
+                   kind: str = "kfac", eigh: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None = None,
+                   damping_weights: Mapping[str, float] | None = None) -> KFACMetric:
     """The metric from summed statistics: G ← s·G, A ← A/N (the conventions of :func:`kfac`); ``eigh``: optional
-    precomputed eigendecompositions of those normalized factors (see :class:`KFACMetric`)."""
+    precomputed eigendecompositions of those normalized factors, ``damping_weights``: per-block weights of the
+    damping reference (see :class:`KFACMetric`)."""
     return KFACMetric(names, shapes, normalized_factors(names, G, A, scale, num_samples), damping=damping,
-                      kind=kind, eigh=eigh)
+                      kind=kind, eigh=eigh, damping_weights=damping_weights)

@@ -14,6 +14,7 @@ method                 math                                        use
 ``jvp_inverse(ψ, t)``  J⁻¹ t                                       pull tangent vectors back
 ``vjp_inverse(ψ, c)``  J⁻ᵀ c                                       push covectors forward
 ``logabsdet(ψ)``       log |det J|                                 densities, pulled-back log-dets
+``jacobian_diagonal(ψ)`` diag J per tensor, or None (J not diagonal) damping pulled back to δJᵀJ
 =====================  ==========================================  ===========================
 
 Defaults use ``torch.func`` on :meth:`forward`; built-in kinds override them with closed forms, which the tests
@@ -101,6 +102,16 @@ class Reparametrization(ABC):
     def logabsdet(self, psi: Params) -> float:
         """log |det J(ψ)|."""
         raise ReparamError(f"the {self.kind} reparametrization offers no Jacobian determinant")
+
+    def jacobian_diagonal(self, psi: Params) -> Params | None:
+        """The diagonal of J(ψ) when J is diagonal (ψ has θ's layout and θ_i depends on ψ_i alone), else None.
+
+        One tensor per parameter, *broadcastable* to the parameter's shape: 0-d where J is by construction a scalar
+        multiple of the identity on that tensor (a number in ``scale``, ``ntk``, an untouched parameter), of the
+        parameter's (or a broadcastable) shape where it varies entrywise (``exp``, ``softplus``, a tensor factor
+        in ``scale``). The default, for maps that mix entries (``linear``, ``weight_norm``), is None.
+        """
+        return None
 
     # ------------------------------------------------------------ flat helpers
     def flatten_psi(self, psi: Sequence[Tensor]) -> Tensor:

@@ -9,6 +9,7 @@
     J⁻¹ t               = J_i⁻¹ (J_o⁻¹ t)
     J⁻ᵀ c               = J_o⁻ᵀ (J_i⁻ᵀ c)
     log|det J|          = log|det J_o(χ)| + log|det J_i(ψ)|
+    diag J              = diag J_o(χ) ⊙ diag J_i(ψ)      (when both are diagonal)
     φ⁻¹(θ)              = φ_i⁻¹(φ_o⁻¹(θ))  (a right inverse when either part is one)
 """
 
@@ -86,6 +87,17 @@ class Compose(Reparametrization):
         """log|det J_o(χ)| + log|det J_i(ψ)|."""
         psi = _check_tensors(self, psi, "psi")
         return self.outer.logabsdet(self.inner.forward(psi)) + self.inner.logabsdet(psi)
+
+    def jacobian_diagonal(self, psi: Params) -> Params | None:
+        """diag J = diag J_o(χ) ⊙ diag J_i(ψ) when both are diagonal (0-d where both are), else None."""
+        psi = _check_tensors(self, psi, "psi")
+        inner = self.inner.jacobian_diagonal(psi)
+        if inner is None:
+            return None
+        outer = self.outer.jacobian_diagonal(self.inner.forward(psi))
+        if outer is None:
+            return None
+        return tuple(o * i for o, i in zip(outer, inner))
 
     def __repr__(self) -> str:
         return f"Compose({self.outer!r}, {self.inner!r})"

@@ -8,6 +8,7 @@ Jᵀ w                f'(ψ) ⊙ w
 Σ_k g_k ∇²φ_k u     g ⊙ f''(ψ) ⊙ u
 J⁻¹ t, J⁻ᵀ c        t / f'(ψ),  c / f'(ψ)
 log|det J|          Σ log|f'(ψ)|
+diag J              f'(ψ)
 ==================  =========================================
 
 Built in: :class:`Scale` (θ = c ⊙ ψ), :class:`Exp` (θ = exp ψ, onto (0, ∞)) and :class:`Softplus`
@@ -179,6 +180,15 @@ class Elementwise(Reparametrization):
     def vjp_inverse(self, psi: Params, c: Params) -> Params:
         """J⁻ᵀ c = c / f'(ψ)."""
         return self.jvp_inverse(psi, c)
+
+    def jacobian_diagonal(self, psi: Params) -> Params:
+        """diag J = f'(ψ) per parameter (0-d ones on unselected parameters, 0-d c for a scale by a number)."""
+        psi = _check_tensors(self, psi, "psi")
+        out = []
+        for i, (p, s) in enumerate(zip(psi, self._selected)):
+            d = self._df(i, p) if s else 1.0
+            out.append(d if isinstance(d, Tensor) else torch.tensor(float(d), dtype=p.dtype, device=p.device))
+        return tuple(out)
 
     def logabsdet(self, psi: Params) -> float:
         """log|det J| = Σ_selected Σ_entries log|f'(ψ)|."""
