@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,9 @@ from curvdist import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "deepspeed_scripts" / "scenarios.py"
-sys.path.insert(0, str(SCRIPT.parent))
-import ds_common as S  # noqa: E402  (the scenarios' model, batches and monitor queries)
+_common = importlib.util.spec_from_file_location("ds_common", SCRIPT.parent / "ds_common.py")
+S = importlib.util.module_from_spec(_common)  # the scenarios' model, batches and monitor queries
+_common.loader.exec_module(S)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 

@@ -10,19 +10,69 @@ coordinator, Kronecker factors eigendecomposed on the workers).
 
 ``metric="adam"`` is the metric Adam preconditions with, M = diag(√v̂) (Kingma & Ba 2015), from the optimizer's own
 moving average v of squared gradients (β₂), updated at every step.
+
+State
+-----
+Everything a resumed run needs lives in ``self.state[STATE_KEY]``, one entry for the flattened parameter group
+(flat vectors in the order of the selected parameters), independent of which tensors ``param_groups`` holds:
+
+* ``"step"``: the number of steps taken t (int);
+* ``"momentum_buffer"``: b_t = μ b_{t−1} + d_t (flat tensor, None before the first step with momentum);
+* ``"exp_avg_sq"``: v_t = β₂ v_{t−1} + (1 − β₂) g_t² for ``metric="adam"`` (flat tensor, else None);
+* ``"metric"``: what determines the current M (``DiagonalMetric.state_dict()``/``KFACMetric.state_dict()``: the
+  diagonal, or the factors' eigendecompositions), None for matrix-free metrics and ``adam`` (rebuilt).
+
+``state_dict()``/``load_state_dict()`` are torch's (the entry is stored under its string key, values of types
+``torch.load(weights_only=True)`` accepts), so a resumed run takes exactly the steps of an uninterrupted one; a
+matrix-free metric is rebuilt at the first resumed step (with a warning when that is not a refresh step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import MetricError, NonFiniteError, ProblemError
+from ..errors import MetricError, NonFiniteError, ProblemError, ShapeError
 from ..geometry.metrics import Metric, metric
+from ..geometry.metrics.base import DiagonalMetric
+from ..geometry.metrics.kfac import KFACMetric
+from ..problem.base import BaseProblem
 from ..problem.problem import Problem
+
+#: the key of the optimizer's state entry in ``self.state`` (and in ``state_dict()["state"]``)
+STATE_KEY = "riemannian_sgd"
+#: metric classes whose state is saved (exact types: a subclass may hold more than its parent's state)
+_STATEFUL: dict[str, type[DiagonalMetric] | type[KFACMetric]] = {"diagonal": DiagonalMetric, "kronecker": KFACMetric}
+
+
+def metric_state(M: Metric | None) -> dict[str, Any] | None:
+    """What determines ``M`` as plain values and tensors (its ``state_dict()``), or None for a metric that is
+    rebuilt rather than restored (matrix-free metrics, subclasses, None)."""
+    if M is None or type(M) not in _STATEFUL.values():
+        return None
+    return M.state_dict()  # type: ignore[attr-defined]
+
+
+def metric_from_state(state: Mapping[str, Any]) -> Metric:
+    """The metric of :func:`metric_state`'s ``state``, identical to the one it was taken from."""
+    cls = _STATEFUL.get(str(state.get("type")))
+    if cls is None:
+        raise MetricError(f"unknown metric state type {state.get('type')!r}; expected one of {list(_STATEFUL)}")
+    return cls.from_state_dict(state)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 class RiemannianSGD(torch.optim.Optimizer):
@@ -40,7 +90,9 @@ class RiemannianSGD(torch.optim.Optimizer):
         beta2: the moving-average factor of ``metric="adam"``.
         lr, damping, momentum: step size α, damping δ, heavy-ball momentum.
         refresh: rebuild the metric every ``refresh`` steps.
-    A metric refresh or a direction that is not finite raises and leaves the parameters unchanged.
+    A metric refresh or a direction that is not finite raises and leaves the parameters and the optimizer's state
+    unchanged. The state (step count, momentum buffer, Adam's v, the metric's statistics) is ``self.state[STATE_KEY]``
+    (see the module docstring); :meth:`precondition` is the step without the parameter update.
     """
 
     def __init__(self, model: nn.Module, loss: str | None = None, data: Any = None,
@@ -56,6 +108,10 @@ class RiemannianSGD(torch.optim.Optimizer):
             raise ProblemError(f"momentum must lie in [0, 1), got {momentum!r}")
         if not 0 <= beta2 < 1:
             raise ProblemError(f"beta2 must lie in [0, 1), got {beta2!r}")
+        if problem is not None and not isinstance(problem, BaseProblem):
+            raise ProblemError(f"RiemannianSGD needs a problem whose parameters this process holds (local or "
+                               f"data-parallel), not a {type(problem).__name__} (pipeline mode keeps them on its "
+                               f"stages)")
         named = dict(model.named_parameters())
         if problem is not None:
             if params is not None and list(params) != list(problem.param_names):
@@ -72,71 +128,169 @@ class RiemannianSGD(torch.optim.Optimizer):
         self.metric_kind, self.damping, self.refresh = metric, damping, refresh
         self.batch_size, self.metric_options = batch_size, dict(metric_options or {})
         self.problem, self.beta2 = problem, beta2
+        #: the length of the flat vectors: the number of selected parameters' entries
+        self.dim = sum(named[n].numel() for n in names)
+        #: the current metric (rebuilt from ``self.state[STATE_KEY]["metric"]`` by :meth:`load_state_dict`)
         self.metric: Metric | None = None
-        self.steps = 0
-        self._buffer: Tensor | None = None
-        self._sq: Tensor | None = None  # Adam's v for metric="adam"
+        self.state[STATE_KEY] = {"step": 0, "momentum_buffer": None, "exp_avg_sq": None, "metric": None}
 
+    @property
+    def steps(self) -> int:
+        """The number of steps taken (``self.state[STATE_KEY]["step"]``)."""
+        return int(self.state[STATE_KEY]["step"])
+
+    # ------------------------------------------------------------------ the metric
     def _current_problem(self) -> Problem:
         if self.problem is None:
             return Problem(self.model, self.loss, self.data, params=self.names, batch_size=self.batch_size)
-        if hasattr(self.problem, "set_params"):  # data on Ray workers: move them to the current point
-            self.problem.set_params(tuple(p.detach() for p in self.param_groups[0]["params"]))
+        self.problem.set_params(tuple(p.detach() for p in self.param_groups[0]["params"]))
         return self.problem
 
-    def refresh_metric(self) -> Metric:
-        """Rebuild M at the current parameters (the model's train/eval mode is respected as it is)."""
+    def _expected_kind(self) -> str | None:
+        kind = self.metric_kind if isinstance(self.metric_kind, str) else getattr(self.metric_kind, "kind", None)
+        return kind if isinstance(kind, str) else None
+
+    def build_metric(self) -> Metric:
+        """M at the current parameters (the model's train/eval mode is respected as it is), without installing it;
+        for ``metric="adam"``, diag(√v̂) + δ from the current v (bias correction 1 − β₂^(t+1))."""
         if self.metric_kind == "adam":
-            return self._adam_metric()
+            state = self.state[STATE_KEY]
+            return self._adam_metric(state["exp_avg_sq"], state["step"])
         problem = self._current_problem()
         if callable(self.metric_kind):
-            M = self.metric_kind(problem)
-        else:
-            M = metric(problem, self.metric_kind, self.damping, **self.metric_options)
-        if not isinstance(M, Metric) or M.dim != problem.dim:
-            raise MetricError(f"the metric must be a curvdist Metric of dimension {problem.dim}")
-        self.metric = M
+            return self.metric_kind(problem)
+        return metric(problem, self.metric_kind, self.damping, **self.metric_options)
+
+    def _checked(self, M: Any) -> Metric:
+        if not isinstance(M, Metric) or M.dim != self.dim:
+            raise MetricError(f"the metric must be a curvdist Metric of dimension {self.dim}")
         return M
 
-    def _adam_metric(self) -> Metric:
-        from ..geometry.metrics.base import DiagonalMetric
+    def refresh_metric(self) -> Metric:
+        """Rebuild M at the current parameters and install it (``self.metric`` and the state's ``"metric"``)."""
+        with torch.enable_grad():  # metrics differentiate the model (torch.func, BackPACK)
+            M = self._checked(self.build_metric())
+        self.metric = M
+        self.state[STATE_KEY]["metric"] = None if self.metric_kind == "adam" else metric_state(M)
+        return M
 
-        if self._sq is None:
+    def _adam_metric(self, v: Tensor | None, step: int) -> Metric:
+        """diag(√v̂) + δ, v̂ = v / (1 − β₂^(step+1))."""
+        if v is None:
             raise ProblemError("the adam metric needs a gradient first")
-        v_hat = self._sq / (1 - self.beta2 ** (self.steps + 1))
-        self.metric = DiagonalMetric(v_hat.sqrt(), self.damping, kind="adam")
-        return self.metric
+        v_hat = v / (1 - self.beta2 ** (step + 1))
+        return DiagonalMetric(v_hat.sqrt(), self.damping, kind="adam")
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def precondition(self, grad: Tensor) -> Tensor:
+        """The direction the step moves along, d with θ ← θ − lr·d, for the flat gradient ``grad`` (length
+        :attr:`dim`, the selected parameters in order), advancing the state by one step t → t + 1:
+
+        * ``metric="adam"``: v_t = β₂ v_{t−1} + (1 − β₂) g² (v_0 = 0), M_t = diag(√(v_t / (1 − β₂^t))) + δ;
+        * otherwise M is rebuilt at the current parameters when t mod ``refresh`` = 0 (or none is held);
+        * d_t = (M + δI)⁻¹ g, and with momentum μ > 0, b_t = μ b_{t−1} + d_t (b_0 = d_0) is returned.
+
+        Nothing changes (state, metric) when it raises: :class:`~curvdist.errors.NonFiniteError` for a direction
+        that is NaN or inf, the metric's errors for a refresh that fails. The returned tensor may be the momentum
+        buffer itself: do not modify it in place.
+        """
+        if grad.ndim != 1 or grad.numel() != self.dim:
+            raise ShapeError(f"precondition() takes the flat gradient of length {self.dim}, got shape "
+                             f"{tuple(grad.shape)}")
+        g = grad.detach()
+        state = self.state[STATE_KEY]
+        step, v, M = int(state["step"]), state["exp_avg_sq"], self.metric
+        refreshed = False
+        if self.metric_kind == "adam":  # v ← β₂ v + (1 − β₂) g², from v = 0
+            v = self.beta2 * (torch.zeros_like(g) if v is None else v) + (1 - self.beta2) * g * g
+            M = self._adam_metric(v, step)
+        elif M is None or step % self.refresh == 0:
+            with torch.enable_grad():  # metrics differentiate the model (torch.func, BackPACK)
+                M = self._checked(self.build_metric())
+            refreshed = True
+        with torch.enable_grad():  # matrix-free solves too
+            d = M.solve(g).detach()
+        if not bool(torch.isfinite(d).all()):
+            raise NonFiniteError("the preconditioned direction (M + δI)⁻¹g is NaN or inf; the parameters were not "
+                                 "changed (raise damping)")
+        mu = self.param_groups[0]["momentum"]
+        buffer = state["momentum_buffer"]
+        if mu:
+            buffer = d if buffer is None else mu * buffer + d
+            d = buffer
+        self.metric = M
+        if refreshed:
+            state["metric"] = metric_state(M)
+        state.update(step=step + 1, momentum_buffer=buffer, exp_avg_sq=v)
+        return d
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """θ ← θ − lr·d with d = :meth:`precondition` (g), g the parameters' gradients."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = self.param_groups[0]["params"]
+        group = self.param_groups[0]
+        params = group["params"]
         missing = [n for n, p in zip(self.names, params) if p.grad is None]
         if missing:
             raise ProblemError(f"no gradient for {missing}: call loss.backward() before step()")
-        g = torch.cat([p.grad.reshape(-1) for p in params]).detach()
-        if self.metric_kind == "adam":  # v ← β₂ v + (1 − β₂) g², from v = 0
-            prev = torch.zeros_like(g) if self._sq is None else self._sq
-            self._sq = self.beta2 * prev + (1 - self.beta2) * g * g
-        with torch.enable_grad():  # metrics differentiate the model (torch.func, BackPACK)
-            if self.metric is None or self.steps % self.refresh == 0 or self.metric_kind == "adam":
-                self.refresh_metric()
-            assert self.metric is not None
-            d = self.metric.solve(g).detach()
-        if not bool(torch.isfinite(d).all()):
-            raise NonFiniteError("the preconditioned direction (M + δI)⁻¹g is NaN or inf; the parameters were not "
-                                 "changed (raise damping)")
-        group = self.param_groups[0]
-        if group["momentum"]:
-            self._buffer = d if self._buffer is None else group["momentum"] * self._buffer + d
-            d = self._buffer
+        d = self.precondition(torch.cat([p.grad.reshape(-1) for p in params]))
         i = 0
         for p in params:
             k = p.numel()
             p.add_(d[i:i + k].view_as(p), alpha=-group["lr"])
             i += k
-        self.steps += 1
         return loss
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; ``["state"][STATE_KEY]`` is a snapshot of the entry (its values are replaced at every
+        step, never modified in place)."""
+        sd = super().state_dict()
+        sd["state"][STATE_KEY] = dict(self.state[STATE_KEY])
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, then the metric rebuilt from the entry's statistics (tensors moved to the
+        parameters' device). It is checked first; nothing changes when it raises:
+
+        Raises:
+            ProblemError: the state dict has no ``STATE_KEY`` entry, or it lacks a field or is malformed.
+            ShapeError: a buffer does not have the length :attr:`dim`.
+            MetricError: the saved metric is of another kind than this optimizer's, or cannot be rebuilt.
+        """
+        entry = state_dict.get("state", {}).get(STATE_KEY)
+        if not isinstance(entry, Mapping):
+            raise ProblemError(f"the state dict has no '{STATE_KEY}' entry (not saved by RiemannianSGD.state_dict())")
+        missing = [k for k in ("step", "momentum_buffer", "exp_avg_sq", "metric") if k not in entry]
+        if missing:
+            raise ProblemError(f"the state dict's '{STATE_KEY}' entry lacks {missing}")
+        device = self.param_groups[0]["params"][0].device
+        entry = _to_device(dict(entry), device)
+        step = int(entry["step"])
+        for key in ("momentum_buffer", "exp_avg_sq"):
+            t = entry[key]
+            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (self.dim,)):
+                raise ShapeError(f"the saved {key} must be a flat tensor of length {self.dim}, got "
+                                 f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if self.metric_kind == "adam" and step > 0 and entry["exp_avg_sq"] is None:
+            raise MetricError("the state holds no second moments (exp_avg_sq) for the adam metric")
+        M = None
+        if entry["metric"] is not None and not isinstance(entry["metric"], Mapping):
+            raise ProblemError(f"the saved metric state must be a dict, got {type(entry['metric']).__name__}")
+        if entry["metric"] is not None:
+            expected, saved = self._expected_kind(), entry["metric"].get("kind")
+            if expected is not None and saved != expected:
+                raise MetricError(f"the state holds a {saved} metric, this optimizer uses {expected}")
+            M = self._checked(metric_from_state(entry["metric"]))
+        super().load_state_dict(state_dict)
+        entry["step"] = step
+        self.state[STATE_KEY] = entry
+        self.metric = M
+        if M is None and self.metric_kind != "adam" and step % self.refresh:
+            warnings.warn(f"the state holds no statistics of the {self._expected_kind() or 'given'} metric; it is "
+                          f"rebuilt at the next step ({step}), not at the next refresh, so the resumed run departs "
+                          f"from an uninterrupted one", stacklevel=2)

@@ -29,8 +29,7 @@ from curvdist.integrations.deepspeed import (
     save_checkpoint,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ds_common import (  # noqa: E402
+from ds_common import (  # the script's own folder is on sys.path when it runs as a script
     GLOBAL_BATCH,
     HELD,
     MODEL,

@@ -25,18 +25,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...catalogue import CURVATURE_METRICS, DIAGONAL_METRICS, KRONECKER_METRICS, MetricKind, names
 from ...errors import MetricError
 from ...geometry.metrics import Metric, metric
 from ...problem.data import as_batches
 from ...problem.losses import Loss
 from ...problem.problem import Problem
-from .data_parallel import ProcessGroupProblem, concatenate, split_problem
+from ...geometry.metrics.base import DiagonalMetric
+from ...geometry.metrics.statistics import kronecker_from_sums, reduced_diagonal, reduced_kronecker
+from ...problem.sharded import ShardedProblem
+from .data_parallel import concatenate, split_problem
 from .engine import torch_linear
 from .replica import Replica
 
-KRONECKER = ("kfac", "kflr")
-DIAGONAL = ("diag_ggn", "diag_fisher_mc", "empirical_fisher_diag")
-MATRIX_FREE = ("euclidean", "fisher", "ggn", "fisher_mc", "empirical_fisher")
+KRONECKER = tuple(names(KRONECKER_METRICS))
+DIAGONAL = tuple(names(DIAGONAL_METRICS))
+MATRIX_FREE = (MetricKind.EUCLIDEAN.value, *names(CURVATURE_METRICS))
 KINDS = KRONECKER + DIAGONAL + MATRIX_FREE
 
 
@@ -81,18 +85,18 @@ class DataParallelMetric:
             dp = split_problem(replica, loss, X, y, self.group, params, reduction, self.batch_size)
             return self._build(dp)
 
-    def _build(self, dp: ProcessGroupProblem) -> Metric:
+    def _build(self, dp: ShardedProblem) -> Metric:
         if self.kind in KRONECKER:
             exact = self.kind == "kflr"
-            G, A = dp.kronecker_sums(exact, **self.options)
+            G, A = reduced_kronecker(dp, exact, self.options)
             self._state = {"kind": self.kind, "G": G, "A": A, "names": list(dp.param_names),
                            "shapes": [list(s) for s in dp.shapes], "scale": dp.scale,
                            "num_samples": dp.num_samples}
-            return dp.kronecker_metric(G, A, self.damping, exact)
+            return kronecker_from_sums(dp, G, A, self.damping, self.kind)
         if self.kind in DIAGONAL:
-            total = dp.diagonal_sum(self.kind, **self.options)
+            total = reduced_diagonal(dp, self.kind, self.options)
             self._state = {"kind": self.kind, "diagonal_sum": total, "scale": dp.scale}
-            return dp.diagonal_metric(self.kind, total, self.damping)
+            return DiagonalMetric(total * dp.scale, self.damping, kind=self.kind)
         self._state = None  # matrix-free metrics keep the problem; they are rebuilt, not restored
         return metric(dp, self.kind, self.damping, **self.options)
 

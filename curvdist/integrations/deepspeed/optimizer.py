@@ -9,17 +9,19 @@ DeepSpeed hands its client optimizer different tensors depending on the configur
 
 A preconditioner couples all coordinates, (M + δI)⁻¹g needs the full gradient, so :class:`DeepSpeedRiemannianSGD`
 assembles it: from the fragments each rank holds (DeepSpeed's parameter-to-partition map, ``_hp_mapping``),
-summed over the data-parallel group. It then runs :class:`curvdist.optim.RiemannianSGD`'s own step on full fp32
-stand-ins (zeros carrying the full gradient, so the step leaves exactly −lr·d in them) and adds that update to
-whatever DeepSpeed holds: the parameter, the master copy, or this rank's fragment of the partition. DeepSpeed then
-copies masters/partitions back into the module as usual. Every rank computes the same metric (reduced over the
-group, :class:`.metric.DataParallelMetric`) and the same direction, so the parameters stay identical across ranks.
+summed over the data-parallel group. :meth:`curvdist.optim.RiemannianSGD.precondition` turns that full fp32
+gradient into the direction d, and −lr·d is added to whatever DeepSpeed holds: the parameter, the master copy, or
+this rank's fragment of the partition. DeepSpeed then copies masters/partitions back into the module as usual.
+Every rank computes the same metric (reduced over the group, :class:`.metric.DataParallelMetric`) and the same
+direction, so the parameters stay identical across ranks. The optimizer's state (step count, momentum buffer,
+Adam's v, the metric's statistics: flat vectors over the module's parameters) is RiemannianSGD's one entry
+``state[STATE_KEY]``, not keyed by the tensors DeepSpeed passes (flat partitions under ZeRO 1/2), so it is the same
+on every rank and under every stage; :meth:`~DeepSpeedRiemannianSGD.curvdist_state_dict` is that entry.
 ZeRO-3 (partitioned parameters) is refused.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,9 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ...errors import ConfigError, MetricError
+from ...errors import ConfigError, MetricError, ProblemError
 from ...geometry.metrics import Metric
 from ...optim import RiemannianSGD
+from ...optim.riemannian_sgd import STATE_KEY, metric_state
 from ...problem.problem import Problem
 from .config import PreconditionerSpec, preconditioner_spec
 from .engine import is_partitioned, torch_linear
@@ -61,24 +64,18 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self._replica: Replica | None = None
 
-    def refresh_metric(self) -> Metric:
-        """Rebuild M at the current parameters, on a clean replica of the model (never through DeepSpeed's
-        module: its forward hooks would fire, and the engine may still be under construction)."""
+    def build_metric(self) -> Metric:
+        """M at the current parameters, on a clean replica of the model (never through DeepSpeed's module: its
+        forward hooks would fire, and the engine may still be under construction)."""
         if self.metric_kind == "adam":
-            return super().refresh_metric()
+            return super().build_metric()
         if isinstance(self.metric_kind, DataParallelMetric):
-            M = self.metric_kind.build(self.model, self.loss, self.data, self.names)
-        else:
-            if self._replica is None:
-                self._replica = Replica(self.model, self.dtype)
-            with torch_linear(), self._replica.loaded(self.model) as replica:
-                M = self.metric_kind(Problem(replica, self.loss, self.data, params=self.names,
-                                             batch_size=self.batch_size))
-        dim = sum(p.numel() for p in self._module_params())
-        if not isinstance(M, Metric) or M.dim != dim:
-            raise MetricError(f"the metric must be a curvdist Metric of dimension {dim}")
-        self.metric = M
-        return M
+            return self.metric_kind.build(self.model, self.loss, self.data, self.names)
+        if self._replica is None:
+            self._replica = Replica(self.model, self.dtype)
+        with torch_linear(), self._replica.loaded(self.model) as replica:
+            return self.metric_kind(Problem(replica, self.loss, self.data, params=self.names,
+                                            batch_size=self.batch_size))
 
     def _module_params(self) -> list[nn.Parameter]:
         named = dict(self.model.named_parameters())
@@ -103,38 +100,46 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """Assemble the full fp32 gradient g of the module's parameters, d = :meth:`precondition` (g), add −lr·d
+        to the tensors DeepSpeed holds. DeepSpeed's optimizer-state initialization (one step on zero gradients)
+        moves nothing and leaves the state alone."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         module_params = self._module_params()
         if any(is_partitioned(p) for p in module_params):
             raise ConfigError("DeepSpeedRiemannianSGD supports ZeRO stages 0-2; ZeRO-3 partitions the parameters "
                               "themselves")
-        group = self.param_groups[0]
-        held = list(group["params"])
+        held = list(self.param_groups[0]["params"])
+        lr = self.param_groups[0]["lr"]
+        sizes = [p.numel() for p in module_params]
         if self._holds_module_params():  # ZeRO 0, fp32: DeepSpeed steps the module's own parameters
-            if all(p.grad is not None and not bool(p.grad.any()) for p in module_params):
-                return None  # DeepSpeed's optimizer-state initialization: a zero gradient moves nothing
-            return super().step(closure)
-        if hasattr(module_params[0], "_hp_mapping"):
+            grads = [p.grad for p in module_params]
+
+            def apply(d: Tensor) -> None:
+                for p, piece in zip(module_params, torch.split(d, sizes)):
+                    p.add_(piece.view_as(p), alpha=-lr)
+        elif hasattr(module_params[0], "_hp_mapping"):
             grads = self._gather_partition_gradients(module_params, held)
-            apply = lambda update: self._add_to_partitions(module_params, held, update)  # noqa: E731
+
+            def apply(d: Tensor) -> None:
+                self._add_to_partitions(module_params, held, list(torch.split(d * -lr, sizes)))
         elif len(held) == len(module_params) and all(h.shape == p.shape for h, p in zip(held, module_params)):
             grads = [h.grad.float() if h.grad is not None else None for h in held]
-            apply = lambda update: [h.add_(u.to(h.dtype)) for h, u in zip(held, update)]  # noqa: E731
+
+            def apply(d: Tensor) -> None:
+                for h, u in zip(held, torch.split(d * -lr, sizes)):
+                    h.add_(u.view(h.shape).to(h.dtype))
         else:
             raise ConfigError(f"unrecognized DeepSpeed optimizer layout: {len(held)} tensors for "
                               f"{len(module_params)} parameters")
-        if all(g is not None and not bool(g.any()) for g in grads):
+        missing = [n for n, g in zip(self.names, grads) if g is None]
+        if missing:
+            raise ProblemError(f"no gradient for {missing}: call engine.backward(loss) before engine.step()")
+        if not any(bool(g.any()) for g in grads):
             return None  # DeepSpeed initializes optimizer states with one step on zero gradients: skip it
-        stand_ins = []
-        for p, g in zip(module_params, grads):
-            t = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            t.grad = g
-            stand_ins.append(t)
-        group["params"] = stand_ins
-        try:
-            loss = super().step(closure)
-        finally:
-            group["params"] = held
-        apply([t.detach() for t in stand_ins])
+        apply(self.precondition(torch.cat([g.reshape(-1) for g in grads])))
         return loss
 
     def _partition_of(self, fragment: Tensor, held: list[Tensor]) -> Tensor:
@@ -175,26 +180,21 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
 
     # ------------------------------------------------------------------ checkpoints
     def curvdist_state_dict(self) -> dict[str, Any]:
-        """Step count, momentum buffer and the metric's reduced statistics (plain values and tensors)."""
-        factory = self.metric_kind
-        return {"steps": self.steps, "buffer": self._buffer, "adam_v": getattr(self, "_sq", None),
-                "metric": factory.state_dict() if isinstance(factory, DataParallelMetric) and self.metric is not None
-                else None}
+        """The optimizer's own state entry, ``state_dict()["state"][STATE_KEY]``: step count, momentum buffer,
+        Adam's v and the metric's statistics (plain values and tensors), the same whichever tensors DeepSpeed
+        passes to the optimizer (so it survives a change of ZeRO stage)."""
+        return self.state_dict()["state"][STATE_KEY]
 
     def load_curvdist_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`curvdist_state_dict`: the resumed run takes the same steps as an uninterrupted one."""
-        self.steps = int(state["steps"])
-        self._buffer = state["buffer"]
-        if self.metric_kind == "adam":
-            self._sq = state.get("adam_v")
-            self.metric = None  # rebuilt from v at the next step, as in an uninterrupted run
-            return
-        factory = self.metric_kind
-        if state.get("metric") is not None and isinstance(factory, DataParallelMetric):
-            self.metric = factory.rebuild(state["metric"])
-        else:
-            self.metric = None
-            if self.steps % self.refresh:
-                warnings.warn(f"the checkpoint holds no statistics of the {factory!r} metric; it is rebuilt at the "
-                              f"next step ({self.steps}), not at the next refresh, so the resumed run departs from "
-                              f"an uninterrupted one", stacklevel=2)
+        """Restore :meth:`curvdist_state_dict` through :meth:`load_state_dict` (the resumed run takes the same steps
+        as an uninterrupted one). Also reads the format of earlier curvdist versions (``steps``, ``buffer``,
+        ``adam_v``, ``metric``: the data-parallel metric's reduced statistics)."""
+        if "steps" in state and "step" not in state:  # earlier format
+            saved = state.get("metric")
+            M = self.metric_kind.rebuild(saved) if saved is not None and isinstance(
+                self.metric_kind, DataParallelMetric) else None
+            state = {"step": int(state["steps"]), "momentum_buffer": state.get("buffer"),
+                     "exp_avg_sq": state.get("adam_v"), "metric": metric_state(M)}
+        sd = self.state_dict()
+        sd["state"][STATE_KEY] = state
+        self.load_state_dict(sd)
