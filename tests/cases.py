@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+import curvdist as cd
 from curvdist import zoo
 
 
@@ -88,3 +89,8 @@ def spd_matrix(d: int, eigenvalues: Tensor, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     return (Q * eigenvalues) @ Q.T
+
+
+def make_problem(case: Case, reduction: str = "mean", model: torch.nn.Module | None = None) -> cd.Problem:
+    model = case.model() if model is None else model
+    return cd.Problem(model, case.loss, (case.X, case.y), batch_size=case.batch_size, reduction=reduction)

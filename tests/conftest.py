@@ -1,11 +1,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import curvdist as cd
 
-from .cases import CASES, Case
+from .cases import CASES, Case, make_problem
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -16,11 +15,6 @@ def case(request: pytest.FixtureRequest) -> Case:
 @pytest.fixture(params=["mean", "sum"])
 def reduction(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-def make_problem(case: Case, reduction: str = "mean", model: torch.nn.Module | None = None) -> cd.Problem:
-    model = case.model() if model is None else model
-    return cd.Problem(model, case.loss, (case.X, case.y), batch_size=case.batch_size, reduction=reduction)
 
 
 @pytest.fixture

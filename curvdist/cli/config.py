@@ -6,13 +6,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator
 
 from ..catalogue import ReparamKind
 from ..errors import ConfigError
-from ..queries.specs import (CurvatureSpec, DensityQuery, DiagQuery, EigsQuery, FlatnessQuery, GradNormQuery,
-                             LogdetQuery, MetricSpec, NamedSpecs, Query, Strict, TraceQuery, choice,
-                             format_validation_error, read_mapping)
+from ..queries.specs import (
+    CurvatureSpec,
+    MetricSpec,
+    NamedSpecs,
+    Query,
+    Strict,
+    choice,
+    format_validation_error,
+    read_mapping,
+)
 
 
 def _import_path(v: str) -> str:

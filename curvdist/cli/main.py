@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from ..runtime import remove_import_paths, user_import_paths
+
+    # the user's factory modules in the working dir or next to the config; taken off again when main returns
+    added = user_import_paths(args.config) if args.command in ("run", "train") else []
     try:
         from .cluster_commands import dispatch
         rc = dispatch(args)
@@ -76,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CurvdistError as e:
         print(f"curvdist: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        remove_import_paths(added)
 
 
 if __name__ == "__main__":

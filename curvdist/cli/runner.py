@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ConfigError
 from ..geometry.reparam import make_reparam, reparametrize
 from ..queries import Result, session
 from ..queries.result import to_jsonable

@@ -10,9 +10,8 @@ The coordinator holds the model (for shapes and parameter values) but no data: i
 from __future__ import annotations
 
 import time
-from typing import Any
-
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import Tensor
 

@@ -26,12 +26,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
 from ..errors import ProblemError
+from ..faults import maybe_fail
 from ..problem.autodiff import differentiable_kernels
 from ..problem.data import as_batches
 from ..problem.losses import make_loss
 from ..problem.spec import ProblemSpec
 from ..solvers.space import random_flat
-from ..faults import maybe_fail
 
 
 def stage_modules(model: nn.Module) -> list[nn.Module]:

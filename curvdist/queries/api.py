@@ -18,14 +18,13 @@ import torch
 from torch import Tensor
 
 from ..catalogue import DiagMethod, LogdetMethod, TraceMethod, parse
-from ..faults import maybe_stop
 from ..errors import NotPositiveDefiniteError, ProblemError, SolverError
+from ..faults import maybe_stop
 from ..geometry.metrics.base import Metric
 from ..operators.base import CurvatureOperator
 from ..problem.base import BaseProblem, StagedProblem
 from ..solvers import DIAG_METHODS, TRACE_METHODS, Krylov, TorchSpace, eigsh, slq
 from .result import Result
-
 
 
 class MetricSpace:

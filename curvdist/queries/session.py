@@ -30,8 +30,17 @@ from ..operators import CurvatureOperator, operator
 from ..problem.base import BaseProblem, StagedProblem
 from .api import density, diag, eigs, flatness, grad_norm, logdet, trace
 from .result import Result
-from .specs import (CurvatureSpec, DensityQuery, DiagQuery, EigsQuery, FlatnessQuery, GradNormQuery, LogdetQuery,
-                    MetricSpec, TraceQuery)
+from .specs import (
+    CurvatureSpec,
+    DensityQuery,
+    DiagQuery,
+    EigsQuery,
+    FlatnessQuery,
+    GradNormQuery,
+    LogdetQuery,
+    MetricSpec,
+    TraceQuery,
+)
 
 
 class Coordinates:

@@ -10,8 +10,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
-from ..catalogue import (PULLBACK_OF, Curvature, DampingReference, DiagMethod, MetricKind, QueryKind, TraceMethod,
-                         Which, names)
+from ..catalogue import (
+    PULLBACK_OF,
+    Curvature,
+    DampingReference,
+    DiagMethod,
+    MetricKind,
+    QueryKind,
+    TraceMethod,
+    Which,
+    names,
+)
 from ..errors import ConfigError
 
 

@@ -19,7 +19,7 @@ the diagonal of the transformed matrix is not the transformed diagonal, and M⁻
 invariance.
 
 How BackPACK is driven (the conventions were checked against BackPACK 1.7.1's source and against dense float64
-ground truth in ``tests/test_metrics_backpack.py``):
+ground truth in ``tests/geometry/metrics/test_metrics_backpack.py``):
 
 * BackPACK runs on its own ``backpack.extend``-ed deep copy of the model; the user's model is never extended or
   written to. Parameters that are not selected are frozen (``requires_grad=False``) in the copy.

@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PositiveInt, ValidationError, model_validator
 
-from ...queries.specs import CurvatureSpec, MetricSpec, NamedSpecs, Query, Strict, format_validation_error
 from ...errors import ConfigError
+from ...queries.specs import CurvatureSpec, MetricSpec, NamedSpecs, Query, Strict, format_validation_error
 from .engine import raw_config
 
 SECTION = "curvdist"

@@ -28,11 +28,11 @@ from torch import nn
 from ...catalogue import CURVATURE_METRICS, DIAGONAL_METRICS, KRONECKER_METRICS, MetricKind, names
 from ...errors import MetricError
 from ...geometry.metrics import Metric, metric
+from ...geometry.metrics.base import DiagonalMetric
+from ...geometry.metrics.statistics import kronecker_from_sums, reduced_diagonal, reduced_kronecker
 from ...problem.data import as_batches
 from ...problem.losses import Loss
 from ...problem.problem import Problem
-from ...geometry.metrics.base import DiagonalMetric
-from ...geometry.metrics.statistics import kronecker_from_sums, reduced_diagonal, reduced_kronecker
 from ...problem.sharded import ShardedProblem
 from .data_parallel import concatenate, split_problem
 from .engine import torch_linear

@@ -22,10 +22,8 @@ import curvdist as cd
 from curvdist import zoo
 from curvdist.geometry.metrics import DiagonalMetric, PullbackMetric
 from curvdist.geometry.reparam import compose, exp, linear, ntk, softplus, weight_norm
-
-from . import dense
-from .cases import CASES
-from .conftest import make_problem
+from tests import dense
+from tests.cases import CASES, make_problem
 
 DELTA = 0.1
 RTOL = 1e-10

@@ -1,4 +1,4 @@
-"""What the DeepSpeed scenarios and tests/test_deepspeed.py share: the model, the batches and the monitor's
+"""What the DeepSpeed scenarios and tests/integrations/deepspeed/test_deepspeed.py share: the model, the batches and the monitor's
 queries (no DeepSpeed import here, so the test module collects without DeepSpeed)."""
 
 from __future__ import annotations

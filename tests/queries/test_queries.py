@@ -9,10 +9,8 @@ import pytest
 import torch
 
 import curvdist as cd
-
-from . import dense
-from .cases import CASES
-from .conftest import make_problem
+from tests import dense
+from tests.cases import CASES, make_problem
 
 
 @pytest.fixture(scope="module")

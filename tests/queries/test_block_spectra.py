@@ -12,10 +12,8 @@ import curvdist as cd
 from curvdist.errors import SolverError
 from curvdist.geometry.reparam import scale
 from curvdist.queries.blocks import block_spectra, partition
-
-from .cases import CASES
-from .conftest import make_problem
-from .dense import dense_ggn
+from tests.cases import CASES, make_problem
+from tests.dense import dense_ggn
 
 
 def _gen_eigs(C: np.ndarray, M: np.ndarray) -> np.ndarray:

@@ -27,10 +27,8 @@ from curvdist.geometry.metrics.backpack_metrics import (
     empirical_fisher_diag,
 )
 from curvdist.geometry.metrics.kfac import KFACMetric, kfac
-
-from . import dense
-from .cases import CASES
-from .conftest import make_problem
+from tests import dense
+from tests.cases import CASES, make_problem
 
 DIAG_CASES = ["mlp", "mlp_mse", "cnn"]
 RTOL, ATOL = 1e-9, 1e-12

@@ -13,9 +13,8 @@ from curvdist import zoo
 from curvdist.geometry.metrics import DiagonalMetric
 from curvdist.optim import RiemannianSGD
 from curvdist.optim.riemannian_sgd import STATE_KEY
-
-from . import dense
-from .cases import CASES
+from tests import dense
+from tests.cases import CASES
 
 
 def _grad(model, X, y):

@@ -19,8 +19,7 @@ import torch
 import curvdist as cd
 from curvdist.geometry.reparam import Reparametrization, compose, exp, linear, ntk, scale, softplus
 from curvdist.optim import RiemannianSGD
-
-from .cases import CASES
+from tests.cases import CASES
 
 DELTA = 0.05
 TIME = 0.4  # K · α

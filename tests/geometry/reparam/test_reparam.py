@@ -33,10 +33,8 @@ from curvdist.geometry.reparam import (
     softplus,
     weight_norm,
 )
-
-from .cases import CASES
-from .conftest import make_problem
-from .dense import autograd_hessian, autograd_jacobian
+from tests.cases import CASES, make_problem
+from tests.dense import autograd_hessian, autograd_jacobian
 
 TOL = 1e-9
 

@@ -9,8 +9,7 @@ import torch
 import curvdist as cd
 from curvdist import zoo
 from curvdist.geometry import densities as D
-
-from . import dense
+from tests import dense
 
 ALPHA = 1.0
 

@@ -31,7 +31,7 @@ from curvdist.cli.main import main
 from curvdist.distributed.cluster import ClusterError
 from curvdist.distributed.jobs import normalize_address, prepare_submission
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
 AUTH_MODE = "disabled"
 MODEL_KWARGS = {"in_features": 64, "hidden": [4], "out_features": 10}

@@ -14,8 +14,7 @@ import yaml
 
 from curvdist import zoo
 from curvdist.cli.main import main
-
-from . import dense
+from tests import dense
 
 MODEL_KWARGS = {"in_features": 64, "hidden": [6], "out_features": 10, "activation": "tanh", "seed": 3}
 DATA_KWARGS = {"split": "train", "n": 120, "dtype": "float64"}

@@ -17,7 +17,7 @@ every curvature matrix are exactly unchanged and the point stays a near-minimum.
 
 Metrics. θ: the damped Fisher M_θ = F_θ + δI (dense Cholesky). ψ: M_ψ = F_ψ + δ·JᵀJ, the damping referenced to the
 pull-back of the θ identity (``damping_metric=cd.metric(problem_psi, "pullback")``) so that M_ψ = Jᵀ M_θ J is a
-tensor — what the CLI does (``curvdist/cli/coordinates.py``). For the Hessian paired with the pulled-back Euclidean
+tensor — what the configs do by default (``damping_reference: pullback``). For the Hessian paired with the pulled-back Euclidean
 metric the ψ operator is the Riemannian Hessian ``cd.riemannian_hessian`` (DESIGN.md §1).
 """
 
@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,8 @@ from torch import Tensor
 
 import curvdist as cd
 from curvdist.geometry.reparam import Reparametrization, compose, exp, linear, ntk, scale, softplus, weight_norm
-
-from .cases import CASES, Case
-from .dense import autograd_jacobian
+from tests.cases import CASES, Case
+from tests.dense import autograd_jacobian
 
 TOL = 1e-8  # invariant quantities agree to this relative tolerance (DESIGN.md §6)
 EIG_TOL = 1e-11  # Lanczos residual tolerance of cd.eigs
@@ -114,14 +114,20 @@ KIND = {(k.case, k.name): k for k in KINDS}
 
 
 def _params(kinds: list[Kind], points: tuple[str, ...] = POINTS, slow: frozenset[str] = frozenset()) -> list[Any]:
-    """(case, kind, point) parameters with readable ids; ids in ``slow`` get ``pytest.mark.slow``."""
+    """Indirect ((case, point), (case, kind, point)) parameters of the ``theta`` and ``pair`` fixtures, with
+    readable ids; ids in ``slow`` get ``pytest.mark.slow``."""
     out = []
     for k in kinds:
         for point in points:
             pid = f"{k.case}-{k.name}-{point}"
             marks = [pytest.mark.slow] if k.slow or pid in slow else []
-            out.append(pytest.param(k.case, k.name, point, id=pid, marks=marks))
+            out.append(pytest.param((k.case, point), (k.case, k.name, point), id=pid, marks=marks))
     return out
+
+
+def over(kinds: list[Kind], points: tuple[str, ...] = POINTS, slow: frozenset[str] = frozenset()) -> Any:
+    """Parametrize a test over pairs (the module-scoped ``theta``/``pair`` fixtures)."""
+    return pytest.mark.parametrize(("theta", "pair"), _params(kinds, points, slow), indirect=True)
 
 
 BIJECTIVE = [k for k in KINDS if k.kind != "weight_norm"]
@@ -156,124 +162,149 @@ def _relerr(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-class Cached:
-    """A per-instance memo (``self.cache``) for expensive reference results."""
-
-    cache: dict[str, Any]
-
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self.cache:
-            self.cache[key] = compute()
-        return self.cache[key]
-
-
 @dataclass
-class Theta(Cached):
-    """θ side at one (case, point): problem, metric and cached reference results."""
+class Theta:
+    """θ side at one (case, point): problem, metric, operators and reference results, each computed once (lazy
+    attributes of the module-scoped ``theta`` fixture)."""
 
     case: str
     point: str
     problem: cd.Problem
     metric: cd.Metric
-    cache: dict[str, Any] = field(default_factory=dict)
 
     def op(self, kind: str) -> cd.CurvatureOperator:
-        return self.get(f"op:{kind}", lambda: cd.operator(self.problem, kind))
+        return getattr(self, kind)
+
+    @cached_property
+    def ggn(self) -> cd.CurvatureOperator:
+        return cd.operator(self.problem, "ggn")
+
+    @cached_property
+    def hessian(self) -> cd.CurvatureOperator:
+        return cd.operator(self.problem, "hessian")
+
+    @cached_property
+    def fisher_ggn(self) -> dict[str, Any]:
+        """Spectrum of M⁻¹·GGN (top-3, exact trace, log det(M⁻¹G + 0.1·I))."""
+        return _spectral(self.ggn, self.metric, GGN_SHIFT)
+
+    @cached_property
+    def hessian_plain(self) -> dict[str, Any]:
+        return _hessian_reference(self, None)
+
+    @cached_property
+    def fisher_hessian(self) -> dict[str, Any]:
+        return _hessian_reference(self, self.metric)
+
+    @cached_property
+    def euclidean(self) -> dict[str, tuple[float, float]]:
+        """(top eigenvalue, exact trace) of the GGN and the Hessian without a metric."""
+        return {c: (cd.eigs(self.op(c), k=1, tol=1e-10).value[0], cd.trace(self.op(c), method="exact").value)
+                for c in ("ggn", "hessian")}
 
 
 @dataclass
-class Pair(Cached):
+class Pair:
     """θ and ψ sides of one (case, kind, point)."""
 
     theta: Theta
     kind: Kind
     r: Reparametrization
     problem: cd.Problem  # ψ
-    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind.case}-{self.kind.name}-{self.theta.point}"
 
     def op(self, kind: str) -> cd.CurvatureOperator:
-        if kind == "riemannian_hessian":
-            return self.get("op:rh", lambda: cd.riemannian_hessian(self.problem))
-        return self.get(f"op:{kind}", lambda: cd.operator(self.problem, kind))
+        return getattr(self, kind)
 
-    @property
+    @cached_property
+    def ggn(self) -> cd.CurvatureOperator:
+        return cd.operator(self.problem, "ggn")
+
+    @cached_property
+    def hessian(self) -> cd.CurvatureOperator:
+        return cd.operator(self.problem, "hessian")
+
+    @cached_property
+    def fisher(self) -> cd.CurvatureOperator:
+        return cd.operator(self.problem, "fisher")
+
+    @cached_property
+    def riemannian_hessian(self) -> cd.CurvatureOperator:
+        return cd.riemannian_hessian(self.problem)
+
+    @cached_property
     def pullback(self) -> cd.Metric:
         """Jᵀ I_θ J: the pulled-back θ-Euclidean metric."""
-        return self.get("pullback", lambda: cd.metric(self.problem, "pullback"))
+        return cd.metric(self.problem, "pullback")
 
-    @property
+    @cached_property
     def metric(self) -> cd.Metric:
         """F_ψ + δ·JᵀJ (dense Cholesky)."""
-        return self.get("fisher", lambda: cd.metric(self.problem, "fisher", damping=DELTA, method="dense",
-                                                     damping_metric=self.pullback))
+        return cd.metric(self.problem, "fisher", damping=DELTA, method="dense", damping_metric=self.pullback)
 
     def flat_forward(self, x: Tensor) -> Tensor:
         return self.r.flatten_theta(self.r.forward(self.r.unflatten_psi(x)))
 
-    @property
+    @cached_property
     def J(self) -> Tensor:
         """∂θ/∂ψ densely, by plain autograd of the flat forward map (tests.dense)."""
-        return self.get("J", lambda: autograd_jacobian(self.flat_forward, self.r.flatten_psi(self.problem.params)))
+        return autograd_jacobian(self.flat_forward, self.r.flatten_psi(self.problem.params))
 
 
-class World:
-    """Builds each (case, point) and each (case, kind, point) once per module."""
-
-    def __init__(self) -> None:
-        self.thetas: dict[tuple[str, str], Theta] = {}
-        self.pairs: dict[tuple[str, str, str], Pair] = {}
-
-    def theta(self, case_name: str, point: str) -> Theta:
-        key = (case_name, point)
-        if key not in self.thetas:
-            case = CASES[case_name]()
-            X, y = _conflicting_labels(case)
-            model = case.model()
-            bias = dict(model.named_parameters())[OUTPUT_BIAS[case_name]]
-            with torch.no_grad():
-                bias.abs_().add_(1.1)
-            if point == "trained":
-                _train(model, X, y, TRAIN_ITERS[case_name])
-                with torch.no_grad():
-                    bias.add_(1.0 - bias.min())  # softmax shift: loss, gradient, curvature unchanged
-            problem = cd.Problem(model, case.loss, (X, y), batch_size=len(X))
-            metric = cd.metric(problem, "fisher", damping=DELTA, method="dense")
-            self.thetas[key] = Theta(case_name, point, problem, metric)
-        return self.thetas[key]
-
-    def pair(self, case_name: str, kind_name: str, point: str) -> Pair:
-        key = (case_name, kind_name, point)
-        if key not in self.pairs:
-            th = self.theta(case_name, point)
-            kind = KIND[(case_name, kind_name)]
-            r = kind.build()
-            self.pairs[key] = Pair(th, kind, r, cd.reparametrize(th.problem, r))
-        return self.pairs[key]
+def build_theta(case_name: str, point: str) -> Theta:
+    """The θ problem of a case at the random or the trained point, with its damped Fisher metric."""
+    case = CASES[case_name]()
+    X, y = _conflicting_labels(case)
+    model = case.model()
+    bias = dict(model.named_parameters())[OUTPUT_BIAS[case_name]]
+    with torch.no_grad():
+        bias.abs_().add_(1.1)
+    if point == "trained":
+        _train(model, X, y, TRAIN_ITERS[case_name])
+        with torch.no_grad():
+            bias.add_(1.0 - bias.min())  # softmax shift: loss, gradient, curvature unchanged
+    problem = cd.Problem(model, case.loss, (X, y), batch_size=len(X))
+    return Theta(case_name, point, problem, cd.metric(problem, "fisher", damping=DELTA, method="dense"))
 
 
 @pytest.fixture(scope="module")
-def world() -> World:
-    return World()
+def theta(request: pytest.FixtureRequest) -> Theta:
+    """θ at ``request.param`` = (case, point); module-scoped, so every test of that point shares one build."""
+    return build_theta(*request.param)
 
 
-@pytest.mark.parametrize("case", ["mlp", "cnn"])
-def test_the_two_points(world: World, case: str) -> None:
+@pytest.fixture(scope="module")
+def pair(request: pytest.FixtureRequest, theta: Theta) -> Pair:
+    """θ and ψ at ``request.param`` = (case, kind, point), ψ = cd.reparametrize(θ, r)."""
+    case, kind_name, point = request.param
+    assert (theta.case, theta.point) == (case, point)
+    kind = KIND[(case, kind_name)]
+    r = kind.build()
+    return Pair(theta, kind, r, cd.reparametrize(theta.problem, r))
+
+
+@pytest.mark.parametrize("theta", [pytest.param((c, p), id=f"{c}-{p}") for c in ("mlp", "cnn") for p in POINTS],
+                         indirect=True)
+def test_the_two_points(theta: Theta) -> None:
     """The random point is far from critical (‖g‖ ≥ 0.05, λ_min(H) < −0.1·λ_max(H)); the trained one is a
-    near-minimum: lower loss, ‖g‖ ≤ 1e-5 and λ_min(H) ≥ −1e-4·λ_max(H) (λ_min by Lanczos to 1e-6; a tight solve gives
-    −7e-7 (mlp) and −5e-6 (cnn) relative: only flat directions left). The output bias is ≥ 1 at both points."""
-    rnd, trn = world.theta(case, "random"), world.theta(case, "trained")
-    stats = {}
-    for th in (rnd, trn):
-        p = th.problem
-        h = _hessian_theta(th)
-        bias = dict(zip(p.param_names, p.params))[OUTPUT_BIAS[case]]
-        stats[th.point] = dict(loss=p.value(), gnorm=float(p.flatten(p.gradient()).norm()), lam_min=h["lam_min"],
-                               lam_max=float(h["eigs"][0]), bias_min=float(bias.min()))
-    print(f"[points {case}] {stats}")
-    r, t = stats["random"], stats["trained"]
-    assert r["gnorm"] >= 0.05 and r["lam_min"] < -0.1 * r["lam_max"]
-    assert t["loss"] < r["loss"] and t["gnorm"] <= 1e-5 and t["lam_min"] >= -1e-4 * t["lam_max"]
-    assert min(r["bias_min"], t["bias_min"]) >= 1.0
+    near-minimum: lower loss than the random point, ‖g‖ ≤ 1e-5 and λ_min(H) ≥ −1e-4·λ_max(H) (λ_min by Lanczos to
+    1e-6; a tight solve gives −7e-7 (mlp) and −5e-6 (cnn) relative: only flat directions left). The output bias is
+    ≥ 1 at both points."""
+    p = theta.problem
+    h = theta.hessian_plain
+    bias = dict(zip(p.param_names, p.params))[OUTPUT_BIAS[theta.case]]
+    stats = dict(loss=p.value(), gnorm=float(p.flatten(p.gradient()).norm()), lam_min=h["lam_min"],
+                 lam_max=float(h["eigs"][0]), bias_min=float(bias.min()))
+    print(f"[point {theta.case}-{theta.point}] {stats}")
+    assert stats["bias_min"] >= 1.0
+    if theta.point == "random":
+        assert stats["gnorm"] >= 0.05 and stats["lam_min"] < -0.1 * stats["lam_max"]
+        return
+    assert stats["loss"] < build_theta(theta.case, "random").problem.value()
+    assert stats["gnorm"] <= 1e-5 and stats["lam_min"] >= -1e-4 * stats["lam_max"]
 
 
 # ---------------------------------------------------------------------------------------------- query bundles
@@ -305,27 +336,23 @@ def _assert_same(psi: dict[str, Any], theta: dict[str, Any], what: str) -> dict[
 GGN_SHIFT = 0.1  # the GGN has a null space: log det(M⁻¹G + 0.1·I)
 
 
-def _fisher_ggn_theta(th: Theta) -> dict[str, Any]:
-    return th.get("fisher-ggn", lambda: _spectral(th.op("ggn"), th.metric, GGN_SHIFT))
-
-
-@pytest.mark.parametrize(("case", "kind", "point"), _params(BIJECTIVE))
-def test_fisher_metric_ggn_spectrum_is_invariant(world: World, case: str, kind: str, point: str) -> None:
+@over(BIJECTIVE)
+def test_fisher_metric_ggn_spectrum_is_invariant(pair: Pair) -> None:
     """eig/trace/logdet of M⁻¹·GGN with M = F + δR agree in θ and ψ: G_ψ = JᵀG_θJ and M_ψ = JᵀM_θJ everywhere, so
     M_ψ⁻¹G_ψ = J⁻¹(M_θ⁻¹G_θ)J is a similarity at every point (not only at critical points)."""
-    pr = world.pair(case, kind, point)
+    pr = pair
     th = pr.theta
-    ref = _fisher_ggn_theta(th)
+    ref = th.fisher_ggn
     got = _spectral(pr.op("ggn"), pr.metric, GGN_SHIFT)
-    _assert_same(got, ref, f"F⁻¹GGN {case}-{kind}-{point}")
+    _assert_same(got, ref, f"F⁻¹GGN {pr.id}")
 
 
-@pytest.mark.parametrize(("case", "kind", "point"), _params(BIJECTIVE))
-def test_natural_gradient_is_a_tangent_vector(world: World, case: str, kind: str, point: str) -> None:
+@over(BIJECTIVE)
+def test_natural_gradient_is_a_tangent_vector(pair: Pair) -> None:
     """gᵀM⁻¹g (a scalar) agrees, and the natural gradient pushed forward, J·(M_ψ⁻¹g_ψ), equals M_θ⁻¹g_θ (J dense
     from plain autograd of φ), ≤ 1e-8 relative. At the trained point ‖g‖ ≈ 2e-6 is a sum of O(0.1) per-sample terms,
     so g itself carries ≈ 1e-10 relative rounding (measured worst: 7.6e-10, linear A with κ = 100)."""
-    pr = world.pair(case, kind, point)
+    pr = pair
     th = pr.theta
     n_theta = cd.grad_norm(th.problem, metric=th.metric).value
     n_psi = cd.grad_norm(pr.problem, metric=pr.metric).value
@@ -334,7 +361,7 @@ def test_natural_gradient_is_a_tangent_vector(world: World, case: str, kind: str
     nat_theta = th.metric.solve(g_theta)
     pushed = pr.J @ pr.metric.solve(g_psi)
     err_norm, err_vec = abs(n_psi - n_theta) / n_theta, _relerr(pushed, nat_theta)
-    print(f"[natgrad {case}-{kind}-{point}] gᵀM⁻¹g={n_theta:.3e} rel err {err_norm:.2e}; "
+    print(f"[natgrad {pr.id}] gᵀM⁻¹g={n_theta:.3e} rel err {err_norm:.2e}; "
           f"J·M_ψ⁻¹g_ψ rel err {err_vec:.2e}")
     assert err_norm <= TOL, (n_theta, n_psi)
     assert err_vec <= TOL
@@ -347,33 +374,24 @@ def _hessian_reference(th: Theta, metric: cd.Metric | None) -> dict[str, Any]:
     """θ reference for the Hessian with ``metric``: top-3 eigenvalues, λ_min (Lanczos, tol 1e-6: only used for
     the shift and the near-minimum check), the log-det shift 1.5·max(0, −λ_min) + 0.05·|λ|_max (so M⁻¹H + shift·I
     is positive definite), exact trace and exact log-det."""
-    def compute() -> dict[str, Any]:
-        op = th.op("hessian")
-        e = cd.eigs(op, k=3, metric=metric, tol=EIG_TOL)
-        assert e.converged, e.info
-        lam_min = cd.eigs(op, k=1, which="smallest", metric=metric, tol=1e-6).value[0]
-        shift = 1.5 * max(0.0, -lam_min) + 0.05 * max(abs(x) for x in e.value)
-        return {"eigs": np.array(e.value), "trace": cd.trace(op, method="exact", metric=metric).value,
-                "logdet": cd.logdet(op, damping=shift, metric=metric, method="exact").value, "shift": shift,
-                "lam_min": lam_min}
-
-    return th.get("hessian" if metric is None else "fisher-hessian", compute)
+    op = th.hessian
+    e = cd.eigs(op, k=3, metric=metric, tol=EIG_TOL)
+    assert e.converged, e.info
+    lam_min = cd.eigs(op, k=1, which="smallest", metric=metric, tol=1e-6).value[0]
+    shift = 1.5 * max(0.0, -lam_min) + 0.05 * max(abs(x) for x in e.value)
+    return {"eigs": np.array(e.value), "trace": cd.trace(op, method="exact", metric=metric).value,
+            "logdet": cd.logdet(op, damping=shift, metric=metric, method="exact").value, "shift": shift,
+            "lam_min": lam_min}
 
 
-def _fisher_hessian_theta(th: Theta) -> dict[str, Any]:
-    return _hessian_reference(th, th.metric)
-
-
-@pytest.mark.parametrize(("case", "kind", "point"),
-                         _params([k for k in BIJECTIVE if k.kind == "linear"]))
-def test_fisher_metric_hessian_invariant_for_constant_jacobian(world: World, case: str, kind: str,
-                                                               point: str) -> None:
+@over([k for k in BIJECTIVE if k.kind == "linear"])
+def test_fisher_metric_hessian_invariant_for_constant_jacobian(pair: Pair) -> None:
     """For φ linear (scale, ntk, linear, their composition) ∇²φ = 0, so H_ψ = JᵀH_θJ at every point and the
     eig/trace/logdet of M⁻¹H with the Fisher metric agree at the random point as well as at the trained one."""
-    pr = world.pair(case, kind, point)
-    ref = _fisher_hessian_theta(pr.theta)
+    pr = pair
+    ref = pr.theta.fisher_hessian
     got = _spectral(pr.op("hessian"), pr.metric, ref["shift"])
-    _assert_same(got, ref, f"F⁻¹H {case}-{kind}-{point}")
+    _assert_same(got, ref, f"F⁻¹H {pr.id}")
 
 
 def _curvature_ratio(pr: Pair) -> Tensor:
@@ -383,9 +401,8 @@ def _curvature_ratio(pr: Pair) -> Tensor:
     return (1.0 / b) if pr.kind.name == "exp" else 1.0 / torch.expm1(b)
 
 
-@pytest.mark.parametrize(("case", "kind", "point"),
-                         _params([k for k in BIJECTIVE if k.kind == "nonlinear"]))
-def test_fisher_metric_hessian_needs_a_critical_point(world: World, case: str, kind: str, point: str) -> None:
+@over([k for k in BIJECTIVE if k.kind == "nonlinear"])
+def test_fisher_metric_hessian_needs_a_critical_point(pair: Pair) -> None:
     """exp/softplus: H_ψ = JᵀH_θJ + S with S = diag(g_θ ⊙ f''(ψ)) on the bias. In the symmetric form the ψ spectrum
     is that of W⁻ᵀ(H_θ + J⁻ᵀSJ⁻¹)W⁻¹ (M_θ = WᵀW ⪰ δI), a perturbation E with
     ‖E‖₂ ≤ ε := ‖g_b‖_∞ · max_k |f''_k|/f'_k² / δ and rank(E) ≤ r (the bias size). Hence (Weyl, Lidskii)
@@ -393,11 +410,11 @@ def test_fisher_metric_hessian_needs_a_critical_point(world: World, case: str, k
 
     random point (‖g‖ = O(0.1)): the spectra must differ (relative difference > 1e-6);
     trained point: they agree within those bounds, and the bound itself is small (ε ≤ 1e-4 · λ_1)."""
-    pr = world.pair(case, kind, point)
+    pr = pair
     th = pr.theta
-    ref = _fisher_hessian_theta(th)
+    ref = th.fisher_hessian
     g = th.problem.flatten(th.problem.gradient())
-    g_bias = dict(zip(th.problem.param_names, th.problem.gradient()))[OUTPUT_BIAS[case]]
+    g_bias = dict(zip(th.problem.param_names, th.problem.gradient()))[OUTPUT_BIAS[pr.kind.case]]
     eps = float(g_bias.abs().max() * _curvature_ratio(pr).max()) / DELTA
     rank = g_bias.numel()
     e = cd.eigs(pr.op("hessian"), k=3, metric=pr.metric, tol=EIG_TOL)
@@ -407,9 +424,9 @@ def test_fisher_metric_hessian_needs_a_critical_point(world: World, case: str, k
     d_eigs = float(np.max(np.abs(eigs - ref["eigs"])))
     d_trace = abs(trace - ref["trace"])
     rel = max(d_eigs / float(np.max(np.abs(ref["eigs"]))), d_trace / abs(ref["trace"]))
-    print(f"[F⁻¹H {case}-{kind}-{point}] ‖g‖={float(g.norm()):.2e} ε={eps:.2e} |Δλ|max={d_eigs:.2e} "
+    print(f"[F⁻¹H {pr.id}] ‖g‖={float(g.norm()):.2e} ε={eps:.2e} |Δλ|max={d_eigs:.2e} "
           f"|Δtr|={d_trace:.2e} rel={rel:.2e} λ={ref['eigs']}")
-    if point == "random":
+    if pr.theta.point == "random":
         assert rel > 1e-6, f"the Hessian with a metric should NOT be invariant off critical points (rel {rel:.2e})"
         return
     assert eps <= 1e-4 * abs(ref["eigs"][0]), f"the trained point is not critical enough: ε = {eps:.2e}"
@@ -426,26 +443,21 @@ def test_fisher_metric_hessian_needs_a_critical_point(world: World, case: str, k
 # ---------------------------------------------------------------------------------------------- Riemannian Hessian
 
 
-def _hessian_theta(th: Theta) -> dict[str, Any]:
-    return _hessian_reference(th, None)
-
-
 # Exact trace/log-det of the Riemannian Hessian materialize it column by column (RiemannianHessian.matmat_params is
 # a Python loop of d Hessian-vector products through φ): ≈ 15 s per CNN parametrization on a quiet machine. The
 # default set keeps CNN scale at the random point and ntk at the trained point; the rest runs with -m slow.
 RIEMANNIAN_SLOW = frozenset({"cnn-scale-trained", "cnn-ntk-random"})
 
 
-@pytest.mark.parametrize(("case", "kind", "point"), _params(BIJECTIVE, slow=RIEMANNIAN_SLOW))
-def test_riemannian_hessian_with_pullback_metric_is_invariant_everywhere(world: World, case: str, kind: str,
-                                                                         point: str) -> None:
+@over(BIJECTIVE, slow=RIEMANNIAN_SLOW)
+def test_riemannian_hessian_with_pullback_metric_is_invariant_everywhere(pair: Pair) -> None:
     """The Riemannian Hessian of the pulled-back Euclidean metric, Hess_ψ = ∇²_ψL − Σ_k g_k∇²φ_k = JᵀH_θJ (computed
     in ψ by autodiff), with M_ψ = JᵀJ: M_ψ⁻¹Hess_ψ = J⁻¹H_θJ, so its top-3 eigenvalues, exact trace and exact
     log-det (shifted positive definite) equal those of the plain θ Hessian without a metric — at every point."""
-    pr = world.pair(case, kind, point)
-    ref = _hessian_theta(pr.theta)
+    pr = pair
+    ref = pr.theta.hessian_plain
     got = _spectral(pr.op("riemannian_hessian"), pr.pullback, ref["shift"])
-    _assert_same(got, ref, f"Riemannian {case}-{kind}-{point}")
+    _assert_same(got, ref, f"Riemannian {pr.id}")
 
 
 # ---------------------------------------------------------------------------------------------- Euclidean changes
@@ -455,8 +467,8 @@ def _change(a: float, b: float) -> float:
     return math.inf if a * b <= 0 else max(abs(a), abs(b)) / min(abs(a), abs(b))
 
 
-@pytest.mark.parametrize(("case", "kind", "point"), _params(KINDS, ("random",)))
-def test_euclidean_counterparts_change(world: World, case: str, kind: str, point: str) -> None:
+@over(KINDS, ("random",))
+def test_euclidean_counterparts_change(pair: Pair) -> None:
     """Without a metric (the identity of the current coordinates) the top eigenvalue and the trace of the GGN and of
     the Hessian are not invariant: for each of GGN and Hessian, the larger of the two change factors
     max(|a|, |b|)/min(|a|, |b|) (∞ on a sign change) is at least the factor stated per kind
@@ -465,17 +477,16 @@ def test_euclidean_counterparts_change(world: World, case: str, kind: str, point
     weight_norm is the exception for the GGN, and the test says so: at the library's right inverse (g_i = ‖W_i‖,
     v = W) the Jacobian is a partial isometry, J Jᵀ = I (per row ṽṽᵀ + P = I), so GGN_ψ = JᵀG_θJ has the nonzero
     eigenvalues and the trace of G_θ; its Hessian changes through the second-order term off critical points."""
-    pr = world.pair(case, kind, point)
+    pr = pair
     th = pr.theta
-    spec = KIND[(case, kind)]
+    spec = pr.kind
     changes = {}
     for curv in ("ggn", "hessian"):
-        ref = th.get(f"euclid:{curv}", lambda: (cd.eigs(th.op(curv), k=1, tol=1e-10).value[0],
-                                                cd.trace(th.op(curv), method="exact").value))
+        ref = th.euclidean[curv]
         top = cd.eigs(pr.op(curv), k=1, tol=1e-10).value[0]
         tr = cd.trace(pr.op(curv), method="exact").value
         changes[curv] = (_change(top, ref[0]), _change(tr, ref[1]))
-    print(f"[euclidean {case}-{kind}] change factors (top eig, trace): {changes}")
+    print(f"[euclidean {pr.kind.case}-{pr.kind.name}] change factors (top eig, trace): {changes}")
     if spec.kind == "weight_norm":
         eye = torch.eye(pr.J.shape[0], dtype=torch.float64)
         torch.testing.assert_close(pr.J @ pr.J.T, eye, rtol=0, atol=1e-12)
@@ -504,15 +515,14 @@ def _weight_norm_null_vectors(pr: Pair) -> Tensor:
     return torch.stack(cols, 1)
 
 
-@pytest.mark.parametrize(("case", "point"), [pytest.param(c, p, id=f"{c}-{p}") for c in ("mlp", "cnn")
-                                             for p in POINTS])
-def test_weight_norm_nonzero_spectrum_is_invariant(world: World, case: str, point: str) -> None:
+@over([KIND[(c, "weight_norm")] for c in ("mlp", "cnn")])
+def test_weight_norm_nonzero_spectrum_is_invariant(pair: Pair) -> None:
     """Weight norm is not a bijection: ψ has one extra dimension per output row and J (dθ × dψ, dense by autograd)
     has the null space n_i = (0, v_i). Along it GGN_ψ, F_ψ and the pulled-back JᵀJ all vanish, so every Fisher or
     pulled-back metric in ψ is singular. What holds: on range(Jᵀ) (orthonormal basis Q from a QR of Jᵀ), JQ is
     square and invertible, QᵀG_ψQ = (JQ)ᵀG_θ(JQ) and Qᵀ(F_ψ + δJᵀJ)Q = (JQ)ᵀM_θ(JQ), so the restricted pencil has
     exactly θ's spectrum of M⁻¹GGN: top-3 eigenvalues, trace and log det(M⁻¹G + 0.1·I) agree ≤ 1e-8."""
-    pr = world.pair(case, "weight_norm", point)
+    pr = pair
     th = pr.theta
     J = pr.J
     d_theta, d_psi = J.shape
@@ -524,7 +534,7 @@ def test_weight_norm_nonzero_spectrum_is_invariant(world: World, case: str, poin
     torch.testing.assert_close(R, J.T @ J, rtol=0, atol=1e-12 * float(R.abs().max()))
     for name, A in (("J", J), ("GGN_ψ", G), ("F_ψ", F), ("JᵀJ", R)):
         null = float((A @ N).abs().max()) / (float(A.abs().max()) * float(N.abs().max()))
-        print(f"[weight_norm {case}-{point}] ‖{name}·n‖ relative {null:.1e}")
+        print(f"[weight_norm {pr.id}] ‖{name}·n‖ relative {null:.1e}")
         assert null <= 1e-13, f"{name} is not singular along the weight-norm null space ({null:.1e})"
     # restricted pencil (scipy, not torch LAPACK: see the module's performance note)
     Q = scipy.linalg.qr(J.T.numpy(), mode="economic")[0]
@@ -538,15 +548,15 @@ def test_weight_norm_nonzero_spectrum_is_invariant(world: World, case: str, poin
     shift = GGN_SHIFT
     logdet = 2 * float(np.log(np.diag(scipy.linalg.cholesky(Gr + shift * Mr))).sum()) \
         - 2 * float(np.log(np.diag(cM[0])).sum())  # log det(M⁻¹G + sI) = log det(G + sM) − log det M
-    ref = _fisher_ggn_theta(th)
-    _assert_same({"eigs": top, "trace": trace, "logdet": logdet}, ref, f"weight_norm F⁻¹GGN {case}-{point}")
+    ref = th.fisher_ggn
+    _assert_same({"eigs": top, "trace": trace, "logdet": logdet}, ref, f"weight_norm F⁻¹GGN {pr.id}")
 
 
-@pytest.mark.parametrize("case", ["mlp", "cnn"])
-def test_weight_norm_pullback_damping_is_singular(world: World, case: str) -> None:
+@over([KIND[(c, "weight_norm")] for c in ("mlp", "cnn")], ("random",))
+def test_weight_norm_pullback_damping_is_singular(pair: Pair) -> None:
     """The damping reference JᵀJ of the tensor-damped ψ Fisher metric is itself singular for weight norm, so
     F_ψ + δJᵀJ is singular whatever δ: building it must raise SingularMetricError (dense Cholesky)."""
-    pr = world.pair(case, "weight_norm", "random")
+    pr = pair
     with pytest.raises(cd.SingularMetricError, match=r"fisher metric \(damping 0\.1\) is singular"):
         cd.metric(pr.problem, "fisher", damping=DELTA, method="dense", damping_metric=pr.pullback)
 
@@ -555,17 +565,18 @@ def test_weight_norm_pullback_damping_is_singular(world: World, case: str) -> No
 
 
 @pytest.mark.parametrize("method", ["hutchpp", "xtrace"])
-@pytest.mark.parametrize("kind", ["linear", "scale"])
-def test_stochastic_trace_of_invariant_quantity(world: World, kind: str, method: str) -> None:
+@over([KIND[("mlp", "linear")], KIND[("mlp", "scale")]], ("random",))
+def test_stochastic_trace_of_invariant_quantity(pair: Pair, method: str) -> None:
     """Hutch++/XTrace of tr(M⁻¹GGN) (Fisher metric) with the same seed and budget in θ and ψ.
 
     scale (positive diagonal J): the Cholesky factor of M_ψ = J M_θ J is J L_θ, so the symmetric forms coincide
     exactly and the same probes give the same estimate (≤ 1e-10 relative). linear (dense A): the symmetric forms
     differ by an orthogonal similarity, so the same probes give different estimates, which must agree within 3
     combined standard errors; both lie within 3 standard errors of the exact trace."""
-    pr = world.pair("mlp", kind, "random")
+    pr = pair
+    kind = pr.kind.name
     th = pr.theta
-    exact = _fisher_ggn_theta(th)["trace"]
+    exact = th.fisher_ggn["trace"]
     budget, seed = 30, 11  # below 3 × rank(GGN) = 117: the sketch does not capture the whole range
     a = cd.trace(th.op("ggn"), method=method, matvecs=budget, metric=th.metric, seed=seed)
     b = cd.trace(pr.op("ggn"), method=method, matvecs=budget, metric=pr.metric, seed=seed)

@@ -13,9 +13,7 @@ from curvdist.geometry.blocks.attention import explicit_attention
 from curvdist.geometry.blocks.probes import Recorder
 from curvdist.geometry.metrics.backpack_metrics import diag_fisher_mc, diag_ggn, empirical_fisher_diag
 from curvdist.geometry.metrics.kfac import kfac, kfac_sums
-
-from .cases import CASES, Case
-from .conftest import make_problem
+from tests.cases import CASES, Case, make_problem
 
 DIAGONALS = {"diag_ggn": ("ggn", {}), "diag_fisher_mc": ("fisher_mc", {"mc_samples": 3, "seed": 7}),
              "empirical_fisher_diag": ("empirical_fisher", {})}

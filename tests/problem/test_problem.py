@@ -8,9 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvdist as cd
-
-from .cases import CASES
-from .conftest import make_problem
+from tests.cases import CASES, make_problem
 
 
 @pytest.fixture

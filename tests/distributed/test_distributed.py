@@ -16,8 +16,8 @@ import torch
 import yaml
 
 import curvdist as cd
-from curvdist.distributed.cluster import ray_session
 from curvdist.distributed.backend import RayBackend
+from curvdist.distributed.cluster import ray_session
 from curvdist.distributed.data_parallel import WorkerPool
 from curvdist.distributed.pipeline import PipelineMetric, PipelineOperator, StagePool
 from curvdist.problem.spec import ProblemSpec

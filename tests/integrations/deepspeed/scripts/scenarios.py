@@ -1,4 +1,4 @@
-"""DeepSpeed scenarios for tests/test_deepspeed.py, run in one process (RANK/WORLD_SIZE/MASTER_* set by the test)
+"""DeepSpeed scenarios for tests/integrations/deepspeed/test_deepspeed.py, run in one process (RANK/WORLD_SIZE/MASTER_* set by the test)
 or under ``torchrun --nproc_per_node 2``. Each rank writes ``<out>.rank<r>.json``.
 
     python scenarios.py OUT SCENARIO[,SCENARIO...] [--stages 0,1,2,3]
@@ -20,15 +20,6 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.nn.functional as F
-
-from curvdist import zoo
-from curvdist.integrations.deepspeed import (
-    CurvatureMonitor,
-    DeepSpeedRiemannianSGD,
-    load_checkpoint,
-    save_checkpoint,
-)
-
 from ds_common import (  # the script's own folder is on sys.path when it runs as a script
     GLOBAL_BATCH,
     HELD,
@@ -39,6 +30,14 @@ from ds_common import (  # the script's own folder is on sys.path when it runs a
     held,
     sequence_data,
     train_data,
+)
+
+from curvdist import zoo
+from curvdist.integrations.deepspeed import (
+    CurvatureMonitor,
+    DeepSpeedRiemannianSGD,
+    load_checkpoint,
+    save_checkpoint,
 )
 
 

@@ -1,6 +1,6 @@
 """DeepSpeed integration on CPU (gloo), one process and two (``torchrun --nproc_per_node 2``), ZeRO 0-3.
 
-The scenarios run in subprocesses (tests/deepspeed_scripts/scenarios.py, one launch per world size, every ZeRO stage
+The scenarios run in subprocesses (tests/integrations/deepspeed/scripts/scenarios.py, one launch per world size, every ZeRO stage
 in the same launch) and write JSON; ground truth comes from plain curvdist in this process: the same queries on
 a single-process Problem over the whole held batch at the parameters the monitor measured, and
 ``curvdist.optim.RiemannianSGD`` (no DeepSpeed) for the preconditioner.
@@ -14,6 +14,7 @@ curves with and without the monitor, values across ranks, resumed against uninte
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +23,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import curvdist as cd
 from curvdist import zoo
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = Path(__file__).resolve().parent / "deepspeed_scripts" / "scenarios.py"
+ROOT = Path(__file__).resolve().parents[3]
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "scenarios.py"
 _common = importlib.util.spec_from_file_location("ds_common", SCRIPT.parent / "ds_common.py")
 S = importlib.util.module_from_spec(_common)  # the scenarios' model, batches and monitor queries
 _common.loader.exec_module(S)

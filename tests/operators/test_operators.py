@@ -7,10 +7,8 @@ import pytest
 import torch
 
 import curvdist as cd
-
-from . import dense
-from .cases import CASES
-from .conftest import make_problem
+from tests import dense
+from tests.cases import CASES, make_problem
 
 TRUTH = {
     "hessian": dense.dense_hessian,

@@ -10,8 +10,7 @@ import curvdist as cd
 from curvdist.solvers import TorchSpace, eigsh, slq
 from curvdist.solvers.diag import hutchinson_diag, xdiag
 from curvdist.solvers.trace import hutchinson, hutchpp, xtrace
-
-from .cases import spd_matrix
+from tests.cases import spd_matrix
 
 D = 120
 
