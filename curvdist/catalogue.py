@@ -32,6 +32,20 @@ class Curvature(Name):
     EMPIRICAL_FISHER = "empirical_fisher"
 
 
+class LossKind(Name):
+    """Per-sample losses ℓ with exact output-space Hessians."""
+
+    CROSS_ENTROPY = "cross_entropy"
+    MSE = "mse"
+
+
+class Reduction(Name):
+    """L = s·Σ_n ℓ_n with s = 1/N (mean) or 1 (sum)."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
 class MetricKind(Name):
     """Metrics M on parameter space."""
 
@@ -136,4 +150,4 @@ def parse(catalogue: type[E], value: object, what: str, allowed: tuple[E, ...] |
 
 
 __all__ = ["CURVATURE_METRICS", "DIAGONAL_METRICS", "KRONECKER_METRICS", "PULLBACK_OF", "Curvature", "DampingReference",
-           "DiagMethod", "LogdetMethod", "MetricKind", "Name", "QueryKind", "ReparamKind", "TraceMethod", "Which", "names", "parse"]
+           "DiagMethod", "LogdetMethod", "LossKind", "MetricKind", "Name", "QueryKind", "Reduction", "ReparamKind", "TraceMethod", "Which", "names", "parse"]

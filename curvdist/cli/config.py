@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator
 
-from ..catalogue import ReparamKind
+from ..catalogue import LossKind, Reduction, ReparamKind
 from ..errors import ConfigError
 from ..queries.specs import (
     CurvatureSpec,
@@ -81,9 +81,9 @@ class Config(NamedSpecs):
     dtype: Literal["float32", "float64"] = "float64"
     model: ModelSpec
     data: DataSpec
-    loss: Literal["cross_entropy", "mse"]
+    loss: choice(LossKind)
     params: list[str] | None = None
-    reduction: Literal["mean", "sum"] = "mean"
+    reduction: choice(Reduction) = "mean"
     train: TrainSpec | None = None
     curvature: CurvatureSpec = Field(default_factory=CurvatureSpec)
     metric: MetricSpec = Field(default_factory=MetricSpec)

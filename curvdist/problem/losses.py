@@ -16,7 +16,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from ..errors import DataError, ProblemError
+from ..catalogue import LossKind, parse
+from ..errors import DataError, UnknownNameError
 
 
 class Loss(ABC):
@@ -129,18 +130,16 @@ class MeanSquaredError(Loss):
             raise DataError(f"mse expects floating-point targets, got dtype {target.dtype}")
 
 
-LOSSES: dict[str, type[Loss]] = {
-    "cross_entropy": CrossEntropy,
-    "crossentropy": CrossEntropy,
-    "ce": CrossEntropy,
-    "mse": MeanSquaredError,
-}
+LOSSES: dict[str, type[Loss]] = {LossKind.CROSS_ENTROPY.value: CrossEntropy, LossKind.MSE.value: MeanSquaredError}
+ALIASES = {"crossentropy": LossKind.CROSS_ENTROPY.value, "ce": LossKind.CROSS_ENTROPY.value}
 
 
 def make_loss(loss: str | Loss) -> Loss:
     """Resolve a loss name (``cross_entropy``, ``mse``) or pass a :class:`Loss` through."""
     if isinstance(loss, Loss):
         return loss
-    if isinstance(loss, str) and loss.lower() in LOSSES:
-        return LOSSES[loss.lower()]()
-    raise ProblemError(f"unknown loss {loss!r}; choose one of 'cross_entropy', 'mse' or pass a curvdist Loss")
+    name = ALIASES.get(loss.lower(), loss.lower()) if isinstance(loss, str) else loss
+    try:
+        return LOSSES[parse(LossKind, name, "loss").value]()
+    except UnknownNameError as e:
+        raise UnknownNameError(f"{e} (or pass a curvdist Loss)") from None

@@ -101,7 +101,7 @@ def test_bad_arguments_are_refused(mlp_case):
     data = (mlp_case.X, mlp_case.y)
     with pytest.raises(cd.ProblemError, match="unknown parameter names"):
         cd.Problem(m, "cross_entropy", data, params=["0.weigth"])
-    with pytest.raises(cd.ProblemError, match="unknown loss"):
+    with pytest.raises(cd.UnknownNameError, match="unknown loss 'hinge'; choose one of: cross_entropy, mse"):
         cd.Problem(m, "hinge", data)
     with pytest.raises(cd.ProblemError, match="reduction"):
         cd.Problem(m, "cross_entropy", data, reduction="avg")

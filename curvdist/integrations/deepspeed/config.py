@@ -19,8 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PositiveInt, ValidationError, model_validator
 
+from ...catalogue import LossKind, Reduction
 from ...errors import ConfigError
-from ...queries.specs import CurvatureSpec, MetricSpec, NamedSpecs, Query, Strict, format_validation_error
+from ...queries.specs import CurvatureSpec, MetricSpec, NamedSpecs, Query, Strict, choice, format_validation_error
 from .engine import raw_config
 
 SECTION = "curvdist"
@@ -31,8 +32,8 @@ class MonitorSpec(NamedSpecs):
     ``every`` global steps on the held batch, with which default curvature and metric, in which dtype."""
 
     every: PositiveInt = 100
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
-    reduction: Literal["mean", "sum"] = "mean"
+    loss: choice(LossKind) = "cross_entropy"
+    reduction: choice(Reduction) = "mean"
     dtype: Literal["float32", "float64"] = "float32"
     params: list[str] | None = None
     batch_size: PositiveInt | None = None
@@ -72,7 +73,7 @@ class PreconditionerSpec(NamedSpecs):
     lr: Annotated[float, Field(gt=0)] = 0.1
     refresh: PositiveInt = 10
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    loss: choice(LossKind) = "cross_entropy"
     dtype: Literal["float32", "float64"] = "float32"
     params: list[str] | None = None
     batch_size: PositiveInt | None = None
