@@ -20,9 +20,7 @@ from pathlib import Path
 import torch
 
 import curvdist as cd
-from curvdist.distributed.cluster import ray_session
-from curvdist.distributed.data_parallel import RemoteProblem, WorkerPool
-from curvdist.distributed.pipeline import PipelineOperator, StagePool
+from curvdist.operators.sharded import matvec_sum
 from curvdist.problem.spec import ProblemSpec
 
 OUT = Path(__file__).parent / "results"
@@ -59,28 +57,30 @@ def main() -> None:
     for kind in ("ggn", "hessian"):
         op = cd.operator(local, kind, check_determinism=False)
         report["products"].setdefault(kind, {})["local"] = timed(lambda: op.apply_vector(v), args.repeats)
-    with ray_session(num_cpus=max(os.cpu_count() or 1, 2)) as ray:
+    with cd.ray_backend(workers=2) as backend:
+        import ray
+
         for workers in (1, 2):
-            pool = WorkerPool(spec, workers)
-            remote = RemoteProblem(spec, pool)
+            remote = backend.data_parallel(spec, workers)
+            pool = remote.reducer.pool
             for kind in ("ggn", "hessian"):
                 op = cd.operator(remote, kind, check_determinism=False)
                 wall = timed(lambda: op.apply_vector(v), args.repeats)
                 # compute time measured inside the workers (the slowest shard bounds the product)
                 ref = ray.put(v)
-                compute = max(ray.get([a.matvec_seconds.remote(kind, {}, ref, args.repeats) for a in pool.actors]))
+                compute = max(ray.get([a.seconds.remote(matvec_sum, kind, {}, ref, repeats=args.repeats)
+                                       for a in pool.actors]))
                 report["products"][kind][f"data_{workers}"] = {"wall": wall, "slowest_worker_compute": compute,
                                                                "overhead": wall - compute}
             pool.shutdown()
-        pool = StagePool(spec, 2)
-        space = pool.space
+        staged = backend.pipeline(spec, stages=2)
+        space = staged.pool.space
         vs = space.from_tensor(v)
         for kind in ("ggn", "hessian"):
-            op = PipelineOperator(pool, kind)
+            op = cd.operator(staged, kind)
             wall = timed(lambda: op.apply_vector(vs), args.repeats)
             report["products"][kind]["pipeline_2"] = {"wall": wall,
                                                       "overhead_vs_local": wall - report["products"][kind]["local"]}
-        pool.shutdown()
     for kind, row in report["products"].items():
         row["speedup_2_vs_1_workers"] = row["data_1"]["wall"] / row["data_2"]["wall"]
         row["data_2_overhead_fraction"] = row["data_2"]["overhead"] / row["data_2"]["wall"]
