@@ -326,7 +326,7 @@ def grad_norm(target: CurvatureOperator | BaseProblem, *, metric: Metric | None 
     return Result(query="grad_norm", value=value, seconds=time.perf_counter() - t0,
                   dtype=str(problem.dtype).replace("torch.", ""), curvature=curvature,
                   metric="euclidean" if metric is None else metric.describe(), coordinates=coordinates_of(problem),
-                  info={"norm": float(np.sqrt(max(value, 0.0)))})
+                  backend=problem.backend, info={"norm": float(np.sqrt(max(value, 0.0)))})
 
 
 def flatness(op: CurvatureOperator, *, metric: Metric | None = None, trace_method: str = "hutchpp",

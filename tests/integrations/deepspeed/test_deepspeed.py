@@ -250,7 +250,7 @@ def test_monitor_refuses_a_plain_module():
 
 
 def test_config_section_errors(tmp_path):
-    from curvdist.cli.config import DensityQuery, EigsQuery, MetricSpec
+    from curvdist.queries.specs import DensityQuery, EigsQuery, MetricSpec
     from curvdist.integrations.deepspeed import read_section
     from curvdist.integrations.deepspeed.queries import check_query
 
