@@ -162,15 +162,10 @@ def _relerr(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@dataclass
-class Theta:
-    """θ side at one (case, point): problem, metric, operators and reference results, each computed once (lazy
-    attributes of the module-scoped ``theta`` fixture)."""
+class Side:
+    """One side's operators (``problem`` is the θ or the ψ problem), built on first use."""
 
-    case: str
-    point: str
     problem: cd.Problem
-    metric: cd.Metric
 
     def op(self, kind: str) -> cd.CurvatureOperator:
         return getattr(self, kind)
@@ -182,6 +177,17 @@ class Theta:
     @cached_property
     def hessian(self) -> cd.CurvatureOperator:
         return cd.operator(self.problem, "hessian")
+
+
+@dataclass
+class Theta(Side):
+    """θ side at one (case, point): problem, metric, operators and reference results, each computed once (lazy
+    attributes of the module-scoped ``theta`` fixture)."""
+
+    case: str
+    point: str
+    problem: cd.Problem
+    metric: cd.Metric
 
     @cached_property
     def fisher_ggn(self) -> dict[str, Any]:
@@ -204,7 +210,7 @@ class Theta:
 
 
 @dataclass
-class Pair:
+class Pair(Side):
     """θ and ψ sides of one (case, kind, point)."""
 
     theta: Theta
@@ -215,17 +221,6 @@ class Pair:
     @property
     def id(self) -> str:
         return f"{self.kind.case}-{self.kind.name}-{self.theta.point}"
-
-    def op(self, kind: str) -> cd.CurvatureOperator:
-        return getattr(self, kind)
-
-    @cached_property
-    def ggn(self) -> cd.CurvatureOperator:
-        return cd.operator(self.problem, "ggn")
-
-    @cached_property
-    def hessian(self) -> cd.CurvatureOperator:
-        return cd.operator(self.problem, "hessian")
 
     @cached_property
     def fisher(self) -> cd.CurvatureOperator:
