@@ -32,6 +32,7 @@ from .geometry import Metric, RiemannianHessian, metric, reparam, reparametrize
 from .operators import CurvatureOperator, operator
 from .problem import InProcessReducer, Problem, ProblemSpec, ProcessGroupReducer, ShardedProblem, ShardReducer
 from .queries import Result, block_spectra, density, diag, eigs, flatness, grad_norm, logdet, trace
+from .runtime import set_threads, threads
 
 __version__ = "0.1.0"
 
@@ -47,5 +48,5 @@ __all__ = [
     "Metric", "RiemannianHessian", "block_spectra", "density", "diag", "eigs", "flatness", "grad_norm", "logdet", "metric", "operator",
     "optim", "reparam", "reparametrize", "riemannian_hessian", "trace",
     "InProcessReducer", "ProblemSpec", "ProcessGroupReducer", "RayBackend", "ShardReducer", "ShardedProblem",
-    "UnknownNameError", "catalogue", "ray_backend",
+    "UnknownNameError", "catalogue", "ray_backend", "set_threads", "threads",
 ]

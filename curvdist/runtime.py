@@ -32,9 +32,24 @@ Why (2-CPU VM, torch 2.13 CPU, OpenMP backend, float64):
   1.85× at 3·10⁵, 2.25× at 2.5·10⁶. The small-problem gain is smaller than the noise of a busy machine and the
   risk above, hence 1 thread below 10⁴ parameters. (Only 2 CPUs were available: the cap of 2 below 10⁵ is a
   conservative guess, not a measurement.)
-- The quickstart (``configs/quickstart.yaml``, dim 1,210) end to end: see the table in the report that
-  introduced this module; with a co-tenant, 1 thread stays close to the solo time while 2 threads are several
-  times slower.
+- The quickstart (``configs/quickstart.yaml``, dim 1,210, ``curvdist run -q``) end to end, wall seconds, runs
+  with other load on the machine discarded; co-tenant = ``python3 -c "while True: pass"``:
+
+  ==============================  =============================================
+  solo, 1 thread                  16.1, 16.3, 17.1, 17.7
+  solo, 2 threads (torch default) 14.5, 14.8, 15.8, 16.0
+  solo, auto (dim unknown → 2)    13.7, 14.2, 15.3, 16.4
+  co-tenant, 2 threads            32.7, 34.6, 35.0 (2.1-2.4× solo)
+  co-tenant, 1 thread             15.2, 16.2, 16.4, 16.7
+  co-tenant, auto (sampled → 1)   15.9, 15.9, 16.3 (≈ 1.05× solo)
+  co-tenant, auto with dim → 1    16.7
+  ==============================  =============================================
+
+- numpy/scipy's OpenBLAS pool is not governed by ``torch.set_num_threads`` and matters for dense LAPACK work:
+  ``scipy.linalg.eigh`` of an 800×800 matrix with a co-tenant takes 32 ms with 1 BLAS thread, 80 ms with 2
+  (``torch.linalg.eigvalsh``: 58 vs 143 ms with 1 vs 2 torch threads). Setting ``torch.set_num_interop_threads(1)``
+  (16.1, 17.2 s) or the BLAS pool to 1 (14.5, 15.8, 18.4 s) on top of 1 torch thread made no measurable
+  difference to the quickstart with a co-tenant (1 thread alone: 15.2-16.7 s).
 
 The inter-op pool (``torch.get_num_interop_threads``) is left alone: eager torch code does not use it (only
 TorchScript ``fork`` and a few ops do), and ``torch.set_num_interop_threads`` may be called at most once per
@@ -63,7 +78,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["ENV_VAR", "MEDIUM_DIM", "SMALL_DIM", "ThreadChoice", "available_cpus", "choose_threads", "free_cpus",
-           "last_choice", "remove_import_paths", "sample_idle_cpus", "set_threads", "thread_choice", "threads",
+           "remove_import_paths", "sample_idle_cpus", "set_threads", "thread_choice", "threads",
            "user_import_paths"]
 
 ENV_VAR = "CURVDIST_THREADS"
@@ -92,9 +107,6 @@ class ThreadChoice:
         return {"threads": self.threads, "source": self.source, "requested": self.requested, "cpus": self.cpus,
                 "free_cpus": None if self.free_cpus is None else round(self.free_cpus, 2), "dim": self.dim,
                 "reason": self.reason}
-
-
-_last: ThreadChoice | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,7 +302,7 @@ def _limit_blas(n: int) -> None:
         return
     try:
         threadpool_limits(n, user_api="blas")
-    except Exception:  # a BLAS threadpoolctl does not know must not stop a run
+    except Exception:  # noqa: BLE001, S110 - a BLAS library threadpoolctl cannot drive must not stop a run
         pass
 
 
@@ -301,45 +313,35 @@ def _blas_threads() -> int | None:
         return None
     try:
         counts = [d["num_threads"] for d in threadpool_info() if d.get("user_api") == "blas"]
-    except Exception:
+    except Exception:  # noqa: BLE001 - as in _limit_blas
         return None
     return max(counts) if counts else None
 
 
-def set_threads(requested: int | str | None = "auto", dim: int | None = None) -> int:
-    """Choose (``choose_threads(dim, requested)``) and apply the intra-op thread count: ``torch.set_num_threads``
-    (OpenMP and MKL) and numpy/scipy's BLAS pool where threadpoolctl is available. Records the choice
-    (``last_choice()``) and returns the count."""
+def set_threads(requested: int | str | None = "auto", dim: int | None = None) -> ThreadChoice:
+    """Choose (:func:`thread_choice`) and apply the intra-op thread count: ``torch.set_num_threads`` (OpenMP and
+    MKL) and numpy/scipy's BLAS pool where threadpoolctl is available. Returns the choice (for the report)."""
     import torch
 
-    global _last
     choice = thread_choice(dim, requested)
     torch.set_num_threads(choice.threads)
     _limit_blas(choice.threads)
-    _last = choice
-    return choice.threads
+    return choice
 
 
 @contextmanager
-def threads(requested: int | str | None = "auto", dim: int | None = None) -> Iterator[int]:
-    """``with threads(n) as k:`` — run the block with ``set_threads(n, dim)`` applied, yielding the count, and
-    restore the previous torch (and BLAS) thread counts and ``last_choice()`` on exit."""
+def threads(requested: int | str | None = "auto", dim: int | None = None) -> Iterator[ThreadChoice]:
+    """``with threads(n) as choice:`` — run the block with ``set_threads(n, dim)`` applied and restore the previous
+    torch (and BLAS) thread counts on exit, also after an error."""
     import torch
 
-    global _last
-    prev, prev_blas, prev_last = torch.get_num_threads(), _blas_threads(), _last
+    prev, prev_blas = torch.get_num_threads(), _blas_threads()
     try:
         yield set_threads(requested, dim)
     finally:
         torch.set_num_threads(prev)
         if prev_blas is not None:
             _limit_blas(prev_blas)
-        _last = prev_last
-
-
-def last_choice() -> ThreadChoice | None:
-    """The choice most recently applied by ``set_threads`` (inside ``threads``: the block's), or None."""
-    return _last
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -92,6 +92,7 @@ class Config(NamedSpecs):
     backend: BackendSpec = Field(default_factory=BackendSpec)
     output: str | None = None
     plot: bool = True
+    threads: PositiveInt | Literal["auto"] = "auto"  # intra-op threads: auto = free cores, capped by problem size
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

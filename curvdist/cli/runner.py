@@ -16,6 +16,7 @@ from ..geometry.reparam import make_reparam, reparametrize
 from ..queries import Result, session
 from ..queries.result import to_jsonable
 from ..queries.session import Coordinates, invariance_rows
+from ..runtime import set_threads, threads
 from .backends import theta_coordinates, trained_spec
 from .build import build_problem, spec_of
 from .checkpoint import QueryCheckpoint
@@ -50,10 +51,17 @@ def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None
 
     With a ``reparam``, every query runs in θ and, independently, in ψ = φ⁻¹(θ) coordinates, and the document
     gains an ``invariance`` table pairing them. Finished queries and Lanczos states are checkpointed next to the
-    output; ``resume=True`` continues an interrupted run from them.
+    output; ``resume=True`` continues an interrupted run from them. The run uses ``cfg.threads`` intra-op threads
+    (``auto``: :func:`curvdist.runtime.thread_choice`, recorded in the document), restored afterwards.
     """
+    with threads(cfg.threads):  # until the problem's size is known: by the free cores alone
+        return _run(cfg, config_path, output, progress, resume)
+
+
+def _run(cfg: Config, config_path: str | Path, output: str | None, progress: bool, resume: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     problem, train_info, optimizer = build_problem(cfg)
+    choice = set_threads(cfg.threads, dim=problem.dim)
     spec = trained_spec(spec_of(cfg), problem.model, train_info is not None)
     path = output_path(cfg, config_path, output)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +91,7 @@ def run(cfg: Config, config_path: str | Path = "config.yaml", output: str | None
                     "loss_value": problem.value(), "params": list(problem.param_names)},
         "train": train_info,
         "backend": stats,
+        "threads": choice.as_dict(),
         "results": [r.to_dict() for r in results],
     }
     if cfg.reparam is not None:

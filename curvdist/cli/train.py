@@ -20,6 +20,7 @@ from ..problem import Problem
 from ..problem.data import as_batches
 from ..queries.result import to_jsonable
 from ..queries.session import Coordinates, scalars
+from ..runtime import set_threads, threads
 from .backends import theta_coordinates
 from .build import make_optimizer, spec_of, train_step
 from .config import Config
@@ -28,7 +29,13 @@ from .runner import output_path, run_query, versions
 
 def train_and_log(cfg: Config, config_path: str | Path = "config.yaml", output: str | None = None,
                   progress: bool = True) -> dict[str, Any]:
-    """Run ``cfg.train`` and log ``cfg.queries`` every ``log_every`` steps; returns the JSON document written."""
+    """Run ``cfg.train`` and log ``cfg.queries`` every ``log_every`` steps; returns the JSON document written.
+    Runs with ``cfg.threads`` intra-op threads (recorded in the document), restored afterwards."""
+    with threads(cfg.threads):
+        return _train_and_log(cfg, config_path, output, progress)
+
+
+def _train_and_log(cfg: Config, config_path: str | Path, output: str | None, progress: bool) -> dict[str, Any]:
     if cfg.train is None:
         raise ConfigError("curvdist train needs a 'train' section (optimizer, lr, steps, log_every)")
     if cfg.reparam is not None:
@@ -41,6 +48,7 @@ def train_and_log(cfg: Config, config_path: str | Path = "config.yaml", output: 
     model = spec.build_model()
     data = as_batches(spec.build_data(), cfg.data.batch_size)
     problem = Problem(model, cfg.loss, data, params=cfg.params, reduction=cfg.reduction)
+    choice = set_threads(cfg.threads, dim=problem.dim)
     path = output_path(cfg, config_path, output)
     path.parent.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
@@ -80,7 +88,7 @@ def train_and_log(cfg: Config, config_path: str | Path = "config.yaml", output: 
     doc: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "versions": versions(),
                            "train": {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr, "steps": cfg.train.steps,
                                      "final_loss": history[-1]["loss"]},
-                           "history": history}
+                           "history": history, "threads": choice.as_dict()}
     if cfg.plot:
         from .plot import plot_history
 

@@ -70,16 +70,17 @@ def _check_spec(spec: Any) -> None:
 @contextmanager
 def ray_backend(workers: int = 2, address: str | None = None, max_restarts: int = 2,
                 num_cpus: int | None = None) -> Iterator[RayBackend]:
-    """A Ray backend for the block: an embedded Ray instance (``num_cpus`` logical CPUs, default the machine's
-    cores or ``workers`` if more) unless ``address`` names a cluster (``"auto"``, ``host:port``; ``RAY_ADDRESS``
+    """A Ray backend for the block: an embedded Ray instance unless ``address`` names a cluster (``"auto"``, ``host:port``; ``RAY_ADDRESS``
     is honoured too). Actors restart up to ``max_restarts`` times, rebuild themselves from the spec and the
-    coordinator retries the call."""
+    coordinator retries the call. ``num_cpus``: the embedded instance's logical CPUs, which place the actors (one
+    each); the default, the machine's cores + 8, leaves room for the data workers and a pipeline of up to 8 stages
+    at once (Ray oversubscribes the physical cores then; give the count your actors need)."""
     from .cluster import ray_session
 
     if not isinstance(workers, int) or workers < 1:
         raise ProblemError(f"workers must be a positive integer, got {workers!r}")
     backend = RayBackend(workers, max_restarts)
-    with ray_session(address, num_cpus=num_cpus or max(os.cpu_count() or 1, workers)):
+    with ray_session(address, num_cpus=num_cpus or max(os.cpu_count() or 1, workers) + 8):
         try:
             yield backend
         finally:

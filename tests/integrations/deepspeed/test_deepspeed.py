@@ -250,9 +250,9 @@ def test_monitor_refuses_a_plain_module():
 
 
 def test_config_section_errors(tmp_path):
-    from curvdist.queries.specs import DensityQuery, EigsQuery, MetricSpec
     from curvdist.integrations.deepspeed import read_section
     from curvdist.integrations.deepspeed.queries import check_query
+    from curvdist.queries.specs import DensityQuery, EigsQuery, MetricSpec
 
     with pytest.raises(cd.ConfigError, match="no 'curvdist' section"):
         read_section({"train_batch_size": 8})
