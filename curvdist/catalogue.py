@@ -123,6 +123,21 @@ class ReparamKind(Name):
     COMPOSE = "compose"
 
 
+class Grouping(Name):
+    """How block_spectra groups the parameters into blocks (or pass an explicit mapping)."""
+
+    LAYER = "layer"
+    PARAMETER = "parameter"
+
+
+class SolveMethod(Name):
+    """How a curvature metric (fisher, ggn, ...) is applied and solved: dense Cholesky up to a size, or CG."""
+
+    AUTO = "auto"
+    DENSE = "dense"
+    CG = "cg"
+
+
 class DampingReference(Name):
     """In ψ coordinates: damp with δ·I_θ pulled back to δ·JᵀJ (a tensor) or with δ·I_ψ."""
 
@@ -150,4 +165,4 @@ def parse(catalogue: type[E], value: object, what: str, allowed: tuple[E, ...] |
 
 
 __all__ = ["CURVATURE_METRICS", "DIAGONAL_METRICS", "KRONECKER_METRICS", "PULLBACK_OF", "Curvature", "DampingReference",
-           "DiagMethod", "LogdetMethod", "LossKind", "MetricKind", "Name", "QueryKind", "Reduction", "ReparamKind", "TraceMethod", "Which", "names", "parse"]
+           "DiagMethod", "Grouping", "LogdetMethod", "LossKind", "MetricKind", "Name", "QueryKind", "Reduction", "ReparamKind", "SolveMethod", "TraceMethod", "Which", "names", "parse"]

@@ -28,7 +28,7 @@ def make_optimizer(model: nn.Module, problem: Problem, spec: TrainSpec, metric_p
                    ) -> torch.optim.Optimizer:
     """The optimizer of a ``train`` section over the problem's parameters. ``riemannian_sgd`` builds its metric
     (``train.metric``, default KFAC with damping 1e-3) on the problem's data, or on ``metric_problem`` (a
-    ``RemoteProblem`` on Ray workers) when given."""
+    data-parallel ``ShardedProblem`` on Ray workers) when given."""
     params = [dict(model.named_parameters())[n] for n in problem.param_names]
     if spec.optimizer == "riemannian_sgd":
         from ..optim import RiemannianSGD

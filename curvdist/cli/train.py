@@ -85,10 +85,11 @@ def _train_and_log(cfg: Config, config_path: str | Path, output: str | None, pro
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     log(step)
         model.eval()
+        stats = theta.problem.backend_stats()
     doc: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "versions": versions(),
                            "train": {"optimizer": cfg.train.optimizer, "lr": cfg.train.lr, "steps": cfg.train.steps,
                                      "final_loss": history[-1]["loss"]},
-                           "history": history, "threads": choice.as_dict()}
+                           "history": history, "backend": stats, "threads": choice.as_dict()}
     if cfg.plot:
         from .plot import plot_history
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 from ..errors import ProblemError
 from ..problem.sharded import ShardedProblem
 from ..problem.spec import ProblemSpec
@@ -38,9 +40,10 @@ class RayBackend:
         from .data_parallel import RayReducer, WorkerPool
 
         _check_spec(spec)
-        pool = WorkerPool(spec, workers or self.workers, max_restarts=self.max_restarts)
+        pool = WorkerPool(spec, self.workers if workers is None else workers, max_restarts=self.max_restarts)
         self._pools.append(pool)
-        model = spec.build_model()
+        with torch.random.fork_rng(devices=[]):  # the spec seeds its factory: leave the caller's generator alone
+            model = spec.build_model()
         return ShardedProblem(model, spec.loss, RayReducer(pool), list(spec.params) if spec.params else None,
                               spec.reduction)
 

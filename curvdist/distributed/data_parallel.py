@@ -38,6 +38,7 @@ class WorkerPool:
         self.spec = spec
         self.actors = [cls.remote(spec, i, workers) for i in range(workers)]
         self.retries = 0
+        self._params: Any = None  # the object ref of the last parameters broadcast (replayed on restarted workers)
         wait_scheduled(ray, self.actors, "data-mode workers")
         self.infos = self.call("info")
 
@@ -68,9 +69,17 @@ class WorkerPool:
                 raise ClusterError(f"workers {sorted(failed)} failed {RETRIES + 1} times: {next(iter(failed.values()))}")
             for i in failed:
                 self._wait_alive(i)
+                if self._params is not None:  # rebuilt from the spec: move it to the current point first
+                    ray.get(self.actors[i].set_params.remote(self._params))
             self.retries += len(failed)
             refs = {i: getattr(self.actors[i], method).remote(*args[i]) for i in failed}
         raise AssertionError("unreachable")
+
+    def set_params(self, flat: Any) -> None:
+        """Move every worker's selected parameters to the flat vector ``flat``; a worker restarted later gets them
+        again before its retried call, so no result is computed at the spec's initial point."""
+        self._params = self.ray.put(flat)
+        self.call("set_params", self._params)
 
     def _wait_alive(self, i: int, deadline: float = RESTART_DEADLINE) -> None:
         """Block until Ray has restarted actor i (it rebuilds its problem from the spec in ``__init__``)."""
@@ -121,7 +130,7 @@ class RayReducer(ShardReducer):
         return tree_sum(self.pool.call("run", statistic, *args))
 
     def set_params(self, flat: Tensor) -> None:
-        self.pool.call("set_params", self.pool.ray.put(flat.detach().cpu()))
+        self.pool.set_params(flat.detach().cpu())
 
     def map(self, fn: Callable[[dict[str, Any]], dict[str, Any]], jobs: dict[str, Any],
             costs: Mapping[str, float]) -> dict[str, Any]:

@@ -131,10 +131,9 @@ def prepare_submission(config: str | Path, *, working_dir: str | Path | None = N
     """Check the config locally and build the job; nothing is sent.
 
     The config must lie inside ``working_dir`` (default: the current directory), the folder the job receives;
-    it is not copied anywhere. It is validated with the overrides applied, so a typo fails here, not on the
-    cluster. ``output`` is passed on unchanged (seen from the job's working directory on the node that runs
-    it). ``address`` only serves the error messages. ``validate(path, overrides)``: the caller's config check
-    (the CLI passes its YAML loader), so a typo fails here, before anything is sent.
+    it is not copied anywhere. ``validate(path, overrides)``, when given, checks it with the overrides applied (the
+    CLI passes its YAML loader), so a typo fails here, not on the cluster. ``output`` is passed on unchanged (seen
+    from the job's working directory on the node that runs it). ``address`` only serves the error messages.
     """
     wd = Path(working_dir if working_dir is not None else os.getcwd()).resolve()
     if not wd.is_dir():

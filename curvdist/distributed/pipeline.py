@@ -25,8 +25,11 @@ from .stages import StageWorker
 
 #: what the stages compute: curvature products, and the metrics built from them or from the stages' own blocks
 KINDS = (Curvature.HESSIAN.value, Curvature.GGN.value, Curvature.FISHER.value)
-METRICS = (MetricKind.EUCLIDEAN.value, MetricKind.GGN.value, MetricKind.FISHER.value, MetricKind.KFAC.value,
-           MetricKind.KFLR.value)
+#: the metrics the stages build, with the options each takes
+METRIC_OPTIONS: dict[str, tuple[str, ...]] = {
+    MetricKind.EUCLIDEAN.value: (), MetricKind.GGN.value: ("method", "cg_tol"),
+    MetricKind.FISHER.value: ("method", "cg_tol"), MetricKind.KFAC.value: ("mc_samples", "seed", "backend"),
+    MetricKind.KFLR.value: ("backend",)}
 
 
 class ShardedVector:
@@ -175,16 +178,26 @@ class PipelineProblem(StagedProblem):
         return PipelineOperator(self.pool, kind, self.reduction)
 
     def curvature_metric(self, kind: str, damping: float = 0.0, **options: Any) -> Metric | None:
-        if kind == MetricKind.EUCLIDEAN and not damping and not options:
+        offered = ", ".join(f"{k} ({', '.join(v) or 'no options'})" for k, v in METRIC_OPTIONS.items())
+        if kind not in METRIC_OPTIONS or (kind == MetricKind.EUCLIDEAN and damping):
+            raise MetricError(f"pipeline mode has no {kind!r} metric{' with damping' if kind == 'euclidean' else ''}"
+                              f"; it offers: {offered} — ggn/fisher CG-solved, kfac/kflr as stage-local blocks")
+        unknown = sorted(set(options) - set(METRIC_OPTIONS[kind]))
+        if unknown:
+            raise MetricError(f"the pipeline {kind} metric takes the options {list(METRIC_OPTIONS[kind])}, not "
+                              f"{unknown}")
+        if kind == MetricKind.EUCLIDEAN:
             return None
         if kind in (MetricKind.GGN, MetricKind.FISHER):
+            if options.pop("method", "cg") not in ("auto", "cg"):
+                raise MetricError("the pipeline ggn/fisher metric is solved by CG (method auto or cg): no process "
+                                  "holds the dense matrix")
             return PipelineMetric(PipelineOperator(self.pool, kind, self.reduction), damping, **options)
-        if kind in (MetricKind.KFAC, MetricKind.KFLR):
-            options.pop("backend", None)
-            return PipelineKFACMetric(self.pool, damping, exact=kind == MetricKind.KFLR, reduction=self.reduction,
-                                      **options)
-        raise MetricError(f"pipeline mode has no {kind!r} metric{' with damping' if kind == 'euclidean' else ''}; "
-                          f"it offers: euclidean (undamped), ggn, fisher (CG-solved), kfac, kflr (stage-local blocks)")
+        if options.pop("backend", "torch") not in ("auto", "torch"):
+            raise MetricError("pipeline kfac/kflr blocks come from curvdist's own kernels on each stage (backend "
+                              "auto or torch); BackPACK cannot cross stage boundaries")
+        return PipelineKFACMetric(self.pool, damping, exact=kind == MetricKind.KFLR, reduction=self.reduction,
+                                  **options)
 
     def value(self) -> float:
         raise ProblemError("pipeline mode computes curvature products only; the loss and the gradient (grad_norm) "

@@ -35,6 +35,15 @@ from typing import Any
 
 import torch
 
+from ..catalogue import (
+    CURVATURE_METRICS,
+    DIAGONAL_METRICS,
+    KRONECKER_METRICS,
+    DampingReference,
+    MetricKind,
+    names,
+    parse,
+)
 from ..errors import MetricError
 from ..problem.problem import Problem
 from .metrics.euclidean import EuclideanMetric
@@ -43,11 +52,11 @@ from .reparam.reparametrize import ReparametrizedModel
 
 __all__ = ["DAMPING_REFERENCES", "pulled_back_damping", "with_damping_reference"]
 
-DAMPING_REFERENCES = ("identity", "pullback")
-_CURVATURE = ("fisher", "ggn", "fisher_mc", "empirical_fisher")
-_DIAGONAL = ("diag_ggn", "diag_fisher_mc", "empirical_fisher_diag")
-_KRONECKER = ("kfac", "kflr")
-_NONE_NEEDED = ("euclidean", "pullback")
+DAMPING_REFERENCES = tuple(names(DampingReference))
+_CURVATURE = tuple(names(CURVATURE_METRICS))
+_DIAGONAL = tuple(names(DIAGONAL_METRICS))
+_KRONECKER = tuple(names(KRONECKER_METRICS))
+_NONE_NEEDED = (MetricKind.EUCLIDEAN.value, MetricKind.PULLBACK.value)
 
 
 def pulled_back_damping(kind: str, damping: float, problem: Problem) -> dict[str, Any]:
@@ -123,8 +132,7 @@ def with_damping_reference(kind: str, damping: float, problem: Problem, damping_
     """``options`` for ``cd.metric`` with the damping reference applied: unchanged for ``"identity"`` (δ·I of the
     problem's coordinates), merged with :func:`pulled_back_damping` for ``"pullback"``. Raises MetricError for an
     unknown reference or when ``options`` already sets the damping reference itself."""
-    if damping_reference not in DAMPING_REFERENCES:
-        raise MetricError(f"damping_reference must be one of {DAMPING_REFERENCES}, got {damping_reference!r}")
+    damping_reference = parse(DampingReference, damping_reference, "damping reference").value
     if damping_reference == "identity":
         return options
     extra = pulled_back_damping(kind, damping, problem)

@@ -150,7 +150,7 @@ class CurvatureOperator(ABC):
                 causes.append(f"dropout module '{label}' in train mode (call model.eval())")
             if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
                 causes.append(f"BatchNorm module '{label}' in train mode (call model.eval())")
-        if shuffles(self.problem.data):
+        if shuffles(getattr(self.problem, "data", None)):
             causes.append("the DataLoader shuffles (use shuffle=False)")
         if not causes:
             causes.append("randomness inside the model's forward pass or a data iterable whose order changes")

@@ -5,8 +5,8 @@ and Kronecker metrics under diagonal/per-layer Jacobians) the update is the same
 order in α, and the continuous flow exactly (Amari 1998, natural gradient; Martens 2020); for a linear
 reparametrization and a metric that is a tensor under it, exactly. M is rebuilt every ``refresh`` steps from the
 model's current parameters on the given data, as curvdist computes it anywhere else — locally, or on Ray workers
-(``problem=`` a :class:`~curvdist.distributed.data_parallel.RemoteProblem`: shard statistics reduced by the
-coordinator, Kronecker factors eigendecomposed on the workers).
+(``problem=`` a :class:`~curvdist.problem.sharded.ShardedProblem`, e.g. ``cd.ray_backend().data_parallel(spec)``:
+shard statistics reduced by its reducer, Kronecker factors eigendecomposed on the workers).
 
 ``metric="adam"`` is the metric Adam preconditions with, M = diag(√v̂) (Kingma & Ba 2015), from the optimizer's own
 moving average v of squared gradients (β₂), updated at every step.
@@ -85,7 +85,7 @@ class RiemannianSGD(torch.optim.Optimizer):
         metric: a kind (``euclidean``, ``fisher``, ``ggn``, ``diag_ggn``, ``diag_fisher_mc``,
             ``empirical_fisher_diag``, ``kfac``, ``kflr``, ``pullback`` for a model made by ``cd.reparametrize``,
             ``adam``...) or a callable ``problem -> Metric``.
-        problem: instead of ``loss``/``data``, a problem over the same parameters (e.g. a ``RemoteProblem`` whose
+        problem: instead of ``loss``/``data``, a problem over the same parameters (e.g. a ``ShardedProblem`` whose
             data live on Ray workers); its parameters are moved to the model's before every refresh.
         beta2: the moving-average factor of ``metric="adam"``.
         lr, damping, momentum: step size α, damping δ, heavy-ball momentum.

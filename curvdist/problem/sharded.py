@@ -91,8 +91,8 @@ class ShardedProblem(BaseProblem):
 
     def set_params(self, params: Params) -> None:
         """Move this process's and every shard's selected parameters to ``params`` (one broadcast)."""
+        self.reducer.set_params(self.flatten(params).detach())  # first: a subset reducer refuses before any change
         super().set_params(params)
-        self.reducer.set_params(self.flatten(params).detach())
 
     def __repr__(self) -> str:
         return (f"ShardedProblem(model={type(self.model).__name__}, loss={self.loss.name}, dim={self.dim}, "

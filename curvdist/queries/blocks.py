@@ -23,15 +23,16 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ..catalogue import Grouping, names, parse
 from ..errors import ProblemError, SolverError
 from ..geometry.metrics import Metric
 from ..geometry.metrics import metric as build_metric
 from ..operators import operator as build_operator
 from ..problem.base import BaseProblem
-from .api import eigs, trace
+from .api import coordinates_of, eigs, trace
 from .result import Result
 
-GROUPINGS = ("layer", "parameter")
+GROUPINGS = tuple(names(Grouping))
 
 
 def partition(problem: BaseProblem, groups: str | Mapping[str, Sequence[str]] = "layer") -> dict[str, list[str]]:
@@ -51,7 +52,8 @@ def partition(problem: BaseProblem, groups: str | Mapping[str, Sequence[str]] = 
         for n in names:
             out.setdefault(n.rpartition(".")[0] or "(model)", []).append(n)
         return out
-    raise SolverError(f"groups must be one of {GROUPINGS} or a mapping, got {groups!r}")
+    parse(Grouping, groups, "block grouping")  # raises UnknownNameError listing the choices
+    raise AssertionError("unreachable")
 
 
 def _generalized_eigvals(C: torch.Tensor, M: torch.Tensor | None) -> np.ndarray:
@@ -122,4 +124,5 @@ def block_spectra(problem: BaseProblem, curvature: str = "ggn", metric: str | No
                      trace_rel_error=abs(value["union_trace"] - full_trace) / abs(full_trace))
     label = "euclidean" if metric is None else f"{metric}(δ={damping:g})"
     return Result(query="block_spectra", value=value, seconds=time.perf_counter() - t0, seed=seed,
-                  dtype=str(problem.dtype).replace("torch.", ""), curvature=curvature, metric=label, info=info)
+                  dtype=str(problem.dtype).replace("torch.", ""), curvature=curvature, metric=label, info=info,
+                  coordinates=coordinates_of(problem), backend=problem.backend)

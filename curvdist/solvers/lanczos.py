@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.linalg import eigh_tridiagonal
 
+from ..catalogue import Which, parse
 from ..errors import SolverError
 from .space import LinearMap, Vector, VectorSpace, probe_seeds
 
@@ -146,7 +147,7 @@ def eigsh(
     """
     which_key = WHICH.get(str(which).lower())
     if which_key is None:
-        raise SolverError(f"which must be one of 'largest', 'smallest', 'magnitude', got {which!r}")
+        parse(Which, which, "eigenvalue selection 'which'")  # raises UnknownNameError listing the choices
     if not isinstance(k, int) or k < 1:
         raise SolverError(f"k must be a positive integer, got {k!r}")
     if k > space.dim:

@@ -180,6 +180,33 @@ def test_killed_worker_mid_lanczos_gives_the_uninterrupted_result(tmp_path):
     assert _values(tmp_path / "faulty.json") == _values(tmp_path / "clean.json")
 
 
+def test_worker_restarted_after_the_parameters_moved_computes_at_the_current_point(tmp_path):
+    """curvdist train in data mode moves the workers' parameters (RiemannianSGD refreshes, logged queries); a worker
+    killed late in the run is rebuilt from its spec (the initial point) and must get the current parameters again
+    before the retried call: the history equals the uninterrupted run's."""
+    cfg = yaml.safe_load(_config(tmp_path, {"kind": "ray", "mode": "data", "workers": 2}).read_text())
+    cfg["queries"] = [{"kind": "eigs", "k": 1, "tol": 1e-10}, {"kind": "grad_norm"}]
+    cfg["train"] = {"optimizer": "riemannian_sgd", "lr": 0.3, "steps": 4, "log_every": 2, "refresh": 2,
+                    "metric": {"kind": "kflr", "damping": 0.1}}
+    cfg["plot"] = False
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def train(out: str, env: dict | None = None) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "curvdist", "train", str(path), "-o", str(tmp_path / out), "-q"],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
+        assert proc.returncode == 0, proc.stderr
+        return json.loads((tmp_path / out).read_text())
+
+    clean = train("clean.json")
+    calls = 60  # past the first parameter move (step 2): the restart lands at a point the spec does not hold
+    faulty = train("faulty.json", {"CURVDIST_FAULT": f"worker=1,call={calls}"})
+    assert faulty["backend"]["retried_worker_calls"] == 1 and clean["backend"]["retried_worker_calls"] == 0
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(faulty["history"]) == strip(clean["history"])
+
+
 def test_stopped_and_resumed_run_gives_the_uninterrupted_result(tmp_path):
     cfg = _config(tmp_path, {"kind": "local", "checkpoint_every": 4})
     full = _cli([str(cfg), "-o", str(tmp_path / "full.json"), "-q"])
@@ -321,6 +348,10 @@ def test_python_backend_api_equals_cli(ray_module, tmp_path):
             cd.operator(staged, "fisher_mc")
         with pytest.raises(cd.MetricError, match="pipeline mode has no 'diag_ggn' metric"):
             cd.metric(staged, "diag_ggn", damping=0.1)
+        with pytest.raises(cd.MetricError, match="solved by CG"):
+            cd.metric(staged, "ggn", damping=0.1, method="dense")
+        with pytest.raises(cd.MetricError, match=r"takes the options \['method', 'cg_tol'\], not \['damping_metric'\]"):
+            cd.metric(staged, "ggn", damping=0.1, damping_metric=None)
         with pytest.raises(cd.ProblemError, match="the gradient \\(grad_norm\\) .*not available"):
             cd.grad_norm(Hp)
         with pytest.raises(cd.ProblemError, match="parameters this process holds"):

@@ -66,7 +66,7 @@ def test_parameter_block_spectra_are_invariant_under_elementwise_scaling() -> No
 def test_blocks_must_partition_the_parameters(mlp_problem: cd.Problem) -> None:
     with pytest.raises(SolverError, match="must partition"):
         block_spectra(mlp_problem, groups={"a": ["0.weight"]})
-    with pytest.raises(SolverError, match="groups must be one of"):
+    with pytest.raises(cd.UnknownNameError, match="unknown block grouping .*; choose one of: layer, parameter"):
         block_spectra(mlp_problem, groups="module")
     with pytest.raises(SolverError, match="max_block_dim"):
         block_spectra(mlp_problem, max_block_dim=10)

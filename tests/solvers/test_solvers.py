@@ -70,7 +70,7 @@ def test_lanczos_bad_input():
     sp = TorchSpace(5)
     with pytest.raises(cd.SolverError, match="k=6 eigenvalues requested but the operator has dimension 5"):
         eigsh(lambda v: A @ v, sp, k=6)
-    with pytest.raises(cd.SolverError, match="which"):
+    with pytest.raises(cd.UnknownNameError, match="unknown eigenvalue selection 'which' 'top'; choose one of: largest"):
         eigsh(lambda v: A @ v, sp, k=1, which="top")
 
 

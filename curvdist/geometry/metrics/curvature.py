@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...catalogue import SolveMethod, parse
 from ...errors import MetricError, SingularMetricError
 from ...operators import CurvatureOperator, operator
 from ...problem.problem import Problem
@@ -43,10 +44,9 @@ class CurvatureMetric(Metric):
         self.kind = kind
         self.problem = problem
         self.op: CurvatureOperator = operator(problem, kind, **operator_options)
+        method = parse(SolveMethod, method, "curvature-metric method").value
         if method == "auto":
             method = "dense" if problem.dim <= DENSE_AUTO_LIMIT else "cg"
-        if method not in ("dense", "cg"):
-            raise MetricError(f"method must be 'auto', 'dense' or 'cg', got {method!r}")
         self.method = method
         self.cg_tol, self.cg_maxiter = cg_tol, cg_maxiter
         self.has_factor = self.has_inv_sqrt = False

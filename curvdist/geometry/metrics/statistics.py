@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ...problem.reducers import Shard
+from ...problem.reducers import Shard, tree_map
 from ...problem.sharded import ShardedProblem
 from .base import DiagonalMetric
 from .kfac import KFACMetric, eigh_psd, normalized_factors
@@ -47,34 +47,42 @@ def factor_eigh(factors: dict[str, list[Tensor]]) -> dict[str, list[tuple[Tensor
 
 
 def reduced_diagonal(problem: ShardedProblem, kind: str, options: dict[str, Any]) -> Tensor:
-    """Σ_shards d_shard (unscaled), in the problem's dtype."""
-    return problem.reducer.sum(diagonal_sum, kind, dict(options)).to(problem.dtype)
+    """Σ_shards d_shard (unscaled), on the problem's device in its dtype."""
+    return problem.reducer.sum(diagonal_sum, kind, dict(options)).to(problem.device, problem.dtype)
 
 
-def diagonal_metric(problem: ShardedProblem, kind: str, damping: float, **options: Any) -> DiagonalMetric:
-    """The damped diagonal metric s · Σ_shards d_shard + δI of a sharded problem."""
-    return DiagonalMetric(reduced_diagonal(problem, kind, options) * problem.scale, damping, kind=kind)
+def diagonal_metric(problem: ShardedProblem, kind: str, damping: float, damping_diagonal: Tensor | None = None,
+                    **options: Any) -> DiagonalMetric:
+    """The damped diagonal metric s · Σ_shards d_shard + δ·diag(r) of a sharded problem (r = ``damping_diagonal``,
+    default 1: see :mod:`curvdist.geometry.damping`)."""
+    return DiagonalMetric(reduced_diagonal(problem, kind, options) * problem.scale, damping, kind=kind,
+                          damping_diagonal=damping_diagonal)
 
 
 def reduced_kronecker(problem: ShardedProblem, exact: bool, options: dict[str, Any]
                       ) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
     """(Σ_shards G_shard, Σ_shards A_shard) per parameter, in the problem's dtype."""
     G, A = problem.reducer.sum(kronecker_sums, exact, dict(options))
-    return ({n: G[n].to(problem.dtype) for n in problem.param_names},
-            {n: None if A[n] is None else A[n].to(problem.dtype) for n in problem.param_names})
+    to = {"device": problem.device, "dtype": problem.dtype}
+    return ({n: G[n].to(**to) for n in problem.param_names},
+            {n: None if A[n] is None else A[n].to(**to) for n in problem.param_names})
 
 
 def kronecker_from_sums(problem: ShardedProblem, G: dict[str, Tensor], A: dict[str, Tensor | None], damping: float,
-                        kind: str) -> KFACMetric:
+                        kind: str, damping_weights: dict[str, float] | None = None) -> KFACMetric:
     """KFAC/KFLR from the reduced sums: normalized with the global s and N, factors eigendecomposed by the reducer
     (layers spread over the shards by cost n³)."""
     factors = normalized_factors(problem.param_names, G, A, problem.scale, problem.num_samples)
     costs = {n: float(sum(f.shape[0] ** 3 for f in fs)) for n, fs in factors.items()}
     eigh = problem.reducer.map(factor_eigh, {n: list(fs) for n, fs in factors.items()}, costs)
-    return KFACMetric(problem.param_names, problem.shapes, factors, damping=damping, kind=kind, eigh=eigh)
+    eigh = tree_map(lambda t: t.to(problem.device), eigh)
+    return KFACMetric(problem.param_names, problem.shapes, factors, damping=damping, kind=kind, eigh=eigh,
+                      damping_weights=damping_weights)
 
 
-def kronecker_metric(problem: ShardedProblem, damping: float, exact: bool, **options: Any) -> KFACMetric:
-    """The damped KFAC (``exact=False``) or KFLR metric of a sharded problem."""
+def kronecker_metric(problem: ShardedProblem, damping: float, exact: bool,
+                     damping_weights: dict[str, float] | None = None, **options: Any) -> KFACMetric:
+    """The damped KFAC (``exact=False``) or KFLR metric of a sharded problem (per-block damping weights: see
+    :mod:`curvdist.geometry.damping`)."""
     G, A = reduced_kronecker(problem, exact, options)
-    return kronecker_from_sums(problem, G, A, damping, "kflr" if exact else "kfac")
+    return kronecker_from_sums(problem, G, A, damping, "kflr" if exact else "kfac", damping_weights)

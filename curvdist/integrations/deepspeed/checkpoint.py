@@ -3,8 +3,9 @@
 ``save_checkpoint`` adds ``{"curvdist": {"monitor": ..., "preconditioner": ...}}`` to the ``client_state`` that
 ``engine.save_checkpoint`` stores with the model states, and ``load_checkpoint`` restores both after
 ``engine.load_checkpoint``, so that a resumed run continues the same curves: the monitor's history goes on from
-the saved step, and the preconditioner keeps its step count, momentum and metric (rebuilt from the saved reduced
-statistics, not recomputed at the resumed parameters).
+the saved step, and the preconditioner keeps its step count, momentum and metric (``RiemannianSGD``'s own
+``state_dict``: the diagonal or the Kronecker factors' eigendecompositions, not recomputed at the resumed
+parameters).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the local statistics on a clean replica of the model (in the metric's dtype, e.g
 ``all_reduce``-s them, so all ranks build the same metric as one process would on the whole batch:
 
 * ``kfac``/``kflr``: local Kronecker sums (:func:`~curvdist.geometry.metrics.kfac.kfac_sums`) → all_reduce →
-  :func:`~curvdist.geometry.metrics.kfac.kfac_from_sums` with the global sample count;
+  :func:`~curvdist.geometry.metrics.statistics.kronecker_from_sums` with the global sample count;
 * ``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``: local raw diagonal sums → all_reduce →
   :class:`~curvdist.geometry.metrics.base.DiagonalMetric`;
 * ``fisher``, ``ggn``, ``fisher_mc``, ``empirical_fisher``, ``euclidean``: ``cd.metric`` on the data-parallel
