@@ -61,5 +61,4 @@ class ShardWorker:
 
     def set_params(self, flat: Tensor) -> None:
         """Overwrite the replica's selected parameters (the problem aliases them, so products follow)."""
-        p = self.shard.problem
-        p.set_params(p.unflatten(flat.to(p.device, p.dtype)))
+        self.shard.set_params(flat)

@@ -48,7 +48,7 @@ from ..errors import MetricError
 from ..problem.problem import Problem
 from .metrics.euclidean import EuclideanMetric
 from .metrics.pullback import PullbackMetric
-from .reparam.reparametrize import ReparametrizedModel
+from .reparam.reparametrize import not_scalar_per_tensor, psi_jacobian
 
 __all__ = ["DAMPING_REFERENCES", "pulled_back_damping", "with_damping_reference"]
 
@@ -78,18 +78,14 @@ def pulled_back_damping(kind: str, damping: float, problem: Problem) -> dict[str
         MetricError: the kind cannot hold δ·JᵀJ in its structure (a diagonal kind with a non-diagonal J; kfac/kflr
             with a J that is not c·I on every tensor; adam), or ``problem`` selects only some of its ψ parameters.
     """
-    from .metrics import KINDS
-
-    if kind not in KINDS:
-        raise MetricError(f"unknown metric kind {kind!r}; choose one of {KINDS}")
-    model = getattr(problem, "model", None)
-    if not damping or kind in _NONE_NEEDED or not isinstance(model, ReparametrizedModel):
+    kind = parse(MetricKind, kind, "metric kind").value
+    if not damping or kind in _NONE_NEEDED:
         return {}
+    found = psi_jacobian(problem, "damping_reference 'pullback'")
+    if found is None:
+        return {}
+    model, diag = found
     r, theta = model.reparam, model.theta_problem
-    if tuple(problem.param_names) != tuple(model.psi_param_names):
-        raise MetricError(f"damping_reference 'pullback' needs all ψ parameters {list(model.psi_param_names)} "
-                          f"selected, got {list(problem.param_names)}")
-    psi = tuple(p.detach() for p in problem.params)
     if kind in _CURVATURE:
         return {"damping_metric": PullbackMetric(EuclideanMetric(theta.dim, theta.dtype, theta.device), r,
                                                  problem.params)}
@@ -98,7 +94,6 @@ def pulled_back_damping(kind: str, damping: float, problem: Problem) -> dict[str
             f"the adam metric offers no pulled-back damping (δ·JᵀJ of the {r.kind} reparametrization); use "
             "damping_reference='identity', or metric 'pullback' of a θ metric"
         )
-    diag = r.jacobian_diagonal(psi)
     if kind in _DIAGONAL:
         if diag is None:
             raise MetricError(
@@ -110,17 +105,12 @@ def pulled_back_damping(kind: str, damping: float, problem: Problem) -> dict[str
             )
         flat = [torch.broadcast_to(d, s).reshape(-1) for d, s in zip(diag, problem.shapes)]
         return {"damping_diagonal": torch.cat(flat).to(dtype=problem.dtype, device=problem.device) ** 2}
-    # kfac, kflr
-    if diag is None:
-        why = "its Jacobian mixes parameter entries (δ·JᵀJ is dense)"
-    else:
-        entrywise = [n for n, d in zip(r.psi_names, diag) if d.numel() != 1]
-        why = (f"its Jacobian scales the entries of {entrywise} individually, so δ·JᵀJ = δ·diag(J²) on those "
-               "blocks is not a scalar multiple of the identity") if entrywise else None
+    why = not_scalar_per_tensor(r, diag)  # kfac, kflr
     if why is not None:
         raise MetricError(
             f"the {kind} metric cannot be damped by the pulled-back θ-identity δ·JᵀJ under the {r.kind} "
-            f"reparametrization: {why}, and a Kronecker block G⊗A can only carry a scalar damping. Use metric "
+            f"reparametrization: {why}, so δ·JᵀJ is not a scalar on each block, and a Kronecker block G⊗A can "
+            f"only carry a scalar damping. Use metric "
             f"'pullback' with of='{kind}' (Jᵀ(M_θ + δI)J, a tensor), a diagonal metric (diag_ggn, ...) or "
             f"'fisher'/'ggn'"
         )

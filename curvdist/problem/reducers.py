@@ -45,11 +45,13 @@ class Shard:
     def subset(self, params: tuple[str, ...]) -> Shard:
         """The same samples over a subset of the parameters (cached)."""
         if params not in self._subsets:
-            from .problem import Problem
-
-            p = self.problem
-            self._subsets[params] = Shard(Problem(p.model, p.loss, p.data, params=list(params), reduction="sum"))
+            self._subsets[params] = Shard(self.problem.restricted(params))
         return self._subsets[params]
+
+    def set_params(self, flat: Tensor) -> None:
+        """Move the shard's selected parameters to the flat vector ``flat``."""
+        p = self.problem
+        p.set_params(p.unflatten(flat.to(p.device, p.dtype)))
 
     def operator(self, kind: str, options: Mapping[str, Any]) -> Any:
         """The shard's curvature operator ``kind`` (no determinism check: the sharded operator checks the sum)."""
@@ -172,8 +174,7 @@ class InProcessReducer(ShardReducer):
         return statistic(self.shard, *args)
 
     def set_params(self, flat: Tensor) -> None:
-        p = self.shard.problem
-        p.set_params(p.unflatten(flat.to(p.device, p.dtype)))
+        self.shard.set_params(flat)
 
 
 class ProcessGroupReducer(ShardReducer):
@@ -196,7 +197,8 @@ class ProcessGroupReducer(ShardReducer):
         return self.world_size
 
     def _all_reduce(self, t: Tensor) -> Tensor:
-        t = t.detach().clone()
+        """Σ over the ranks, in place: a statistic's result is its own fresh tensor."""
+        t = t.detach()
         self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM, group=self.group)
         return t
 
@@ -216,5 +218,4 @@ class ProcessGroupReducer(ShardReducer):
         return tree_map(self._all_reduce, tree)
 
     def set_params(self, flat: Tensor) -> None:
-        p = self.shard.problem
-        p.set_params(p.unflatten(flat.to(p.device, p.dtype)))
+        self.shard.set_params(flat)

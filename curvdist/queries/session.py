@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..geometry.metrics import EuclideanMetric, Metric, PullbackMetric, metric
+from ..geometry.metrics import EuclideanMetric, Metric, metric
 from ..geometry.riemannian import RiemannianHessian
 from ..operators import CurvatureOperator, operator
 from ..problem.base import BaseProblem, StagedProblem
@@ -56,10 +56,6 @@ class Coordinates:
         self._ops: dict[str, Any] = {}
         self._metrics: dict[str, Metric | None] = {}
 
-    @property
-    def reparam(self) -> Any:
-        return getattr(getattr(self.problem, "model", None), "reparam", None)
-
     def operator(self, spec: CurvatureSpec, metric_spec: MetricSpec) -> CurvatureOperator:
         riemannian = self.theta is not None and spec.kind == "hessian" and metric_spec.kind == "pullback"
         key = "riemannian" if riemannian else spec.model_dump_json()
@@ -81,7 +77,7 @@ class Coordinates:
                 return self.metric(spec.model_copy(update={"kind": spec.of}))
             of = self.theta.metric(spec.model_copy(update={"kind": spec.of})) or \
                 EuclideanMetric(self.theta.problem.dim, self.theta.problem.dtype, self.theta.problem.device)
-            return PullbackMetric(of, self.reparam, self.problem.params)
+            return metric(self.problem, "pullback", of=of)  # Jᵀ M_θ J of the θ system's (cached) metric
         if kind == "euclidean" and not damping:
             return None
         if kind == "euclidean" and not isinstance(self.problem, StagedProblem):

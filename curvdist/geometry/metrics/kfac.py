@@ -332,25 +332,17 @@ def _per_tensor_scales(problem: Problem, kind: str) -> tuple[Problem, dict[str, 
     """For a problem made by ``cd.reparametrize``: the θ problem at θ = φ(ψ) (on a copy of the θ network, the
     user's model is not touched) and c_p per ψ parameter name, where J = c_p I on every tensor; None for a problem
     that is not reparametrized. Raises MetricError for other Jacobians."""
-    from ..reparam.reparametrize import ReparametrizedModel
+    from ..reparam.reparametrize import not_scalar_per_tensor, psi_jacobian
 
-    model = getattr(problem, "model", None)
-    if not isinstance(model, ReparametrizedModel):
+    found = psi_jacobian(problem, f"the {kind} metric of a reparametrized problem")
+    if found is None:
         return None
+    model, diag = found
     r, theta = model.reparam, model.theta_problem
-    if tuple(problem.param_names) != tuple(model.psi_param_names):
-        raise MetricError(f"the {kind} metric of a reparametrized problem needs all its ψ parameters "
-                          f"{list(model.psi_param_names)} selected, got {list(problem.param_names)}")
-    diag = r.jacobian_diagonal(problem.params)
-    why = None
-    if diag is None:
-        why = "mixes parameter entries (its Jacobian is not diagonal)"
-    elif any(d.numel() != 1 for d in diag):
-        entrywise = [n for n, d in zip(r.psi_names, diag) if d.numel() != 1]
-        why = f"scales the entries of {entrywise} individually (its Jacobian is not c·I on each tensor)"
+    why = not_scalar_per_tensor(r, diag)
     if why is not None:
         raise MetricError(
-            f"the {kind} metric cannot be computed in the coordinates of the {r.kind} reparametrization: it {why}, "
+            f"the {kind} metric cannot be computed in the coordinates of the {r.kind} reparametrization: {why}, "
             f"so the ψ curvature blocks are not Kronecker-factored. Use metric 'pullback' with of='{kind}' "
             f"(Jᵀ M_θ J, a tensor), a diagonal metric (for a diagonal Jacobian) or 'fisher'/'ggn'"
         )

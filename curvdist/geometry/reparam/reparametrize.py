@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ...errors import ProblemError, ReparamError
+from ...errors import MetricError, ProblemError, ReparamError
 from ...problem.problem import Problem
 from .base import Params, Reparametrization
 
@@ -98,3 +98,26 @@ def reparametrize(problem: Problem, r: Reparametrization) -> Problem:
             raise ReparamError(f"{r.kind}: the inverse gives NaN or inf for ψ parameter '{name}' at the current point")
     model = ReparametrizedModel(problem, r, psi0)
     return Problem(model, problem.loss, problem.data, reduction=problem.reduction)
+
+
+def psi_jacobian(problem: Problem, what: str) -> tuple[ReparametrizedModel, tuple[Tensor, ...] | None] | None:
+    """For a problem made by :func:`reparametrize`: its model and J's diagonal at ψ (``jacobian_diagonal``: one
+    tensor per ψ parameter, 0-d where J = c·I on that tensor; None when J mixes entries). None for any other
+    problem. ``what`` names the requester in the error raised when only some ψ parameters are selected."""
+    model = getattr(problem, "model", None)
+    if not isinstance(model, ReparametrizedModel):
+        return None
+    if tuple(problem.param_names) != tuple(model.psi_param_names):
+        raise MetricError(f"{what} needs all ψ parameters {list(model.psi_param_names)} selected, got "
+                          f"{list(problem.param_names)}")
+    return model, model.reparam.jacobian_diagonal(tuple(p.detach() for p in problem.params))
+
+
+def not_scalar_per_tensor(r: Reparametrization, diag: tuple[Tensor, ...] | None) -> str | None:
+    """Why J is not c_p·I on every ψ tensor (what Kronecker blocks need), or None when it is."""
+    if diag is None:
+        return "its Jacobian mixes parameter entries (it is not diagonal)"
+    entrywise = [n for n, d in zip(r.psi_names, diag) if d.numel() != 1]
+    if entrywise:
+        return f"its Jacobian scales the entries of {entrywise} individually (it is not c·I on each tensor)"
+    return None
