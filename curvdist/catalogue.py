@@ -37,6 +37,8 @@ class LossKind(Name):
 
     CROSS_ENTROPY = "cross_entropy"
     MSE = "mse"
+    CAUSAL_LM = "causal_lm"
+    TOKEN_CROSS_ENTROPY = "token_cross_entropy"
 
 
 class Reduction(Name):

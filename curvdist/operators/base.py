@@ -21,6 +21,7 @@ from torch.func import vmap
 
 from ..errors import AutodiffError, CurvdistError, NonDeterministicError, NonFiniteError, ShapeError, SolverError
 from ..problem.data import shuffles
+from ..problem.data import Inputs
 from ..problem.problem import Params, Problem
 
 if TYPE_CHECKING:
@@ -44,17 +45,19 @@ class CurvatureOperator(ABC):
     def __init__(self, problem: Problem, check_determinism: bool = True) -> None:
         self.problem = problem
         self.dim = problem.dim
-        self.dtype = problem.dtype
+        #: the dtype of the operator's vectors and sums: the problem's ``accumulate_dtype`` (float32 at least for
+        #: bfloat16/float16 models, whose per-batch products run in the model's dtype)
+        self.dtype = problem.accumulate_dtype
         self.device = problem.device
         if check_determinism:
             self.check_determinism()
 
     # ----------------------------------------------------------- to implement
     @abstractmethod
-    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, ctx: Any) -> Params:
+    def batch_matvec(self, params: Params, v: Params, X: Inputs, y: Tensor, ctx: Any) -> Params:
         """Σ_{n in batch} C_n v, unscaled, as parameter-shaped tensors; ``ctx`` is :meth:`batch_context`'s."""
 
-    def batch_context(self, params: Params, X: Tensor, y: Tensor, batch_index: int) -> Any:
+    def batch_context(self, params: Params, X: Inputs, y: Tensor, batch_index: int) -> Any:
         """Per-batch data that does not depend on v (e.g. sampled labels), computed once outside ``vmap``."""
         return None
 
@@ -69,7 +72,8 @@ class CurvatureOperator(ABC):
 
     def _accumulate(self, v: Params, product: Any) -> Params:
         params = self.problem.params
-        acc = [torch.zeros_like(t) for t in v]
+        acc = [torch.zeros_like(t, dtype=self.dtype) for t in v]
+        v = tuple(t.to(self.problem.dtype) for t in v)
         for b, (X, y) in enumerate(self.problem.batches()):
             try:
                 ctx = self.batch_context(params, X, y, b)
@@ -84,7 +88,7 @@ class CurvatureOperator(ABC):
                     "ops with forward- and reverse-mode derivatives"
                 ) from e
             for a, part in zip(acc, parts):
-                a.add_(part)
+                a.add_(part.to(a.dtype))
         s = self.problem.scale
         return tuple(a.mul_(s) for a in acc)
 

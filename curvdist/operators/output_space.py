@@ -46,10 +46,12 @@ class OutputSpaceCurvature(CurvatureOperator):
         return pullback(self.output_apply(out.detach(), y, Jv, ctx))[0]
 
 
-def _rank_one_apply(G: Tensor, u: Tensor) -> Tensor:
-    """(1/S) Σ_s g_s (g_sᵀ u) per sample, for G of shape (S, B, ...) and u of shape (B, ...)."""
-    coef = (G * u.unsqueeze(0)).flatten(2).sum(-1)  # (S, B)
-    return (G * coef.view(*coef.shape, *([1] * (G.ndim - 2)))).mean(0)
+def _rank_one_apply(G: Tensor, u: Tensor, event_ndim: int = 1) -> Tensor:
+    """(1/S) Σ_s g_s (g_sᵀ u) per event, for G of shape (S, B, ...) and u of shape (B, ...); an event is a sample
+    (``event_ndim=1``) or a (sample, position) pair (``event_ndim=2``, the tokens of language-model losses)."""
+    lead = 1 + event_ndim
+    coef = (G * u.unsqueeze(0)).flatten(lead).sum(-1)  # (S, B[, T])
+    return (G * coef.view(*coef.shape, *([1] * (G.ndim - lead)))).mean(0)
 
 
 class GGN(OutputSpaceCurvature):
@@ -78,22 +80,44 @@ def mc_generator(seed: int, batch_index: int) -> torch.Generator:
 
 
 def output_factors(problem: Problem, out: Tensor, y: Tensor, kind: str, batch_index: int = 0,
-                   mc_samples: int = 1, seed: int = 0) -> Tensor:
+                   mc_samples: int = 1, seed: int = 0, per_event: bool = False) -> Tensor:
     """U of shape (K, *out.shape) with Σ_k U[k, n] U[k, n]ᵀ the output-space matrix of ``kind`` for sample n:
 
     * ``"ggn"``: Λ_n = ∂²ℓ_n/∂f_n² exactly (U = columns of a symmetric factor, K = output dimension);
     * ``"fisher_mc"``: (1/S) Σ_s g_ns g_nsᵀ at labels ŷ_ns ~ p(·|f_n) drawn as :class:`FisherMC` draws them;
     * ``"empirical"``: g_n g_nᵀ at the true labels.
+
+    For a loss whose samples are sums of independent events (the tokens of a sequence, ``loss.event_ndim = 2``)
+    the matrices are per event (per token: one sampled or observed gradient per token, Λ block-diagonal over the
+    positions); ``per_event=True`` returns the event factors (K columns covering all positions at once: what
+    per-position Kronecker statistics need), ``per_event=False`` the exact factor of each sample's block-diagonal
+    matrix (:func:`per_sample_factors`, K·T columns).
     """
     out = out.detach()
+    loss = problem.loss
     if kind == "ggn":
-        return problem.loss.output_hessian_sqrt(out)
-    if kind == "fisher_mc":
-        targets = problem.loss.sample_targets(out, mc_generator(seed, batch_index), mc_samples)
-        return _output_grads(problem, out, targets) / math.sqrt(mc_samples)
-    if kind == "empirical":
-        return _output_grads(problem, out, y.unsqueeze(0))
-    raise ProblemError(f"unknown output-space factor kind {kind!r}; choose 'ggn', 'fisher_mc' or 'empirical'")
+        U = loss.output_hessian_sqrt(out, y)
+    elif kind == "fisher_mc":
+        targets = loss.sample_targets(out, mc_generator(seed, batch_index), mc_samples, y)
+        U = _output_grads(problem, out, targets) / math.sqrt(mc_samples)
+    elif kind == "empirical":
+        U = _output_grads(problem, out, y.unsqueeze(0))
+    else:
+        raise ProblemError(f"unknown output-space factor kind {kind!r}; choose 'ggn', 'fisher_mc' or 'empirical'")
+    return U if per_event else per_sample_factors(U, loss.event_ndim)
+
+
+def per_sample_factors(U: Tensor, event_ndim: int) -> Tensor:
+    """Turn event factors U (K, B, T, ...) — Σ_k U[k, n, t] U[k, n, t]ᵀ the matrix of event (n, t) — into factors of
+    the samples' block-diagonal matrices: W[(k, s), n, t] = δ_{st} U[k, n, t], shape (K·T, B, T, ...), so that
+    Σ_j W[j, n] W[j, n]ᵀ = blockdiag_t(Σ_k U[k, n, t] U[k, n, t]ᵀ) exactly. Identity for ``event_ndim == 1``."""
+    if event_ndim == 1:
+        return U
+    if event_ndim != 2:
+        raise ProblemError(f"losses with event_ndim={event_ndim} are not supported (1 or 2)")
+    K, B, T = U.shape[:3]
+    eye = torch.eye(T, dtype=U.dtype, device=U.device).view(1, T, 1, T, *([1] * (U.ndim - 3)))
+    return (U.unsqueeze(1) * eye).reshape(K * T, B, T, *U.shape[3:])
 
 
 def _output_grads(problem: Problem, out: Tensor, targets: Tensor) -> Tensor:
@@ -121,18 +145,19 @@ class FisherMC(OutputSpaceCurvature):
         self.seed = int(seed)
         super().__init__(problem, check_determinism)
 
-    def sampled_targets(self, out: Tensor, batch_index: int) -> Tensor:
-        """The S sampled targets of one batch, shape (S, *target_shape); fixed by (seed, batch index)."""
-        return self.problem.loss.sample_targets(out, mc_generator(self.seed, batch_index), self.mc_samples)
+    def sampled_targets(self, out: Tensor, batch_index: int, y: Tensor | None = None) -> Tensor:
+        """The S sampled targets of one batch, shape (S, *target_shape); fixed by (seed, batch index). ``y``: the
+        batch's labels (losses with ignored positions sample only where a label is kept)."""
+        return self.problem.loss.sample_targets(out, mc_generator(self.seed, batch_index), self.mc_samples, y)
 
     def batch_context(self, params: Params, X: Tensor, y: Tensor, batch_index: int) -> Tensor:
         """Output gradients at the sampled labels, shape (S, B, ...)."""
         with torch.no_grad():
             out = self.problem.forward(params, X)
-        return _output_grads(self.problem, out, self.sampled_targets(out, batch_index))
+        return _output_grads(self.problem, out, self.sampled_targets(out, batch_index, y))
 
     def output_apply(self, out: Tensor, y: Tensor, u: Tensor, ctx: Tensor) -> Tensor:
-        return _rank_one_apply(ctx, u)
+        return _rank_one_apply(ctx, u, self.problem.loss.event_ndim)
 
 
 class EmpiricalFisher(OutputSpaceCurvature):
@@ -150,4 +175,4 @@ class EmpiricalFisher(OutputSpaceCurvature):
         return _output_grads(self.problem, out, y.unsqueeze(0))
 
     def output_apply(self, out: Tensor, y: Tensor, u: Tensor, ctx: Tensor) -> Tensor:
-        return _rank_one_apply(ctx, u)
+        return _rank_one_apply(ctx, u, self.problem.loss.event_ndim)

@@ -19,7 +19,9 @@ from torch.func import functional_call
 
 from ..errors import ProblemError, ShapeError
 from .autodiff import differentiable_kernels
+from .data import Inputs
 from .losses import Loss, make_loss
+from .outputs import call
 
 Params = tuple[Tensor, ...]
 
@@ -47,7 +49,7 @@ class BaseProblem(ABC):
     num_batches: int
 
     def __init__(self, model: nn.Module, loss: str | Loss, params: Sequence[str] | None = None,
-                 reduction: str = "mean") -> None:
+                 reduction: str = "mean", accumulate_dtype: torch.dtype | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ProblemError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if reduction not in ("mean", "sum"):
@@ -77,6 +79,13 @@ class BaseProblem(ABC):
             raise ProblemError(f"selected parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
         self.dtype: torch.dtype = self.params[0].dtype
         self.device: torch.device = self.params[0].device
+        if accumulate_dtype is None:
+            accumulate_dtype = torch.float32 if self.dtype in (torch.bfloat16, torch.float16) else self.dtype
+        if not isinstance(accumulate_dtype, torch.dtype) or not accumulate_dtype.is_floating_point:
+            raise ProblemError(f"accumulate_dtype must be a floating torch.dtype, got {accumulate_dtype!r}")
+        #: the dtype products, gradients and the vectors of solvers are summed/kept in (float32 at least for
+        #: bfloat16/float16 models: reduced-precision sums over many samples lose the small terms)
+        self.accumulate_dtype: torch.dtype = accumulate_dtype
         self._frozen: dict[str, Tensor] = {n: p.detach() for n, p in named.items() if n not in self.param_names}
         self._frozen.update({n: b for n, b in model.named_buffers()})
         self.shapes: tuple[torch.Size, ...] = tuple(p.shape for p in self.params)
@@ -110,12 +119,19 @@ class BaseProblem(ABC):
         return 1.0 / self.num_samples if self.reduction == "mean" else 1.0
 
     # ---------------------------------------------------------------- functional model
-    def forward(self, params: Params, X: Tensor) -> Tensor:
-        """f(X; θ) with θ = params (in the order of ``param_names``); the rest of the model held fixed."""
+    def forward(self, params: Params, X: Inputs) -> Tensor:
+        """f(X; θ) with θ = params (in the order of ``param_names``); the rest of the model held fixed. ``X`` is a
+        tensor (``model(X)``) or a mapping of tensors (``model(**X)``); f is the output tensor or its ``logits``
+        (:func:`~curvdist.problem.outputs.network_output`). Tied parameters (one tensor used by two modules, as
+        an embedding and a language-model head) are one parameter here and move together."""
         state = dict(self._frozen)
         state.update(zip(self.param_names, params))
+
+        def model(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, state, args, kwargs)
+
         with differentiable_kernels():
-            return functional_call(self.model, state, (X,))
+            return call(model, X)
 
     def set_params(self, params: Params) -> None:
         """Move the selected parameters to ``params`` in place (for a problem that aliases a model's parameters,

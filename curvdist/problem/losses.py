@@ -21,9 +21,20 @@ from ..errors import DataError, UnknownNameError
 
 
 class Loss(ABC):
-    """A per-sample loss ℓ(f, y) with its output Hessian Λ and predictive sampler."""
+    """A per-sample loss ℓ(f, y) with its output Hessian Λ and predictive sampler.
+
+    A sample's loss may be a sum of independent *events* (the tokens of a sequence for the language-model losses):
+    ``event_ndim`` leading output axes index them (1: one event per sample, the batch axis; 2: (batch, position)),
+    and Λ_n is block-diagonal over the events of sample n. :meth:`count` gives the number of loss terms a batch
+    contributes to the mean (samples, or non-ignored tokens).
+    """
 
     name: str
+    event_ndim: int = 1
+
+    def count(self, target: Tensor) -> int:
+        """The number of terms of the mean that a batch with labels ``target`` contributes: its samples."""
+        return int(target.shape[0])
 
     @abstractmethod
     def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
@@ -34,12 +45,14 @@ class Loss(ABC):
         """Λ_n v_n for every sample n, where Λ_n = ∂²ℓ(f_n, y_n)/∂f_n²; v has the shape of output."""
 
     @abstractmethod
-    def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int) -> Tensor:
-        """Draw `samples` targets per sample from p(y | f), shape (samples, *target_shape)."""
+    def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int,
+                       target: Tensor | None = None) -> Tensor:
+        """Draw `samples` targets per sample from p(y | f), shape (samples, *target_shape); ``target`` (the
+        observed labels) tells losses with ignored positions where not to draw."""
 
-    def output_hessian_sqrt(self, output: Tensor) -> Tensor:
-        """Columns of a symmetric factor S_n of Λ_n = S_n S_nᵀ for every sample, shape (K, *output.shape):
-        Λ_n = Σ_k U[k, n] U[k, n]ᵀ (the output-side factor of exact GGN blocks, as in KFLR)."""
+    def output_hessian_sqrt(self, output: Tensor, target: Tensor | None = None) -> Tensor:
+        """Columns of a symmetric factor of every *event's* Λ, shape (K, *output.shape): Λ_e = Σ_k U[k, e] U[k, e]ᵀ
+        (the output-side factor of exact GGN blocks, as in KFLR); for ``event_ndim == 1`` an event is a sample."""
         raise NotImplementedError(f"{type(self).__name__} defines no factorization of its output Hessian")
 
     @abstractmethod
@@ -65,13 +78,14 @@ class CrossEntropy(Loss):
         p = torch.softmax(output, dim=-1)
         return p * v - p * (p * v).sum(dim=-1, keepdim=True)
 
-    def output_hessian_sqrt(self, output: Tensor) -> Tensor:
+    def output_hessian_sqrt(self, output: Tensor, target: Tensor | None = None) -> Tensor:
         """U[c, n] = √p_c (e_c − p) for c = 1..C: Σ_c U[c] U[c]ᵀ = diag(p) − p pᵀ since Σ_c p_c = 1."""
         p = torch.softmax(output.detach(), dim=-1)
         eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
         return p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int) -> Tensor:
+    def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int,
+                       target: Tensor | None = None) -> Tensor:
         p = torch.softmax(output.detach(), dim=-1).to(device=generator.device, dtype=torch.float64)
         draws = torch.multinomial(p, samples, replacement=True, generator=generator)  # (B, S)
         return draws.T.contiguous().to(output.device)
@@ -109,13 +123,14 @@ class MeanSquaredError(Loss):
     def output_hessian_apply(self, output: Tensor, target: Tensor, v: Tensor) -> Tensor:
         return 2.0 * v
 
-    def output_hessian_sqrt(self, output: Tensor) -> Tensor:
+    def output_hessian_sqrt(self, output: Tensor, target: Tensor | None = None) -> Tensor:
         """U[k, n] = √2 e_k (the output flattened per sample): Σ_k U[k] U[k]ᵀ = 2I."""
         flat = output.detach().flatten(1)
         eye = math.sqrt(2.0) * torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device)
         return eye.unsqueeze(1).expand(-1, flat.shape[0], -1).reshape(flat.shape[1], *output.shape)
 
-    def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int) -> Tensor:
+    def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int,
+                       target: Tensor | None = None) -> Tensor:
         noise = torch.randn(
             (samples, *output.shape), generator=generator, device=generator.device, dtype=torch.float64
         )
@@ -130,16 +145,22 @@ class MeanSquaredError(Loss):
             raise DataError(f"mse expects floating-point targets, got dtype {target.dtype}")
 
 
-LOSSES: dict[str, type[Loss]] = {LossKind.CROSS_ENTROPY.value: CrossEntropy, LossKind.MSE.value: MeanSquaredError}
+def _losses() -> dict[str, type[Loss]]:
+    from .token_losses import CausalLM, TokenCrossEntropy
+
+    return {LossKind.CROSS_ENTROPY.value: CrossEntropy, LossKind.MSE.value: MeanSquaredError,
+            LossKind.CAUSAL_LM.value: CausalLM, LossKind.TOKEN_CROSS_ENTROPY.value: TokenCrossEntropy}
+
+
 ALIASES = {"crossentropy": LossKind.CROSS_ENTROPY.value, "ce": LossKind.CROSS_ENTROPY.value}
 
 
 def make_loss(loss: str | Loss) -> Loss:
-    """Resolve a loss name (``cross_entropy``, ``mse``) or pass a :class:`Loss` through."""
+    """Resolve a loss name (``cross_entropy``, ``mse``, ``causal_lm``, ``token_cross_entropy``) or pass a :class:`Loss` through."""
     if isinstance(loss, Loss):
         return loss
     name = ALIASES.get(loss.lower(), loss.lower()) if isinstance(loss, str) else loss
     try:
-        return LOSSES[parse(LossKind, name, "loss").value]()
+        return _losses()[parse(LossKind, name, "loss").value]()
     except UnknownNameError as e:
         raise UnknownNameError(f"{e} (or pass a curvdist Loss)") from None

@@ -4,8 +4,9 @@ All curvature is taken of the empirical risk
 
     L(θ) = s · Σ_n ℓ(f(x_n; θ), y_n),   s = 1/N for reduction="mean" (the default), s = 1 for "sum",
 
-where N is the number of samples in the whole data set (not per batch) and θ are the selected parameters; the
-other parameters and the buffers are held fixed at their current values.
+where N is the number of loss terms in the whole data set (not per batch) — the samples, or for the
+language-model losses the non-ignored tokens — and θ are the selected parameters; the other parameters and the
+buffers are held fixed at their current values.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import DataError, NonFiniteError
 from .base import BaseProblem, Params
-from .data import Batch, as_batches, unpack
+from .data import Batch, Inputs, as_batches, batch_len, inputs_to, micro_batches, unpack
 from .losses import Loss
 
 
@@ -26,15 +27,26 @@ class Problem(BaseProblem):
     """Model, loss, data and parameter selection, evaluated functionally with ``torch.func``.
 
     Args:
-        model: the network; it is called as ``model(X)``. It is not modified; its parameters are read at their
-            current values (the problem aliases them, it does not copy them).
-        loss: ``"cross_entropy"``, ``"mse"`` or a :class:`~curvdist.problem.losses.Loss`.
-        data: an ``(X, y)`` tuple of tensors, a ``Dataset`` with ``batch_size``, a ``DataLoader`` or a list of
-            ``(X, y)`` batches. It is iterated once per curvature product, in a fixed order.
+        model: the network; it is called as ``model(X)``, or ``model(**inputs)`` for mapping batches, and may
+            return a tensor, a Hugging Face ``ModelOutput`` (its ``logits``), a dict with ``logits`` or a tuple
+            (its first element). It is not modified; its parameters are read at their current values (the problem
+            aliases them, it does not copy them).
+        loss: ``"cross_entropy"``, ``"mse"``, ``"causal_lm"``, ``"token_cross_entropy"`` or a
+            :class:`~curvdist.problem.losses.Loss`.
+        data: an ``(X, y)`` tuple of tensors, a mapping of equal-length tensors with ``labels`` (e.g.
+            ``input_ids``, ``attention_mask``, ``labels``), a ``Dataset`` of pairs or mappings with
+            ``batch_size``, a ``DataLoader`` or a list of ``(X, y)`` or mapping batches. It is iterated once per
+            curvature product, in a fixed order.
         params: names (as in ``model.named_parameters()``) of the parameters to differentiate; default all that
             require gradients.
-        reduction: ``"mean"`` (divide by the number of samples N) or ``"sum"``.
-        batch_size: batch size for ``(X, y)`` tuples and Datasets.
+        reduction: ``"mean"`` (divide by the number of loss terms N: samples, or non-ignored tokens) or
+            ``"sum"``.
+        batch_size: batch size for ``(X, y)`` tuples, mappings and Datasets.
+        micro_batch_size: split every batch into micro-batches of at most this many samples, so that the
+            activation memory of a product is that of one micro-batch; every deterministic product equals the
+            unsplit one to rounding (Monte-Carlo labels are drawn per micro-batch).
+        accumulate_dtype: the dtype products and gradients are summed in; default float32 for bfloat16/float16
+            parameters and the parameters' dtype otherwise (pass ``torch.float64`` for more).
     """
 
     def __init__(
@@ -45,45 +57,56 @@ class Problem(BaseProblem):
         params: Sequence[str] | None = None,
         reduction: str = "mean",
         batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        accumulate_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(model, loss, params, reduction)
+        super().__init__(model, loss, params, reduction, accumulate_dtype)
+        if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int)
+                                             or micro_batch_size <= 0):
+            raise DataError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+        self.micro_batch_size = micro_batch_size
         self.data: Iterable[Batch] = as_batches(data, batch_size)
         self.num_samples, self.num_batches = self._scan()
 
     # ---------------------------------------------------------------- data
     def _scan(self) -> tuple[int, int]:
-        """One pass over the data: validate every batch, count samples, check the loss is finite."""
-        n, b = 0, 0
+        """One pass over the data: validate every batch, count the loss terms, check the loss is finite."""
+        n, b, samples = 0, 0, 0
         with torch.no_grad():
             for b, (X, y) in enumerate(self.batches(validate=True)):
                 out = self.forward(self.params, X)
-                if b == 0:
-                    self.loss.check(out, y)
+                self.loss.check(out, y)
                 if not bool(torch.isfinite(out).all()):
                     raise NonFiniteError(f"the model output is NaN or inf on batch {b}")
                 if not bool(torch.isfinite(self.loss.per_sample(out, y)).all()):
                     raise NonFiniteError(f"the loss is NaN or inf on batch {b}")
-                n += X.shape[0]
-        if n == 0:
+                n += self.loss.count(y)
+                samples += batch_len(X)
+        if samples == 0:
             raise DataError("the data set is empty")
+        if n == 0:
+            raise DataError(f"the {self.loss.name} loss has no terms: every label is ignored (-100) in all "
+                            f"{samples} samples")
         return n, b + 1
 
     def restricted(self, params: Sequence[str]) -> Problem:
-        return Problem(self.model, self.loss, self.data, params=list(params), reduction=self.reduction)
+        return Problem(self.model, self.loss, self.data, params=list(params), reduction=self.reduction,
+                       micro_batch_size=self.micro_batch_size, accumulate_dtype=self.accumulate_dtype)
 
     def batches(self, validate: bool = False) -> Iterator[Batch]:
-        """The data batches moved to the parameters' device (floating data cast to their dtype).
+        """The data batches — split into micro-batches of ``micro_batch_size`` — moved to the parameters'
+        device (floating data cast to their dtype).
 
-        Every batch is validated (pairs of tensors, finite, non-empty) on the construction pass; later passes
-        only check the structure, since the data must be a fixed sequence anyway.
+        Every batch is validated (tensors or tensor mappings, equal lengths, finite, non-empty) on the
+        construction pass; later passes only check the structure, since the data must be a fixed sequence anyway.
         """
         for i, batch in enumerate(self.data):
             X, y = unpack(batch, i, check_values=validate)
-            X = X.to(self.device, self.dtype) if X.is_floating_point() else X.to(self.device)
+            X = inputs_to(X, self.device, self.dtype)
             y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
-            yield X, y
+            yield from micro_batches((X, y), self.micro_batch_size)
 
-    def batch_loss(self, params: Params, X: Tensor, y: Tensor) -> Tensor:
+    def batch_loss(self, params: Params, X: Inputs, y: Tensor) -> Tensor:
         """Σ_{n in batch} ℓ(f(x_n; θ), y_n), unscaled."""
         return self.loss.per_sample(self.forward(params, X), y).sum()
 
@@ -95,14 +118,14 @@ class Problem(BaseProblem):
         return self.scale * total
 
     def gradient(self, params: Params | None = None) -> Params:
-        """∇L(θ) as parameter-shaped tensors."""
+        """∇L(θ) as parameter-shaped tensors (summed in ``accumulate_dtype``, returned in the parameters' dtype)."""
         params = self.params if params is None else params
-        acc = [torch.zeros_like(p) for p in params]
+        acc = [torch.zeros_like(p, dtype=self.accumulate_dtype) for p in params]
         for X, y in self.batches():
             g = torch.func.grad(self.batch_loss)(params, X, y)
             for a, gi in zip(acc, g):
                 a.add_(gi)
-        out = tuple(a * self.scale for a in acc)
+        out = tuple((a * self.scale).to(p.dtype) for a, p in zip(acc, params))
         if not all(bool(torch.isfinite(t).all()) for t in out):
             raise NonFiniteError("the gradient is NaN or inf")
         return out
@@ -110,5 +133,5 @@ class Problem(BaseProblem):
     def __repr__(self) -> str:
         return (
             f"Problem(model={type(self.model).__name__}, loss={self.loss.name}, dim={self.dim}, "
-            f"N={self.num_samples}, reduction={self.reduction!r}, dtype={self.dtype})"
+            f"N={self.num_samples}, micro_batch_size={self.micro_batch_size}, reduction={self.reduction!r}, dtype={self.dtype})"
         )

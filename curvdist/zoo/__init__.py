@@ -1,7 +1,9 @@
 """A small zoo of models and data made from code, for configs, tests and benchmarks."""
 
 from .data import digits, regression
+from .language import hf_causal_lm, hf_sequence_classifier, markov_corpus
 from .models import GainRegressor, TransformerBlockClassifier, cnn, gain_regressor, mlp, transformer
 
-__all__ = ["GainRegressor", "TransformerBlockClassifier", "cnn", "digits", "gain_regressor", "mlp", "regression",
+__all__ = ["GainRegressor", "TransformerBlockClassifier", "cnn", "digits", "gain_regressor", "hf_causal_lm",
+           "hf_sequence_classifier", "markov_corpus", "mlp", "regression",
            "transformer"]
