@@ -168,3 +168,17 @@ def parse(catalogue: type[E], value: object, what: str, allowed: tuple[E, ...] |
 
 __all__ = ["CURVATURE_METRICS", "DIAGONAL_METRICS", "KRONECKER_METRICS", "PULLBACK_OF", "Curvature", "DampingReference",
            "DiagMethod", "Grouping", "LogdetMethod", "LossKind", "MetricKind", "Name", "QueryKind", "Reduction", "ReparamKind", "SolveMethod", "TraceMethod", "Which", "names", "parse"]
+
+
+class HVPMode(Name):
+    """How the Hessian-vector product is computed (:mod:`curvdist.operators.hvp_modes`): ``auto`` times the exact
+    modes on the model at construction and keeps the fastest; ``finite_difference`` is for engines without
+    second derivatives."""
+
+    AUTO = "auto"
+    FORWARD_OVER_REVERSE = "forward_over_reverse"
+    REVERSE_OVER_REVERSE = "reverse_over_reverse"
+    FINITE_DIFFERENCE = "finite_difference"
+
+
+__all__ += ["HVPMode"]

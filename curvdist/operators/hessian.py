@@ -1,23 +1,306 @@
-"""The Hessian of the empirical risk, ∇²L(θ), applied by forward-over-reverse differentiation."""
+"""The Hessian of the empirical risk, ∇²L(θ), applied matrix-free in the fastest correct way for the model.
+
+    H v = s · Σ_batches ∇²_θ ℓ_b(θ) v,   ℓ_b = Σ_{n in batch} ℓ(f(x_n; θ), y_n),
+
+one per-batch product per (micro-)batch. The per-batch product has three modes (:mod:`.hvp_modes`):
+``forward_over_reverse`` and ``reverse_over_reverse`` are exact (Pearlmutter 1994), ``finite_difference`` is a
+central difference of two gradients (Nocedal & Wright 2006, §8.1) for engines without second derivatives.
+``mode="auto"`` (the default) times the exact modes on the first batch when the operator is built and keeps the
+fastest; the choice and the timings are recorded on the operator (:meth:`Hessian.product_info`).
+"""
 
 from __future__ import annotations
 
+import math
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
-from torch.func import grad, jvp
 
+from ..catalogue import HVPMode, parse
+from ..errors import AutodiffError, CurvdistError, ProblemError
 from ..problem.problem import Params
 from .base import CurvatureOperator
+from .hvp_modes import (
+    EXACT_MODES,
+    Kernel,
+    block_kernel,
+    compile_kernel,
+    default_fd_step,
+    eager_kernel,
+    warn_compile_failed,
+)
+
+#: a second timing round is run when the two fastest candidates are within this ratio of each other
+_CLOSE = 0.85
+
+
+@dataclass
+class ModeChoice:
+    """The outcome of ``mode="auto"``: the chosen mode, whether its kernel is compiled, the measured seconds per
+    batch product of every candidate and the errors of those that failed."""
+
+    mode: HVPMode
+    compiled: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+#: auto choices per model, parameter selection, dtype, device and compile setting, for the life of the model: every
+#: operator of one model in a process uses the same product (so local and sharded products agree bit for bit) and
+#: the measurement is paid once
+_CHOICES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], ModeChoice]] = weakref.WeakKeyDictionary()
+
+
+def clear_mode_cache() -> None:
+    """Forget every ``mode="auto"`` choice, so that the next Hessian operator measures again."""
+    _CHOICES.clear()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _relative_difference(a: Params, b: Params) -> float:
+    num = math.sqrt(sum(float((x - y).double().pow(2).sum()) for x, y in zip(a, b)))
+    den = max(math.sqrt(sum(float(x.double().pow(2).sum()) for x in a)), 1e-300)
+    return num / den
 
 
 class Hessian(CurvatureOperator):
-    """H v = s · Σ_n ∇²_θ ℓ(f(x_n; θ), y_n) v, one ``jvp`` of ``grad`` per batch (Pearlmutter 1994)."""
+    """H v = s · Σ_b ∇²_θ ℓ_b(θ) v, the exact Hessian of the risk (Pearlmutter 1994), or its finite-difference
+    approximation.
+
+    Args:
+        problem: the problem.
+        mode: ``"auto"`` (default), ``"forward_over_reverse"``, ``"reverse_over_reverse"`` or
+            ``"finite_difference"`` (:class:`curvdist.catalogue.HVPMode`). ``auto`` runs each exact mode on the
+            first batch (one warm-up product, then a timed one; a second timed round when the two are within 15%),
+            keeps the fastest, and falls back to the next when a mode raises (e.g. an op without a forward-mode
+            derivative); finite differences only when no exact mode works (with a warning). The exact modes must
+            agree with each other to √u relative; when they do not, the plain-autograd ``reverse_over_reverse`` is
+            kept with a warning. The choice is cached per model, parameter selection, dtype, device and
+            ``compile`` setting (:func:`clear_mode_cache` forgets it).
+        compile: ``True`` (inductor) or a ``torch.compile`` backend name: compile the per-batch product written
+            with ``torch.func`` transforms. Under ``auto`` the compiled kernels of the exact modes join the eager
+            ones in the timing, so compilation is used only where it pays on this model; with an explicit mode
+            the kernel is compiled unconditionally. If compilation fails the eager product is used with a
+            ``RuntimeWarning``. Block products (``matmat``) stay eager.
+        fd_step: the relative step h of ``finite_difference``: ε = h·max(1, ‖θ‖)/‖v‖ (default u^{1/3} of the
+            parameters' dtype).
+        check_determinism: apply H twice to one vector at construction and compare (skipped when ``auto`` has
+            already compared two products of the chosen kernel on the only batch).
+
+    Attributes:
+        mode: the :class:`~curvdist.catalogue.HVPMode` in use (never ``auto``).
+        requested_mode: the mode asked for.
+        compiled: whether the single-vector product is compiled.
+        mode_timings: seconds per product on the first batch of each candidate ``auto`` measured (keys
+            ``forward_over_reverse``, ``reverse_over_reverse`` and, with ``compile``, ``…+compile``); empty for
+            an explicit mode.
+        mode_failures: the error of every candidate that failed.
+        mode_source: ``"user"``, ``"measured"`` or ``"cached"``.
+        fd_error_estimate: for ``finite_difference``, ‖P(h) − P(2h)‖/(3‖P(h)‖) on the first batch (the Richardson
+            estimate of the O(h²) truncation error, relative); ``None`` otherwise.
+    """
 
     kind = "hessian"
 
-    def batch_matvec(self, params: Params, v: Params, X: Tensor, y: Tensor, ctx: Any) -> Params:
-        def batch_grad(p: Params) -> Params:
-            return grad(self.problem.batch_loss)(p, X, y)
+    def __init__(self, problem: Any, mode: str = "auto", compile: bool | str = False, fd_step: float | None = None,
+                 check_determinism: bool = True) -> None:
+        requested = parse(HVPMode, mode, "Hessian-vector product mode")
+        if isinstance(compile, bool):
+            backend: str | None = "inductor" if compile else None
+        elif isinstance(compile, str) and compile:
+            backend = compile
+        else:
+            raise ProblemError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+        if fd_step is not None and (isinstance(fd_step, bool) or not isinstance(fd_step, (int, float))
+                                    or not math.isfinite(fd_step) or fd_step <= 0):
+            raise ProblemError(f"fd_step must be a positive finite number, got {fd_step!r}")
+        super().__init__(problem, check_determinism=False)
+        self.requested_mode: HVPMode = requested
+        self.compile_backend = backend
+        self.fd_step: float = float(fd_step) if fd_step is not None else default_fd_step(problem.dtype)
+        self.mode_timings: dict[str, float] = {}
+        self.mode_failures: dict[str, str] = {}
+        self.fd_error_estimate: float | None = None
+        self.compiled = False
+        self._repeat_ok = False
+        if requested == HVPMode.AUTO:
+            self._choose()
+        else:
+            self.mode_source = "user"
+            self._use(requested, backend is not None)
+            if backend is not None:
+                self._warm_compiled()
+        if self.mode == HVPMode.FINITE_DIFFERENCE:
+            self._estimate_fd_error()
+        if check_determinism and not (self._repeat_ok and getattr(problem, "num_batches", None) == 1):
+            self.check_determinism()
 
-        return jvp(batch_grad, (params,), (v,))[1]
+    # ----------------------------------------------------------- kernels
+    def _kernel(self, mode: HVPMode, compiled: bool) -> Kernel:
+        loss = self.problem.batch_loss
+        step = self.fd_step if mode == HVPMode.FINITE_DIFFERENCE else None
+        if compiled:
+            assert self.compile_backend is not None
+            return compile_kernel(mode, loss, step, self.compile_backend)
+        return eager_kernel(mode, loss, step)
+
+    def _use(self, mode: HVPMode, compiled: bool, kernel: Kernel | None = None) -> None:
+        self.mode: HVPMode = mode
+        self.compiled = compiled
+        self._matvec_kernel = kernel if kernel is not None else self._kernel(mode, compiled)
+        self._block_kernel = block_kernel(mode, self.problem.batch_loss,
+                                          self.fd_step if mode == HVPMode.FINITE_DIFFERENCE else None)
+
+    def batch_matvec(self, params: Params, v: Params, X: Any, y: Tensor, ctx: Any) -> Params:
+        return self._matvec_kernel(params, v, X, y)
+
+    def matmat_params(self, V: Params) -> Params:
+        """H V for a block of vectors stacked along a leading axis (one graph per batch for reverse-over-reverse,
+        ``vmap`` for forward-over-reverse, a loop for finite differences)."""
+        return self._accumulate(V, lambda p, u, X, y, c: self._block_kernel(p, u, X, y))
+
+    # ----------------------------------------------------------- construction-time measurement
+    def _probe(self) -> tuple[Params, Params, Any, Tensor]:
+        """The parameters, the seed-0 vector of :meth:`check_determinism` and the first batch."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        flat = torch.randn(self.dim, generator=g, dtype=torch.float64).to(self.device, self.problem.dtype)
+        X, y = next(iter(self.problem.batches()))
+        return self.problem.params, self.problem.unflatten(flat), X, y
+
+    def _choose(self) -> None:
+        key = (self.problem.param_names, str(self.problem.dtype), str(self.device), self.compile_backend)
+        model = getattr(self.problem, "model", None)
+        try:
+            cached = _CHOICES.get(model, {}).get(key) if model is not None else None
+        except TypeError:  # a model that cannot be weakly referenced
+            cached = None
+        if cached is not None:
+            self.mode_source = "cached"
+            self.mode_timings, self.mode_failures = dict(cached.timings), dict(cached.failures)
+            self._use(cached.mode, cached.compiled)
+            return
+        self.mode_source = "measured"
+        choice = self._measure()
+        if model is not None:
+            try:
+                _CHOICES.setdefault(model, {})[key] = choice
+            except TypeError:
+                pass
+
+    def _measure(self) -> ModeChoice:
+        params, v, X, y = self._probe()
+        candidates = [(m, False) for m in EXACT_MODES]
+        if self.compile_backend is not None:
+            candidates += [(m, True) for m in EXACT_MODES]
+        kernels: dict[str, Kernel] = {}
+        first: dict[str, Params] = {}
+        failures: dict[str, str] = {}
+        for mode, compiled in candidates:  # warm-up: also compiles, and finds the modes that fail
+            name = mode.value + ("+compile" if compiled else "")
+            kernel = self._kernel(mode, compiled)
+            try:
+                first[name] = kernel(params, v, X, y)
+            except CurvdistError:
+                raise
+            except Exception as e:
+                if not compiled and not isinstance(e, (RuntimeError, NotImplementedError)):
+                    raise
+                failures[name] = _first_line(e)
+                if compiled:
+                    warn_compile_failed(mode, e)
+                continue
+            kernels[name] = kernel
+        self.mode_failures = failures
+        if not kernels:
+            return self._fall_back_to_fd(failures)
+        timings: dict[str, float] = {name: math.inf for name in kernels}
+        repeat_ok: dict[str, bool] = {}
+        tol = 1e-10 if self.problem.dtype == torch.float64 else 1e-4
+        for round_ in range(2):
+            for name, kernel in kernels.items():
+                t0 = time.perf_counter()
+                out = kernel(params, v, X, y)
+                timings[name] = min(timings[name], time.perf_counter() - t0)
+                if round_ == 0:
+                    repeat_ok[name] = _relative_difference(out, first[name]) <= tol
+            ranked = sorted(timings.values())
+            if len(ranked) < 2 or ranked[0] / ranked[1] < _CLOSE:
+                break
+        self.mode_timings = dict(timings)
+        best = min(timings, key=timings.__getitem__)
+        reference = next(iter(first))
+        agree = math.sqrt(float(torch.finfo(self.problem.dtype).eps))
+        spread = max(_relative_difference(first[n], first[reference]) for n in kernels)
+        if spread > agree:
+            fallback = HVPMode.REVERSE_OVER_REVERSE.value
+            warnings.warn(f"the exact Hessian-vector product modes disagree on this model (relative difference "
+                          f"{spread:.2e} > {agree:.1e}); using {fallback} (plain autograd)", RuntimeWarning,
+                          stacklevel=4)
+            best = fallback if fallback in kernels else best
+        mode_name, _, suffix = best.partition("+")
+        mode, compiled = HVPMode(mode_name), bool(suffix)
+        self._use(mode, compiled, kernels[best])
+        self._repeat_ok = repeat_ok[best]
+        return ModeChoice(mode, compiled, dict(timings), dict(failures))
+
+    def _fall_back_to_fd(self, failures: dict[str, str]) -> ModeChoice:
+        listing = "; ".join(f"{k}: {v}" for k, v in failures.items())
+        params, v, X, y = self._probe()
+        kernel = self._kernel(HVPMode.FINITE_DIFFERENCE, False)
+        try:
+            kernel(params, v, X, y)
+        except (RuntimeError, NotImplementedError) as e:
+            raise AutodiffError(f"no Hessian-vector product works on this model ({listing}; "
+                                f"finite_difference: {_first_line(e)})") from e
+        warnings.warn(f"no exact Hessian-vector product works on this model ({listing}); using finite "
+                      f"differences (relative step {self.fd_step:.2g}; on piecewise-linear networks — ReLU, "
+                      "max-pool — a difference step that crosses a kink is far from the almost-everywhere Hessian)",
+                      RuntimeWarning, stacklevel=5)
+        self._use(HVPMode.FINITE_DIFFERENCE, False, kernel)
+        return ModeChoice(HVPMode.FINITE_DIFFERENCE, False, {}, dict(failures))
+
+    def _warm_compiled(self) -> None:
+        """First call of an explicitly requested compiled kernel (compiles it); on failure, the eager one."""
+        params, v, X, y = self._probe()
+        try:
+            self._matvec_kernel(params, v, X, y)
+        except CurvdistError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the compiler raises, the eager product still works
+            self.mode_failures[self.mode.value + "+compile"] = _first_line(e)
+            warn_compile_failed(self.mode, e)
+            self._use(self.mode, False)
+
+    def _estimate_fd_error(self) -> None:
+        params, v, X, y = self._probe()
+        h = self.fd_step
+        a = eager_kernel(HVPMode.FINITE_DIFFERENCE, self.problem.batch_loss, h)(params, v, X, y)
+        b = eager_kernel(HVPMode.FINITE_DIFFERENCE, self.problem.batch_loss, 2 * h)(params, v, X, y)
+        self.fd_error_estimate = _relative_difference(a, b) / 3.0
+
+    # ----------------------------------------------------------- report
+    def product_info(self) -> dict[str, Any]:
+        """How the products are computed, for result records: mode, compiled, how the mode was chosen, the
+        measured timings and failures, and for finite differences the step and the error estimate."""
+        info: dict[str, Any] = {"mode": self.mode.value, "requested_mode": self.requested_mode.value,
+                                "compiled": self.compiled, "mode_source": self.mode_source,
+                                "mode_timings_s": dict(self.mode_timings)}
+        if self.mode_failures:
+            info["mode_failures"] = dict(self.mode_failures)
+        if self.mode == HVPMode.FINITE_DIFFERENCE:
+            info["fd_step"] = self.fd_step
+            info["fd_error_estimate"] = self.fd_error_estimate
+        return info
+
+    def __repr__(self) -> str:
+        return (f"Hessian(dim={self.dim}, dtype={self.dtype}, reduction={self.problem.reduction!r}, "
+                f"mode={self.mode.value!r}, compiled={self.compiled})")
