@@ -182,3 +182,14 @@ class HVPMode(Name):
 
 
 __all__ += ["HVPMode"]
+
+
+class KFACApproximation(Name):
+    """How KFAC/KFLR treat a weight shared over positions (tokens, output pixels, repeated calls): the expand and
+    reduce approximations of Eschenhagen et al. (NeurIPS 2023)."""
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+__all__ += ["KFACApproximation"]

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..geometry.blocks.kronecker import assemble, input_stats, output_stats
-from ..geometry.blocks.probes import check_calls, instrumented_copy
+from ..errors import MetricError
+from ..geometry.blocks.kronecker import PER_EVENT, KroneckerStats
+from ..geometry.blocks.probes import MATRIX_FREE_HINT, check_calls, instrumented_copy
 from ..geometry.metrics.kfac import KFACMetric, normalized_factors
 from ..operators.output_space import output_factors
 from ..problem.autodiff import differentiable_kernels
@@ -29,31 +30,33 @@ from ..problem.autodiff import differentiable_kernels
 class StageBlocks:
     """The Kronecker statistics of one stage's layers and, once finished, their metric blocks."""
 
-    def __init__(self, module: nn.Module, names: list[str], shapes: list[torch.Size]) -> None:
-        self.twin, self.rec = instrumented_copy(module, names)
-        self.names, self.shapes = names, shapes
+    def __init__(self, module: nn.Module, names: list[str], shapes: list[torch.Size], kfac_approx: str = "expand"
+                 ) -> None:
+        self.twin, self.rec, plan = instrumented_copy(module, names)
+        if plan.exact:
+            raise MetricError(f"pipeline kfac/kflr blocks need a layer rule for every parameter of a stage; "
+                              f"{plan.exact} have none (their exact blocks need per-sample passes through the "
+                              f"later stages). {MATRIX_FREE_HINT}")
+        self.names, self.shapes, self.approx = names, shapes, kfac_approx
         self.saved: dict[int, tuple[Tensor, Tensor, list[Any]]] = {}
         self.reset()
         self.metric: KFACMetric | None = None
 
     def reset(self) -> None:
-        self.G: dict[str, Tensor | None] = {}
-        self.A: dict[str, Tensor | None] = {}
-        self.first: dict[str, Tensor | None] = {}
+        self.stats = KroneckerStats(self.names, {n: s.numel() for n, s in zip(self.names, self.shapes)},
+                                    self.approx)
 
     def forward(self, b: int, x: Tensor, first_stage: bool) -> Tensor:
         """Run the stage on its input (recording its layers' inputs); keep the graph for the backward passes."""
         x_in = x.detach()
         if not first_stage and x_in.is_floating_point():
             x_in.requires_grad_(True)
-        self.rec.sites.clear()
-        self.rec.calls.clear()
+        self.rec.begin(x_in.shape[0])
         with torch.enable_grad(), differentiable_kernels():
             out = self.twin(x_in)
         check_calls(self.rec, self.names, x_in.shape[0])
         sites = list(self.rec.sites)
-        for site in sites:
-            input_stats(site, self.A, self.first)
+        self.stats.add_inputs(sites)
         self.saved[b] = (x_in, out, sites)
         return out.detach()
 
@@ -68,8 +71,8 @@ class StageBlocks:
             for k in range(K):
                 grads = torch.autograd.grad(out, inputs, grads_out[k].to(out.dtype), retain_graph=k < K - 1,
                                             allow_unused=True)
-                for site, g in zip(sites, grads):
-                    output_stats(site, torch.zeros_like(site.probe) if g is None else g, self.G)
+                self.stats.add_outputs(sites, [torch.zeros_like(site.probe) if g is None else g
+                                               for site, g in zip(sites, grads)])
                 if x_in.requires_grad:
                     g = grads[-1]
                     to_input.append((torch.zeros_like(x_in) if g is None else g).detach())
@@ -77,7 +80,7 @@ class StageBlocks:
 
     def finish(self, scale: float, num_samples: int, damping: float, kind: str) -> float:
         """Normalize and eigendecompose this stage's factors; returns log det of its blocks of M_δ."""
-        G, A = assemble(self.names, self.G, self.A, self.first)
+        G, A = self.stats.result()
         self.metric = KFACMetric(self.names, self.shapes, normalized_factors(self.names, G, A, scale, num_samples),
                                  damping=damping, kind=kind)
         self.reset()
@@ -86,4 +89,5 @@ class StageBlocks:
 
 def output_vectors(loss: Any, out: Tensor, y: Tensor, kind: str, b: int, mc_samples: int, seed: int) -> Tensor:
     """The last stage's K output-space vectors (see :func:`~curvdist.operators.output_space.output_factors`)."""
-    return output_factors(SimpleNamespace(loss=loss), out, y, kind, b, mc_samples, seed)  # type: ignore[arg-type]
+    return output_factors(SimpleNamespace(loss=loss), out, y, kind, b, mc_samples, seed,  # type: ignore[arg-type]
+                          per_event=PER_EVENT[kind])

@@ -46,8 +46,8 @@ def explicit_attention(m: nn.MultiheadAttention, path: str, rec: Recorder, roles
     B, T, E = x.shape
     h = m.num_heads
     d = E // h
-    qkv = rec.linear(f"{path}.in_proj", x, m.in_proj_weight, m.in_proj_bias,
-                     {"weight": roles["in_proj_weight"], "bias": roles.get("in_proj_bias", "")})
+    qkv = rec.linear_apply(f"{path}.in_proj", x, m.in_proj_weight, m.in_proj_bias,
+                           {"weight": roles["in_proj_weight"], "bias": roles.get("in_proj_bias", "")})
     q, k, v = (t.reshape(B, T, h, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # (B, h, T, d)
     scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # (B, h, T, T)
     mask = _additive(attn_mask, scores.dtype)
@@ -60,8 +60,8 @@ def explicit_attention(m: nn.MultiheadAttention, path: str, rec: Recorder, roles
         scores = scores + kpm.reshape(B, 1, 1, T)
     weights = torch.softmax(scores, dim=-1)
     heads = (weights @ v).transpose(1, 2).reshape(B, T, E)
-    out = rec.linear(f"{path}.out_proj", heads, m.out_proj.weight, m.out_proj.bias,
-                     {"weight": out_roles["weight"], "bias": out_roles.get("bias", "")})
+    out = rec.linear_apply(f"{path}.out_proj", heads, m.out_proj.weight, m.out_proj.bias,
+                           {"weight": out_roles["weight"], "bias": out_roles.get("bias", "")})
     if not m.batch_first:
         out = out.transpose(0, 1)
     if not need_weights:

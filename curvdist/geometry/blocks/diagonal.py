@@ -19,16 +19,18 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from ...operators.output_space import output_factors
+from ...problem.data import Inputs, batch_len, slice_inputs
 from ...problem.problem import Problem
+from .exact import as_batch_of_one
 
 
 def diagonal_sums(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0, chunk: int = 32) -> Tensor:
     """Σ_n Σ_k (J_nᵀ U[k, n])² as a flat vector (unscaled: multiply by ``problem.scale`` for diag(C))."""
     params = problem.params
 
-    def sample_products(x: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+    def sample_products(x: Inputs, u: Tensor) -> tuple[Tensor, ...]:
         """J_nᵀ u_k for one sample x (no batch axis) and its K output vectors u (K, *out)."""
-        _, pullback = vjp(lambda *p: problem.forward(p, x.unsqueeze(0)).squeeze(0), *params)
+        _, pullback = vjp(lambda *p: problem.forward(p, as_batch_of_one(x)).squeeze(0), *params)
         return vmap(pullback)(u)
 
     acc = torch.zeros(problem.dim, dtype=problem.dtype, device=problem.device)
@@ -36,7 +38,7 @@ def diagonal_sums(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 
         with torch.no_grad():
             out = problem.forward(params, X)
         U = output_factors(problem, out, y, kind, i, mc_samples, seed).transpose(0, 1)  # (B, K, *out)
-        for start in range(0, X.shape[0], chunk):
-            grads = vmap(sample_products)(X[start:start + chunk], U[start:start + chunk])  # each (b, K, *shape)
+        for start in range(0, batch_len(X), chunk):
+            grads = vmap(sample_products)(slice_inputs(X, start, start + chunk), U[start:start + chunk])
             acc += torch.cat([g.pow(2).sum(dim=(0, 1)).reshape(-1) for g in grads])
     return acc

@@ -1,112 +1,244 @@
-"""Kronecker-factor statistics from curvdist's own kernels (module probes, :mod:`.probes`), for every layer type
-the probes cover, including those BackPACK lacks (LayerNorm, Embedding, attention, BatchNorm in eval mode, layers
-inside models that are not an ``nn.Sequential``).
+"""Kronecker-factor statistics from curvdist's own kernels (module probes, :mod:`.probes`; exact per-sample blocks,
+:mod:`.exact`), for every layer type and every curvdist loss.
 
-Per batch, with U[k, n] the output-space factor columns of :func:`~curvdist.operators.output_space.output_factors`
-(Σ_k U U ᵀ = Λ_n for KFLR, sampled gradients/√S for KFAC), b^k_{n,t} = (∂f_n/∂z_{n,t})ᵀ U[k, n] the output
-gradient at position t of a site and a_{n,t} its input features, the statistics summed over all samples are
+Notation. U[k, n] are the output-space factor columns of a batch
+(:func:`~curvdist.operators.output_space.output_factors`: Σ_k U[k, n] U[k, n]ᵀ = Λ_n exactly for KFLR; sampled
+output gradients / √S for KFAC, one sampled label per loss term, backpropagated for all positions at once). A weight
+used at T positions per sample n (tokens, output pixels; several calls of a module or several modules sharing the
+weight add positions) has inputs a_{n,t} and output-side vectors b^k_{n,t} = (∂f_n/∂z_{n,t})ᵀ U[k, n] at position t.
+The two weight-sharing approximations of Eschenhagen et al. (NeurIPS 2023, "Kronecker-Factored Approximate
+Curvature for Modern Neural Network Architectures") are, as sums over the samples (so that data shards add):
 
-    weight of a Linear/Conv2d site   G = (1/T) Σ_{n,k} (Σ_t b^k_{n,t})(Σ_t b^k_{n,t})ᵀ,   A = Σ_{n,t} a_{n,t} a_{n,t}ᵀ
-    its bias                         G_b = Σ_{n,k} (Σ_t b^k_{n,t})(Σ_t b^k_{n,t})ᵀ      (the exact bias block)
-    Embedding weight (V × d)         first factor Σ_{n,t} e_{i_{n,t}} e_{i_{n,t}}ᵀ (token counts), second G as above
-    LayerNorm/BatchNorm weight, bias the exact block Σ_{n,k} g^k_n g^k_nᵀ of the per-sample gradients
-                                     g_w = Σ_t b ⊙ x̂,  g_b = Σ_t b
+    expand (default)   G = Σ_{n,k,t} b^k_{n,t} b^k_{n,t}ᵀ,          A = Σ_{n,t} a_{n,t} a_{n,t}ᵀ,   C = N·T
+    reduce             G = Σ_{n,k} (Σ_t b^k_{n,t})(Σ_t b^k_{n,t})ᵀ,  A = Σ_n ā_n ā_nᵀ,            C = N
+                                                                     ā_n = (1/T) Σ_t a_{n,t}
 
-— the conventions of :mod:`curvdist.geometry.metrics.kfac` (KFC for weight sharing, Grosse & Martens 2016; for
-T = 1 exactly KFAC/KFLR, Martens & Grosse 2015, Botev et al. 2017), so that BackPACK's factors and these agree on
-the layers both support. For embeddings the vocabulary factor comes first because the weight is stored (V, d);
-the normalization s·G ⊗ A/N is the same matrix whichever factor carries which scalar.
+and the block of the metric is (s·G) ⊗ (A/C) (:func:`curvdist.geometry.metrics.kfac.normalized_factors`; s = 1/N or
+1, N the loss terms). C counts what A averages over: the positions (expand) or the samples (reduce). For T = 1 both
+are KFAC/KFLR (Martens & Grosse 2015, Botev et al. 2017). Positions whose ``attention_mask`` is 0 (padding) are left
+out of A and C; their b is 0 anyway. For an ``Embedding`` the inputs are one-hot token vectors (A: token counts for
+expand) and the block is A ⊗ G in the weight's (V, d) layout; for a GPT-2 ``Conv1D`` (weight (in, out)) it is A ⊗ G
+as well.
+
+Single-factor blocks are exact: the bias of a Linear/Conv2d/Conv1D site (per-sample gradient Σ_t b), the weight and
+bias of a LayerNorm/RMSNorm/BatchNorm site (Σ_t b ⊙ x̂ and Σ_t b), and every parameter without a site
+(:mod:`.exact`): Σ_{n,k} g gᵀ, dense up to ``dense_max`` entries and its diagonal beyond.
+
+A parameter used with both orientations — an embedding tied to the output head: rows indexed by the input token in
+the embedding, by the output logit in the head — has one Kronecker term per orientation; the metric uses the nearest
+Kronecker product of their sum (:func:`curvdist.geometry.metrics.kfac.nearest_kronecker`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from ...catalogue import KFACApproximation, parse
 from ...errors import MetricError
 from ...operators.output_space import output_factors
 from ...problem.autodiff import differentiable_kernels
+from ...problem.data import Inputs, batch_len
+from ...problem.outputs import call
 from ...problem.problem import Problem
-from .probes import Site, check_calls, instrumented_copy
+from .exact import exact_block_sums
+from .probes import IN_OUT, Site, check_calls, instrumented_copy
+
+#: single-factor blocks with more entries than this are kept as exact diagonals (default of ``dense_max``)
+DENSE_MAX = 4096
+
+#: the output-space factors of each statistic kind: KFLR's exact factor of each sample's Λ_n; for sampled and
+#: empirical statistics one label per loss term, backpropagated for all positions of a sample at once
+PER_EVENT = {"ggn": False, "fisher_mc": True, "empirical": True}
 
 
-def _add(acc: dict[str, Tensor | None], name: str | None, value: Tensor) -> None:
-    if name is None:
-        return
-    acc[name] = value if acc.get(name) is None else acc[name] + value  # type: ignore[operator]
+def _add(acc: dict[Any, Any], key: Any, value: Any) -> None:
+    acc[key] = value if acc.get(key) is None else acc[key] + value
 
 
-def input_stats(site: Site, A: dict[str, Tensor | None], first: dict[str, Tensor | None]) -> None:
-    """The input-side factor sums of one site for one batch (independent of the output vectors)."""
-    weight = site.params.get("weight")
-    if weight is None:
-        return
-    if site.kind == "linear":
-        a = site.inputs.reshape(-1, site.inputs.shape[-1])
-        _add(A, weight, a.T @ a)
-    elif site.kind == "embedding":
-        idx = site.inputs.reshape(-1)
-        if site.extra["padding_idx"] is not None:
-            idx = idx[idx != site.extra["padding_idx"]]
-        counts = torch.bincount(idx, minlength=site.extra["vocab"]).to(site.probe.dtype)
-        _add(first, weight, torch.diag(counts))
+def _mask(site: Site) -> Tensor:
+    """(B, T) weights of the positions for the input statistics (1 where no attention mask applies)."""
+    B, T = site.inputs.shape[:2]
+    if site.mask is None:
+        return torch.ones(B, T, dtype=site.probe.dtype, device=site.probe.device)
+    return site.mask.to(site.probe.dtype)
 
 
-def output_stats(site: Site, b: Tensor, G: dict[str, Tensor | None]) -> None:
-    """The output-side sums of one site for one output vector (b: (B, T, out))."""
-    weight, bias = site.params.get("weight"), site.params.get("bias")
-    if site.kind == "norm":
-        xhat = site.inputs
-        for name, g in ((weight, (b * xhat).sum(1)), (bias, b.sum(1))):
-            if name is not None:
-                _add(G, name, g.T @ g)
-        return
-    bs = b.sum(1)  # (B, out)
-    outer = bs.T @ bs
-    if weight is not None:
-        _add(G, weight, outer / site.positions)
-    _add(G, bias, outer)
+def _one_hot(site: Site) -> Tensor:
+    """Per-sample weighted token histograms (B, V) of an embedding site (padding_idx left out)."""
+    idx = site.inputs
+    w = _mask(site)
+    if site.extra["padding_idx"] is not None:
+        w = w * (idx != site.extra["padding_idx"]).to(w.dtype)
+    hist = torch.zeros(idx.shape[0], site.extra["vocab"], dtype=w.dtype, device=w.device)
+    return hist.scatter_add_(1, idx, w)
 
 
-def kfac_sums_probes(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False
-                     ) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
-    """Summed Kronecker statistics (G, A) with the layout of :func:`~curvdist.geometry.metrics.kfac.kfac_sums`:
-    ``G[name]`` is the first factor, ``A[name]`` the second (None for a single-factor block); see the module
-    docstring. Sampled labels (``exact=False``) are those of the ``fisher_mc`` operator with the same seed."""
-    names = list(problem.param_names)
-    twin, rec = instrumented_copy(problem.model, names)
-    kind = "ggn" if exact else "fisher_mc"
-    G: dict[str, Tensor | None] = {}
-    A: dict[str, Tensor | None] = {}
-    first: dict[str, Tensor | None] = {}
-    for i, (X, y) in enumerate(problem.batches()):
-        rec.sites.clear()
-        rec.calls.clear()
-        with torch.enable_grad(), differentiable_kernels():
-            out = twin(X)
-            check_calls(rec, names, X.shape[0])
-            U = output_factors(problem, out, y, kind, i, mc_samples, seed)
-            probes = [s.probe for s in rec.sites]
-            for k in range(U.shape[0]):
-                grads = torch.autograd.grad(out, probes, U[k], retain_graph=k < U.shape[0] - 1, allow_unused=True)
-                for site, b in zip(rec.sites, grads):
-                    output_stats(site, torch.zeros_like(site.probe) if b is None else b, G)
-        for site in rec.sites:
-            input_stats(site, A, first)
-    return assemble(names, G, A, first)
+class KroneckerStats:
+    """Summed Kronecker statistics of a set of parameters, accumulated site by site (see the module docstring).
 
+    Args:
+        names: the parameters, in order.
+        numels: their sizes (single-factor blocks above ``dense_max`` entries are kept as diagonals).
+        approx: ``"expand"`` or ``"reduce"``.
+    """
 
-def assemble(names: list[str], G: dict[str, Tensor | None], A: dict[str, Tensor | None],
-             first: dict[str, Tensor | None]) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
-    """The (first factor, second factor) sums per parameter from the accumulated output-side (G), input-side (A)
-    and embedding-count (first) statistics."""
-    out_G: dict[str, Tensor] = {}
-    out_A: dict[str, Tensor | None] = {}
-    for name in names:
-        if name in first:  # embedding: (token counts, output factor)
-            out_G[name], out_A[name] = first[name], G[name]  # type: ignore[assignment]
-        else:
-            if G.get(name) is None:  # pragma: no cover - check_calls guarantees a site
+    def __init__(self, names: Sequence[str], numels: Mapping[str, int], approx: str = "expand",
+                 dense_max: int = DENSE_MAX) -> None:
+        self.names = list(names)
+        self.approx = parse(KFACApproximation, approx, "kfac_approx").value
+        self.dense = {n: numels[n] <= dense_max for n in names}
+        self.G: dict[tuple[str, str], Tensor] = {}  # (weight, orientation) -> output-side sum
+        self.A: dict[tuple[str, str], Tensor] = {}  # (weight, orientation) -> input-side sum
+        self.C: dict[tuple[str, str], int] = {}  # (weight, orientation) -> what A averages over
+        self.single: dict[str, Tensor | None] = {}  # exact single-factor sums (dense or diagonal)
+        self.role: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _role(self, name: str, role: str) -> None:
+        if self.role.setdefault(name, role) != role:
+            raise MetricError(f"{name} is used both as a Kronecker-factored weight and as a single-factor parameter "
+                              f"(a bias or a norm parameter) in the forward pass; its block is not supported")
+
+    @staticmethod
+    def _weights(sites: Sequence[Site]) -> dict[tuple[str, str], list[int]]:
+        """The sites of every Kronecker-factored weight and orientation, as indices into ``sites``."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, s in enumerate(sites):
+            w = s.params.get("weight")
+            if w is not None and s.kind in ("linear", "embedding"):
+                groups.setdefault((w, s.orientation), []).append(i)
+        return groups
+
+    # ------------------------------------------------------------------ input side (once per batch)
+    def add_inputs(self, sites: Sequence[Site]) -> None:
+        """The input-side sums of one batch's sites (independent of the output vectors)."""
+        for key, group in self._weights(sites).items():
+            self._role(key[0], "kron")
+            if self.approx == "expand":
+                for s in (sites[i] for i in group):
+                    w = _mask(s)
+                    if s.kind == "embedding":
+                        _add(self.A, key, torch.diag(_one_hot(s).sum(0)))
+                    else:
+                        a = s.inputs.reshape(-1, s.inputs.shape[-1])
+                        _add(self.A, key, (a * w.reshape(-1, 1)).T @ a)
+                    _add(self.C, key, round(float(w.sum())))
+            else:
+                total: Tensor | None = None
+                count: Tensor | None = None
+                for s in (sites[i] for i in group):
+                    w = _mask(s)
+                    feats = _one_hot(s) if s.kind == "embedding" else (s.inputs * w.unsqueeze(-1)).sum(1)
+                    total = feats if total is None else total + feats
+                    c = w.sum(1)
+                    count = c if count is None else count + c
+                assert total is not None and count is not None
+                keep = count > 0
+                mean = total[keep] / count[keep].unsqueeze(1)
+                _add(self.A, key, mean.T @ mean)
+                _add(self.C, key, int(keep.sum()))
+
+    # ------------------------------------------------------------------ output side (once per output vector)
+    def add_outputs(self, sites: Sequence[Site], grads: Sequence[Tensor]) -> None:
+        """The output-side sums for one output vector, ``grads[i]`` the gradient at the probe of ``sites[i]``."""
+        per_sample: dict[str, Tensor] = {}
+        for key, group in self._weights(sites).items():
+            bs = [grads[i] for i in group]
+            if self.approx == "expand":
+                for b in bs:
+                    flat = b.reshape(-1, b.shape[-1])
+                    _add(self.G, key, flat.T @ flat)
+            else:
+                total = sum(b.sum(1) for b in bs)
+                _add(self.G, key, total.T @ total)  # type: ignore[union-attr]
+        for s, b in zip(sites, grads):
+            for role, name in s.params.items():
+                if role == "weight" and s.kind != "norm":
+                    continue
+                g = (b * s.inputs).sum(1) if (s.kind == "norm" and role == "weight") else b.sum(1)
+                _add(per_sample, name, g)
+        for name, g in per_sample.items():
+            self._role(name, "single")
+            _add(self.single, name, g.T @ g if self.dense[name] else g.pow(2).sum(0))
+
+    # ------------------------------------------------------------------ result
+    def result(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The statistics in the layout of :func:`~curvdist.geometry.metrics.kfac.kfac_sums`: for a single-factor
+        block ``G[name]`` is its sum (dense, or 1-d: the diagonal) and ``A[name]`` is None; for a Kronecker block
+        ``G[name]`` and ``A[name]`` are lists with one entry per term (per orientation the parameter is used in),
+        the first and the second factor of the term in the parameter's layout, each either an output-side sum (a
+        tensor, scaled by s) or an input-side ``(sum, C)`` (divided by C)."""
+        G: dict[str, Any] = {}
+        A: dict[str, Any] = {}
+        for name in self.names:
+            terms = sorted(k for k in self.A if k[0] == name)
+            if terms:
+                firsts, seconds = [], []
+                for key in terms:
+                    out = self.G.get(key)
+                    if out is None:  # pragma: no cover - every batch backpropagates at least one vector
+                        raise MetricError(f"no output-side statistics for {name}")
+                    inp = (self.A[key], max(self.C.get(key, 0), 1))
+                    first, second = (inp, out) if key[1] == IN_OUT else (out, inp)
+                    firsts.append(first)
+                    seconds.append(second)
+                G[name], A[name] = firsts, seconds
+            elif self.single.get(name) is not None:
+                G[name], A[name] = self.single[name], None
+            else:
                 raise MetricError(f"no Kronecker statistics for {name}")
-            out_G[name], out_A[name] = G[name], A.get(name)  # type: ignore[assignment]
-    return out_G, out_A
+        return G, A
+
+
+def statistic_factors(problem: Problem, out: Tensor, y: Tensor, kind: str, batch_index: int, mc_samples: int,
+                      seed: int) -> Tensor:
+    """The output-space vectors U (K, *out.shape) of one batch for the statistic ``kind`` (``ggn``: KFLR,
+    ``fisher_mc``: KFAC, ``empirical``), with the layout of :data:`PER_EVENT`."""
+    try:
+        return output_factors(problem, out, y, kind, batch_index, mc_samples, seed, per_event=PER_EVENT[kind])
+    except NotImplementedError as e:
+        raise MetricError(f"the {problem.loss.name} loss cannot give exact output-space factors ({e}); use the "
+                          f"sampled 'kfac' metric, or give the loss an output_hessian_sqrt") from e
+
+
+def attention_mask(X: Inputs) -> Tensor | None:
+    """The batch's ``attention_mask`` (positions with 0 are padding), if it has one."""
+    if isinstance(X, Mapping):
+        m = X.get("attention_mask")
+        return m if isinstance(m, Tensor) and m.ndim == 2 else None
+    return None
+
+
+def kfac_sums_probes(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False,
+                     kfac_approx: str = "expand", dense_max: int = DENSE_MAX, kind: str | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Summed Kronecker statistics (layout: :meth:`KroneckerStats.result`) of the problem's selected parameters;
+    see the module docstring. ``kind``: ``ggn`` (KFLR, ``exact=True``), ``fisher_mc`` (KFAC, the default: the
+    labels of the ``fisher_mc`` operator with the same seed) or ``empirical`` (the observed labels)."""
+    kind = kind or ("ggn" if exact else "fisher_mc")
+    if kind not in PER_EVENT:
+        raise MetricError(f"unknown Kronecker statistic {kind!r}; choose one of {sorted(PER_EVENT)}")
+    names = list(problem.param_names)
+    twin, rec, plan = instrumented_copy(problem.model, names)
+    numels = {n: s.numel() for n, s in zip(names, problem.shapes)}
+    stats = KroneckerStats(names, numels, kfac_approx, dense_max)
+    for i, (X, y) in enumerate(problem.batches()):
+        B = batch_len(X)
+        rec.begin(B, attention_mask(X))
+        with torch.enable_grad(), differentiable_kernels():
+            out = call(twin, X)
+            check_calls(rec, plan.site_params, B)
+            U = statistic_factors(problem, out, y, kind, i, mc_samples, seed)
+            sites = list(rec.sites)
+            stats.add_inputs(sites)
+            probes = [s.probe for s in sites]
+            K = U.shape[0]
+            for k in range(K if probes else 0):
+                grads = torch.autograd.grad(out, probes, U[k], retain_graph=k < K - 1, allow_unused=True)
+                stats.add_outputs(sites, [torch.zeros_like(p) if g is None else g for p, g in zip(probes, grads)])
+        exact_block_sums(problem, plan.exact, X, U, stats.dense, stats.single)
+    return stats.result()

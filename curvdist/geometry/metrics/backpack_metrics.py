@@ -52,6 +52,8 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import MetricError
+from ...problem.data import batch_len
+from ...problem.outputs import call
 from ...problem.problem import Problem
 from .base import DiagonalMetric
 
@@ -152,15 +154,24 @@ def supported_modules(extension: Any) -> set[type[nn.Module]] | None:
 
 
 # ====================================================================== the BackPACK pass
+def backpack_loss(problem: Problem) -> bool:
+    """Whether BackPACK has the problem's loss: curvdist's own ``cross_entropy`` or ``mse`` (not a subclass, whose
+    per-sample loss may differ)."""
+    from ...problem.losses import CrossEntropy, MeanSquaredError
+
+    return type(problem.loss) in (CrossEntropy, MeanSquaredError)
+
+
 def loss_module(problem: Problem) -> nn.Module:
     """The sum-reduction torch loss module matching the problem's per-sample loss."""
     name = getattr(problem.loss, "name", None)
-    if name == "cross_entropy":
+    if backpack_loss(problem) and name == "cross_entropy":
         return nn.CrossEntropyLoss(reduction="sum")
-    if name == "mse":
+    if backpack_loss(problem) and name == "mse":
         return nn.MSELoss(reduction="sum")
-    raise MetricError(f"BackPACK metrics support the 'cross_entropy' and 'mse' losses, not {name!r}; "
-                      f"{MATRIX_FREE_HINT}")
+    raise MetricError(f"BackPACK metrics support curvdist's 'cross_entropy' and 'mse' losses, not "
+                      f"{type(problem.loss).__name__} ({name!r}); use backend 'torch' or 'auto' (curvdist's own "
+                      f"kernels take every loss), or {MATRIX_FREE_HINT}")
 
 
 def owner_path(param_name: str) -> str:
@@ -265,7 +276,7 @@ def backpack_pass(problem: Problem, make_extension: Callable[[], Any], savefield
     try:
         for X, y in problem.batches():
             calls.clear()
-            out = model(X)
+            out = call(model, X)
             reused = {p: c for p, c in calls.items() if c > 1}
             if reused:
                 raise MetricError(
@@ -289,7 +300,7 @@ def backpack_pass(problem: Problem, make_extension: Callable[[], Any], savefield
                                   f"{MATRIX_FREE_HINT}")
             for name in problem.param_names:
                 p = named[name]
-                accumulate(name, getattr(p, savefield), X.shape[0], out_shapes[owner_path(name)])
+                accumulate(name, getattr(p, savefield), batch_len(X), out_shapes[owner_path(name)])
                 delattr(p, savefield)
                 p.grad = None
     finally:
@@ -354,13 +365,19 @@ def _extension(kind: str, mc_samples: int) -> tuple[Callable[[], Any], str, bool
 
 def backpack_applicable(problem: Problem, make_extension: Callable[[], Any], second_order: bool,
                         allowed: Callable[[str, nn.Module], str | None] | None = None) -> bool:
-    """Whether BackPACK can compute the extension for the problem: every selected parameter's owner has a rule
-    (and passes ``allowed``) and, for curvature backpropagation, the model is a (nested) ``nn.Sequential`` of
-    layers with rules — BackPACK's second-order extensions cannot follow other control flow."""
+    """Whether BackPACK can compute the extension for the problem: it has the loss (:func:`backpack_loss`), every
+    selected parameter's owner has a rule (and passes ``allowed``) and, for curvature backpropagation, the model is
+    a (nested) ``nn.Sequential`` of layers with rules — BackPACK's second-order extensions cannot follow other
+    control flow — and no convolution it would get wrong (``padding_mode`` other than zeros) is involved."""
+    if not backpack_loss(problem):
+        return False
     supported = supported_modules(make_extension())
     if supported is None:  # pragma: no cover - BackPACK hides its table: let backpack_pass decide
         return True
     modules = dict(problem.model.named_modules())
+    involved = modules.values() if second_order else [modules[owner_path(n)] for n in problem.param_names]
+    if any(isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros" for m in involved):
+        return False
     for name in problem.param_names:
         path = owner_path(name)
         if type(modules[path]) not in supported or (allowed is not None and allowed(path, modules[path])):
@@ -398,7 +415,6 @@ def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0
     if resolve_backend(problem, backend, make, second_order) == "torch":
         from ..blocks.diagonal import diagonal_sums
 
-        loss_module(problem)  # the same loss check as BackPACK's path
         return diagonal_sums(problem, _OWN_KIND[kind], mc_samples, seed) * problem.scale
     if kind == "diag_fisher_mc":
         with seeded(seed, problem.device):

@@ -1,12 +1,14 @@
 """Kronecker-factored curvature metrics: KFAC (Martens & Grosse, ICML 2015) and KFLR (Botev, Ritter & Barber,
-ICML 2017), with the Kronecker factors from BackPACK (Dangel, Kunstner & Hennig, ICLR 2020).
+ICML 2017), with the weight-sharing approximations KFAC-expand and KFAC-reduce (Eschenhagen, Immer, Turner,
+Schneider & Hennig, NeurIPS 2023), from curvdist's own kernels (:mod:`curvdist.geometry.blocks`) or BackPACK
+(Dangel, Kunstner & Hennig, ICLR 2020).
 
 The matrix
 ----------
 M is block-diagonal with one block per selected parameter (weights and biases are separate blocks; cross terms
-between them and between layers are dropped). For the problem's risk L = s · Σ_n ℓ_n (s = 1/N or 1, N the size of
-the whole data set), a ``Linear`` layer z_n = W a_n + b and B_n ∈ ℝ^{out×C} with
-B_n B_nᵀ = (∂f_n/∂z_n)ᵀ Λ_n (∂f_n/∂z_n)  (Λ_n = ∂²ℓ_n/∂f_n²; KFLR), or its Monte-Carlo estimate
+between them and between layers are dropped). For the problem's risk L = s · Σ_n ℓ_n (s = 1/N or 1, N the loss
+terms of the whole data set: samples, or non-ignored tokens), a ``Linear`` layer z_n = W a_n + b and B_n ∈ ℝ^{out×K}
+with B_n B_nᵀ = (∂f_n/∂z_n)ᵀ Λ_n (∂f_n/∂z_n)  (Λ_n = ∂²ℓ_n/∂f_n²; KFLR), or its Monte-Carlo estimate
 (1/S) Σ_k (∂f_n/∂z_n)ᵀ g̃_nk g̃_nkᵀ (∂f_n/∂z_n) with g̃_nk = ∇_f ℓ(f_n, ỹ_nk), ỹ_nk ~ p(y | f_n) (KFAC):
 
     exact GGN weight block  s · Σ_n (B_n B_nᵀ) ⊗ (a_n a_nᵀ)
@@ -14,15 +16,31 @@ B_n B_nᵀ = (∂f_n/∂z_n)ᵀ Λ_n (∂f_n/∂z_n)  (Λ_n = ∂²ℓ_n/∂f_n�
         G = s · Σ_n B_n B_nᵀ   (out × out),     A = (1/N) · Σ_n a_n a_nᵀ   (in × in),
     bias block              G                   (exact for KFLR: the bias block of the GGN).
 
-For a ``Conv2d`` layer (Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for convolution layers",
-ICML 2016) a_{n,t} is the unfolded input patch (in·kh·kw, channel-major like ``weight.reshape(out, -1)``) at
-output location t ∈ T, B_{n,t} the factor of the output location, and
+Weight sharing. A weight applied at T positions per sample — a Linear/Conv1D layer on a sequence, an attention
+projection, a Conv2d layer (a_{n,t} the unfolded input patch at output location t, channel-major like
+``weight.reshape(out, -1)``), a module called several times — has the GGN block
+s · Σ_n (Σ_t B_{n,t} ⊗ a_{n,t})(Σ_t B_{n,t} ⊗ a_{n,t})ᵀ, and two Kronecker approximations:
 
-    A = (1/N) · Σ_n Σ_t a_{n,t} a_{n,t}ᵀ,     G = (s/|T|) · Σ_n (Σ_t B_{n,t})(Σ_t B_{n,t})ᵀ,   bias block |T|·G,
+    expand (default)   G = s · Σ_n Σ_t B_{n,t} B_{n,t}ᵀ,          A = 1/(N·T) · Σ_n Σ_t a_{n,t} a_{n,t}ᵀ
+    reduce             G = s · Σ_n (Σ_t B_{n,t})(Σ_t B_{n,t})ᵀ,    A = (1/N) · Σ_n ā_n ā_nᵀ,  ā_n = (1/T) Σ_t a_{n,t}
 
-which is the KFC approximation Ω ⊗ Γ. (BackPACK's weight factors correspond to |T|·G ⊗ A, |T| times KFC; its own
-docstring flags the discrepancy. Under both limits KFC is built for, spatially uncorrelated or spatially constant
-output derivatives, |T|·G ⊗ A overestimates the GGN block by the factor |T|, so the factor is divided out here.)
+(N here the samples, N·T the positions; padding positions, ``attention_mask`` 0, are left out of A and of the
+count). Expand treats the positions as extra samples; it is exact when every position of every sample has the same
+input and no position influences the loss terms of another (e.g. a token-wise layer under a per-token loss).
+Reduce is exact for one sample whose inputs are the same at every position. Both are KFAC/KFLR for T = 1, and match
+curvlinops' ``KFACLinearOperator(kfac_approx="expand"/"reduce")`` (the tests compare them; curvlinops backpropagates
+the columns of each token's Λ factor for all positions at once, which for models that mix positions adds
+cross-token terms Σ_{t≠t'} (∂f_t/∂z)ᵀ S_t S_{t'}ᵀ (∂f_{t'}/∂z) that are not in the GGN: KFLR here uses the exact
+factor of each sample's block-diagonal Λ_n, so that its bias blocks are the GGN's and KFAC's expectation is KFLR;
+KFAC's sampled labels, one per loss term, are backpropagated for all positions at once as curvlinops does).
+BackPACK's convolution factors are (bias block) ⊗ (Σ_t a aᵀ/N), neither of the two: convolutions with more than one
+output location use the own kernels. The bias block is exact in every case.
+
+Embeddings (weight (V, d)) and GPT-2's ``Conv1D`` (weight (in, out)) store the input side first: their block is
+A ⊗ G. An embedding tied to the output head is one parameter with two terms, A_emb ⊗ G_emb + G_head ⊗ A_head
+(both (V × V) ⊗ (d × d)); the metric uses their nearest Kronecker product (:func:`nearest_kronecker`). Parameters
+without a layer rule (class tokens, positional embeddings, norms of unknown classes) get exact blocks, dense up to
+``dense_max`` entries and diagonal beyond.
 
 Vectorization: parameters are flattened row-major, ``W.reshape(-1)`` for W of shape (out, in[, kh, kw]). With
 V = W.reshape(out, -1), (G ⊗ A) vec_r(V) = vec_r(G V Aᵀ), and ``torch.kron(G, A)`` is the dense block.
@@ -59,14 +77,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...catalogue import KFACApproximation, parse
 from ...errors import MetricError, ShapeError, SingularMetricError
 from ...problem.problem import Problem
+from ..blocks.kronecker import DENSE_MAX
 from .backpack_metrics import (
     MATRIX_FREE_HINT,
     add_activation_support,
     backpack_pass,
     check_mc_samples,
-    loss_module,
+    owner_path,
     resolve_backend,
     seeded,
 )
@@ -77,18 +97,23 @@ __all__ = ["KFACMetric", "kfac"]
 
 @dataclass
 class _Block:
-    """One diagonal block of M: ``kron`` (G ⊗ A for a matrix-shaped parameter) or a single factor."""
+    """One diagonal block of M: ``kron`` (G ⊗ A for a matrix-shaped parameter), a single dense factor, or a
+    diagonal (no eigenvectors: ``evecs == ()``, ``evals == (d,)``)."""
 
     name: str
     offset: int
     shape: torch.Size
-    evecs: tuple[Tensor, ...]  # U_G[, U_A]
-    evals: tuple[Tensor, ...]  # λ_G[, λ_A], clipped at 0
+    evecs: tuple[Tensor, ...]  # U_G[, U_A]; () for a diagonal block
+    evals: tuple[Tensor, ...]  # λ_G[, λ_A], clipped at 0; (d,) for a diagonal block
     damping_weight: float = 1.0  # w: the block's damping reference is w·I
 
     @property
     def numel(self) -> int:
         return self.shape.numel()
+
+    @property
+    def diagonal(self) -> bool:
+        return not self.evecs
 
     @property
     def eigenvalues(self) -> Tensor:
@@ -98,12 +123,20 @@ class _Block:
         return torch.outer(self.evals[0], self.evals[1]).reshape(-1)
 
     def factor(self, k: int) -> Tensor:
+        if self.diagonal:
+            return self.evals[0]
         U, lam = self.evecs[k], self.evals[k]
         F = (U * lam) @ U.T
         return 0.5 * (F + F.T)
 
+    @property
+    def num_factors(self) -> int:
+        return len(self.evals)
+
     def power(self, v: Tensor, exponent: float, damping: float) -> Tensor:
         """(block + δI)^exponent · v for a flat segment v."""
+        if self.diagonal:
+            return v * (self.evals[0] + damping) ** exponent
         if len(self.evecs) == 1:
             U, = self.evecs
             return U @ ((U.T @ v) * (self.evals[0] + damping) ** exponent)
@@ -114,8 +147,22 @@ class _Block:
         return (UG @ (W * lam**exponent) @ UA.T).reshape(-1)
 
     def dense(self, damping: float) -> Tensor:
-        block = self.factor(0) if len(self.evecs) == 1 else torch.kron(self.factor(0), self.factor(1))
+        if self.diagonal:
+            block = torch.diag(self.evals[0])
+        else:
+            block = self.factor(0) if len(self.evecs) == 1 else torch.kron(self.factor(0), self.factor(1))
         return block + damping * torch.eye(block.shape[0], dtype=block.dtype, device=block.device)
+
+
+def clip_diagonal(d: Tensor, what: str) -> Tensor:
+    """A diagonal block's entries with rounding-level (including slightly negative) values set to 0."""
+    if not bool(torch.isfinite(d).all()):
+        raise MetricError(f"the diagonal block of {what} contains NaN or inf")
+    eps, top = torch.finfo(d.dtype).eps, float(d.abs().max()) if d.numel() else 0.0
+    tol = 10 * eps * top
+    if d.numel() and float(d.min()) < -max(tol, eps**0.5 * top):
+        raise MetricError(f"the diagonal block of {what} has a negative entry ({float(d.min()):.3g})")
+    return torch.where(d > tol, d, torch.zeros_like(d))
 
 
 def eigh_psd(F: Tensor, what: str) -> tuple[Tensor, Tensor]:
@@ -144,7 +191,7 @@ class KFACMetric(Metric):
         shapes: their shapes.
         factors: per name, ``(G, A)`` for a parameter of shape (out, *rest) — the block is G ⊗ A in row-major
             vectorization, G (out × out), A (∏rest × ∏rest) — or ``(G,)`` for any parameter (the block is G itself,
-            numel × numel).
+            numel × numel; a 1-d G of numel entries is a diagonal block diag(G)).
         damping: δ ≥ 0.
         kind: ``"kfac"`` or ``"kflr"`` (a label).
         eigh: optional precomputed :func:`eigh_psd` results per name, ``[(λ, U), ...]`` in factor order (e.g.
@@ -191,13 +238,20 @@ class KFACMetric(Metric):
                 expected = [shape.numel()]
             else:
                 raise ShapeError(f"{name}: expected 1 or 2 Kronecker factors, got {len(fs)}")
+            diagonal = len(fs) == 1 and fs[0].ndim == 1
             for F, n in zip(fs, expected):
-                if tuple(F.shape) != (n, n):
-                    raise ShapeError(f"Kronecker factor of {name} has shape {tuple(F.shape)}, expected {(n, n)}")
-            eig = ([(lam.to(self.dtype), U.to(self.dtype)) for lam, U in eigh[name]] if eigh is not None and name in eigh
-                   else [eigh_psd(F.to(self.dtype), name) for F in fs])
-            block = _Block(name, offset, shape, tuple(U for _, U in eig), tuple(lam for lam, _ in eig),
-                           float(weights.get(name, 1.0)))
+                if tuple(F.shape) != ((n,) if diagonal else (n, n)):
+                    raise ShapeError(f"Kronecker factor of {name} has shape {tuple(F.shape)}, expected {(n, n)}"
+                                     + (f" or {(n,)} (a diagonal block)" if len(fs) == 1 else ""))
+            if diagonal:
+                block = _Block(name, offset, shape, (), (clip_diagonal(fs[0].to(self.dtype), name),),
+                               float(weights.get(name, 1.0)))
+            else:
+                eig = ([(lam.to(self.dtype), U.to(self.dtype)) for lam, U in eigh[name]]
+                       if eigh is not None and name in eigh and eigh[name]
+                       else [eigh_psd(F.to(self.dtype), name) for F in fs])
+                block = _Block(name, offset, shape, tuple(U for _, U in eig), tuple(lam for lam, _ in eig),
+                               float(weights.get(name, 1.0)))
             if self.damping == 0 and not bool((block.eigenvalues > 0).all()):
                 raise SingularMetricError(
                     f"the {self.kind} metric is singular: its block for parameter {name} has a zero eigenvalue "
@@ -216,8 +270,8 @@ class KFACMetric(Metric):
                           for b in self.blocks])
 
     def factors(self) -> dict[str, tuple[Tensor, ...]]:
-        """The (clipped) Kronecker factors per parameter: ``(G, A)`` or ``(G,)``."""
-        return {b.name: tuple(b.factor(k) for k in range(len(b.evecs))) for b in self.blocks}
+        """The (clipped) Kronecker factors per parameter: ``(G, A)`` or ``(G,)`` (1-d for a diagonal block)."""
+        return {b.name: tuple(b.factor(k) for k in range(b.num_factors)) for b in self.blocks}
 
     # ------------------------------------------------------------------ Metric interface
     def apply_undamped(self, v: Tensor) -> Tensor:
@@ -270,6 +324,9 @@ class KFACMetric(Metric):
         eigh = {n: list(zip(lams, Us)) for n, lams, Us in zip(names, state["evals"], state["evecs"], strict=True)}
         factors = {n: tuple(0.5 * ((U * lam) @ U.T + ((U * lam) @ U.T).T) for lam, U in pairs)
                    for n, pairs in eigh.items()}
+        for n, lams, Us in zip(names, state["evals"], state["evecs"]):
+            if not Us:  # a diagonal block
+                factors[n] = (lams[0],)
         weights = {n: float(w) for n, w in zip(names, state.get("damping_weights") or [], strict=False) if w != 1.0}
         extra: dict[str, Any] = {"damping_weights": weights} if weights else {}
         return cls(names, [torch.Size(s) for s in state["shapes"]], factors, damping=float(state["damping"]),
@@ -284,46 +341,55 @@ def _kfac_layer_check(path: str, module: nn.Module) -> str | None:
 
 
 def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int = 0,
-         exact: bool = False, backend: str = "auto", damping_weights: Mapping[str, float] | None = None
-         ) -> KFACMetric:
+         exact: bool = False, backend: str = "auto", damping_weights: Mapping[str, float] | None = None,
+         kfac_approx: str = "expand", dense_max: int = DENSE_MAX) -> KFACMetric:
     """The Kronecker-factored GGN/Fisher metric of the problem's selected parameters (see the module docstring).
 
     ``exact=False``: KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions) — the output-side factor
-    G from ``mc_samples`` labels per sample drawn from the model's predictive distribution (BackPACK ``KFAC``),
-    reproducible for ``seed`` without touching the caller's random state; kind ``"kfac"``.
-    ``exact=True``: KFLR (Botev, Ritter & Barber 2017) — G from the exact loss Hessian (BackPACK ``KFLR``,
-    deterministic); kind ``"kflr"``. Factors from BackPACK (Dangel, Kunstner & Hennig 2020), accumulated over all
-    batches with a sum-reduction loss and scaled as above, so the result does not depend on the batching.
+    G from ``mc_samples`` labels per loss term drawn from the model's predictive distribution, reproducible for
+    ``seed`` without touching the caller's random state; kind ``"kfac"``. ``exact=True``: KFLR (Botev, Ritter &
+    Barber 2017) — G from the exact loss Hessian (deterministic); kind ``"kflr"``. Statistics are accumulated over
+    all batches as sums and normalized once, so the result does not depend on the batching.
 
-    ``backend="backpack"``: every selected parameter must belong to a ``Linear`` (2-d input) or ``Conv2d``
-    (groups = 1, zero padding) layer of an ``nn.Sequential`` whose layers BackPACK can backpropagate curvature
-    through (Linear, Conv2d, pooling, Flatten, Dropout, ReLU, Tanh, Sigmoid, and the ELU/SELU/LeakyReLU/Softplus/
-    GELU/SiLU rules added here). ``backend="torch"``: curvdist's own kernels (:mod:`curvdist.geometry.blocks`) —
-    any model whose selected parameters belong to Linear (any leading dimensions), Conv2d, Embedding, LayerNorm,
-    BatchNorm (eval) or self-attention ``MultiheadAttention`` layers; LayerNorm/BatchNorm parameters get their exact
-    (single-factor) block; sampled labels are those of the ``fisher_mc`` operator with the same seed.
-    ``backend="auto"`` (default): BackPACK where it applies, else the own kernels. Weights and biases are
-    independent blocks, so either may be selected alone.
+    ``kfac_approx``: ``"expand"`` (default) or ``"reduce"``, the weight-sharing approximation (Eschenhagen et al.
+    2023) for weights applied at several positions per sample: Linear/Conv1D layers on sequences, attention
+    projections, Conv2d; irrelevant (both are KFAC) for weights applied once per sample. ``dense_max``: single-factor
+    blocks (biases, norm parameters, parameters without a layer rule) with more entries are exact diagonals.
+
+    ``backend="torch"``: curvdist's own kernels (:mod:`curvdist.geometry.blocks`) — any model and any curvdist
+    loss (also the language-model losses and user :class:`~curvdist.problem.losses.Loss` subclasses; KFLR needs the
+    loss's ``output_hessian_sqrt``): Kronecker blocks for ``Linear`` (any leading dimensions), GPT-2's ``Conv1D``,
+    ``Conv2d``, ``Embedding`` (also tied to the output head) and the projections of any attention module, exact
+    blocks for LayerNorm/RMSNorm/BatchNorm (eval) parameters, biases and every other parameter (class tokens,
+    positional embeddings, …); subclasses of these modules are covered. ``backend="backpack"``: BackPACK's
+    ``KFAC``/``KFLR`` (Dangel, Kunstner & Hennig 2020) — ``Linear`` layers on 2-d inputs and ``Conv2d`` layers with
+    one output location, in an ``nn.Sequential`` BackPACK can backpropagate through (Linear, Conv2d, pooling,
+    Flatten, Dropout, ReLU, Tanh, Sigmoid, and the ELU/SELU/LeakyReLU/Softplus/GELU/SiLU rules added here), with
+    the cross-entropy or MSE loss; where weights are shared (T > 1) BackPACK's factors are neither expand nor reduce
+    and are refused. ``backend="auto"`` (default): BackPACK where it applies (the two agree there), else the own
+    kernels.
 
     A problem made by ``cd.reparametrize`` with θ_p = c_p ψ_p on every tensor (``scale`` by numbers, ``ntk``) gets
     the factors (c_p² G_p, A_p) of the θ network at θ = φ(ψ) (see the module docstring). ``damping_weights``: the
     damping reference R = blockdiag(w_p I) (:class:`KFACMetric`).
 
     Raises:
-        MetricError: a selected parameter's layer is not supported (the message lists all uncovered parameters and
-            suggests a matrix-free metric), BackPACK cannot backpropagate through the model, or the problem is
+        MetricError: a selected parameter cannot be given a block (the message lists them and suggests a
+            matrix-free metric), BackPACK cannot compute the factors (``backend="backpack"``), or the problem is
             reparametrized with a Jacobian that is not a scalar multiple of the identity on every tensor.
         SingularMetricError: damping is 0 and a block is singular.
     """
     kind = "kflr" if exact else "kfac"
+    options = {"kfac_approx": kfac_approx, "dense_max": dense_max}
     scalar = _per_tensor_scales(problem, kind)
     if scalar is None:
-        G, A = kfac_sums(problem, mc_samples, seed, exact, backend)
+        G, A = kfac_sums(problem, mc_samples, seed, exact, backend, **options)
     else:
         theta, c = scalar
-        G_t, A_t = kfac_sums(theta, mc_samples, seed, exact, backend)
-        G = {n: G_t[t] * c[n] ** 2 for n, t in zip(problem.param_names, theta.param_names)}
-        A = {n: A_t[t] for n, t in zip(problem.param_names, theta.param_names)}
+        G_t, A_t = kfac_sums(theta, mc_samples, seed, exact, backend, **options)
+        G, A = {}, {}
+        for n, t in zip(problem.param_names, theta.param_names):
+            G[n], A[n] = scale_output_side(G_t[t], A_t[t], c[n] ** 2)
     return kfac_from_sums(problem.param_names, problem.shapes, G, A, problem.scale, problem.num_samples, damping,
                           kind, damping_weights=damping_weights)
 
@@ -356,66 +422,191 @@ def _per_tensor_scales(problem: Problem, kind: str) -> tuple[Problem, dict[str, 
     return at, c
 
 
-def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False, backend: str = "auto"
-              ) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
-    """Unnormalized Kronecker statistics summed over the problem's samples: G[name] = Σ_n B_n B_nᵀ (conv: /|T|)
-    and A[name] = Σ_n a_n a_nᵀ (None for biases) — sums, so data shards can be added before normalizing.
-    ``backend``: see :func:`kfac`."""
+def scale_output_side(G: Any, A: Any, factor: float) -> tuple[Any, Any]:
+    """The statistics of one parameter (layout of :func:`kfac_sums`) with the output side multiplied by
+    ``factor``, i.e. the block multiplied by ``factor``."""
+    if not isinstance(A, list):
+        return G * factor, A
+
+    def scaled(entry: Any) -> Any:
+        return entry if isinstance(entry, tuple) else entry * factor
+
+    return [scaled(e) for e in G], [scaled(e) for e in A]
+
+
+# ---------------------------------------------------------------------- where BackPACK's factors apply
+def _backpack_shapes_fit(problem: Problem) -> bool:
+    """One forward pass on the first batch: every selected Linear sees a 2-d input, every selected Conv2d has one
+    output location and every owner is called once — where BackPACK's factors are the (T = 1) KFAC factors."""
+    from ...problem.data import batch_len
+
+    model = problem.model
+    modules = dict(model.named_modules())
+    owners = {owner_path(n) for n in problem.param_names}
+    seen: dict[str, list[bool]] = {}
+    handles = []
+    for path in owners:
+        def hook(m: nn.Module, args: tuple[Any, ...], out: Any, path: str = path) -> None:
+            ok = (args[0].ndim == 2) if isinstance(m, nn.Linear) else (out[0, 0].numel() == 1)
+            seen.setdefault(path, []).append(bool(ok))
+        handles.append(modules[path].register_forward_hook(hook))
+    try:
+        for X, _ in problem.batches():
+            if not isinstance(X, Tensor) or batch_len(X) == 0:
+                return False
+            with torch.no_grad():
+                model(X)
+            break
+    finally:
+        for h in handles:
+            h.remove()
+    return all(len(v) == 1 and v[0] for v in seen.values()) and set(seen) == owners
+
+
+def kfac_backend(problem: Problem, backend: str, exact: bool) -> str:
+    """``backpack`` or ``torch`` for :func:`kfac_sums`: ``auto`` takes BackPACK where it applies — built-in
+    cross-entropy/MSE loss, a model BackPACK can backpropagate through, selected parameters in Linear layers on
+    2-d inputs and Conv2d layers with one output location, each called once — and the own kernels elsewhere."""
     from backpack.extensions import KFAC, KFLR
 
-    check_mc_samples(mc_samples)
-    kind = "kflr" if exact else "kfac"
     probe = (lambda: add_activation_support(KFLR())) if exact else (lambda: add_activation_support(KFAC()))
-    if resolve_backend(problem, backend, probe, True, _kfac_layer_check) == "torch":
+    chosen = resolve_backend(problem, backend, probe, True, _kfac_layer_check)
+    if backend == "auto" and chosen == "backpack" and not _backpack_shapes_fit(problem):
+        return "torch"
+    return chosen
+
+
+def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False, backend: str = "auto",
+              kfac_approx: str = "expand", dense_max: int = DENSE_MAX) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Unnormalized Kronecker statistics summed over the problem's samples — sums, so data shards can be added
+    before normalizing (:func:`normalized_factors`). Per parameter:
+
+    * single-factor block (bias, norm parameter, parameter without a layer rule): ``G[name]`` = Σ_n Σ_k g gᵀ (or
+      its diagonal, 1-d, above ``dense_max`` entries), ``A[name] = None``;
+    * Kronecker block: ``G[name]``, ``A[name]`` lists with one entry per term (one term, or one per orientation for
+      a weight tied across orientations): the term's first and second factor in the parameter's layout, each an
+      output-side sum Σ b bᵀ (a tensor) or an input-side ``(Σ a aᵀ, C)`` (see
+      :mod:`curvdist.geometry.blocks.kronecker` for expand and reduce).
+
+    ``backend``, ``kfac_approx``, ``dense_max``: see :func:`kfac`."""
+    check_mc_samples(mc_samples)
+    parse(KFACApproximation, kfac_approx, "kfac_approx")
+    if isinstance(dense_max, bool) or not isinstance(dense_max, int) or dense_max < 0:
+        raise MetricError(f"dense_max must be a non-negative int, got {dense_max!r}")
+    if kfac_backend(problem, backend, exact) == "torch":
         from ..blocks.kronecker import kfac_sums_probes
 
-        loss_module(problem)
-        return kfac_sums_probes(problem, mc_samples, seed, exact)
-    savefield = kind
-    G: dict[str, Tensor | None] = {n: None for n in problem.param_names}
-    A: dict[str, Tensor | None] = {n: None for n in problem.param_names}
+        return kfac_sums_probes(problem, mc_samples, seed, exact, kfac_approx, dense_max)
+    return _backpack_sums(problem, mc_samples, seed, exact, dense_max)
+
+
+def _backpack_sums(problem: Problem, mc_samples: int, seed: int, exact: bool, dense_max: int
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    from backpack.extensions import KFAC, KFLR
+
+    kind = "kflr" if exact else "kfac"
+    G: dict[str, Any] = {n: None for n in problem.param_names}
+    A: dict[str, Any] = {n: None for n in problem.param_names}
+    numel = dict(zip(problem.param_names, (s.numel() for s in problem.shapes)))
 
     def add(name: str, value: list[Tensor], batch: int, out_shape: torch.Size) -> None:
         spatial = out_shape[2:].numel() if len(out_shape) > 2 else 1  # |T| for convolutions, 1 for Linear
         g = value[0].detach()
         if len(value) == 2:  # weight: [G_batch (Σ over the batch), A_batch (mean over the batch)]
-            g = g / spatial
+            if spatial != 1:
+                raise MetricError(
+                    f"BackPACK's {kind} factors of the convolution with {name} ({spatial} output locations) are "
+                    f"(bias block) ⊗ (Σ_t a aᵀ/N), neither KFAC-expand nor KFAC-reduce; use backend 'torch' or "
+                    f"'auto'")
             a = value[1].detach() * batch
-            A[name] = a if A[name] is None else A[name] + a
-        elif len(value) != 1:
+            if G[name] is None:
+                G[name], A[name] = [g], [(a, batch)]
+            else:
+                G[name] = [G[name][0] + g]
+                A[name] = [(A[name][0][0] + a, A[name][0][1] + batch)]
+            return
+        if len(value) != 1:
             raise MetricError(f"unexpected BackPACK {kind} result for {name}: {len(value)} factors")
+        if numel[name] > dense_max:
+            g = g.diagonal()
         G[name] = g if G[name] is None else G[name] + g
 
     if exact:
-        backpack_pass(problem, lambda: add_activation_support(KFLR()), savefield, add, metric_name=kind,
+        backpack_pass(problem, lambda: add_activation_support(KFLR()), kind, add, metric_name=kind,
                       second_order=True, allowed=_kfac_layer_check)
     else:
         with seeded(seed, problem.device):
-            backpack_pass(problem, lambda: add_activation_support(KFAC(mc_samples=mc_samples)), savefield, add,
+            backpack_pass(problem, lambda: add_activation_support(KFAC(mc_samples=mc_samples)), kind, add,
                           metric_name=kind, second_order=True, allowed=_kfac_layer_check)
     for name in problem.param_names:
         if G[name] is None:  # pragma: no cover - backpack_pass checks every parameter got a result
             raise MetricError(f"no {kind} factors for {name}; {MATRIX_FREE_HINT}")
-    return G, A  # type: ignore[return-value]
+    return G, A
 
 
-def normalized_factors(names: Sequence[str], G: Mapping[str, Tensor], A: Mapping[str, Tensor | None],
-                       scale: float, num_samples: int) -> dict[str, tuple[Tensor, ...]]:
-    """Factors from summed statistics: G ← s·G, A ← A/N (the conventions of :func:`kfac`)."""
+# ---------------------------------------------------------------------- normalization
+def _normalized(entry: Any, scale: float) -> Tensor:
+    """An output-side sum times s, or an input-side (sum, C) divided by C."""
+    if isinstance(entry, tuple):
+        total, count = entry
+        return total / max(float(count), 1.0)
+    return entry * scale
+
+
+def nearest_kronecker(terms: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The Kronecker product F ⊗ H nearest in Frobenius norm to Σ_i F_i ⊗ H_i (Van Loan & Pitsianis 1993).
+
+    Rearranged, Σ_i F_i ⊗ H_i is R = Σ_i vec(F_i) vec(H_i)ᵀ = U Wᵀ, and the nearest Kronecker product is its top
+    singular triplet σ u vᵀ. With the Gram matrices G_U = UᵀU and G_W = WᵀW (m × m, m terms): u = U α and v = W β
+    for the top eigenvector z of G_U^½ G_W G_U^½ (eigenvalue σ²), α = G_U^{-½} z and β = G_U α / σ. So
+    F = Σ α_i F_i and H = σ Σ β_i H_i: combinations of the terms' factors (PSD for PSD terms, whose Gram entries
+    tr(F_i F_j) ≥ 0 make the top singular vectors non-negative)."""
+    Fs = [t[0] for t in terms]
+    Hs = [t[1] for t in terms]
+    m = len(terms)
+    gram_u = torch.tensor([[float((Fs[i] * Fs[j]).sum()) for j in range(m)] for i in range(m)], dtype=torch.float64)
+    gram_w = torch.tensor([[float((Hs[i] * Hs[j]).sum()) for j in range(m)] for i in range(m)], dtype=torch.float64)
+    mu, Q = torch.linalg.eigh(gram_u)
+    keep = mu > mu.max() * m * torch.finfo(torch.float64).eps
+    if not bool(keep.any()):
+        return torch.zeros_like(Fs[0]), torch.zeros_like(Hs[0])
+    Qk, root = Q[:, keep], mu[keep].sqrt()
+    S = (root[:, None] * (Qk.T @ gram_w @ Qk)) * root[None, :]
+    lam, Z = torch.linalg.eigh(0.5 * (S + S.T))
+    sigma = float(lam[-1].clamp_min(0).sqrt())
+    alpha = Qk @ (Z[:, -1] / root)
+    beta = gram_u @ alpha / max(sigma, torch.finfo(torch.float64).tiny)
+    if float(alpha.sum()) < 0:
+        alpha, beta = -alpha, -beta
+    F = sum(float(a) * f for a, f in zip(alpha, Fs))
+    H = sum(float(b) * h for b, h in zip(beta, Hs)) * sigma
+    return F, H  # type: ignore[return-value]
+
+
+def normalized_factors(names: Sequence[str], G: Mapping[str, Any], A: Mapping[str, Any], scale: float,
+                       num_samples: int) -> dict[str, tuple[Tensor, ...]]:
+    """Factors from summed statistics (layout of :func:`kfac_sums`): output-side sums times s, input-side sums
+    divided by their count C; a weight with several terms gets their :func:`nearest_kronecker`. (Statistics of the
+    former layout — G and A both tensors — are normalized as G·s and A/N.)"""
     factors: dict[str, tuple[Tensor, ...]] = {}
     for name in names:
-        g = G[name] * scale
-        a = A[name]
-        factors[name] = (g,) if a is None else (g, a / num_samples)
+        g, a = G[name], A[name]
+        if a is None:
+            factors[name] = (g * scale,)
+        elif isinstance(a, list):
+            terms = [(_normalized(f, scale), _normalized(h, scale)) for f, h in zip(g, a)]
+            factors[name] = terms[0] if len(terms) == 1 else nearest_kronecker(terms)
+        else:
+            factors[name] = (g * scale, a / num_samples)
     return factors
 
 
-def kfac_from_sums(names: Sequence[str], shapes: Sequence[torch.Size], G: Mapping[str, Tensor],
-                   A: Mapping[str, Tensor | None], scale: float, num_samples: int, damping: float = 0.0,
-                   kind: str = "kfac", eigh: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None = None,
+def kfac_from_sums(names: Sequence[str], shapes: Sequence[torch.Size], G: Mapping[str, Any], A: Mapping[str, Any],
+                   scale: float, num_samples: int, damping: float = 0.0, kind: str = "kfac",
+                   eigh: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None = None,
                    damping_weights: Mapping[str, float] | None = None) -> KFACMetric:
-    """The metric from summed statistics: G ← s·G, A ← A/N (the conventions of :func:`kfac`); ``eigh``: optional
-    precomputed eigendecompositions of those normalized factors, ``damping_weights``: per-block weights of the
-    damping reference (see :class:`KFACMetric`)."""
+    """The metric from summed statistics (:func:`normalized_factors`); ``eigh``: optional precomputed
+    eigendecompositions of those normalized factors, ``damping_weights``: per-block weights of the damping
+    reference (see :class:`KFACMetric`)."""
     return KFACMetric(names, shapes, normalized_factors(names, G, A, scale, num_samples), damping=damping,
                       kind=kind, eigh=eigh, damping_weights=damping_weights)

@@ -1,12 +1,13 @@
 """Metric statistics as per-shard sums → metric, once for every place the samples live.
 
 Each shard computes the undamped, unscaled sums of its own samples (:func:`diagonal_sum`: Σ_n of a diagonal
-statistic; :func:`kronecker_sums`: G = Σ_n B_n B_nᵀ and A = Σ_n a_n a_nᵀ); the problem's
+statistic; :func:`kronecker_sums`: G = Σ_n B_n B_nᵀ and A = Σ_n a_n a_nᵀ with the count A averages over — the
+layout of :func:`~curvdist.geometry.metrics.kfac.kfac_sums`); the problem's
 :class:`~curvdist.problem.reducers.ShardReducer` adds them in shard order; the metric is then formed from the global
 sums with the global scale s and sample count N:
 
     diagonal:   M = s · Σ_shards d_shard,
-    Kronecker:  G ← s · Σ_shards G_shard,  A ← Σ_shards A_shard / N,  per layer A ⊗ G,
+    Kronecker:  G ← s · Σ_shards G_shard,  A ← Σ_shards A_shard / Σ_shards C_shard,  per layer G ⊗ A,
 
 and the Kronecker factors are eigendecomposed where the reducer spreads the layers (Ray workers by cost, as
 distributed K-FAC does: Osawa et al. 2019; Pauloski et al. 2020), or here. Sampled statistics (``diag_fisher_mc``,
@@ -38,12 +39,13 @@ def kronecker_sums(shard: Shard, exact: bool, options: dict[str, Any]
     from .kfac import kfac_sums
 
     G, A = kfac_sums(shard.problem, exact=exact, **options)
-    return ({k: v.detach() for k, v in G.items()}, {k: (None if v is None else v.detach()) for k, v in A.items()})
+    return tree_map(lambda t: t.detach(), G), tree_map(lambda t: t.detach(), A)
 
 
 def factor_eigh(factors: dict[str, list[Tensor]]) -> dict[str, list[tuple[Tensor, Tensor]]]:
-    """Eigendecompositions of the given layers' Kronecker factors (one worker's share of the layers)."""
-    return {n: [eigh_psd(F, n) for F in fs] for n, fs in factors.items()}
+    """Eigendecompositions of the given layers' Kronecker factors (one worker's share of the layers); none for a
+    diagonal block."""
+    return {n: [eigh_psd(F, n) for F in fs if F.ndim == 2] for n, fs in factors.items()}
 
 
 def reduced_diagonal(problem: ShardedProblem, kind: str, options: dict[str, Any]) -> Tensor:
@@ -63,9 +65,11 @@ def reduced_kronecker(problem: ShardedProblem, exact: bool, options: dict[str, A
                       ) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
     """(Σ_shards G_shard, Σ_shards A_shard) per parameter, in the problem's dtype."""
     G, A = problem.reducer.sum(kronecker_sums, exact, dict(options))
-    to = {"device": problem.device, "dtype": problem.dtype}
-    return ({n: G[n].to(**to) for n in problem.param_names},
-            {n: None if A[n] is None else A[n].to(**to) for n in problem.param_names})
+
+    def to(t: Tensor) -> Tensor:
+        return t.to(device=problem.device, dtype=problem.dtype)
+
+    return ({n: tree_map(to, G[n]) for n in problem.param_names}, {n: tree_map(to, A[n]) for n in problem.param_names})
 
 
 def kronecker_from_sums(problem: ShardedProblem, G: dict[str, Tensor], A: dict[str, Tensor | None], damping: float,
@@ -73,7 +77,7 @@ def kronecker_from_sums(problem: ShardedProblem, G: dict[str, Tensor], A: dict[s
     """KFAC/KFLR from the reduced sums: normalized with the global s and N, factors eigendecomposed by the reducer
     (layers spread over the shards by cost n³)."""
     factors = normalized_factors(problem.param_names, G, A, problem.scale, problem.num_samples)
-    costs = {n: float(sum(f.shape[0] ** 3 for f in fs)) for n, fs in factors.items()}
+    costs = {n: float(sum(f.shape[0] ** 3 for f in fs if f.ndim == 2)) for n, fs in factors.items()}
     eigh = problem.reducer.map(factor_eigh, {n: list(fs) for n, fs in factors.items()}, costs)
     eigh = tree_map(lambda t: t.to(problem.device), eigh)
     return KFACMetric(problem.param_names, problem.shapes, factors, damping=damping, kind=kind, eigh=eigh,

@@ -10,7 +10,7 @@ from torch import nn
 import curvdist as cd
 from curvdist.errors import MetricError
 from curvdist.geometry.blocks.attention import explicit_attention
-from curvdist.geometry.blocks.probes import Recorder
+from curvdist.geometry.blocks.probes import Recorder, uncovered
 from curvdist.geometry.metrics.backpack_metrics import diag_fisher_mc, diag_ggn, empirical_fisher_diag
 from curvdist.geometry.metrics.kfac import kfac, kfac_sums
 from tests.cases import CASES, Case, make_problem
@@ -63,18 +63,43 @@ def test_torch_and_backpack_diagonals_agree(name: str, kind: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- Kronecker blocks
-@pytest.mark.parametrize("name", ["mlp", "mlp_mse", "cnn"])
+def _conv_one_location() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 3×3 convolution on 3×3 patches: one output location, so its weight is not shared."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3, 4)).double().eval()
+    case = CASES["cnn"]()
+    return model, case.X[:5, :, 2:5, 2:5].contiguous(), case.y[:5] % 4
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_mse", "conv1"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_torch_and_backpack_kflr_factors_agree(name: str, reduction: str) -> None:
-    problem = make_problem(CASES[name](), reduction)
-    G1, A1 = kfac_sums(problem, exact=True, backend="torch")
+    """Where no weight is shared (T = 1) BackPACK's factors are KFLR's, in both approximations."""
+    if name == "conv1":
+        model, X, y = _conv_one_location()
+        problem = cd.Problem(model, "cross_entropy", (X, y), batch_size=2, reduction=reduction)
+    else:
+        problem = make_problem(CASES[name](), reduction)
     G2, A2 = kfac_sums(problem, exact=True, backend="backpack")
-    for n in problem.param_names:
-        torch.testing.assert_close(G1[n], G2[n], rtol=1e-9, atol=1e-12)
-        if A2[n] is None:
-            assert A1[n] is None
-        else:
-            torch.testing.assert_close(A1[n], A2[n], rtol=1e-9, atol=1e-12)
+    for approx in ("expand", "reduce"):
+        G1, A1 = kfac_sums(problem, exact=True, backend="torch", kfac_approx=approx)
+        torch.testing.assert_close(G1, G2, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(A1, A2, rtol=1e-9, atol=1e-12)
+
+
+def test_backpack_convolution_factors_with_shared_weights_are_refused_and_auto_uses_the_own_kernels() -> None:
+    """BackPACK's factors of a convolution with |T| > 1 output locations are (bias block) ⊗ Σ_t a aᵀ/N, neither
+    expand nor reduce: refused with backend='backpack'; backend='auto' takes the own kernels, for convolutions as
+    for Linear layers on sequences (which BackPACK refuses itself)."""
+    problem = make_problem(CASES["cnn"]())
+    with pytest.raises(MetricError, match="neither KFAC-expand nor KFAC-reduce"):
+        kfac(problem, damping=1e-3, exact=True, backend="backpack")
+    torch.testing.assert_close(kfac(problem, 1e-3, exact=True).to_dense(),
+                               kfac(problem, 1e-3, exact=True, backend="torch").to_dense(), rtol=0, atol=0)
+    model, X, y = _conv_one_location()
+    one = cd.Problem(model, "cross_entropy", (X, y))
+    torch.testing.assert_close(kfac(one, 1e-3).to_dense(), kfac(one, 1e-3, backend="backpack").to_dense(),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -104,12 +129,15 @@ def test_kflr_blocks_are_exact_for_one_sample_and_one_position(name: str) -> Non
         torch.testing.assert_close(block, dense[name_], rtol=1e-8, atol=1e-12)
 
 
-def test_weight_sharing_factors_follow_their_definition() -> None:
-    """Conv2d/sequence Linear/attention weights: A from the layer inputs (recorded by plain forward hooks) and the
-    output factor G = (bias block)/T, with the bias block taken from the dense GGN."""
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_weight_sharing_factors_follow_their_definition(approx: str) -> None:
+    """Sequence Linear/attention weights: the input-side sums and counts from the layer inputs (recorded by plain
+    forward hooks) — expand: Σ_{n,t} a aᵀ over N·T positions, reduce: Σ_n ā ā ᵀ over N samples — and, for reduce,
+    the output-side sum s·G = the bias block of the dense GGN (Σ_t b is the bias gradient); embeddings: token
+    counts (expand) or per-sample token frequencies (reduce)."""
     case = CASES["token_transformer"]()
     problem = _covered_problem(case)
-    G, A = kfac_sums(problem, exact=True, backend="torch")
+    G, A = kfac_sums(problem, exact=True, backend="torch", kfac_approx=approx)
     inputs: dict[str, list[torch.Tensor]] = {}
     model = problem.model
     hooks = [model.get_submodule(p).register_forward_hook(
@@ -120,20 +148,38 @@ def test_weight_sharing_factors_follow_their_definition() -> None:
     finally:
         for h in hooks:
             h.remove()
+    N, T = case.X.shape
     ln1_out = [torch.nn.functional.layer_norm(x, (4,), model.ln1.weight, model.ln1.bias) for x in inputs["ln1"]]
     for param, feats in (("attn.in_proj_weight", ln1_out), ("mlp.0.weight", inputs["mlp.0"]),
                          ("mlp.2.weight", inputs["mlp.2"])):
-        a = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
-        torch.testing.assert_close(A[param], a.T @ a, rtol=1e-10, atol=1e-12)
+        a = torch.cat(feats)  # (N, T, in)
+        assert isinstance(G[param], list) and len(G[param]) == 1 and isinstance(G[param][0], torch.Tensor)
+        if approx == "expand":
+            flat = a.reshape(-1, a.shape[-1])
+            expected = (flat.T @ flat, N * T)
+        else:
+            mean = a.mean(1)
+            expected = (mean.T @ mean, N)
+        torch.testing.assert_close(A[param][0][0], expected[0], rtol=1e-10, atol=1e-12)
+        assert A[param][0][1] == expected[1]
     dense = _dense_blocks(problem, "ggn")
-    T = case.X.shape[1]
-    for w, b in (("attn.in_proj_weight", "attn.in_proj_bias"), ("attn.out_proj.weight", "attn.out_proj.bias"),
-                 ("mlp.0.weight", "mlp.0.bias")):
-        torch.testing.assert_close(G[w] * problem.scale * T, dense[b], rtol=1e-8, atol=1e-12)
-    # embeddings: token counts (the vocabulary factor) and the output factor of the positions
-    counts = torch.bincount(case.X.reshape(-1), minlength=17).double()
-    torch.testing.assert_close(G["embed.weight"], torch.diag(counts))
-    torch.testing.assert_close(G["pos.weight"], torch.diag(torch.full((6,), float(case.X.shape[0]))).double())
+    if approx == "reduce":
+        for w, b in (("attn.in_proj_weight", "attn.in_proj_bias"), ("attn.out_proj.weight", "attn.out_proj.bias"),
+                     ("mlp.0.weight", "mlp.0.bias")):
+            torch.testing.assert_close(G[w][0] * problem.scale, dense[b], rtol=1e-8, atol=1e-12)
+    # embeddings (V, d): the first factor is the input side, (token statistics, count)
+    onehot = torch.nn.functional.one_hot(case.X, 17).double()  # (N, T, V)
+    tokens, count = G["embed.weight"][0]
+    if approx == "expand":
+        torch.testing.assert_close(tokens, torch.diag(onehot.sum((0, 1))))
+        assert count == N * T
+    else:
+        freq = onehot.mean(1)
+        torch.testing.assert_close(tokens, freq.T @ freq)
+        assert count == N
+    positions, _ = G["pos.weight"][0]  # every position once per sample
+    expected = N * torch.eye(T, dtype=torch.float64) if approx == "expand" else torch.full((T, T), N / T**2).double()
+    torch.testing.assert_close(positions, expected)
 
 
 def test_auto_backend_uses_backpack_where_it_applies_and_own_kernels_elsewhere() -> None:
@@ -175,30 +221,44 @@ def test_explicit_attention_equals_torch(batch_first: bool, mask: str | None) ->
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def test_uncovered_parameters_are_listed() -> None:
-    problem = make_problem(CASES["transformer"]())
-    with pytest.raises(MetricError, match=r"cannot cover all selected parameters: the model itself "
-                                          r"\(TransformerBlockClassifier\) \(parameters \['pos'\]\)"):
-        kfac(problem, damping=1e-3)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 3), nn.PReLU()).double()
-    X, y = torch.randn(5, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
-    p = cd.Problem(model, "cross_entropy", (X, y))
-    with pytest.raises(MetricError) as err:
-        kfac(p, damping=1e-3, backend="torch")
-    msg = str(err.value)
-    for part in ("'0' (Conv2d): grouped convolution (groups=2)", "['0.weight', '0.bias']", "'3' (PReLU)",
-                 "['3.weight']", "'ggn' or 'fisher'"):
-        assert part in msg, (part, msg)
-    assert "2.weight" not in msg
-
-
-class _Shared(nn.Module):
-    def __init__(self) -> None:
+class _Gain(nn.Module):
+    def __init__(self, n: int) -> None:
         super().__init__()
-        self.lin = nn.Linear(3, 3)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(torch.tanh(self.lin(x)))
+        return self.gain * torch.tanh(x)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_parameters_without_a_layer_rule_get_exact_blocks(exact: bool) -> None:
+    """A model's own tensor (the transformer's positions), a grouped convolution and a custom module have no rule:
+    their blocks are the exact blocks of the GGN (KFLR) or of the sampled Fisher with the same labels (KFAC)."""
+    options = {} if exact else {"mc_samples": 2, "seed": 1}
+    op, op_options = ("ggn", {}) if exact else ("fisher_mc", options)
+    problem = make_problem(CASES["transformer"]())
+    assert uncovered(problem.model, problem.param_names) == {
+        "the model itself (TransformerBlockClassifier)": ["pos"]}
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 3), _Gain(3)).double()
+    X, y = torch.randn(5, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    conv = cd.Problem(model, "cross_entropy", (X, y), batch_size=3)
+    for p, names in ((problem, ["pos"]), (conv, ["0.weight", "0.bias", "3.gain"])):
+        blocks = _kfac_blocks(kfac(p, damping=1e-3, exact=exact, backend="torch", **options))
+        dense = _dense_blocks(p, op, **op_options)
+        for name in names:
+            torch.testing.assert_close(blocks[name], dense[name], rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_parameters_that_no_block_can_cover_are_listed() -> None:
+    model = nn.Sequential(nn.Embedding(5, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2)).double()
+    X = torch.randint(0, 5, (4, 2))
+    problem = cd.Problem(model, "cross_entropy", (X, torch.arange(4) % 2))
+    with pytest.raises(MetricError) as err:
+        kfac(problem, damping=1e-3)
+    msg = str(err.value)
+    for part in ("'0' (Embedding): max_norm renormalizes", "['0.weight']", "'ggn' or 'fisher'"):
+        assert part in msg, (part, msg)
+    assert "2.weight" not in msg
 
 
 class _Unbatched(nn.Module):
@@ -210,8 +270,7 @@ class _Unbatched(nn.Module):
         return x + self.table(torch.arange(4)).sum(0)
 
 
-@pytest.mark.parametrize("model, match", [(_Shared(), "called more than once"),
-                                          (_Unbatched(), "first axis is not the batch")])
+@pytest.mark.parametrize("model, match", [(_Unbatched(), "first axis is not the batch")])
 def test_unsupported_usage_is_refused(model: nn.Module, match: str) -> None:
     X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
     p = cd.Problem(model.double(), "cross_entropy", (X, y))
