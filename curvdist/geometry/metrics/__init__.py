@@ -26,11 +26,12 @@ def metric(problem: BaseProblem | StagedProblem, kind: str = "euclidean", dampin
 
     ``euclidean``; ``fisher``/``ggn``/``fisher_mc``/``empirical_fisher`` (options: ``method`` auto|dense|cg,
     ``cg_tol``, ``damping_metric``, operator options); ``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``
-    (BackPACK); ``kfac``/``kflr`` (BackPACK Kronecker factors); ``adam`` (option ``optimizer``); ``pullback``
-    (options ``of``: the θ metric or its kind, and, unless ``problem`` was made by ``cd.reparametrize``,
-    ``reparam`` and ``psi``). Kinds are :class:`curvdist.catalogue.MetricKind`. On a sharded problem the
-    statistics are per-shard sums reduced by its reducer (:mod:`.statistics`); a staged (pipeline) problem builds
-    the metrics its stages can.
+    (options ``backend``, ``mc_samples``, ``seed``); ``kfac``/``kflr`` (options ``kfac_approx`` expand|reduce, the
+    weight-sharing approximation of :mod:`.kfac`; ``dense_max``, ``backend``, ``mc_samples``, ``seed``,
+    ``damping_weights``); ``adam`` (option ``optimizer``); ``pullback`` (options ``of``: the θ metric or its kind,
+    and, unless ``problem`` was made by ``cd.reparametrize``, ``reparam`` and ``psi``). Kinds are
+    :class:`curvdist.catalogue.MetricKind`. On a sharded problem the statistics are per-shard sums reduced by its
+    reducer (:mod:`.statistics`); a staged (pipeline) problem builds the metrics its stages can.
     """
     if not isinstance(problem, (BaseProblem, StagedProblem)):
         raise MetricError(f"metric() needs a curvdist.Problem, got {type(problem).__name__}")

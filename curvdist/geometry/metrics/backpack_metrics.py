@@ -415,7 +415,11 @@ def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0
     if resolve_backend(problem, backend, make, second_order) == "torch":
         from ..blocks.diagonal import diagonal_sums
 
-        return diagonal_sums(problem, _OWN_KIND[kind], mc_samples, seed) * problem.scale
+        try:
+            return diagonal_sums(problem, _OWN_KIND[kind], mc_samples, seed) * problem.scale
+        except NotImplementedError as e:
+            raise MetricError(f"the {problem.loss.name} loss cannot give exact output-space factors ({e}); use "
+                              f"diag_fisher_mc, or give the loss an output_hessian_sqrt") from e
     if kind == "diag_fisher_mc":
         with seeded(seed, problem.device):
             return _diagonal_values(problem, make, savefield, kind, second_order)
