@@ -45,7 +45,7 @@ from ...problem.data import Inputs, batch_len
 from ...problem.outputs import call
 from ...problem.problem import Problem
 from .exact import exact_block_sums
-from .probes import IN_OUT, Site, check_calls, instrumented_copy
+from .probes import IN_OUT, MATRIX_FREE_HINT, Site, check_calls, instrumented_copy
 
 #: single-factor blocks with more entries than this are kept as exact diagonals (default of ``dense_max``)
 DENSE_MAX = 4096
@@ -194,6 +194,47 @@ class KroneckerStats:
         return G, A
 
 
+def site_gradients(sites: Sequence[Site], grads: Sequence[Tensor], shapes: Mapping[str, torch.Size]
+                   ) -> dict[str, Tensor]:
+    """The parameter gradients Σ_sites ∂(Uᵀf)/∂θ as the sites see them, from their inputs and probe gradients."""
+    out: dict[str, Tensor] = {}
+    for s, b in zip(sites, grads):
+        for role, name in s.params.items():
+            if s.kind == "norm":
+                g = (b * s.inputs if role == "weight" else b).sum((0, 1))
+            elif role != "weight":
+                g = b.sum((0, 1))
+            elif s.kind == "embedding":
+                g = torch.zeros(s.extra["vocab"], b.shape[-1], dtype=b.dtype, device=b.device)
+                g.index_add_(0, s.inputs.reshape(-1), b.reshape(-1, b.shape[-1]))
+                if s.extra["padding_idx"] is not None:
+                    g[s.extra["padding_idx"]] = 0
+            else:
+                g = b.reshape(-1, b.shape[-1]).T @ s.inputs.reshape(-1, s.inputs.shape[-1])  # (out, in)
+                if s.orientation == IN_OUT:
+                    g = g.T
+            _add(out, name, g.reshape(shapes[name]))
+    return out
+
+
+def check_site_gradients(sites: Sequence[Site], grads: Sequence[Tensor], true: Mapping[str, Tensor | None]) -> None:
+    """Every use of a site parameter is a site: the gradient the sites account for equals the parameter's
+    gradient (a parameter also used elsewhere — e.g. a weight read directly by its parent module — would
+    otherwise silently lose that use's curvature)."""
+    shapes = {n: t.shape for n, t in true.items() if t is not None}
+    seen = site_gradients(sites, grads, shapes)
+    skip = {n for s in sites if s.kind == "embedding" and s.extra.get("scale_grad_by_freq") for n in s.params.values()}
+    for name, g in true.items():
+        if g is None or name in skip:  # scale_grad_by_freq rescales the gradient, not the derivative
+            continue
+        g = g.to_dense() if g.is_sparse else g
+        tol = torch.finfo(g.dtype).eps ** 0.5 * max(float(g.norm()), float(seen[name].norm()), 1e-30)
+        if float((seen[name] - g).norm()) > tol:
+            raise MetricError(f"{name} is used in the forward pass outside the modules that hold it (or by a "
+                              f"module whose forward is not the layer it subclasses), so its Kronecker factors "
+                              f"would miss that use; {MATRIX_FREE_HINT}")
+
+
 def statistic_factors(problem: Problem, out: Tensor, y: Tensor, kind: str, batch_index: int, mc_samples: int,
                       seed: int) -> Tensor:
     """The output-space vectors U (K, *out.shape) of one batch for the statistic ``kind`` (``ggn``: KFLR,
@@ -226,9 +267,13 @@ def kfac_sums_probes(problem: Problem, mc_samples: int = 1, seed: int = 0, exact
     twin, rec, plan = instrumented_copy(problem.model, names)
     numels = {n: s.numel() for n, s in zip(names, problem.shapes)}
     stats = KroneckerStats(names, numels, kfac_approx, dense_max)
+    twin_params = dict(twin.named_parameters())
+    checked = [twin_params[n] for n in plan.site_params]
     for i, (X, y) in enumerate(problem.batches()):
         B = batch_len(X)
         rec.begin(B, attention_mask(X))
+        for p in checked:  # the first batch also differentiates the parameters themselves, for check_site_gradients
+            p.requires_grad_(i == 0)
         with torch.enable_grad(), differentiable_kernels():
             out = call(twin, X)
             check_calls(rec, plan.site_params, B)
@@ -238,7 +283,13 @@ def kfac_sums_probes(problem: Problem, mc_samples: int = 1, seed: int = 0, exact
             probes = [s.probe for s in sites]
             K = U.shape[0]
             for k in range(K if probes else 0):
-                grads = torch.autograd.grad(out, probes, U[k], retain_graph=k < K - 1, allow_unused=True)
-                stats.add_outputs(sites, [torch.zeros_like(p) if g is None else g for p, g in zip(probes, grads)])
+                extra = checked if i == 0 and k == 0 else []
+                grads = torch.autograd.grad(out, probes + extra, U[k], retain_graph=k < K - 1, allow_unused=True)
+                b = [torch.zeros_like(p) if g is None else g for p, g in zip(probes, grads)]
+                if extra:
+                    check_site_gradients(sites, b, dict(zip(plan.site_params, grads[len(probes):])))
+                stats.add_outputs(sites, b)
         exact_block_sums(problem, plan.exact, X, U, stats.dense, stats.single)
+    for p in checked:
+        p.requires_grad_(False)
     return stats.result()

@@ -168,7 +168,8 @@ class Recorder:
         probe = self._probe(z.reshape(Bi, -1, z.shape[-1]))
         ids = idx.reshape(Bi, -1)
         self.sites.append(Site(path, "embedding", names, ids, probe, IN_OUT, self._mask_for(Bi, ids.shape[1]),
-                               {"vocab": m.num_embeddings, "padding_idx": m.padding_idx}))
+                               {"vocab": m.num_embeddings, "padding_idx": m.padding_idx,
+                                "scale_grad_by_freq": m.scale_grad_by_freq}))
         return z + probe.reshape(z.shape)
 
     def norm(self, path: str, xhat: Tensor, z: Tensor, channel_dim: int, width: int, roles: dict[str, str]

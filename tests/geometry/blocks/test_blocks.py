@@ -261,6 +261,25 @@ def test_parameters_that_no_block_can_cover_are_listed() -> None:
     assert "2.weight" not in msg
 
 
+class _ReadsEmbeddingDirectly(nn.Module):
+    """The head reads the embedding's weight directly, not through a module: a use no site sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(6, 4), nn.Linear(4, 4)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return (torch.tanh(self.lin(self.emb(idx))) @ self.emb.weight.T).mean(1)
+
+
+def test_a_parameter_used_outside_its_modules_is_refused() -> None:
+    X = torch.randint(0, 6, (5, 3), generator=torch.Generator().manual_seed(0))
+    problem = cd.Problem(_ReadsEmbeddingDirectly().double(), "cross_entropy", (X, torch.arange(5)))
+    with pytest.raises(MetricError, match="emb.weight is used in the forward pass outside the modules that hold it"):
+        kfac(problem, damping=1e-3)
+    kfac(cd.Problem(problem.model, "cross_entropy", (X, torch.arange(5)), params=["lin.weight"]), damping=1e-3)
+
+
 class _Unbatched(nn.Module):
     def __init__(self) -> None:
         super().__init__()
