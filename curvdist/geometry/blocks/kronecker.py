@@ -13,10 +13,11 @@ Curvature for Modern Neural Network Architectures") are, as sums over the sample
     reduce             G = Σ_{n,k} (Σ_t b^k_{n,t})(Σ_t b^k_{n,t})ᵀ,  A = Σ_n ā_n ā_nᵀ,            C = N
                                                                      ā_n = (1/T) Σ_t a_{n,t}
 
-and the block of the metric is (s·G) ⊗ (A/C) (:func:`curvdist.geometry.metrics.kfac.normalized_factors`; s = 1/N or
-1, N the loss terms). C counts what A averages over: the positions (expand) or the samples (reduce). For T = 1 both
+(N the samples, N·T their positions) and the block of the metric is (s·G) ⊗ (A/C)
+(:func:`curvdist.geometry.metrics.kfac.normalized_factors`; s = 1 or 1/(number of loss terms)). C counts what A
+averages over — the positions (expand) or the samples (reduce) — and is summed with the statistics. For T = 1 both
 are KFAC/KFLR (Martens & Grosse 2015, Botev et al. 2017). Positions whose ``attention_mask`` is 0 (padding) are left
-out of A and C; their b is 0 anyway. For an ``Embedding`` the inputs are one-hot token vectors (A: token counts for
+out of A and C (their b is 0 when padding reaches no loss term, as with right padding and a causal mask). For an ``Embedding`` the inputs are one-hot token vectors (A: token counts for
 expand) and the block is A ⊗ G in the weight's (V, d) layout; for a GPT-2 ``Conv1D`` (weight (in, out)) it is A ⊗ G
 as well.
 
@@ -26,7 +27,9 @@ bias of a LayerNorm/RMSNorm/BatchNorm site (Σ_t b ⊙ x̂ and Σ_t b), and ever
 
 A parameter used with both orientations — an embedding tied to the output head: rows indexed by the input token in
 the embedding, by the output logit in the head — has one Kronecker term per orientation; the metric uses the nearest
-Kronecker product of their sum (:func:`curvdist.geometry.metrics.kfac.nearest_kronecker`).
+Kronecker product of their sum (:func:`curvdist.geometry.metrics.kfac.nearest_kronecker`). On the first batch the
+gradient the sites account for is compared with each parameter's gradient (:func:`check_site_gradients`), so a
+parameter also used outside its modules is refused rather than given a block that misses that use.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import curvdist as cd
 from curvdist import zoo
 from curvdist.errors import MetricError
 from curvdist.geometry.blocks.probes import uncovered
-from curvdist.geometry.metrics.kfac import kfac, nearest_kronecker
+from curvdist.geometry.metrics.kfac import KFACMetric, kfac, nearest_kronecker
 
 GPT2 = {"model_type": "gpt2", "vocab_size": 8, "n_positions": 6, "n_embd": 4, "n_layer": 1, "n_head": 2}
 
@@ -138,6 +138,9 @@ def test_timm_vit_gets_kronecker_metrics_without_edits(vit: tuple[nn.Module, tor
     block = next(b for b in small.blocks if b.name == "pos_embed")
     assert block.diagonal
     torch.testing.assert_close(block.dense(0.0), torch.diag(ggn["pos_embed"].diagonal()), rtol=1e-8, atol=1e-12)
+    again = KFACMetric.from_state_dict(small.state_dict())  # a diagonal block survives the round trip
+    torch.testing.assert_close(again.to_dense(), small.to_dense(), rtol=1e-12, atol=0)
+    assert again.factors()["pos_embed"][0].shape == (80,)
 
 
 # ---------------------------------------------------------------------------------------------- norms
