@@ -453,13 +453,15 @@ def diag_ggn(problem: Problem, damping: float = 0.0, backend: str = "auto",
     G = s · Σ_n J_nᵀ Λ_n J_n with J_n = ∂f(x_n; θ)/∂θ and Λ_n = ∂²ℓ_n/∂f_n² (for cross-entropy and MSE this is
     also the exact type-2 Fisher). Computed with BackPACK's ``DiagGGNExact`` (Dangel, Kunstner & Hennig 2020),
     which backpropagates the symmetric factorization Λ_n = S_n S_nᵀ, in one backward pass per batch, or, for
-    models BackPACK cannot handle (``backend="auto"``/``"torch"``), from per-sample VJPs J_nᵀ S_n e_k.
+    models and losses BackPACK cannot handle (``backend="auto"``/``"torch"``: any curvdist loss, including the
+    language-model losses and user losses with an ``output_hessian_sqrt``), from per-sample VJPs J_nᵀ S_n e_k.
 
     A diagonal metric is a tensor only under reparametrizations with a diagonal Jacobian.
 
     Raises:
-        MetricError: a selected parameter's layer (or a layer on the way to the output) is not supported by
-            BackPACK, or the loss is not cross-entropy/MSE.
+        MetricError: with ``backend="backpack"``, a selected parameter's layer (or a layer on the way to the
+            output) is not supported by BackPACK or the loss is not curvdist's cross-entropy/MSE; with the own
+            kernels, the loss has no ``output_hessian_sqrt``.
         SingularMetricError: an entry of diag(G) + δ is 0 (e.g. a weight fed by an input that is always 0);
             add damping.
     """
