@@ -82,6 +82,7 @@ class QueryKind(Name):
     DENSITY = "density"
     GRAD_NORM = "grad_norm"
     FLATNESS = "flatness"
+    BLOCK_SPECTRA = "block_spectra"
 
 
 class TraceMethod(Name):
@@ -130,6 +131,7 @@ class Grouping(Name):
 
     LAYER = "layer"
     PARAMETER = "parameter"
+    BLOCK = "block"
 
 
 class SolveMethod(Name):

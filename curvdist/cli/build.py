@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..problem import Problem
-from ..problem.data import as_batches
+from ..problem.data import Inputs, as_batches
+from ..problem.outputs import call
 from ..problem.spec import ProblemSpec
 from .config import Config, MetricSpec, TrainSpec
 
@@ -19,7 +20,8 @@ def spec_of(cfg: Config) -> ProblemSpec:
     """The picklable problem spec a config describes (what distributed workers rebuild)."""
     return ProblemSpec(model_factory=cfg.model.factory, model_kwargs=dict(cfg.model.kwargs),
                        data_factory=cfg.data.factory, data_kwargs=dict(cfg.data.kwargs),
-                       batch_size=cfg.data.batch_size, checkpoint=cfg.model.checkpoint, loss=cfg.loss,
+                       batch_size=cfg.data.batch_size, micro_batch_size=cfg.data.micro_batch_size,
+                       checkpoint=cfg.model.checkpoint, loss=cfg.loss,
                        params=tuple(cfg.params) if cfg.params else None, reduction=cfg.reduction, dtype=cfg.dtype,
                        seed=cfg.seed)
 
@@ -50,10 +52,12 @@ def make_optimizer(model: nn.Module, problem: Problem, spec: TrainSpec, metric_p
     return opts[spec.optimizer](params, **kwargs)
 
 
-def train_step(model: nn.Module, problem: Problem, opt: torch.optim.Optimizer, X: Tensor, y: Tensor) -> float:
-    """One optimizer step on the mini-batch (X, y) with the batch-mean loss; returns the loss before the step."""
+def train_step(model: nn.Module, problem: Problem, opt: torch.optim.Optimizer, X: Inputs, y: Tensor) -> float:
+    """One optimizer step on the mini-batch (X, y) with the batch-mean loss (mean over the batch's loss terms:
+    samples, or non-ignored tokens); returns the loss before the step."""
     opt.zero_grad()
-    loss = problem.loss.per_sample(model(X), y).mean()
+    per_sample = problem.loss.per_sample(call(model, X), y)
+    loss = per_sample.mean() if problem.loss.event_ndim == 1 else per_sample.sum() / max(problem.loss.count(y), 1)
     loss.backward()
     opt.step()
     return float(loss.detach())
@@ -81,9 +85,11 @@ def build_problem(cfg: Config) -> tuple[Problem, dict[str, Any] | None, torch.op
     spec = spec_of(cfg)
     model = spec.build_model()
     data = as_batches(spec.build_data(), cfg.data.batch_size)
-    problem = Problem(model, cfg.loss, data, params=cfg.params, reduction=cfg.reduction)
+    problem = Problem(model, cfg.loss, data, params=cfg.params, reduction=cfg.reduction,
+                      micro_batch_size=cfg.data.micro_batch_size)
     info, opt = None, None
     if cfg.train is not None and cfg.train.steps > 0:
         info, opt = train(model, problem, cfg.train)
-        problem = Problem(model, cfg.loss, data, params=cfg.params, reduction=cfg.reduction)
+        problem = Problem(model, cfg.loss, data, params=cfg.params, reduction=cfg.reduction,
+                          micro_batch_size=cfg.data.micro_batch_size)
     return problem, info, opt

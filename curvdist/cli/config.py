@@ -40,6 +40,7 @@ class DataSpec(Strict):
     factory: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     batch_size: PositiveInt | None = None
+    micro_batch_size: PositiveInt | None = None  # split batches so a product's activations are one micro-batch's
 
     _check_factory = field_validator("factory")(lambda cls, v: _import_path(v))
 

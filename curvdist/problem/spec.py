@@ -61,6 +61,7 @@ class ProblemSpec:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data_kwargs: dict[str, Any] = field(default_factory=dict)
     batch_size: int | None = None
+    micro_batch_size: int | None = None
     checkpoint: str | None = None
     state: dict[str, torch.Tensor] | None = None
     params: tuple[str, ...] | None = None
@@ -93,15 +94,21 @@ class ProblemSpec:
         return model.to(device=device, dtype=dtype).eval()
 
     def build_data(self) -> Any:
+        """What ``data.factory`` returns: an ``(X, y)`` tuple, a mapping of equal-length tensors with ``labels``
+        (tokenized batches), a ``Dataset`` (with ``batch_size``) or a list of ``(X, y)`` / mapping batches."""
         data = call_factory(self.data_factory, self.data_kwargs, "data.factory")
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
             return tuple(data)
+        if isinstance(data, Mapping):
+            return dict(data)
         if isinstance(data, Dataset):
             if self.batch_size is None:
                 raise ConfigError("data.batch_size is required when data.factory returns a Dataset")
             return data
+        if isinstance(data, list) and data and all(isinstance(b, (Mapping, tuple, list)) for b in data):
+            return data
         raise ConfigError(f"data.factory '{self.data_factory}' returned {type(data).__name__}; expected a "
-                          "Dataset or an (X, y) tuple")
+                          "Dataset, an (X, y) tuple, a mapping of tensors with 'labels' or a list of batches")
 
     def build(self, shard: int = 0, shards: int = 1, reduction: str | None = None,
               device: torch.device | str = "cpu") -> Problem:
@@ -111,7 +118,8 @@ class ProblemSpec:
         model = self.build_model(device)
         data = shard_data(self.build_data(), shard, shards)
         return Problem(model, self.loss, data, params=list(self.params) if self.params else None,
-                       reduction=reduction or self.reduction, batch_size=self.batch_size)
+                       reduction=reduction or self.reduction, batch_size=self.batch_size,
+                       micro_batch_size=self.micro_batch_size)
 
 
 def shard_bounds(n: int, shard: int, shards: int) -> tuple[int, int]:
@@ -123,6 +131,17 @@ def shard_bounds(n: int, shard: int, shards: int) -> tuple[int, int]:
 def shard_data(data: Any, shard: int, shards: int) -> Any:
     if shards == 1:
         return data
+    if isinstance(data, Mapping):  # tensors along the first axis: contiguous samples
+        n = next(iter(data.values())).shape[0]
+        if n < shards:
+            raise ProblemError(f"{n} samples cannot be split into {shards} non-empty shards")
+        a, b = shard_bounds(n, shard, shards)
+        return {k: v[a:b] for k, v in data.items()}
+    if isinstance(data, list):  # a list of batches: contiguous batches
+        if len(data) < shards:
+            raise ProblemError(f"{len(data)} batches cannot be split into {shards} non-empty shards")
+        a, b = shard_bounds(len(data), shard, shards)
+        return data[a:b]
     if isinstance(data, tuple):
         n = data[0].shape[0]
         if n < shards:

@@ -35,9 +35,20 @@ from .result import Result
 GROUPINGS = tuple(names(Grouping))
 
 
+def stack_block(name: str) -> str:
+    """The block of a stack a parameter belongs to: its path up to the first numeric component (``transformer.h.3``
+    for ``transformer.h.3.attn.c_attn.weight``); outside numbered stacks, its owning module (``transformer.wte``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name.rpartition(".")[0] or "(model)"
+
+
 def partition(problem: BaseProblem, groups: str | Mapping[str, Sequence[str]] = "layer") -> dict[str, list[str]]:
-    """Blocks of the problem's parameters: by owning module (``layer``), one per parameter (``parameter``), or an
-    explicit mapping block name → parameter names (which must partition the selected parameters)."""
+    """Blocks of the problem's parameters: by owning module (``layer``), by block of a numbered stack such as the
+    blocks of a transformer (``block``, :func:`stack_block`), one per parameter (``parameter``), or an explicit
+    mapping block name → parameter names (which must partition the selected parameters)."""
     names = list(problem.param_names)
     if isinstance(groups, Mapping):
         out = {k: list(v) for k, v in groups.items()}
@@ -51,6 +62,11 @@ def partition(problem: BaseProblem, groups: str | Mapping[str, Sequence[str]] = 
         out = {}
         for n in names:
             out.setdefault(n.rpartition(".")[0] or "(model)", []).append(n)
+        return out
+    if groups == "block":
+        out = {}
+        for n in names:
+            out.setdefault(stack_block(n), []).append(n)
         return out
     parse(Grouping, groups, "block grouping")  # raises UnknownNameError listing the choices
     raise AssertionError("unreachable")
@@ -68,7 +84,7 @@ def _generalized_eigvals(C: torch.Tensor, M: torch.Tensor | None) -> np.ndarray:
 
 def block_spectra(problem: BaseProblem, curvature: str = "ggn", metric: str | None = "kfac", damping: float = 1e-3,
                   groups: str | Mapping[str, Sequence[str]] = "layer", k: int = 10, compare: bool = True,
-                  max_block_dim: int = 4096, max_dense_dim: int = 3000, metric_options: dict[str, Any] | None = None,
+                  dense_block_dim: int = 1024, max_dense_dim: int = 3000, trace_matvecs: int = 60, metric_options: dict[str, Any] | None = None,
                   operator_options: dict[str, Any] | None = None, seed: int = 0) -> Result:
     """Per-block generalized spectra of (C_b, M_b) and their union against the full spectrum of M⁻¹C.
 
@@ -80,6 +96,9 @@ def block_spectra(problem: BaseProblem, curvature: str = "ggn", metric: str | No
         k: number of top eigenvalues compared.
         compare: also compute the full spectrum (dense generalized eigenproblem up to ``max_dense_dim``
             parameters, else Lanczos for the top k and Hutch++ for the trace) and report the errors.
+        dense_block_dim: blocks up to this size get their whole spectrum from dense matrices; larger blocks (the
+            blocks of a transformer) get their top k eigenvalues by Lanczos and their trace by Hutch++ with
+            ``trace_matvecs`` products (``method`` in each block's entry says which).
 
     ``value``: ``{"blocks": {block: {"eigenvalues", "trace", "max", "dim"}}, "union_top", "full_top",
     "top_rel_error", "union_trace", "full_trace", "trace_rel_error"}``.
@@ -97,14 +116,16 @@ def block_spectra(problem: BaseProblem, curvature: str = "ggn", metric: str | No
     out: dict[str, dict[str, Any]] = {}
     for name, params in blocks.items():
         sub = problem.restricted(params)
-        if sub.dim > max_block_dim:
-            raise SolverError(f"block {name!r} has {sub.dim} parameters > max_block_dim={max_block_dim}; use "
-                              f"groups='parameter' or a larger max_block_dim")
-        C = build_operator(sub, curvature, **operator_options).to_dense()
-        M = metric_of(sub)
-        lam = _generalized_eigvals(C, None if M is None else M.to_dense())
-        out[name] = {"eigenvalues": lam.tolist(), "trace": float(lam.sum()), "max": float(lam[0]),
-                     "dim": sub.dim}
+        C_op, M = build_operator(sub, curvature, **operator_options), metric_of(sub)
+        if sub.dim <= dense_block_dim:
+            lam = _generalized_eigvals(C_op.to_dense(), None if M is None else M.to_dense())
+            out[name] = {"eigenvalues": lam.tolist(), "trace": float(lam.sum()), "max": float(lam[0]),
+                         "dim": sub.dim, "method": "dense"}
+        else:  # a large block (a transformer block): top k by Lanczos, the trace by Hutch++
+            top = [float(v) for v in eigs(C_op, k=min(k, sub.dim), metric=M, seed=seed).value]
+            tr = float(trace(C_op, metric=M, seed=seed, matvecs=trace_matvecs).value)
+            out[name] = {"eigenvalues": top, "trace": tr, "max": top[0], "dim": sub.dim,
+                         "method": f"lanczos+hutchpp({trace_matvecs})"}
     union = np.sort(np.concatenate([np.asarray(b["eigenvalues"]) for b in out.values()]))[::-1]
     k = min(k, union.size)
     value: dict[str, Any] = {"blocks": out, "union_top": union[:k].tolist(), "union_trace": float(union.sum())}

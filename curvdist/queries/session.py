@@ -29,8 +29,10 @@ from ..geometry.riemannian import RiemannianHessian
 from ..operators import CurvatureOperator, operator
 from ..problem.base import BaseProblem, StagedProblem
 from .api import density, diag, eigs, flatness, grad_norm, logdet, trace
+from .blocks import block_spectra
 from .result import Result
 from .specs import (
+    BlockSpectraQuery,
     CurvatureSpec,
     DensityQuery,
     DiagQuery,
@@ -119,6 +121,23 @@ def answer(q: Any, op: CurvatureOperator, M: Metric | None, seed: int, progress:
     raise ConfigError(f"queries: unsupported query kind {getattr(q, 'kind', q)!r}")
 
 
+def blocks_of(q: BlockSpectraQuery, coords: Coordinates, curvature: CurvatureSpec, metric_spec: MetricSpec,
+              seed: int) -> Result:
+    """A ``block_spectra`` query: each block's metric is built on the block's own sub-problem."""
+    if not isinstance(coords.problem, BaseProblem):
+        raise ConfigError("queries: block_spectra needs the parameters in this process (local or data-parallel "
+                          "backend), not pipeline stages")
+    if metric_spec.kind in ("pullback", "adam"):
+        raise ConfigError(f"queries: block_spectra builds each block's metric on the block's sub-problem; metric "
+                          f"kind {metric_spec.kind!r} is not available there (use euclidean, fisher, ggn, kfac, ...)")
+    if metric_spec.kind == "euclidean" and metric_spec.damping:
+        raise ConfigError("queries: block_spectra takes the Euclidean metric without damping")
+    kind = None if metric_spec.kind == "euclidean" else metric_spec.kind
+    return block_spectra(coords.problem, curvature=curvature.kind, metric=kind, damping=metric_spec.damping,
+                         groups=q.groups, k=q.k, compare=q.compare, metric_options=dict(metric_spec.options),
+                         operator_options=curvature.options(seed), seed=seed)
+
+
 def run_query(q: Any, coords: Coordinates, curvature: CurvatureSpec, metric_spec: MetricSpec, seed: int,
               progress: bool = False, lanczos_file: Path | None = None, checkpoint_every: int = 10) -> Result:
     """One query in one coordinate system with its own curvature/metric/seed (or the defaults given); the result
@@ -126,6 +145,9 @@ def run_query(q: Any, coords: Coordinates, curvature: CurvatureSpec, metric_spec
     curvature = q.curvature or curvature
     metric_spec = q.metric or metric_spec
     seed = seed if q.seed is None else q.seed
+    if isinstance(q, BlockSpectraQuery):
+        r = blocks_of(q, coords, curvature, metric_spec, seed)
+        return replace(r, metric=metric_spec.label(), coordinates=coords.name, backend=coords.problem.backend)
     r = answer(q, coords.operator(curvature, metric_spec), coords.metric(metric_spec), seed, progress, lanczos_file,
                checkpoint_every)
     return replace(r, metric=metric_spec.label(), coordinates=coords.name, backend=coords.problem.backend)
@@ -140,6 +162,8 @@ def scalars(result: Result) -> dict[str, float]:
         return {k: float(v) for k, v in result.value.items()}
     if result.query == "diag":
         return {"sum": float(result.info["sum"])}
+    if result.query == "block_spectra":
+        return {f"{b}.max": float(v["max"]) for b, v in result.value["blocks"].items()}
     if result.query == "density":
         return {"support_max": float(result.info["support"][1])}
     return {"value": float(result.value)}
@@ -155,6 +179,8 @@ def describe(result: Result, name: str) -> str:
         return "density support max"
     if result.query == "diag":
         return "diag sum"
+    if result.query == "block_spectra":
+        return f"block {name[:-4]} top eigenvalue"
     if result.query == "trace":
         return f"trace ({result.info.get('method')})"
     return result.query

@@ -15,6 +15,7 @@ from ..catalogue import (
     Curvature,
     DampingReference,
     DiagMethod,
+    Grouping,
     MetricKind,
     QueryKind,
     TraceMethod,
@@ -132,8 +133,20 @@ class FlatnessQuery(QueryBase):
     steps: PositiveInt = 40
 
 
+class BlockSpectraQuery(QueryBase):
+    """Per-block generalized spectra of (C_b, M_b) (:func:`curvdist.block_spectra`): ``groups`` ``block`` (the
+    blocks of a transformer or any numbered stack), ``layer`` or ``parameter``; ``compare`` also computes the full
+    spectrum (small models)."""
+
+    kind: Literal[QueryKind.BLOCK_SPECTRA.value]
+    groups: choice(Grouping) = "block"
+    k: PositiveInt = 3
+    compare: bool = False
+
+
 Query = Annotated[
-    EigsQuery | TraceQuery | DiagQuery | LogdetQuery | DensityQuery | GradNormQuery | FlatnessQuery,
+    EigsQuery | TraceQuery | DiagQuery | LogdetQuery | DensityQuery | GradNormQuery | FlatnessQuery
+    | BlockSpectraQuery,
     Field(discriminator="kind"),
 ]
 

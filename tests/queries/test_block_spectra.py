@@ -68,5 +68,18 @@ def test_blocks_must_partition_the_parameters(mlp_problem: cd.Problem) -> None:
         block_spectra(mlp_problem, groups={"a": ["0.weight"]})
     with pytest.raises(cd.UnknownNameError, match="unknown block grouping .*; choose one of: layer, parameter"):
         block_spectra(mlp_problem, groups="module")
-    with pytest.raises(SolverError, match="max_block_dim"):
-        block_spectra(mlp_problem, max_block_dim=10)
+
+
+
+def test_large_blocks_by_lanczos_agree_with_dense_blocks(mlp_problem: cd.Problem) -> None:
+    dense = block_spectra(mlp_problem, "ggn", "kflr", damping=1e-2, k=2, compare=False).value["blocks"]
+    iterative = block_spectra(mlp_problem, "ggn", "kflr", damping=1e-2, k=2, compare=False, dense_block_dim=10,
+                              trace_matvecs=400).value["blocks"]
+    for name, d in dense.items():
+        it = iterative[name]
+        if d["dim"] <= 10:
+            assert it["method"] == "dense"
+            continue
+        assert it["method"].startswith("lanczos")
+        np.testing.assert_allclose(it["eigenvalues"], d["eigenvalues"][:2], rtol=1e-6)
+        assert abs(it["trace"] - d["trace"]) <= 0.1 * abs(d["trace"])

@@ -8,6 +8,8 @@ makes it an independent check of those formulas.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -60,12 +62,13 @@ class ReparametrizedModel(nn.Module):
         if tuple(n for n, _ in self.named_parameters()) != self.psi_param_names:
             raise ReparamError("internal: the ψ parameters of the wrapper are out of order")
 
-    def forward(self, X: Tensor) -> Tensor:
-        """The original model at θ = φ(ψ), by autodiff through ``reparam.forward``."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The original model at θ = φ(ψ), by autodiff through ``reparam.forward`` (called with the original's
+        positional or keyword inputs, returning what it returns)."""
         psi = tuple(self.psi[k] for k in self.psi_keys)
         state = dict(self._frozen)
         state.update(zip(self.reparam.theta_names, self.reparam.forward(psi)))
-        return functional_call(self.theta_model, state, (X,))
+        return functional_call(self.theta_model, state, args, kwargs)
 
     def train(self, mode: bool = True) -> ReparametrizedModel:
         """Set train/eval mode on the wrapper and on the original network."""
@@ -97,7 +100,8 @@ def reparametrize(problem: Problem, r: Reparametrization) -> Problem:
         if not bool(torch.isfinite(t).all()):
             raise ReparamError(f"{r.kind}: the inverse gives NaN or inf for ψ parameter '{name}' at the current point")
     model = ReparametrizedModel(problem, r, psi0)
-    return Problem(model, problem.loss, problem.data, reduction=problem.reduction)
+    return Problem(model, problem.loss, problem.data, reduction=problem.reduction,
+                   micro_batch_size=problem.micro_batch_size, accumulate_dtype=problem.accumulate_dtype)
 
 
 def psi_jacobian(problem: Problem, what: str) -> tuple[ReparametrizedModel, tuple[Tensor, ...] | None] | None:
