@@ -45,6 +45,18 @@ def stack_block(name: str) -> str:
     return name.rpartition(".")[0] or "(model)"
 
 
+def _source_names(problem: BaseProblem) -> tuple[str, ...]:
+    """The names to group by: the parameter names, or for a reparametrized problem the ψ names its
+    reparametrization declares (``reparam.psi_names``: the θ names for per-tensor reparametrizations), so that the
+    blocks of θ and ψ correspond."""
+    model = problem.model
+    reparam, psi_names = getattr(model, "reparam", None), getattr(model, "psi_param_names", None)
+    if reparam is None or psi_names is None:
+        return problem.param_names
+    label = dict(zip(psi_names, reparam.psi_names))
+    return tuple(label.get(n, n) for n in problem.param_names)
+
+
 def partition(problem: BaseProblem, groups: str | Mapping[str, Sequence[str]] = "layer") -> dict[str, list[str]]:
     """Blocks of the problem's parameters: by owning module (``layer``), by block of a numbered stack such as the
     blocks of a transformer (``block``, :func:`stack_block`), one per parameter (``parameter``), or an explicit
@@ -65,8 +77,8 @@ def partition(problem: BaseProblem, groups: str | Mapping[str, Sequence[str]] = 
         return out
     if groups == "block":
         out = {}
-        for n in names:
-            out.setdefault(stack_block(n), []).append(n)
+        for n, label in zip(names, _source_names(problem)):
+            out.setdefault(stack_block(label), []).append(n)
         return out
     parse(Grouping, groups, "block grouping")  # raises UnknownNameError listing the choices
     raise AssertionError("unreachable")

@@ -162,8 +162,8 @@ def scalars(result: Result) -> dict[str, float]:
         return {k: float(v) for k, v in result.value.items()}
     if result.query == "diag":
         return {"sum": float(result.info["sum"])}
-    if result.query == "block_spectra":
-        return {f"{b}.max": float(v["max"]) for b, v in result.value["blocks"].items()}
+    if result.query == "block_spectra":  # by position: ψ coordinates name their parameters differently
+        return {f"block{i}": float(v["max"]) for i, v in enumerate(result.value["blocks"].values())}
     if result.query == "density":
         return {"support_max": float(result.info["support"][1])}
     return {"value": float(result.value)}
@@ -180,7 +180,8 @@ def describe(result: Result, name: str) -> str:
     if result.query == "diag":
         return "diag sum"
     if result.query == "block_spectra":
-        return f"block {name[:-4]} top eigenvalue"
+        block = list(result.value["blocks"])[int(name[5:])]
+        return f"block {block} top eigenvalue"
     if result.query == "trace":
         return f"trace ({result.info.get('method')})"
     return result.query
