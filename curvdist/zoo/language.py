@@ -71,11 +71,12 @@ def hf_sequence_classifier(config: Mapping[str, Any] | None = None, path: str | 
 
 
 def markov_corpus(n: int = 32, vocab_size: int = 64, max_length: int = 32, min_length: int | None = None,
-                  seed: int = 0, pad_token_id: int = 0, temperature: float = 0.5, labels: str = "causal"
+                  seed: int = 0, pad_token_id: int = 0, successors: int = 8, labels: str = "causal"
                   ) -> dict[str, Tensor]:
     """A seeded synthetic token corpus: ``n`` sequences from a random first-order Markov chain over
-    ``vocab_size`` tokens (transition logits ~ N(0, 1)/``temperature``), of lengths uniform in
-    [``min_length``, ``max_length``], right-padded with ``pad_token_id``.
+    ``vocab_size`` tokens in which every token has ``successors`` possible next tokens (drawn at random, with
+    Dirichlet(1) probabilities; memory O(vocab_size · successors), so GPT-2's 50,257 tokens are fine), of lengths
+    uniform in [``min_length``, ``max_length``], right-padded with ``pad_token_id``.
 
     Returns ``{"input_ids": (n, max_length), "attention_mask": (n, max_length), "labels": (n, max_length)}`` with
     labels = input ids at real tokens and −100 at padding (``labels="causal"``, for the ``causal_lm`` loss), or
@@ -84,18 +85,20 @@ def markov_corpus(n: int = 32, vocab_size: int = 64, max_length: int = 32, min_l
     min_length = max_length // 2 if min_length is None else min_length
     if not 2 <= min_length <= max_length:
         raise DataError(f"need 2 <= min_length <= max_length, got {min_length} and {max_length}")
-    if n <= 0 or vocab_size < 2:
-        raise DataError(f"need n >= 1 and vocab_size >= 2, got {n} and {vocab_size}")
+    if n <= 0 or vocab_size < 2 or successors < 1:
+        raise DataError(f"need n >= 1, vocab_size >= 2 and successors >= 1, got {n}, {vocab_size}, {successors}")
     if labels not in ("causal", "next"):
         raise DataError(f"labels must be 'causal' or 'next', got {labels!r}")
     g = torch.Generator().manual_seed(seed)
-    transition = torch.softmax(torch.randn(vocab_size, vocab_size, generator=g, dtype=torch.float64) / temperature,
-                               dim=-1)
+    k = min(successors, vocab_size)
+    nxt = torch.randint(0, vocab_size, (vocab_size, k), generator=g)
+    prob = -torch.log(torch.rand(vocab_size, k, generator=g, dtype=torch.float64))  # Dirichlet(1) up to scale
     lengths = torch.randint(min_length, max_length + 1, (n,), generator=g)
     ids = torch.full((n, max_length), pad_token_id, dtype=torch.long)
     ids[:, 0] = torch.randint(0, vocab_size, (n,), generator=g)
     for t in range(1, max_length):
-        ids[:, t] = torch.multinomial(transition[ids[:, t - 1]], 1, generator=g).squeeze(1)
+        choice = torch.multinomial(prob[ids[:, t - 1]], 1, generator=g).squeeze(1)
+        ids[:, t] = nxt[ids[:, t - 1], choice]
     mask = (torch.arange(max_length).unsqueeze(0) < lengths.unsqueeze(1)).long()
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_token_id))
     target = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
