@@ -20,6 +20,14 @@ from ..catalogue import LossKind, parse
 from ..errors import DataError, UnknownNameError
 
 
+def require_tensor(output: object, loss: str) -> None:
+    """Refuse a model's raw return value (a Hugging Face ``ModelOutput``, a dict, a tuple) reaching a loss."""
+    if not isinstance(output, Tensor):
+        hint = " (pass its .logits)" if hasattr(output, "logits") else ""
+        raise DataError(f"the {loss} loss got a {type(output).__name__}{hint}, not the output tensor; curvdist.Problem "
+                        f"reads the logits from ModelOutputs, dicts and tuples itself")
+
+
 class Loss(ABC):
     """A per-sample loss ℓ(f, y) with its output Hessian Λ and predictive sampler.
 
@@ -72,6 +80,7 @@ class CrossEntropy(Loss):
     name = "cross_entropy"
 
     def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
+        require_tensor(output, self.name)
         return torch.nn.functional.cross_entropy(output, target, reduction="none")
 
     def output_hessian_apply(self, output: Tensor, target: Tensor, v: Tensor) -> Tensor:
@@ -91,6 +100,7 @@ class CrossEntropy(Loss):
         return draws.T.contiguous().to(output.device)
 
     def check(self, output: Tensor, target: Tensor) -> None:
+        require_tensor(output, self.name)
         if output.ndim != 2:
             raise DataError(
                 f"cross_entropy expects model outputs of shape (batch, classes), got {tuple(output.shape)}"
@@ -118,6 +128,7 @@ class MeanSquaredError(Loss):
     name = "mse"
 
     def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
+        require_tensor(output, self.name)
         return (output - target).pow(2).flatten(1).sum(dim=1)
 
     def output_hessian_apply(self, output: Tensor, target: Tensor, v: Tensor) -> Tensor:
@@ -137,6 +148,7 @@ class MeanSquaredError(Loss):
         return output.detach().unsqueeze(0) + math.sqrt(0.5) * noise.to(device=output.device, dtype=output.dtype)
 
     def check(self, output: Tensor, target: Tensor) -> None:
+        require_tensor(output, self.name)
         if target.shape != output.shape:
             raise DataError(
                 f"mse expects targets of the output's shape {tuple(output.shape)}, got {tuple(target.shape)}"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DataError
-from .losses import Loss
+from .losses import Loss, require_tensor
 
 IGNORE_INDEX = -100
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -52,6 +52,7 @@ class TokenCrossEntropy(Loss):
 
     # ---------------------------------------------------------------- loss and curvature
     def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
+        require_tensor(output, self.name)
         labels = self.aligned_labels(target)
         B, T, V = output.shape
         tok = F.cross_entropy(output.reshape(B * T, V), labels.reshape(B * T), ignore_index=IGNORE_INDEX,
@@ -92,6 +93,7 @@ class TokenCrossEntropy(Loss):
         return torch.cat([torch.full_like(sampled[..., :1], IGNORE_INDEX), sampled[..., :-1]], dim=-1)
 
     def check(self, output: Tensor, target: Tensor) -> None:
+        require_tensor(output, self.name)
         if output.ndim != 3:
             raise DataError(f"{self.name} expects logits of shape (batch, positions, vocabulary), got "
                             f"{tuple(output.shape)}")

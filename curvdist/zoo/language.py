@@ -36,6 +36,12 @@ def _build(task: str, config: Mapping[str, Any] | None, path: str | None, seed: 
             raise ConfigError("config needs a model_type (e.g. gpt2, llama, bert)")
         cfg.setdefault("use_cache", False)
         try:
+            defaults = transformers.AutoConfig.for_model(model_type)
+            vocab = cfg.get("vocab_size", defaults.vocab_size)
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a default id outside a small vocabulary
+                default = getattr(defaults, key, None)
+                if key not in cfg and isinstance(default, int) and default >= vocab:
+                    cfg[key] = None
             hf_config = transformers.AutoConfig.for_model(model_type, **cfg)
         except ValueError as e:
             raise ConfigError(f"config: {e}") from None
