@@ -5,6 +5,14 @@ Q_m and a tridiagonal T_m (α on the diagonal, β off it). Every new vector is o
 twice ("twice is enough", Parlett 1998), so Ritz values do not duplicate. Scalars live in float64 on the coordinator;
 vectors stay wherever the :class:`~curvdist.solvers.space.VectorSpace` keeps them.
 
+When the space offers ``new_basis`` (a :class:`~curvdist.solvers.space.TorchSpace`, or a space wrapping one) the
+basis is a preallocated :class:`~curvdist.solvers.space.Basis` in the operator's working dtype: each of the two
+reorthogonalization passes is one product c = Qᵀw over the basis and one update w ← w − Q c in place, with no
+per-step stacking or float64 copies of the basis. The second pass accumulates c in float64 (a float32 product over
+d ~ 10⁷ coordinates would cost orthogonality); the first, which only removes the bulk, takes it in the working dtype.
+α and β are computed in float64. Other spaces (the pipeline's sharded vectors) keep the basis as a list of their
+vectors.
+
 A Ritz pair (θ_i, Q_m s_i) of T_m has residual ‖A y_i − θ_i y_i‖ = β_m |e_mᵀ s_i| (Golub & Van Loan 2013, §10.1.4),
 which is the stopping test. On breakdown (β_m ≈ 0, an invariant subspace) the iteration continues from a fresh
 random vector orthogonal to the basis, so repeated eigenvalues are found with their multiplicity.
@@ -12,7 +20,7 @@ random vector orthogonal to the basis, so repeated eigenvalues are found with th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +28,7 @@ from scipy.linalg import eigh_tridiagonal
 
 from ..catalogue import Which, parse
 from ..errors import SolverError
-from .space import LinearMap, Vector, VectorSpace, probe_seeds
+from .space import Basis, LinearMap, Vector, VectorSpace, probe_seeds
 
 WHICH = {"largest": "largest", "la": "largest", "smallest": "smallest", "sa": "smallest",
          "magnitude": "magnitude", "lm": "magnitude"}
@@ -28,11 +36,15 @@ WHICH = {"largest": "largest", "la": "largest", "smallest": "smallest", "sa": "s
 
 @dataclass
 class Krylov:
-    """The state of a Lanczos run: T_m's diagonal α and off-diagonal β (β[-1] is β_m), and the basis."""
+    """The state of a Lanczos run: T_m's diagonal α and off-diagonal β (β[-1] is β_m), and the basis.
+
+    ``basis`` is a sequence of the space's vectors q_1, q_2, …: a :class:`~curvdist.solvers.space.Basis` (rows of
+    preallocated blocks) when the space makes one, else a list. Either kind may be given to resume a run.
+    """
 
     alphas: list[float] = field(default_factory=list)
     betas: list[float] = field(default_factory=list)
-    basis: list[Vector] = field(default_factory=list)
+    basis: list[Vector] | Basis = field(default_factory=list)
     matvecs: int = 0
     restarts: int = 0
 
@@ -44,9 +56,42 @@ class Krylov:
         return eigh_tridiagonal(a, np.asarray(self.betas[: len(a) - 1], dtype=np.float64))
 
 
-def _orthogonalize(space: VectorSpace, basis: list[Vector], w: Vector) -> Vector:
-    for _ in range(2):
-        w = space.axpy(-1.0, space.lincomb(space.dots(basis, w), basis), w)
+def _new_basis(space: VectorSpace, capacity: int, vectors: Sequence[Vector] = ()) -> list[Vector] | Basis:
+    """An empty basis for about ``capacity`` vectors, preallocated if the space can, holding copies of ``vectors``."""
+    make = getattr(space, "new_basis", None)
+    if make is None:
+        return list(vectors)
+    basis = make(capacity)
+    for v in vectors:
+        basis.append(v)
+    return basis
+
+
+def _append(space: VectorSpace, basis: list[Vector] | Basis, a: float, v: Vector) -> None:
+    """Append a·v to the basis (written straight into a preallocated row when the basis has them)."""
+    if isinstance(basis, list):
+        basis.append(space.scale(a, v))
+    else:
+        basis.append(v, a)
+
+
+def _orthogonalize(space: VectorSpace, basis: list[Vector] | Basis, w: Vector, out: Vector | None = None) -> Vector:
+    """w − Q Qᵀw in the space's inner product, applied twice.
+
+    ``out``: where a space with ``sub_lincomb`` may write the result (w itself when w may be overwritten, or a work
+    vector of the run; default: a new vector) — w is left alone unless it is ``out``. With a
+    :class:`~curvdist.solvers.space.Basis` the first pass takes its coefficients in the working dtype (a
+    :meth:`~curvdist.solvers.space.Basis.coarse` view: it only has to remove the bulk) and the second, which
+    decides how orthogonal the result is, accumulates them in float64.
+    """
+    sub = getattr(space, "sub_lincomb", None)
+    for i in range(2):
+        xs = basis.coarse() if i == 0 and isinstance(basis, Basis) else basis
+        c = space.dots(xs, w)
+        if sub is None:
+            w = space.axpy(-1.0, space.lincomb(c, basis), w)
+        else:
+            w = out = sub(c, basis, w, out=out)
     return w
 
 
@@ -68,24 +113,40 @@ def lanczos(
     then exact); otherwise it continues in the orthogonal complement. ``state`` resumes an earlier run (its
     basis holds one vector more than its α's: the next one to expand); ``on_step`` sees the state after every
     step (checkpointing).
+
+    The basis never holds more than ``min(steps, d)`` vectors; with a :class:`~curvdist.solvers.space.TorchSpace`
+    it is preallocated for that many in the working dtype (a resumed list basis, or a read-only view, is copied into
+    one once).
     """
+    steps = min(steps, space.dim)
     if state is None:
         nrm = space.norm(start)
         if not nrm > 0:
             raise SolverError("Lanczos start vector is zero")
-        state = Krylov(basis=[space.scale(1.0 / nrm, start)])
-    restarts = iter(probe_seeds(restart_seed, space.dim + 1))
-    for _ in range(state.restarts):
-        next(restarts)
-    steps = min(steps, space.dim)
+        basis = _new_basis(space, max(steps, 1))
+        _append(space, basis, 1.0 / nrm, start)
+        state = Krylov(basis=basis)
+    else:
+        if len(state.basis) != len(state.alphas) + 1 and len(state.alphas) < steps:
+            raise SolverError(f"cannot resume Lanczos: the state has {len(state.alphas)} steps but "
+                              f"{len(state.basis)} basis vectors (expected one more than steps)")
+        if hasattr(space, "new_basis") and not (isinstance(state.basis, Basis) and not state.basis.read_only):
+            state.basis = _new_basis(space, max(steps, len(state.basis)), state.basis)  # a list or a view: copied
+    # the seeds of the restart vectors: a prefix of one fixed sequence (SeedSequence output is prefix-stable), so
+    # only as many as this run can use are drawn — not one per dimension
+    restarts = iter(probe_seeds(restart_seed, min(space.dim, state.restarts + steps) + 1)[state.restarts:])
     scale = max([abs(a) for a in state.alphas] + [abs(b) for b in state.betas] + [0.0])
+    work: Vector | None = None  # reused for every step's orthogonalized vector (its contents end up in the basis)
     for j in range(len(state.alphas), steps):
         q = state.basis[j]
         w = apply(q)
         state.matvecs += 1
         alpha = space.dot(q, w)
         state.alphas.append(alpha)
-        w = _orthogonalize(space, state.basis, w)
+        # w may be the operator's own tensor (or q itself): the result goes to the run's work vector instead
+        w = _orthogonalize(space, state.basis, w, out=work)
+        if work is None and hasattr(space, "sub_lincomb"):
+            work = w
         beta = space.norm(w)
         scale = max(scale, abs(alpha), beta)
         broke = beta <= 1e-12 * max(scale, np.finfo(np.float64).tiny)
@@ -95,12 +156,13 @@ def lanczos(
         if broke:
             if not restart:
                 break
-            w = _orthogonalize(space, state.basis, space.random(next(restarts), "gaussian"))
+            w = space.random(next(restarts), "gaussian")
+            w = _orthogonalize(space, state.basis, w, out=w)
             state.restarts += 1
             beta = space.norm(w)
         elif stop is not None and stop(state):
             break
-        state.basis.append(space.scale(1.0 / beta, w))
+        _append(space, state.basis, 1.0 / beta, w)
         if on_step is not None:
             on_step(state)
     return state

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import curvdist as cd
-from curvdist.solvers import TorchSpace, eigsh, slq
+from curvdist.solvers import Krylov, TorchSpace, eigsh, lanczos, slq
 from curvdist.solvers.diag import hutchinson_diag, xdiag
+from curvdist.solvers.space import Basis
 from curvdist.solvers.trace import hutchinson, hutchpp, xtrace
 from tests.cases import spd_matrix
 
@@ -72,6 +73,187 @@ def test_lanczos_bad_input():
         eigsh(lambda v: A @ v, sp, k=6)
     with pytest.raises(cd.UnknownNameError, match="unknown eigenvalue selection 'which' 'top'; choose one of: largest"):
         eigsh(lambda v: A @ v, sp, k=1, which="top")
+
+
+class _ListSpace:
+    """The plain VectorSpace interface only (no new_basis/sub_lincomb): lanczos keeps a list basis, as for the
+    pipeline's sharded vectors. The reference for the preallocated path."""
+
+    def __init__(self, dim):
+        self.base = TorchSpace(dim, torch.float64)
+        self.dim = dim
+
+    def __getattr__(self, name):
+        if name in ("new_basis", "sub_lincomb"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+class _MSpace:
+    """ℝ^d with ⟨x, y⟩ = xᵀMy wrapping a TorchSpace by delegation, like the queries' MetricSpace."""
+
+    def __init__(self, base, M):
+        self.base, self.M, self.dim = base, M, base.dim
+
+    def dot(self, x, y):
+        return self.base.dot(x, self.M @ y)
+
+    def dots(self, xs, y):
+        return self.base.dots(xs, self.M @ y) if len(xs) else np.zeros(0)
+
+    def norm(self, x):
+        return float(np.sqrt(max(self.dot(x, x), 0.0)))
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+def test_basis_products_match_dense():
+    """Basis over several blocks: dots (precise and coarse), subtract, lincomb, prefix views, against dense math."""
+    d, dtype = 50, torch.float64
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(7, d, generator=g, dtype=dtype)
+    y = torch.randn(d, generator=g, dtype=dtype)
+    B = Basis(d, dtype, capacity=5, block_rows=3)
+    for i, x in enumerate(X):
+        B.append(x, 2.0 if i == 1 else 1.0)
+    X[1] *= 2.0
+    assert len(B) == 7 and [b.shape[0] for b in B._blocks] == [3, 2, 3]  # capacity 5, then block_rows
+    np.testing.assert_allclose(torch.stack(list(B)).numpy(), X.numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(B.dots(y), (X @ y).numpy(), rtol=1e-13)
+    np.testing.assert_allclose(B.coarse().dots(y), (X @ y).numpy(), rtol=1e-13)
+    c = np.linspace(-1.0, 1.0, 5)
+    ref = (y - torch.as_tensor(c) @ X[:5]).numpy()
+    np.testing.assert_allclose(B.subtract(c, y).numpy(), ref, rtol=1e-13, atol=1e-13)
+    y2 = y.clone()
+    assert B.subtract(c, y2, out=y2) is y2
+    np.testing.assert_allclose(y2.numpy(), ref, rtol=1e-13, atol=1e-13)
+    head = B[:4]
+    assert len(head) == 4 and len(B) == 7
+    np.testing.assert_allclose(head.dots(y), (X[:4] @ y).numpy(), rtol=1e-13)
+    np.testing.assert_allclose(TorchSpace(d).lincomb(c[:4], head).numpy(), (torch.as_tensor(c[:4]) @ X[:4]).numpy(),
+                               rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(B[-1].numpy(), X[-1].numpy())
+    with pytest.raises(cd.SolverError, match="cannot append to a prefix view"):
+        head.append(y)
+    with pytest.raises(cd.SolverError, match="prefix slices"):
+        B[1:3]
+    with pytest.raises(cd.SolverError, match="flat vector of length 50"):
+        B.append(torch.zeros(3, dtype=dtype))
+    with pytest.raises(cd.SolverError, match="8 coefficients for a basis of 7 vectors"):
+        B.subtract(np.ones(8), y)
+    with pytest.raises(IndexError):
+        B[7]
+
+
+def test_basis_float32_dots_are_accumulated_in_float64():
+    """float32 rows and vector: dots equal the float64 products of the same float32 numbers (to float64 rounding),
+    which a float32 matrix-vector product over 10⁶ coordinates misses by orders of magnitude more."""
+    d = 1_000_000
+    g = torch.Generator().manual_seed(1)
+    X = torch.rand(3, d, generator=g)  # same-sign entries: float32 accumulation drifts
+    y = torch.rand(d, generator=g)
+    B = Basis(d, torch.float32, capacity=3)
+    for x in X:
+        B.append(x)
+    exact = (X.double() @ y.double()).numpy()
+    assert np.max(np.abs(B.dots(y) - exact) / exact) < 1e-12
+    assert TorchSpace(d, torch.float32).dot(X[0], y) == pytest.approx(exact[0], rel=1e-12)
+
+
+def _run(space, A, steps, **kw):
+    return lanczos(lambda v: A @ v, space, space.random(11, "gaussian"), steps, **kw)
+
+
+def test_preallocated_lanczos_equals_list_lanczos_with_restarts():
+    """Rank-3 operator: breakdowns and restarts; the preallocated basis (several blocks) gives the list path's
+    tridiagonal and Ritz values, and its basis is orthonormal."""
+    lam = torch.zeros(D, dtype=torch.float64)
+    lam[:3] = torch.tensor([4.0, 2.0, 1.0])
+    A = spd_matrix(D, lam, seed=4)
+    fast, ref = _run(TorchSpace(D), A, 40), _run(_ListSpace(D), A, 40)
+    assert isinstance(fast.basis, Basis) and isinstance(ref.basis, list)
+    assert len(fast.basis._blocks) == 2 and fast.restarts == ref.restarts >= 9
+    np.testing.assert_allclose(fast.alphas, ref.alphas, atol=1e-12)
+    np.testing.assert_allclose(fast.betas, ref.betas, atol=1e-12)
+    Q = torch.stack(list(fast.basis))
+    assert float((Q @ Q.T - torch.eye(len(Q), dtype=torch.float64)).abs().max()) < 1e-13
+    theta, _ = fast.tridiagonal_eigh()
+    np.testing.assert_allclose(np.sort(theta)[::-1][:4], [4.0, 2.0, 1.0, 0.0], atol=1e-12)
+
+
+def test_lanczos_with_an_operator_returning_its_input():
+    """A = I returning v itself: the orthogonalized vector must not be written into the basis row it aliases."""
+    sp = TorchSpace(D)
+    start = sp.random(3, "gaussian")
+    st = lanczos(lambda v: v, sp, start, 5)
+    np.testing.assert_allclose(st.alphas, np.ones(5), atol=1e-14)
+    np.testing.assert_allclose(st.basis[0].numpy(), (start / start.norm()).numpy(), atol=1e-15)
+    assert st.restarts == 4
+
+
+def test_lanczos_resumes_from_a_list_checkpoint_and_from_its_own_state(decaying):
+    """Interrupting after 7 steps and resuming — from a list of saved vectors (as the checkpoint file gives), from
+    the live state, or from a read-only prefix view of a basis — reproduces the uninterrupted run."""
+    A, _ = decaying
+    sp = TorchSpace(D)
+    full = _run(sp, A, 25)
+    seen = {}
+
+    class Interrupt(Exception):
+        pass
+
+    def crash(st):
+        if len(st.alphas) == 7:
+            seen["live"] = st
+            seen["saved"] = Krylov(list(st.alphas), list(st.betas), [q.clone() for q in st.basis], st.matvecs,
+                                   st.restarts)
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _run(sp, A, 25, on_step=crash)
+    live = seen["live"]
+    assert len(live.alphas) == 7 and len(live.basis) == 8
+    view = Krylov(list(live.alphas), list(live.betas), live.basis[:8], live.matvecs, live.restarts)
+    for state in (seen["saved"], view, live):
+        resumed = lanczos(lambda v: A @ v, sp, None, 25, state=state)
+        assert isinstance(resumed.basis, Basis) and resumed.matvecs == 25
+        np.testing.assert_allclose(resumed.alphas, full.alphas, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(resumed.betas, full.betas, rtol=1e-12, atol=1e-14)
+    stopped = _run(sp, A, 25, stop=lambda st: len(st.alphas) == 7)
+    with pytest.raises(cd.SolverError, match="cannot resume Lanczos: the state has 7 steps but 7 basis vectors"):
+        lanczos(lambda v: A @ v, sp, None, 25, state=stopped)
+
+
+def test_lanczos_in_a_metric_inner_product(decaying):
+    """Lanczos on M⁻¹A in the M-inner product (the space wraps a TorchSpace, as the queries' MetricSpace does):
+    the preallocated basis takes its products through the wrapper, giving the pencil's eigenvalues."""
+    import scipy.linalg
+
+    A, _ = decaying
+    lam_m = torch.linspace(0.5, 3.0, D, dtype=torch.float64)
+    M = spd_matrix(D, lam_m, seed=5)
+    Minv = torch.linalg.inv(M)
+    r = eigsh(lambda v: Minv @ (A @ v), _MSpace(TorchSpace(D), M), k=3, tol=1e-10)
+    assert r.converged
+    ref = scipy.linalg.eigh(A.numpy(), M.numpy(), eigvals_only=True)[::-1][:3]
+    np.testing.assert_allclose(r.values, ref, rtol=1e-9)
+
+
+def test_float32_lanczos_keeps_its_basis_orthonormal():
+    """float32, d = 10⁵, 30 steps on diag(λ) with top eigenvalues 10, 5, 3: the basis stays float32 in one
+    preallocated block, orthonormal to ~ε₃₂ (a float32 second pass would leave ~4·10⁻⁶), top Ritz values accurate."""
+    d = 100_000
+    g = torch.Generator().manual_seed(0)
+    lam = torch.rand(d, generator=g)
+    lam[:3] = torch.tensor([10.0, 5.0, 3.0])
+    sp = TorchSpace(d, torch.float32)
+    st = lanczos(lambda v: lam * v, sp, sp.random(1, "gaussian"), 30)
+    assert isinstance(st.basis, Basis) and st.basis.dtype == torch.float32 and len(st.basis._blocks) == 1
+    Q = torch.stack(list(st.basis)).double()
+    assert float((Q @ Q.T - torch.eye(30, dtype=torch.float64)).abs().max()) < 1e-6
+    theta, _ = st.tridiagonal_eigh()
+    np.testing.assert_allclose(np.sort(theta)[::-1][:3], [10.0, 5.0, 3.0], rtol=1e-6)
 
 
 def _errors(estimator, A, true, budget, seeds):
