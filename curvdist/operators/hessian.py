@@ -6,7 +6,9 @@ one per-batch product per (micro-)batch. The per-batch product has three modes (
 ``forward_over_reverse`` and ``reverse_over_reverse`` are exact (Pearlmutter 1994), ``finite_difference`` is a
 central difference of two gradients (Nocedal & Wright 2006, §8.1) for engines without second derivatives.
 ``mode="auto"`` (the default) times the exact modes on the first batch when the operator is built and keeps the
-fastest; the choice and the timings are recorded on the operator (:meth:`Hessian.product_info`).
+fastest; the choice and the timings are recorded on the operator (:meth:`Hessian.product_info`). Reverse-over-reverse
+products at an unchanged θ share the forward pass and the first backward (``reuse_graph``): each product is then
+one backward through the kept graph of the gradient.
 """
 
 from __future__ import annotations
@@ -32,10 +34,15 @@ from .hvp_modes import (
     compile_kernel,
     default_fd_step,
     eager_kernel,
+    gradient_graph,
+    through_graph,
     warn_compile_failed,
 )
 
-#: a second timing round is run when the two fastest candidates are within this ratio of each other
+#: auto's timing: rounds over the candidates (the minimum per candidate counts) until _BUDGET_S seconds are spent or
+#: _MAX_ROUNDS are done, and at least two rounds when the two fastest are within _CLOSE of each other
+_BUDGET_S = 1.0
+_MAX_ROUNDS = 7
 _CLOSE = 0.85
 
 
@@ -80,12 +87,13 @@ class Hessian(CurvatureOperator):
         problem: the problem.
         mode: ``"auto"`` (default), ``"forward_over_reverse"``, ``"reverse_over_reverse"`` or
             ``"finite_difference"`` (:class:`curvdist.catalogue.HVPMode`). ``auto`` runs each exact mode on the
-            first batch (one warm-up product, then a timed one; a second timed round when the two are within 15%),
-            keeps the fastest, and falls back to the next when a mode raises (e.g. an op without a forward-mode
-            derivative); finite differences only when no exact mode works (with a warning). The exact modes must
-            agree with each other to √u relative; when they do not, the plain-autograd ``reverse_over_reverse`` is
-            kept with a warning. The choice is cached per model, parameter selection, dtype, device and
-            ``compile`` setting (:func:`clear_mode_cache` forgets it).
+            first batch (one warm-up product, then timed rounds — the minimum counts — until 1 s is spent or 7
+            rounds are done, at least two when the two fastest are within 15%), keeps the fastest, and skips a mode
+            that raises (e.g. an op without a forward-mode derivative); finite differences only when no exact mode
+            works (with a warning). The exact modes must agree with each other to √u relative; when they do not,
+            the plain-autograd ``reverse_over_reverse`` is kept with a warning. The choice is cached per model,
+            parameter selection, dtype, device, ``compile`` and graph-reuse setting (:func:`clear_mode_cache`
+            forgets it).
         compile: ``True`` (inductor) or a ``torch.compile`` backend name: compile the per-batch product written
             with ``torch.func`` transforms. Under ``auto`` the compiled kernels of the exact modes join the eager
             ones in the timing, so compilation is used only where it pays on this model; with an explicit mode
@@ -93,8 +101,16 @@ class Hessian(CurvatureOperator):
             ``RuntimeWarning``. Block products (``matmat``) stay eager.
         fd_step: the relative step h of ``finite_difference``: ε = h·max(1, ‖θ‖)/‖v‖ (default u^{1/3} of the
             parameters' dtype).
+        reuse_graph: keep the graph of ∇ℓ_b (built with ``create_graph=True``) between reverse-over-reverse
+            products and run only the second backward per product — the forward pass and the first backward do not
+            depend on v, so every product at the same θ can share them (as PyHessian does). The graph is rebuilt
+            when any selected parameter, model parameter or buffer has changed in place (their version counters),
+            and :meth:`release_graph` frees it. It holds the activations and the backward graph of every batch
+            between products, so the default (``None``) reuses it only for a problem of one (micro-)batch, whose
+            product needs that memory anyway; ``True`` for every batch, ``False`` never. Under ``auto`` the
+            reverse-over-reverse timing is then that of a product through the kept graph.
         check_determinism: apply H twice to one vector at construction and compare (skipped when ``auto`` has
-            already compared two products of the chosen kernel on the only batch).
+            already compared two products of the chosen kernel on the only batch); always with fresh graphs.
 
     Attributes:
         mode: the :class:`~curvdist.catalogue.HVPMode` in use (never ``auto``).
@@ -105,6 +121,7 @@ class Hessian(CurvatureOperator):
             an explicit mode.
         mode_failures: the error of every candidate that failed.
         mode_source: ``"user"``, ``"measured"`` or ``"cached"``.
+        reuse_graph: whether products run through a kept graph of the gradient.
         fd_error_estimate: for ``finite_difference``, ‖P(h) − P(2h)‖/(3‖P(h)‖) on the first batch (the Richardson
             estimate of the O(h²) truncation error, relative); ``None`` otherwise.
     """
@@ -112,7 +129,7 @@ class Hessian(CurvatureOperator):
     kind = "hessian"
 
     def __init__(self, problem: Any, mode: str = "auto", compile: bool | str = False, fd_step: float | None = None,
-                 check_determinism: bool = True) -> None:
+                 reuse_graph: bool | None = None, check_determinism: bool = True) -> None:
         requested = parse(HVPMode, mode, "Hessian-vector product mode")
         if isinstance(compile, bool):
             backend: str | None = "inductor" if compile else None
@@ -123,6 +140,11 @@ class Hessian(CurvatureOperator):
         if fd_step is not None and (isinstance(fd_step, bool) or not isinstance(fd_step, (int, float))
                                     or not math.isfinite(fd_step) or fd_step <= 0):
             raise ProblemError(f"fd_step must be a positive finite number, got {fd_step!r}")
+        if reuse_graph is not None and not isinstance(reuse_graph, bool):
+            raise ProblemError(f"reuse_graph must be True, False or None, got {reuse_graph!r}")
+        if reuse_graph and requested not in (HVPMode.AUTO, HVPMode.REVERSE_OVER_REVERSE):
+            raise ProblemError(f"reuse_graph=True keeps the graph of a reverse-over-reverse product; mode "
+                               f"{requested.value} has none to keep")
         super().__init__(problem, check_determinism=False)
         self.requested_mode: HVPMode = requested
         self.compile_backend = backend
@@ -132,6 +154,9 @@ class Hessian(CurvatureOperator):
         self.fd_error_estimate: float | None = None
         self.compiled = False
         self._repeat_ok = False
+        self.reuse_graph = False  # products use fresh graphs until construction (and its checks) are done
+        self._graphs: dict[int, tuple[tuple[tuple[int, int], ...], tuple[Params, Params]]] = {}
+        self._may_reuse = (getattr(problem, "num_batches", None) == 1) if reuse_graph is None else reuse_graph
         if requested == HVPMode.AUTO:
             self._choose()
         else:
@@ -143,6 +168,9 @@ class Hessian(CurvatureOperator):
             self._estimate_fd_error()
         if check_determinism and not (self._repeat_ok and getattr(problem, "num_batches", None) == 1):
             self.check_determinism()
+        self.reuse_graph = bool(self._may_reuse and self.mode == HVPMode.REVERSE_OVER_REVERSE and not self.compiled)
+        if not self.reuse_graph:
+            self._graphs.clear()
 
     # ----------------------------------------------------------- kernels
     def _kernel(self, mode: HVPMode, compiled: bool) -> Kernel:
@@ -160,8 +188,36 @@ class Hessian(CurvatureOperator):
         self._block_kernel = block_kernel(mode, self.problem.batch_loss,
                                           self.fd_step if mode == HVPMode.FINITE_DIFFERENCE else None)
 
+    def batch_context(self, params: Params, X: Any, y: Tensor, batch_index: int) -> Any:
+        return batch_index
+
     def batch_matvec(self, params: Params, v: Params, X: Any, y: Tensor, ctx: Any) -> Params:
+        if self.reuse_graph and isinstance(ctx, int):
+            return through_graph(self._graph(ctx, params, X, y), v)
         return self._matvec_kernel(params, v, X, y)
+
+    # ----------------------------------------------------------- kept gradient graphs
+    def _signature(self) -> tuple[tuple[int, int], ...]:
+        """Identity and version counter of every tensor the gradient's graph was built from."""
+        model = getattr(self.problem, "model", None)
+        tensors = list(self.problem.params)
+        if model is not None:
+            tensors += list(model.parameters()) + list(model.buffers())
+        return tuple((id(t), t._version) for t in tensors)
+
+    def _graph(self, b: int, params: Params, X: Any, y: Tensor) -> tuple[Params, Params]:
+        """The kept graph of ∇ℓ for batch ``b``, rebuilt when a parameter or buffer changed in place."""
+        signature = self._signature()
+        entry = self._graphs.get(b)
+        if entry is None or entry[0] != signature:
+            self._graphs.pop(b, None)  # free the stale graph before building the new one
+            entry = (signature, gradient_graph(self.problem.batch_loss, params, X, y))
+            self._graphs[b] = entry
+        return entry[1]
+
+    def release_graph(self) -> None:
+        """Free the kept gradient graphs (they are rebuilt on the next product if ``reuse_graph``)."""
+        self._graphs.clear()
 
     def matmat_params(self, V: Params) -> Params:
         """H V for a block of vectors stacked along a leading axis (one graph per batch for reverse-over-reverse,
@@ -177,7 +233,8 @@ class Hessian(CurvatureOperator):
         return self.problem.params, self.problem.unflatten(flat), X, y
 
     def _choose(self) -> None:
-        key = (self.problem.param_names, str(self.problem.dtype), str(self.device), self.compile_backend)
+        key = (self.problem.param_names, str(self.problem.dtype), str(self.device), self.compile_backend,
+               bool(self._may_reuse))
         model = getattr(self.problem, "model", None)
         try:
             cached = _CHOICES.get(model, {}).get(key) if model is not None else None
@@ -209,6 +266,8 @@ class Hessian(CurvatureOperator):
             kernel = self._kernel(mode, compiled)
             try:
                 first[name] = kernel(params, v, X, y)
+                if self._may_reuse and mode == HVPMode.REVERSE_OVER_REVERSE and not compiled:
+                    kernel = self._kept_graph_kernel(params, X, y)
             except CurvdistError:
                 raise
             except Exception as e:
@@ -225,7 +284,8 @@ class Hessian(CurvatureOperator):
         timings: dict[str, float] = {name: math.inf for name in kernels}
         repeat_ok: dict[str, bool] = {}
         tol = 1e-10 if self.problem.dtype == torch.float64 else 1e-4
-        for round_ in range(2):
+        start = time.perf_counter()
+        for round_ in range(_MAX_ROUNDS):
             for name, kernel in kernels.items():
                 t0 = time.perf_counter()
                 out = kernel(params, v, X, y)
@@ -233,7 +293,10 @@ class Hessian(CurvatureOperator):
                 if round_ == 0:
                     repeat_ok[name] = _relative_difference(out, first[name]) <= tol
             ranked = sorted(timings.values())
-            if len(ranked) < 2 or ranked[0] / ranked[1] < _CLOSE:
+            if len(ranked) < 2:
+                break
+            close = ranked[0] / ranked[1] >= _CLOSE
+            if time.perf_counter() - start >= _BUDGET_S and not (close and round_ == 0):
                 break
         self.mode_timings = dict(timings)
         best = min(timings, key=timings.__getitem__)
@@ -248,9 +311,15 @@ class Hessian(CurvatureOperator):
             best = fallback if fallback in kernels else best
         mode_name, _, suffix = best.partition("+")
         mode, compiled = HVPMode(mode_name), bool(suffix)
-        self._use(mode, compiled, kernels[best])
+        self._use(mode, compiled, kernels[best] if compiled else None)
         self._repeat_ok = repeat_ok[best]
         return ModeChoice(mode, compiled, dict(timings), dict(failures))
+
+    def _kept_graph_kernel(self, params: Params, X: Any, y: Tensor) -> Kernel:
+        """The product through a kept graph of the probe batch (batch 0), built now: what a reverse-over-reverse
+        product costs when ``reuse_graph`` applies. The graph stays for the operator's first product."""
+        graph = self._graph(0, params, X, y)
+        return lambda p, u, X_, y_: through_graph(graph, u)
 
     def _fall_back_to_fd(self, failures: dict[str, str]) -> ModeChoice:
         listing = "; ".join(f"{k}: {v}" for k, v in failures.items())
@@ -292,7 +361,8 @@ class Hessian(CurvatureOperator):
         """How the products are computed, for result records: mode, compiled, how the mode was chosen, the
         measured timings and failures, and for finite differences the step and the error estimate."""
         info: dict[str, Any] = {"mode": self.mode.value, "requested_mode": self.requested_mode.value,
-                                "compiled": self.compiled, "mode_source": self.mode_source,
+                                "compiled": self.compiled, "reuse_graph": self.reuse_graph,
+                                "mode_source": self.mode_source,
                                 "mode_timings_s": dict(self.mode_timings)}
         if self.mode_failures:
             info["mode_failures"] = dict(self.mode_failures)

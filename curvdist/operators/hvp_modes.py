@@ -137,6 +137,21 @@ def reverse_over_reverse(batch_loss: BatchLoss, params: Params, v: Params, X: An
         return _double_backward(g, leaves, v, retain_graph=False)
 
 
+def gradient_graph(batch_loss: BatchLoss, params: Params, X: Any, y: Tensor) -> tuple[Params, Params]:
+    """(leaves, ∇ℓ_b) with the graph of ∇ℓ_b kept, for products through it (:func:`through_graph`)."""
+    with torch.enable_grad():
+        leaves = _leaves(params)
+        g = _gradient(batch_loss(leaves, X, y), leaves, create_graph=True)
+    _check_twice_differentiable(g)
+    return leaves, g
+
+
+def through_graph(graph: tuple[Params, Params], v: Params) -> Params:
+    """H_b v = ∇_θ ⟨∇ℓ_b, v⟩ through a kept graph of ∇ℓ_b (the second backward only; the graph stays)."""
+    leaves, g = graph
+    return _double_backward(g, leaves, v, retain_graph=True)
+
+
 def reverse_over_reverse_block(batch_loss: BatchLoss, params: Params, V: Params, X: Any, y: Tensor) -> Params:
     """H_b V for k vectors stacked along a leading axis: one forward and first backward, then k backwards through
     the kept graph of ∇ℓ_b."""
@@ -287,7 +302,8 @@ def compile_kernel(mode: HVPMode, batch_loss: BatchLoss, step: float | None = No
 
     Dynamo is told to trace into functions it skips by default (``torch._dynamo.dont_skip_tracing``): the
     problem's forward switches PyTorch's attention fast path off, which would otherwise break the graph and leave
-    the transforms to run eagerly.
+    the transforms to run eagerly. Shapes are static (``dynamic=False``): a batch of another size compiles its own
+    graph rather than a symbolic one (symbolic shapes through the transforms failed on a GPT-2 with torch 2.13).
     """
     fn = func_kernel(mode, batch_loss, step)
     compiled: list[Kernel] = []
@@ -295,7 +311,8 @@ def compile_kernel(mode: HVPMode, batch_loss: BatchLoss, step: float | None = No
     def kernel(params: Params, v: Params, X: Any, y: Tensor) -> Params:
         if not compiled:
             dont_skip = getattr(getattr(torch, "_dynamo", None), "dont_skip_tracing", None)
-            compiled.append(torch.compile(dont_skip(fn) if dont_skip is not None else fn, backend=backend))
+            compiled.append(torch.compile(dont_skip(fn) if dont_skip is not None else fn, backend=backend,
+                                          dynamic=False))
         return compiled[0](params, v, X, y)
 
     return kernel
@@ -308,5 +325,5 @@ def warn_compile_failed(mode: HVPMode, error: BaseException) -> None:
 
 
 __all__ = ["EXACT_MODES", "BatchLoss", "Kernel", "block_kernel", "compile_kernel", "default_fd_step",
-           "eager_kernel", "fd_epsilon", "finite_difference", "forward_over_reverse", "func_kernel",
-           "reverse_over_reverse", "reverse_over_reverse_block", "unit_roundoff"]
+           "eager_kernel", "fd_epsilon", "finite_difference", "forward_over_reverse", "func_kernel", "gradient_graph",
+           "reverse_over_reverse", "reverse_over_reverse_block", "through_graph", "unit_roundoff"]

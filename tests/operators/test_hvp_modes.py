@@ -272,3 +272,51 @@ def test_the_exact_modes_agree_on_a_narrow_resnet() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an exact mode works: auto neither warns nor uses finite differences
         assert cd.operator(problem, "hessian").mode in EXACT
+
+
+# ------------------------------------------------------------------ products through a kept gradient graph
+
+
+def _one_batch(name: str) -> tuple[cd.Problem, nn.Module, Tensor, Tensor, str]:
+    case = CASES[name]()
+    model = case.model()
+    return cd.Problem(model, case.loss, (case.X, case.y)), model, case.X, case.y, case.loss
+
+
+def test_a_kept_gradient_graph_follows_every_in_place_change() -> None:
+    """One batch: reverse-over-reverse keeps the graph of ∇ℓ and runs only the second backward per product; a step
+    of the parameters (set_params) or a changed buffer (BatchNorm statistics) rebuilds it."""
+    problem, model, X, y, loss = _one_batch("cnn_bn")
+    op = cd.operator(problem, "hessian", mode="reverse_over_reverse")
+    assert op.reuse_graph and op.product_info()["reuse_graph"]
+    v = _vector(problem.dim)
+    truth = lambda: dense.dense_hessian(model, loss, X, y, "mean")
+    assert _rel(op.matvec(v), truth() @ v) < 1e-10
+    assert _rel(op.matvec(v), truth() @ v) < 1e-10  # through the kept graph
+    problem.set_params(tuple(p + 0.3 * torch.randn_like(p) for p in problem.params))
+    assert _rel(op.matvec(v), truth() @ v) < 1e-10
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.running_var.mul_(2.0)
+    assert _rel(op.matvec(v), truth() @ v) < 1e-10
+    op.release_graph()
+    assert _rel(op.to_dense(), truth()) < 1e-10
+    auto = cd.operator(problem, "hessian")  # auto times reverse-over-reverse through the kept graph
+    assert auto.reuse_graph == (auto.mode == HVPMode.REVERSE_OVER_REVERSE)
+    assert _rel(auto.matvec(v), truth() @ v) < 1e-10
+
+
+def test_graph_reuse_is_for_one_batch_unless_asked_and_never_skips_the_determinism_check() -> None:
+    problem, H = _truth("mlp")  # three batches
+    v = _vector(problem.dim)
+    assert not cd.operator(problem, "hessian", mode="reverse_over_reverse").reuse_graph
+    every = cd.operator(problem, "hessian", mode="reverse_over_reverse", reuse_graph=True)
+    assert every.reuse_graph and _rel(every.matvec(v), H @ v) < 1e-10 and _rel(every.matvec(v), H @ v) < 1e-10
+    assert not cd.operator(problem, "hessian", mode="finite_difference").reuse_graph
+    with pytest.raises(ProblemError, match="reuse_graph"):
+        cd.operator(problem, "hessian", mode="forward_over_reverse", reuse_graph=True)
+    # a random forward pass is caught although the products would then share one graph
+    case = CASES["mlp"]()
+    noisy = nn.Sequential(case.model(), nn.Dropout(0.5)).train()
+    with pytest.raises(cd.errors.NonDeterministicError):
+        cd.operator(cd.Problem(noisy, case.loss, (case.X, case.y)), "hessian", mode="reverse_over_reverse")
