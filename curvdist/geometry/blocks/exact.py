@@ -10,13 +10,16 @@ give the block of C = s · Σ_n J_nᵀ Λ_n J_n on p exactly:
 (unscaled: the metric multiplies by s). This covers any parameter of any differentiable model — a class token, a
 positional embedding added to every sample, the weight of a Hugging Face ``RMSNorm`` or of a grouped convolution —
 at the price of one VJP per (sample, k), vectorized with ``vmap`` over the samples of a batch (in chunks) and
-over k.
+over k. The per-sample products are checked against the chunk's total (one VJP of the chunk per k) and computed
+sample by sample where they disagree or ``vmap`` fails — a batching rule that mixes the two levels (PReLU's, in
+torch 2.13) would otherwise give wrong blocks silently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
@@ -41,21 +44,45 @@ def exact_block_sums(problem: Problem, names: Sequence[str], X: Inputs, U: Tenso
     params = list(problem.params)
     sub = tuple(params[i] for i in index)
 
-    def sample_products(x: Inputs, u: Tensor) -> tuple[Tensor, ...]:
-        """J_nᵀ u_k w.r.t. the parameters ``names`` for one sample x and its K output vectors u (K, *out)."""
+    def pullback_of(x: Inputs) -> Callable[[Tensor], tuple[Tensor, ...]]:
+        """The VJP of f(x; θ) w.r.t. the parameters ``names`` (x a batch), the others held at their values."""
         def f(*q: Tensor) -> Tensor:
             full = list(params)
             for i, t in zip(index, q):
                 full[i] = t
-            return problem.forward(tuple(full), as_batch_of_one(x)).squeeze(0)
+            return problem.forward(tuple(full), x)
 
-        _, pullback = vjp(f, *sub)
-        return vmap(pullback)(u)
+        return vjp(f, *sub)[1]
+
+    def sample_products(x: Inputs, u: Tensor) -> tuple[Tensor, ...]:
+        """J_nᵀ u_k for one sample x (no batch axis) and its K output vectors u (K, *out)."""
+        return vmap(pullback_of(as_batch_of_one(x)))(u.unsqueeze(1))
+
+    def one_level(x: Inputs, u: Tensor) -> tuple[Tensor, ...]:
+        """The same with ``vmap`` over k only, sample by sample."""
+        rows = [vmap(pullback_of(slice_inputs(x, n, n + 1)))(u[n:n + 1].transpose(0, 1)) for n in range(u.shape[0])]
+        return tuple(torch.stack(g) for g in zip(*rows))
+
+    def consistent(x: Inputs, u: Tensor, grads: tuple[Tensor, ...]) -> bool:
+        """Σ_n J_nᵀ u_{n,k} = (J of the whole chunk)ᵀ u_k: catches batching rules that mix the two vmap levels
+        (torch 2.13 returns wrong PReLU products when the samples and k are both vmapped)."""
+        total = vmap(pullback_of(x))(u.transpose(0, 1))
+        for g, t in zip(grads, total):
+            tol = torch.finfo(t.dtype).eps ** 0.5 * max(float(t.norm()), 1e-30)
+            if float((g.sum(0) - t).norm()) > tol:
+                return False
+        return True
 
     Un = U.transpose(0, 1)  # (B, K, *out)
     for start in range(0, batch_len(X), chunk):
-        stop = start + chunk
-        grads = vmap(sample_products)(slice_inputs(X, start, stop), Un[start:stop])  # each (b, K, *shape)
+        x, u = slice_inputs(X, start, start + chunk), Un[start:start + chunk]
+        try:
+            grads = vmap(sample_products)(x, u)  # each (b, K, *shape)
+            ok = consistent(x, u, grads)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            grads = one_level(x, u)
         for name, g in zip(names, grads):
             flat = g.reshape(-1, g[0, 0].numel())
             value = flat.T @ flat if dense[name] else flat.pow(2).sum(0)

@@ -232,17 +232,18 @@ class _Gain(nn.Module):
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_parameters_without_a_layer_rule_get_exact_blocks(exact: bool) -> None:
-    """A model's own tensor (the transformer's positions), a grouped convolution and a custom module have no rule:
+    """A model's own tensor (the transformer's positions), a grouped convolution, a custom module and a PReLU have no
+    rule:
     their blocks are the exact blocks of the GGN (KFLR) or of the sampled Fisher with the same labels (KFAC)."""
     options = {} if exact else {"mc_samples": 2, "seed": 1}
     op, op_options = ("ggn", {}) if exact else ("fisher_mc", options)
     problem = make_problem(CASES["transformer"]())
     assert uncovered(problem.model, problem.param_names) == {
         "the model itself (TransformerBlockClassifier)": ["pos"]}
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 3), _Gain(3)).double()
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 3), _Gain(3), nn.PReLU()).double()
     X, y = torch.randn(5, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
-    conv = cd.Problem(model, "cross_entropy", (X, y), batch_size=3)
-    for p, names in ((problem, ["pos"]), (conv, ["0.weight", "0.bias", "3.gain"])):
+    conv = cd.Problem(model, "cross_entropy", (X, y), batch_size=3)  # (PReLU: no vmap rule for its double backward)
+    for p, names in ((problem, ["pos"]), (conv, ["0.weight", "0.bias", "3.gain", "4.weight"])):
         blocks = _kfac_blocks(kfac(p, damping=1e-3, exact=exact, backend="torch", **options))
         dense = _dense_blocks(p, op, **op_options)
         for name in names:
