@@ -202,8 +202,10 @@ def eigs(op: CurvatureOperator, k: int = 1, which: str = "largest", *, metric: M
 def _save_krylov(path: Path, state: Krylov, space: Any) -> None:
     """Atomically write the Lanczos state (basis gathered to flat CPU tensors)."""
     tmp = path.with_name(path.name + ".tmp")
+    # clone each vector: a row view of a preallocated basis block would save the whole block's storage
+    basis = [space.to_tensor(q).detach().cpu().clone() for q in state.basis]
     torch.save({"alphas": list(state.alphas), "betas": list(state.betas), "restarts": state.restarts,
-                "matvecs": state.matvecs, "basis": [space.to_tensor(q).detach().cpu() for q in state.basis]}, tmp)
+                "matvecs": state.matvecs, "basis": basis}, tmp)
     tmp.replace(path)
     maybe_stop(len(state.alphas))  # the fault-injection switch: a crash right after a checkpoint
 
