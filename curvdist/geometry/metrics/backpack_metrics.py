@@ -401,13 +401,15 @@ def resolve_backend(problem: Problem, backend: str, make_extension: Callable[[],
     return "backpack" if backpack_applicable(problem, make_extension, second_order, allowed) else "torch"
 
 
-def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0, backend: str = "auto") -> Tensor:
+def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0, backend: str = "auto",
+                 memory_budget: int | None = None) -> Tensor:
     """The undamped diagonal of ``kind`` ∈ {diag_ggn, diag_fisher_mc, empirical_fisher_diag} as a flat tensor
     (for reductions over data shards, where a single shard's diagonal may have zeros).
 
     ``backend``: ``backpack`` (BackPACK's extensions), ``torch`` (exact per-sample VJPs with ``torch.func``,
     :func:`curvdist.geometry.blocks.diagonal.diagonal_sums`, any differentiable model; sampled labels are those of
-    the ``fisher_mc`` operator with the same seed) or ``auto`` (BackPACK where it applies)."""
+    the ``fisher_mc`` operator with the same seed) or ``auto`` (BackPACK where it applies). ``memory_budget``: bytes
+    of one vectorized chunk of the own kernels' per-sample products (default 2 GiB)."""
     if kind not in _OWN_KIND:
         raise MetricError(f"unknown diagonal metric {kind!r}")
     check_mc_samples(mc_samples)
@@ -416,7 +418,7 @@ def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0
         from ..blocks.diagonal import diagonal_sums
 
         try:
-            return diagonal_sums(problem, _OWN_KIND[kind], mc_samples, seed) * problem.scale
+            return diagonal_sums(problem, _OWN_KIND[kind], mc_samples, seed, memory_budget) * problem.scale
         except NotImplementedError as e:
             raise MetricError(f"the {problem.loss.name} loss cannot give exact output-space factors ({e}); use "
                               f"diag_fisher_mc, or give the loss an output_hessian_sqrt") from e
@@ -427,8 +429,9 @@ def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0
 
 
 def _diagonal(problem: Problem, kind: str, damping: float, mc_samples: int = 1, seed: int = 0,
-              backend: str = "auto", damping_diagonal: Tensor | None = None) -> DiagonalMetric:
-    diag = raw_diagonal(problem, kind, mc_samples, seed, backend)
+              backend: str = "auto", damping_diagonal: Tensor | None = None,
+              memory_budget: int | None = None) -> DiagonalMetric:
+    diag = raw_diagonal(problem, kind, mc_samples, seed, backend, memory_budget)
     return DiagonalMetric(diag, damping=damping, kind=kind,
                           names=entry_names(problem, diag, damping, damping_diagonal),
                           damping_diagonal=damping_diagonal)
@@ -446,7 +449,7 @@ def entry_names(problem: Problem, diag: Tensor, damping: float,
 
 # ====================================================================== public
 def diag_ggn(problem: Problem, damping: float = 0.0, backend: str = "auto",
-             damping_diagonal: Tensor | None = None) -> DiagonalMetric:
+             damping_diagonal: Tensor | None = None, memory_budget: int | None = None) -> DiagonalMetric:
     """The exact diagonal of the generalized Gauss-Newton matrix, M_δ = diag(G) + δI (δ·diag(r) with
     ``damping_diagonal`` r, e.g. the pulled-back θ-identity diag(JᵀJ), see :mod:`curvdist.geometry.damping`).
 
@@ -455,6 +458,9 @@ def diag_ggn(problem: Problem, damping: float = 0.0, backend: str = "auto",
     which backpropagates the symmetric factorization Λ_n = S_n S_nᵀ, in one backward pass per batch, or, for
     models and losses BackPACK cannot handle (``backend="auto"``/``"torch"``: any curvdist loss, including the
     language-model losses and user losses with an ``output_hessian_sqrt``), from per-sample VJPs J_nᵀ S_n e_k.
+
+    The own kernels vectorize the per-sample products in chunks whose results fit in ``memory_budget`` bytes
+    (default 2 GiB); running out of memory is a MetricError naming that option.
 
     A diagonal metric is a tensor only under reparametrizations with a diagonal Jacobian.
 
@@ -465,11 +471,13 @@ def diag_ggn(problem: Problem, damping: float = 0.0, backend: str = "auto",
         SingularMetricError: an entry of diag(G) + δ is 0 (e.g. a weight fed by an input that is always 0);
             add damping.
     """
-    return _diagonal(problem, "diag_ggn", damping, backend=backend, damping_diagonal=damping_diagonal)
+    return _diagonal(problem, "diag_ggn", damping, backend=backend, damping_diagonal=damping_diagonal,
+                     memory_budget=memory_budget)
 
 
 def diag_fisher_mc(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int = 0,
-                   backend: str = "auto", damping_diagonal: Tensor | None = None) -> DiagonalMetric:
+                   backend: str = "auto", damping_diagonal: Tensor | None = None,
+                   memory_budget: int | None = None) -> DiagonalMetric:
     """A Monte-Carlo estimate of the diagonal of the Fisher (= GGN for cross-entropy and MSE), M_δ = diag(G̃) + δI
     (δ·diag(r) with ``damping_diagonal`` r, as in :func:`diag_ggn`).
 
@@ -483,11 +491,12 @@ def diag_fisher_mc(problem: Problem, damping: float = 0.0, mc_samples: int = 1, 
 
     A diagonal metric is a tensor only under reparametrizations with a diagonal Jacobian.
     """
-    return _diagonal(problem, "diag_fisher_mc", damping, mc_samples, seed, backend, damping_diagonal)
+    return _diagonal(problem, "diag_fisher_mc", damping, mc_samples, seed, backend, damping_diagonal, memory_budget)
 
 
 def empirical_fisher_diag(problem: Problem, damping: float = 0.0, backend: str = "auto",
-                          damping_diagonal: Tensor | None = None) -> DiagonalMetric:
+                          damping_diagonal: Tensor | None = None, memory_budget: int | None = None
+                          ) -> DiagonalMetric:
     """The diagonal of the empirical Fisher, M_δ = diag(s · Σ_n g_n ∘ g_n) + δI with g_n = ∇_θ ℓ(f(x_n; θ), y_n)
     (δ·diag(r) with ``damping_diagonal`` r, as in :func:`diag_ggn`).
 
@@ -497,4 +506,5 @@ def empirical_fisher_diag(problem: Problem, damping: float = 0.0, backend: str =
 
     A diagonal metric is a tensor only under reparametrizations with a diagonal Jacobian.
     """
-    return _diagonal(problem, "empirical_fisher_diag", damping, backend=backend, damping_diagonal=damping_diagonal)
+    return _diagonal(problem, "empirical_fisher_diag", damping, backend=backend, damping_diagonal=damping_diagonal,
+                     memory_budget=memory_budget)
