@@ -104,8 +104,9 @@ class Hessian(CurvatureOperator):
         reuse_graph: keep the graph of ∇ℓ_b (built with ``create_graph=True``) between reverse-over-reverse
             products and run only the second backward per product — the forward pass and the first backward do not
             depend on v, so every product at the same θ can share them (as PyHessian does). The graph is rebuilt
-            when any selected parameter, model parameter or buffer has changed in place (their version counters),
-            and :meth:`release_graph` frees it. It holds the activations and the backward graph of every batch
+            when any selected parameter, model parameter or buffer has changed in place (their version counters;
+            writes through ``.data`` bypass them: call :meth:`release_graph` after those), and
+            :meth:`release_graph` frees it. It holds the activations and the backward graph of every batch
             between products, so the default (``None``) reuses it only for a problem of one (micro-)batch, whose
             product needs that memory anyway; ``True`` for every batch, ``False`` never. Under ``auto`` the
             reverse-over-reverse timing is then that of a product through the kept graph.
