@@ -148,9 +148,11 @@ def run_query(q: Any, coords: Coordinates, curvature: CurvatureSpec, metric_spec
     if isinstance(q, BlockSpectraQuery):
         r = blocks_of(q, coords, curvature, metric_spec, seed)
         return replace(r, metric=metric_spec.label(), coordinates=coords.name, backend=coords.problem.backend)
-    r = answer(q, coords.operator(curvature, metric_spec), coords.metric(metric_spec), seed, progress, lanczos_file,
-               checkpoint_every)
-    return replace(r, metric=metric_spec.label(), coordinates=coords.name, backend=coords.problem.backend)
+    op = coords.operator(curvature, metric_spec)
+    r = answer(q, op, coords.metric(metric_spec), seed, progress, lanczos_file, checkpoint_every)
+    product = getattr(op, "product_info", None)  # the Hessian's product mode, its timings and step
+    info = dict(r.info, product=product()) if callable(product) else r.info
+    return replace(r, metric=metric_spec.label(), coordinates=coords.name, backend=coords.problem.backend, info=info)
 
 
 def scalars(result: Result) -> dict[str, float]:

@@ -16,6 +16,7 @@ from ..catalogue import (
     DampingReference,
     DiagMethod,
     Grouping,
+    HVPMode,
     MetricKind,
     QueryKind,
     TraceMethod,
@@ -53,14 +54,23 @@ class NamedSpecs(Strict):
 
 
 class CurvatureSpec(Strict):
+    """A curvature operator: ``kind``; ``mc_samples`` for fisher_mc; for the Hessian the product ``mode`` (auto:
+    the fastest exact mode, measured once) and ``compile`` (torch.compile of the per-batch product)."""
+
     kind: CurvatureName = "hessian"
     mc_samples: PositiveInt = 1
     check_determinism: bool = True
+    mode: choice(HVPMode) = "auto"
+    compile: bool = False
 
     def options(self, seed: int) -> dict[str, Any]:
         opts: dict[str, Any] = {"check_determinism": self.check_determinism}
         if self.kind == "fisher_mc":
             opts.update(mc_samples=self.mc_samples, seed=seed)
+        if self.kind == "hessian" and (self.mode != "auto" or self.compile):
+            opts.update(mode=self.mode, compile=self.compile)
+        elif self.mode != "auto" or self.compile:
+            raise ConfigError(f"curvature: mode and compile apply to the hessian only, not to {self.kind!r}")
         return opts
 
 
