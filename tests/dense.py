@@ -107,3 +107,22 @@ def dense_fisher_by_enumeration(model: nn.Module, X: Tensor, y: Tensor, reductio
 def dense_empirical_fisher(model: nn.Module, loss: str, X: Tensor, y: Tensor, reduction: str) -> Tensor:
     G = per_sample_grads(model, loss, X, y)
     return scale(reduction, len(X)) * G.T @ G
+
+
+def dense_blocks(problem, kind: str = "ggn", **options: object) -> dict[str, Tensor]:
+    """The diagonal blocks, one per parameter, of the dense matrix of curvdist's operator ``kind`` (whose products
+    are themselves checked against this module's autograd truth)."""
+    import curvdist as cd
+
+    C = cd.operator(problem, kind, **options).to_dense()
+    out, i = {}, 0
+    for name, shape in zip(problem.param_names, problem.shapes):
+        k = shape.numel()
+        out[name] = C[i:i + k, i:i + k]
+        i += k
+    return out
+
+
+def kronecker_blocks(M: object) -> dict[str, Tensor]:
+    """The undamped dense blocks of a Kronecker-factored metric, by parameter name."""
+    return {b.name: b.dense(0.0) for b in M.blocks}  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import curvdist as cd
+
 from .conftest import VOCAB, LMCase, make_case
 
 

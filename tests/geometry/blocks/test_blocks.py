@@ -13,6 +13,7 @@ from curvdist.geometry.blocks.attention import explicit_attention
 from curvdist.geometry.blocks.probes import Recorder, uncovered
 from curvdist.geometry.metrics.backpack_metrics import diag_fisher_mc, diag_ggn, empirical_fisher_diag
 from curvdist.geometry.metrics.kfac import kfac, kfac_sums
+from tests import dense
 from tests.cases import CASES, Case, make_problem
 
 DIAGONALS = {"diag_ggn": ("ggn", {}), "diag_fisher_mc": ("fisher_mc", {"mc_samples": 3, "seed": 7}),
@@ -27,19 +28,10 @@ def _covered_problem(case: Case, **kw: object) -> cd.Problem:
     return cd.Problem(model, case.loss, (case.X, case.y), batch_size=case.batch_size, params=names, **kw)
 
 
-def _dense_blocks(problem: cd.Problem, kind: str, **options: object) -> dict[str, torch.Tensor]:
-    """The diagonal blocks of the dense matrix of operator ``kind``, one per parameter."""
-    C = cd.operator(problem, kind, **options).to_dense()
-    out, i = {}, 0
-    for name, shape in zip(problem.param_names, problem.shapes):
-        k = shape.numel()
-        out[name] = C[i:i + k, i:i + k]
-        i += k
-    return out
+_dense_blocks = dense.dense_blocks
 
 
-def _kfac_blocks(M: object) -> dict[str, torch.Tensor]:
-    return {b.name: b.dense(0.0) for b in M.blocks}  # type: ignore[attr-defined]
+_kfac_blocks = dense.kronecker_blocks
 
 
 # ---------------------------------------------------------------------------------------------- diagonals

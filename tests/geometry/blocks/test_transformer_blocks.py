@@ -13,23 +13,15 @@ from curvdist import zoo
 from curvdist.errors import MetricError
 from curvdist.geometry.blocks.probes import uncovered
 from curvdist.geometry.metrics.kfac import KFACMetric, kfac, nearest_kronecker
+from tests import dense
 
 GPT2 = {"model_type": "gpt2", "vocab_size": 8, "n_positions": 6, "n_embd": 4, "n_layer": 1, "n_head": 2}
 
 
-def _dense_blocks(problem: cd.Problem, kind: str = "ggn", **options: object) -> dict[str, torch.Tensor]:
-    """The diagonal blocks of the dense operator ``kind``, one per parameter."""
-    C = cd.operator(problem, kind, **options).to_dense()
-    out, i = {}, 0
-    for name, shape in zip(problem.param_names, problem.shapes):
-        k = shape.numel()
-        out[name] = C[i:i + k, i:i + k]
-        i += k
-    return out
+_dense_blocks = dense.dense_blocks
 
 
-def _blocks(M: object) -> dict[str, torch.Tensor]:
-    return {b.name: b.dense(0.0) for b in M.blocks}  # type: ignore[attr-defined]
+_blocks = dense.kronecker_blocks
 
 
 def _one_token_batch() -> dict[str, torch.Tensor]:
@@ -128,12 +120,12 @@ def test_timm_vit_gets_kronecker_metrics_without_edits(vit: tuple[nn.Module, tor
     exact = ["cls_token", "pos_embed", "blocks.0.norm1.weight", "norm.bias", "head.bias", "blocks.0.attn.proj.bias"]
     problem = cd.Problem(model, "cross_entropy", (X, y), batch_size=2, params=exact + ["blocks.0.attn.qkv.weight"])
     ggn = _dense_blocks(problem, "ggn")
-    for kind, options, dense in (("kflr", {}, ggn),
+    for kind, options, truth in (("kflr", {}, ggn),
                                  ("kfac", {"mc_samples": 2, "seed": 3}, _dense_blocks(problem, "fisher_mc",
                                                                                       mc_samples=2, seed=3))):
         blocks = _blocks(cd.metric(problem, kind, damping=1e-3, **options))
         for name in exact:
-            torch.testing.assert_close(blocks[name], dense[name], rtol=1e-8, atol=1e-12, msg=name)
+            torch.testing.assert_close(blocks[name], truth[name], rtol=1e-8, atol=1e-12, msg=name)
     small = kfac(problem, damping=1e-3, exact=True, dense_max=20)  # pos_embed (80 entries): its exact diagonal
     block = next(b for b in small.blocks if b.name == "pos_embed")
     assert block.diagonal

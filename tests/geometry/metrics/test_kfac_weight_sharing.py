@@ -58,14 +58,7 @@ def _compare_with_curvlinops(problem: cd.Problem, model_func: nn.Module, batches
         i += k
 
 
-def _dense_blocks(problem: cd.Problem, kind: str = "ggn", **options: object) -> dict[str, Tensor]:
-    C = cd.operator(problem, kind, **options).to_dense()
-    out, i = {}, 0
-    for name, shape in zip(problem.param_names, problem.shapes):
-        k = shape.numel()
-        out[name] = C[i:i + k, i:i + k]
-        i += k
-    return out
+_dense_blocks = dense.dense_blocks
 
 
 def _blocks(M: KFACMetric) -> dict[str, Tensor]:
