@@ -48,8 +48,8 @@ them into an existing JSON.
     python benchmarks/lm_benchmark.py --summarize   # recompute summary and plot of the JSON
 
 The stored results (2-core CPU shared with other jobs, ~25 min of compute) were made with ``--batch 2 --tokens 64``
-for the products and ``--tol 3e-2 --max-steps 16 --power-steps 15`` for the eigenvalue runs: at 4×128 one HVP took
-~45 s, and each Lanczos vector of 124M float32 entries is 0.5 GB (see the JSON's notes).
+for the products and ``--tol 3e-2 --max-steps 16 --power-steps 15`` for the eigenvalue runs: at 4×128 one gradient took
+~15 s (a probe, not in the JSON), and each Lanczos vector of 124M float32 entries is 0.5 GB (see the JSON's notes).
 """
 
 from __future__ import annotations
