@@ -115,7 +115,8 @@ def answer(q: Any, op: CurvatureOperator, M: Metric | None, seed: int, progress:
                        progress=progress)
     if isinstance(q, FlatnessQuery):
         return flatness(op, metric=M, trace_method=q.trace_method, matvecs=q.matvecs,
-                        logdet_damping=q.logdet_damping, probes=q.probes, steps=q.steps, seed=seed, progress=progress)
+                        logdet_damping=q.logdet_damping, probes=q.probes, steps=q.steps, seed=seed, tol=q.tol,
+                        progress=progress)
     if isinstance(q, GradNormQuery):
         return grad_norm(op, metric=M)
     raise ConfigError(f"queries: unsupported query kind {getattr(q, 'kind', q)!r}")
@@ -134,7 +135,8 @@ def blocks_of(q: BlockSpectraQuery, coords: Coordinates, curvature: CurvatureSpe
         raise ConfigError("queries: block_spectra takes the Euclidean metric without damping")
     kind = None if metric_spec.kind == "euclidean" else metric_spec.kind
     return block_spectra(coords.problem, curvature=curvature.kind, metric=kind, damping=metric_spec.damping,
-                         groups=q.groups, k=q.k, compare=q.compare, metric_options=dict(metric_spec.options),
+                         groups=q.groups, k=q.k, compare=q.compare, dense_block_dim=q.dense_block_dim,
+                         trace_matvecs=q.trace_matvecs, metric_options=dict(metric_spec.options),
                          operator_options=curvature.options(seed), seed=seed)
 
 

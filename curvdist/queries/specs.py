@@ -141,6 +141,7 @@ class FlatnessQuery(QueryBase):
     logdet_damping: Annotated[float, Field(ge=0)] = 0.0
     probes: PositiveInt = 10
     steps: PositiveInt = 40
+    tol: Annotated[float, Field(gt=0)] | None = None  # of the top eigenvalue's Lanczos solve
 
 
 class BlockSpectraQuery(QueryBase):
@@ -152,6 +153,8 @@ class BlockSpectraQuery(QueryBase):
     groups: choice(Grouping) = "block"
     k: PositiveInt = 3
     compare: bool = False
+    dense_block_dim: PositiveInt = 1024  # larger blocks: Lanczos for the top k, Hutch++ for the trace
+    trace_matvecs: PositiveInt = 60
 
 
 Query = Annotated[
