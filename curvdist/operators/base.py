@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..errors import AutodiffError, CurvdistError, NonDeterministicError, NonFiniteError, ShapeError, SolverError
-from ..problem.data import shuffles
-from ..problem.data import Inputs
+from ..problem.data import Inputs, shuffles
 from ..problem.problem import Params, Problem
 
 if TYPE_CHECKING:

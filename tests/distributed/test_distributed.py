@@ -180,6 +180,7 @@ def test_killed_worker_mid_lanczos_gives_the_uninterrupted_result(tmp_path):
     assert _values(tmp_path / "faulty.json") == _values(tmp_path / "clean.json")
 
 
+@pytest.mark.slow  # two full training runs through Ray (about a minute on 2 cores)
 def test_worker_restarted_after_the_parameters_moved_computes_at_the_current_point(tmp_path):
     """curvdist train in data mode moves the workers' parameters (RiemannianSGD refreshes, logged queries); a worker
     killed late in the run is rebuilt from its spec (the initial point) and must get the current parameters again

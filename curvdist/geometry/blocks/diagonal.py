@@ -24,7 +24,6 @@ from ...problem.data import Inputs, batch_len, slice_inputs
 from ...problem.problem import Problem
 from .exact import as_batch_of_one
 
-
 #: default memory budget of one vectorized chunk of per-sample products (bytes)
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
