@@ -66,12 +66,14 @@ class ReparamSpec(Strict):
 
 class BackendSpec(Strict):
     """``local``, or ``ray`` with ``mode: data`` (``workers`` replicas, disjoint data shards) or ``mode: pipeline``
-    (``stages`` consecutive model stages); ``address`` connects to an existing cluster instead of an embedded one."""
+    (``stages`` consecutive model stages, each batch split into ``micro_batches`` that flow through them
+    GPipe-style); ``address`` connects to an existing cluster instead of an embedded one."""
 
     kind: Literal["local", "ray"] = "local"
     mode: Literal["data", "pipeline"] = "data"
     workers: PositiveInt = 2
     stages: PositiveInt = 2
+    micro_batches: PositiveInt | None = None
     address: str | None = None
     max_restarts: Annotated[int, Field(ge=0)] = 2
     checkpoint_every: PositiveInt = 10

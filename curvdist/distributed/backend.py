@@ -47,13 +47,16 @@ class RayBackend:
         return ShardedProblem(model, spec.loss, RayReducer(pool), list(spec.params) if spec.params else None,
                               spec.reduction)
 
-    def pipeline(self, spec: ProblemSpec, stages: int = 2) -> Any:
-        """``spec``'s problem with its model split into ``stages`` consecutive stages by parameter count, stage i
-        on actor i with only its parameters (an ``nn.Sequential`` or a model with a ``stages()`` method)."""
+    def pipeline(self, spec: ProblemSpec, stages: int = 2, micro_batches: int | None = None) -> Any:
+        """``spec``'s problem with its model split into ``stages`` consecutive stages balanced by the parameters
+        each holds, stage i on actor i with only its parameters: an ``nn.Sequential``, a model with a
+        ``stages()`` method, or a block stack such as a Hugging Face decoder (traced and cut at its blocks).
+        ``micro_batches``: each batch is split into this many micro-batches that flow through the stages
+        GPipe-style (default: ``spec.micro_batch_size``, else whole batches)."""
         from .pipeline import PipelineProblem, StagePool
 
         _check_spec(spec)
-        pool = StagePool(spec, stages, max_restarts=self.max_restarts)
+        pool = StagePool(spec, stages, max_restarts=self.max_restarts, micro_batches=micro_batches)
         self._pools.append(pool)
         return PipelineProblem(pool)
 

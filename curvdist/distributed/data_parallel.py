@@ -142,3 +142,9 @@ class RayReducer(ShardReducer):
 
     def stats(self) -> dict[str, Any] | None:
         return {"retried_worker_calls": self.pool.retries}
+
+    def memory_reset(self) -> None:
+        self.pool.call("memory_reset")
+
+    def memory_records(self) -> list[dict[str, Any]]:
+        return list(self.pool.call("memory_record"))

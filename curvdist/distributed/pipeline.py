@@ -45,12 +45,17 @@ class ShardedVector:
 class ShardedSpace:
     """The :class:`~curvdist.solvers.space.VectorSpace` of stage-sharded vectors."""
 
-    def __init__(self, actors: list[Any], dims: list[int], dtype: torch.dtype) -> None:
+    def __init__(self, actors: list[Any], dims: list[int], dtype: torch.dtype,
+                 segments: list[list[tuple[int, int]]] | None = None) -> None:
         import ray
 
         self.ray, self.actors, self.dims, self.dtype = ray, actors, dims, dtype
         self.dim = sum(dims)
-        self.offsets = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(int).tolist()
+        if segments is None:  # stage after stage
+            offsets = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(int).tolist()
+            segments = [[(o, d)] for o, d in zip(offsets, dims)]
+        #: per stage, the (offset, length) pieces of the problem's flat layout it owns, in its own order
+        self.segments = segments
         self._ids = itertools.count(1)
         self._garbage: list[int] = []
 
@@ -106,8 +111,7 @@ class ShardedSpace:
 
     def random(self, seed: int, kind: str = "rademacher") -> ShardedVector:
         out = self._new()
-        self.ray.get([a.random.remote(out.id, int(seed), kind, off, self.dim)
-                      for a, off in zip(self.actors, self.offsets)])
+        self._all("random", out.id, int(seed), kind)
         return out
 
     def lincomb(self, coeffs: np.ndarray, xs: list[ShardedVector]) -> ShardedVector:
@@ -116,37 +120,72 @@ class ShardedSpace:
         return out
 
     def to_tensor(self, x: ShardedVector) -> Tensor:
-        return torch.cat(self._all("get", x.id))
+        parts = self._all("get", x.id)
+        out = torch.empty(self.dim, dtype=parts[0].dtype)
+        for part, segs in zip(parts, self.segments):
+            i = 0
+            for off, n in segs:
+                out[off:off + n] = part[i:i + n]
+                i += n
+        return out
 
     def from_tensor(self, t: Tensor) -> ShardedVector:
         if t.ndim != 1 or t.numel() != self.dim:
             raise ShapeError(f"expected a flat vector of length {self.dim}, got {tuple(t.shape)}")
         out = self._new()
-        self.ray.get([a.put.remote(out.id, t[off:off + d].cpu()) for a, off, d in
-                      zip(self.actors, self.offsets, self.dims)])
+        t = t.cpu()
+        self.ray.get([a.put.remote(out.id, torch.cat([t[off:off + n] for off, n in segs] or [t[:0]]))
+                      for a, segs in zip(self.actors, self.segments)])
         return out
 
 
 class StagePool:
     """S :class:`StageWorker` actors built from a spec, with restarts."""
 
-    def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2) -> None:
+    def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None
+                 ) -> None:
         import ray
 
-        from .stages import split_points
+        from .stacks import split_points
 
-        split_points(spec.build_model(), stages)  # validate on the coordinator: a clear error, early
+        if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
+            raise ProblemError(f"micro_batches must be a positive integer, got {micro_batches!r}")
+        with torch.random.fork_rng(devices=[]):
+            split_points(spec.build_model(), stages)  # validate on the coordinator: a clear error, early
         cls = ray.remote(max_restarts=max_restarts, **resources_per_worker())(StageWorker)
-        self.ray, self.spec = ray, spec
-        self.actors = [cls.remote(spec, i, stages) for i in range(stages)]
+        self.ray, self.spec, self.micro_batches = ray, spec, micro_batches
+        self.actors = [cls.remote(spec, i, stages, micro_batches) for i in range(stages)]
         wait_scheduled(ray, self.actors, "pipeline stages")
         try:
             self.infos = ray.get([a.info.remote() for a in self.actors])
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
-        self.space = ShardedSpace(self.actors, [i["dim"] for i in self.infos], getattr(torch, spec.dtype))
+        owned = sum(i["dim"] for i in self.infos)
+        if owned != self.infos[0]["total"]:
+            raise ProblemError(f"the stages own {owned} of the problem's {self.infos[0]['total']} parameters")
+        self.space = ShardedSpace(self.actors, [i["dim"] for i in self.infos], getattr(torch, spec.dtype),
+                                  [[tuple(seg) for seg in i["segments"]] for i in self.infos])
         self.num_samples = self.infos[-1]["samples"]
-        self.num_batches = self.infos[-1]["batches"]
+        self.num_batches = self.infos[-1]["batches"]  # micro-batches, in order
+        #: tied parameters: (name, owner stage, user stage)
+        self.ties = [(n, o, s) for s, i in enumerate(self.infos) for n, o in i["foreign"].items()]
+        self.products = 0
+        self.product_s = 0.0
+        self.busy_s = [0.0] * stages
+
+    def reset_meters(self) -> None:
+        """Start a new window of busy times and peak memory on every stage."""
+        self.ray.get([a.reset_meters.remote() for a in self.actors])
+        self.products, self.product_s = 0, 0.0
+
+    def meters(self) -> dict[str, Any]:
+        """Stage utilization (busy time / product wall time) and per-stage memory since :meth:`reset_meters`."""
+        m = self.ray.get([a.meters.remote() for a in self.actors])
+        wall = self.product_s
+        return {"stages": len(self.actors), "micro_batches": self.num_batches, "products": self.products,
+                "product_wall_s": wall,
+                "utilization": [round(x["busy_s"] / wall, 4) if wall else None for x in m],
+                "memory": [x["memory"] for x in m]}
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -199,6 +238,13 @@ class PipelineProblem(StagedProblem):
         return PipelineKFACMetric(self.pool, damping, exact=kind == MetricKind.KFLR, reduction=self.reduction,
                                   **options)
 
+    def memory_reset(self) -> None:
+        super().memory_reset()
+        self.pool.reset_meters()
+
+    def memory_records(self) -> list[dict[str, Any]]:
+        return super().memory_records() + self.pool.meters()["memory"]
+
     def value(self) -> float:
         raise ProblemError("pipeline mode computes curvature products only; the loss and the gradient (grad_norm) "
                            "are not available")
@@ -210,6 +256,7 @@ class PipelineOperator:
     """C v for C ∈ {hessian, ggn, fisher} through the stage pipeline; v and C v are :class:`ShardedVector`."""
 
     def __init__(self, pool: StagePool, kind: str = "hessian", reduction: str = "mean") -> None:
+        """``kind``'s product through ``pool``'s stages, GPipe-scheduled over its micro-batches."""
         if kind not in KINDS:
             raise ProblemError(f"pipeline mode supports the curvature kinds {', '.join(KINDS)}; got {kind!r} "
                                f"(of {', '.join(names(Curvature))})")
@@ -224,23 +271,40 @@ class PipelineOperator:
         return self.pool.space
 
     def apply_vector(self, v: ShardedVector) -> ShardedVector:
-        ray, actors, space = self.pool.ray, self.pool.actors, self.pool.space
+        """GPipe: every micro-batch's forward pass is submitted, then every backward pass. A Ray actor runs its
+        calls in submission order, so stage s works on micro-batch m while stage s+1 works on m−1 (and the
+        other way round in the backward pass); each call passes one object to the next stage."""
+        import time
+
+        ray, actors, space, pool = self.pool.ray, self.pool.actors, self.pool.space, self.pool
+        t0 = time.perf_counter()
         out = space._new()
-        ray.get([a.begin.remote(v.id, out.id) for a in actors])
+        tied: list[dict[str, Any]] = [{} for _ in actors]
+        for name, owner, user in pool.ties:
+            tied[user][name] = actors[owner].tied_part.remote(v.id, name)
+        started = [a.begin.remote(v.id, out.id, t) for a, t in zip(actors, tied)]
         mode = "hessian" if self.kind == "hessian" else "ggn"
-        pending = []
-        for b in range(self.pool.num_batches):
-            x, xdot = None, None
+        M = pool.num_batches
+        for b in range(M):
+            carry = None
             for a in actors:
-                ref = a.forward.options(num_returns=2).remote(b, x, xdot, v.id)
-                x, xdot = ref
-            g, gdot = actors[-1].loss_start.options(num_returns=2).remote(b, x, xdot, mode)
+                carry = a.forward.remote(b, carry, v.id)
+        pending = []
+        for b in range(M):
+            cot = None
             for a in reversed(actors):
-                g, gdot = a.backward.options(num_returns=2).remote(b, g, gdot, mode, out.id)
-            pending.append(gdot)
+                cot = a.backward.remote(b, cot, mode, out.id)
+            pending.append(cot)
+        parts: list[list[Any]] = [[] for _ in actors]
+        users = sorted({user for _, _, user in pool.ties})
+        contributions = {user: actors[user].tied_contributions.remote() for user in users}
+        for name, owner, user in pool.ties:
+            parts[owner].append((name, contributions[user]))
+        done = [a.finish.remote(out.id, self.scale, p) for a, p in zip(actors, parts)]
         try:
+            ray.get(started)
             ray.get(pending)
-            ray.get([a.scale_result.remote(out.id, self.scale) for a in actors])
+            ray.get(done)
         except ray.exceptions.RayActorError as e:
             raise ClusterError("a stage actor died during a pipelined product; restart the solve from its last "
                                "checkpoint") from e
@@ -248,7 +312,16 @@ class PipelineOperator:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
         if not np.isfinite(space.dot(out, out)):
             raise NonFiniteError(f"the pipelined {self.kind} product is NaN or inf")
+        pool.products += 1
+        pool.product_s += time.perf_counter() - t0
         return out
+
+    def product_info(self) -> dict[str, Any]:
+        """The schedule, the stage utilization and the per-stage memory of the products since the pool's meters
+        were last reset."""
+        meters = self.pool.meters()
+        meters.pop("memory")  # reported per query in info["memory"], with the coordinator's line
+        return {"mode": "pipeline", **meters}
 
 
 class PipelineMetric(Metric):

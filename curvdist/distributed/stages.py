@@ -1,197 +1,286 @@
-"""Pipeline mode: the model split into consecutive stages, stage i on actor i with only its own parameters.
+"""Pipeline mode, stage side: stage s of S holds only its own parameters and runs its piece of every product.
 
-Splitting: an ``nn.Sequential`` (or a model whose ``stages()`` returns a list of modules) is cut into S
-consecutive groups with near-equal parameter counts (:func:`split_points`).
+Splitting (:mod:`curvdist.distributed.stacks`): an ``nn.Sequential`` or a ``stages()`` list of modules, or a block
+stack (a Hugging Face decoder or encoder) traced and cut at its blocks; cuts balance the parameters each stage
+holds. The value between stages is a named *carry* of tensors (hidden states, masks, token ids, ...).
 
-Products, for one batch, with v sharded as (v_0, …, v_{S−1}) by stage:
+Products, per micro-batch, with v sharded by stage (a parameter tied across stages is owned by the first stage that
+uses it; later users receive the owner's part of v and return their part of C v, which the owner adds):
 
-* GGN/Fisher: forward, stage i computes (a_i, ȧ_i) = jvp(f_i, (a_{i−1}, θ_i), (ȧ_{i−1}, v_i)); the last stage
-  applies the loss Hessian, u = Λ ȧ; backward, stage i maps u through vjp(f_i)(u) = (u_x, u_θ) and keeps u_θ.
+* GGN/Fisher: forward, stage s computes (c_s, ċ_s) = jvp(f_s, (c_{s−1}, θ_s), (ċ_{s−1}, v_s)); the last stage
+  applies the loss Hessian, u = Λ ḟ; backward, stage s maps u through vjp(f_s)(u) = (u_c, u_θ) and keeps u_θ.
 * Hessian: the same forward pass; the last stage starts the gradient and its directional derivative,
-  (g, ġ) = (∂ℓ/∂f, ∂²ℓ/∂f² ḟ); backward, stage i takes the JVP of the VJP,
-  jvp((x, θ, g) ↦ vjp(f_i)(g), (a_{i−1}, θ_i, g), (ȧ_{i−1}, v_i, ġ)) = ((g_x, g_θ), (ġ_x, ġ_θ)),
-  keeps ġ_θ (its shard of H v) and passes (g_x, ġ_x) on — forward-over-reverse, stage by stage.
+  (g, ġ) = (∂ℓ/∂f, ∂²ℓ/∂f² ḟ); backward, stage s takes the JVP of the VJP,
+  jvp((c, θ, g) ↦ vjp(f_s)(g), (c_{s−1}, θ_s, g), (ċ_{s−1}, v_s, ġ)) = ((g_c, g_θ), (ġ_c, ġ_θ)),
+  keeps ġ_θ (its shard of H v) and passes (g_c, ġ_c) on — forward-over-reverse, stage by stage.
 
-Activations and tangents travel actor to actor through Ray's object store (the coordinator passes ObjectRefs);
-vectors live on the stage actors as shards and the coordinator sees only scalars (:class:`ShardedSpace`).
+Each call returns one object (the carry with its tangents, or the cotangents), so one object-store transfer
+crosses a stage boundary per micro-batch and direction; vectors live on the stage actors as shards and the
+coordinator sees only scalars (:class:`~curvdist.distributed.pipeline.ShardedSpace`). Every stage times its calls
+(for the stage utilization) and measures its peak resident memory (:mod:`curvdist.resources`).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp
+from torch import Tensor
+from torch.func import jvp, vjp
 
-from ..errors import ProblemError
+from ..errors import MetricError, ProblemError
 from ..faults import maybe_fail
-from ..problem.autodiff import differentiable_kernels
-from ..problem.data import as_batches
+from ..problem.data import as_batches, inputs_to, slice_inputs, unpack
 from ..problem.losses import make_loss
 from ..problem.spec import ProblemSpec
+from ..resources import memory_record, reset_peak
 from ..solvers.space import random_flat
+from .stacks import SequentialProgram, StageProgram, TracedProgram, split_points, stage_modules, stage_program
+
+__all__ = ["StageWorker", "split_points", "stage_modules", "micro_batch_bounds"]
 
 
-def stage_modules(model: nn.Module) -> list[nn.Module]:
-    """The consecutive pieces a model can be split into."""
-    if hasattr(model, "stages") and callable(model.stages):
-        mods = list(model.stages())
-    elif isinstance(model, nn.Sequential):
-        mods = list(model)
-    else:
-        raise ProblemError(
-            f"pipeline mode needs an nn.Sequential or a model with a stages() method listing its consecutive "
-            f"modules; {type(model).__name__} is neither"
-        )
-    if not mods:
-        raise ProblemError("the model has no modules to split into stages")
-    return mods
+def micro_batch_bounds(n: int, micro_batches: int | None, size: int | None) -> list[tuple[int, int]]:
+    """[start, stop) of the micro-batches of a batch of n samples: ``micro_batches`` near-equal parts, or parts
+    of at most ``size`` samples, or the batch itself."""
+    if micro_batches is not None and micro_batches > 1:
+        edges = np.linspace(0, n, min(micro_batches, n) + 1).round().astype(int)
+        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    if size is not None and size < n:
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
+    return [(0, n)]
 
 
-def split_points(model: nn.Module, stages: int) -> list[tuple[int, int]]:
-    """[start, stop) module ranges of ``stages`` consecutive stages with near-equal parameter counts; every stage
-    gets at least one module with parameters."""
-    mods = stage_modules(model)
-    counts = np.array([sum(p.numel() for p in m.parameters()) for m in mods])
-    with_params = int((counts > 0).sum())
-    if not isinstance(stages, int) or stages < 1:
-        raise ProblemError(f"stages must be a positive integer, got {stages!r}")
-    if stages > with_params:
-        raise ProblemError(f"cannot split into {stages} stages: the model has only {with_params} modules with "
-                           "parameters")
-    total = counts.sum()
-    cum = np.cumsum(counts)
-    cuts, start = [], 0
-    for s in range(1, stages):
-        target = total * s / stages
-        i = int(np.searchsorted(cum, target))  # first module index whose cumulative count reaches the target
-        # keep at least one parametrized module in this stage and leave enough for the rest
-        lo = next(j for j in range(start, len(mods)) if counts[j] > 0)
-        remaining_after = lambda j: int((counts[j + 1:] > 0).sum())  # noqa: E731
-        i = max(i, lo)
-        while remaining_after(i) < stages - s:
-            i -= 1
-        cuts.append(i + 1)
-        start = i + 1
-    bounds = [0, *cuts, len(mods)]
-    return [(bounds[k], bounds[k + 1]) for k in range(stages)]
+def _floats(carry: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(floating entries, the others) of a carry: only the floating ones have tangents and cotangents."""
+    f = {k: v for k, v in carry.items() if v.is_floating_point()}
+    return f, {k: v for k, v in carry.items() if k not in f}
+
+
+def _uses_by_stage(model: Any, stages: int, program: StageProgram) -> list[list[str]]:
+    """The problem names of the parameters each stage uses (to find each parameter's owner)."""
+    if isinstance(program, TracedProgram):
+        return program.uses_by_stage
+    return [SequentialProgram(model, bounds).uses for bounds in split_points(model, stages)]
 
 
 class StageWorker:
-    """Stage ``stage`` of ``stages``: its modules, its parameters, the data (inputs for the first stage, targets
-    for the last), and a store of vector shards keyed by integer ids."""
+    """Stage ``stage`` of ``stages``: its program, its parameters, the micro-batches (inputs for the first stage,
+    labels for the last), and a store of vector shards keyed by integer ids."""
 
-    def __init__(self, spec: ProblemSpec, stage: int, stages: int) -> None:
+    def __init__(self, spec: ProblemSpec, stage: int, stages: int, micro_batches: int | None = None) -> None:
         import ray
 
         self.stage, self.stages = stage, stages
+        self.last = stage == stages - 1
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = spec.build_model(device)
-        a, b = split_points(model, stages)[stage]
-        self.module = nn.Sequential(*stage_modules(model)[a:b]).eval()
-        del model
-        named = dict(self.module.named_parameters())
-        self.names = list(named)
-        self.params = tuple(p.detach() for p in named.values())
-        self.buffers = {k: v.detach() for k, v in self.module.named_buffers()}
-        self.shapes = [p.shape for p in self.params]
-        self.dim = sum(p.numel() for p in self.params)
         self.dtype, self.device = getattr(torch, spec.dtype), torch.device(device)
-        self.batches = [(X.to(device, self.dtype) if X.is_floating_point() else X.to(device),
-                         y.to(device, self.dtype) if y.is_floating_point() else y.to(device))
-                        for X, y in as_batches(spec.build_data(), spec.batch_size)]
         self.loss = make_loss(spec.loss)
+        self.batches: list[tuple[Any, Tensor]] = []
+        for i, batch in enumerate(as_batches(spec.build_data(), spec.batch_size)):
+            X, y = unpack(batch, i)
+            for a, b in micro_batch_bounds(y.shape[0], micro_batches, spec.micro_batch_size):
+                yb = y[a:b]
+                self.batches.append((inputs_to(slice_inputs(X, a, b), self.device, self.dtype),
+                                     (yb.to(self.device, self.dtype) if yb.is_floating_point() else
+                                      yb.to(self.device))))
+        model = spec.build_model(device)
+        self.program = stage_program(model, stage, stages, [X for X, _ in self.batches])
+        named = dict(model.named_parameters())
+        order = list(spec.params) if spec.params else [n for n, p in named.items() if p.requires_grad]
+        unknown = [n for n in order if n not in named]
+        if unknown:
+            raise ProblemError(f"unknown parameter names {unknown}; the model has {list(named)}")
+        uses = _uses_by_stage(model, stages, self.program)
+        owner = {}
+        for s, names in enumerate(uses):
+            for n in names:
+                owner.setdefault(n, s)
+        missing = [n for n in order if n not in owner]
+        if missing and stage == 0:
+            raise ProblemError(f"pipeline stages do not use the parameters {missing}")
+        index = {n: i for i, n in enumerate(order)}
+        mine = uses[stage]
+        self.names = sorted((n for n in mine if n in index and owner[n] == stage), key=index.__getitem__)
+        self.foreign = {n: owner[n] for n in mine if n in index and owner[n] != stage}  # tied: name → owner
+        self.tied_users = sorted({(n, s) for s, names in enumerate(uses) for n in names
+                                  if n in index and owner[n] == stage and s != stage})
+        self.values = {n: named[n].detach() for n in mine}  # owned, tied copies and frozen ones
+        offsets = np.concatenate([[0], np.cumsum([named[n].numel() for n in order])]).astype(int)
+        del model, named
+        self.shapes = [self.values[n].shape for n in self.names]
+        self.dim = sum(int(np.prod(s)) for s in self.shapes)
+        self.segments = [(int(offsets[index[n]]), self.values[n].numel()) for n in self.names]
+        self.total = int(offsets[-1])
         self.vectors: dict[int, Tensor] = {}
         self.saved: dict[int, Any] = {}
+        self.pending: dict[int, Any] = {}  # the last stage's (g, ġ) between its forward and backward
+        self.tied_v: dict[str, Tensor] = {}
         self.calls = 0
+        self.busy = 0.0
         self.restarted = bool(getattr(ray.get_runtime_context(), "was_current_actor_reconstructed", False))
 
     # ------------------------------------------------------------------ layout
     def info(self) -> dict[str, Any]:
-        return {"dim": self.dim, "names": self.names, "samples": sum(len(y) for _, y in self.batches),
-                "batches": len(self.batches)}
+        return {"dim": self.dim, "names": self.names, "segments": self.segments, "total": self.total,
+                "samples": sum(self.loss.count(y) for _, y in self.batches), "batches": len(self.batches),
+                "foreign": self.foreign, "tied_users": self.tied_users,
+                "held": sum(v.numel() for v in self.values.values())}
 
-    def _f(self, x: Tensor, params: tuple[Tensor, ...]) -> Tensor:
-        with differentiable_kernels():
-            return functional_call(self.module, {**dict(zip(self.names, params)), **self.buffers}, (x,))
+    def layout(self) -> dict[str, Any]:
+        """Names the coordinator checks: every problem parameter owned by exactly one stage."""
+        return {"names": self.names, "total": self.total}
 
-    def _unflat(self, flat: Tensor) -> tuple[Tensor, ...]:
-        return tuple(t.view(s) for t, s in zip(torch.split(flat, [s.numel() for s in self.shapes]), self.shapes))
+    def _params(self, v: tuple[Tensor, ...] | None = None) -> dict[str, Tensor]:
+        return {**self.values, **(dict(zip(self.names, v)) if v is not None else {})}
+
+    def _tangents(self, vid: int) -> dict[str, Tensor]:
+        """The tangent of every parameter the stage differentiates: its shard of v and the tied parts."""
+        flat = self.vectors[vid]
+        parts = torch.split(flat, [int(np.prod(s)) for s in self.shapes])
+        t = {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes)}
+        t.update({n: self.tied_v[n] for n in self.foreign})
+        return t
+
+    def _diff(self) -> list[str]:
+        return [*self.names, *self.foreign]
+
+    def _fn(self, key: Any, const: dict[str, Tensor], float_out: list[str] | None = None) -> Any:
+        """f_s as a function of (floating carry, differentiated parameters) with everything else held fixed;
+        with ``float_out`` only those entries of the outgoing carry (for the VJP)."""
+        fixed = {k: v for k, v in self.values.items() if k not in self._diff()}
+
+        def f(carry: dict[str, Tensor], p: dict[str, Tensor]) -> Any:
+            out = self.program({**fixed, **p}, {**carry, **const}, key)
+            if float_out is not None and isinstance(out, dict):
+                return {k: out[k] for k in float_out}
+            return out
+
+        return f
 
     # ------------------------------------------------------------------ products
-    def forward(self, b: int, x: Any, xdot: Any, vid: int) -> tuple[Tensor, Tensor]:
-        """(a_i, ȧ_i) for batch b; the first stage reads its inputs, later stages take the previous outputs."""
-        self._maybe_fail()
-        if self.stage == 0:
-            x = self.batches[b][0]
-            xdot = torch.zeros_like(x) if x.is_floating_point() else None
-        v = self._unflat(self.vectors[vid])
-        if xdot is None:  # integer inputs (token ids): no tangent through them
-            out, outdot = jvp(lambda p: self._f(x, p), (self.params,), (v,))
-        else:
-            out, outdot = jvp(self._f, (x, self.params), (xdot, v))
-        self.saved[b] = (x, xdot)
-        return out.detach(), outdot.detach()
+    def begin(self, vid: int, out_id: int, tied: dict[str, Any]) -> None:
+        """Start a product of v = vectors[vid] into vectors[out_id]; ``tied`` holds (refs to) the owners' parts of
+        v for the tied parameters this stage uses."""
+        import ray
 
-    def loss_start(self, b: int, out: Tensor, outdot: Tensor, kind: str) -> tuple[Any, Tensor]:
-        """At the last stage: (g, ġ) = (∂ℓ/∂f, Λ ḟ) for the Hessian; (None, Λ ḟ) for the GGN."""
-        y = self.batches[b][1]
-        lam_v = self.loss.output_hessian_apply(out, y, outdot)
-        if kind == "hessian":
-            g = torch.func.grad(lambda o: self.loss.per_sample(o, y).sum())(out)
-            return g, lam_v
-        return None, lam_v
-
-    def backward(self, b: int, g: Any, gdot: Tensor, kind: str, out_id: int) -> tuple[Any, Any]:
-        """Stage VJP (GGN) or JVP-of-VJP (Hessian); accumulates this stage's shard of C v into ``out_id``."""
-        self._maybe_fail()
-        x, xdot = self.saved.pop(b)
-        need_x = self.stage > 0 and x.is_floating_point()
-        if kind == "hessian":
-            v = self._unflat(self.vectors[self._current_v])
-            if need_x:
-                def h(xx: Tensor, p: tuple[Tensor, ...], gg: Tensor) -> tuple[Any, ...]:
-                    return vjp(self._f, xx, p)[1](gg)
-
-                (gx, _), (gxdot, gpdot) = jvp(h, (x, self.params, g), (xdot, v, gdot))
-            else:
-                def h0(p: tuple[Tensor, ...], gg: Tensor) -> tuple[Tensor, ...]:
-                    return vjp(lambda q: self._f(x, q), p)[1](gg)[0]
-
-                _, gpdot = jvp(h0, (self.params, g), (v, gdot))
-                gx = gxdot = None
-            part = torch.cat([t.reshape(-1) for t in gpdot])
-        else:
-            if need_x:
-                gxdot, gp = vjp(self._f, x, self.params)[1](gdot)
-            else:
-                gp = vjp(lambda q: self._f(x, q), self.params)[1](gdot)[0]
-                gxdot = None
-            gx = None
-            part = torch.cat([t.reshape(-1) for t in gp])
-        acc = self.vectors.get(out_id)
-        self.vectors[out_id] = part.detach() if acc is None else acc + part.detach()
-        return (None if gx is None else gx.detach()), (None if gxdot is None else gxdot.detach())
-
-    def begin(self, vid: int, out_id: int) -> None:
         self._current_v = vid
         self.vectors[out_id] = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        self.tied_v = {n: (ray.get(r) if isinstance(r, ray.ObjectRef) else r).to(self.device) for n, r in tied.items()}
+        self.tied_out = {n: torch.zeros_like(t) for n, t in self.tied_v.items()}
 
-    def scale_result(self, out_id: int, s: float) -> None:
-        self.vectors[out_id].mul_(s)
+    def tied_part(self, vid: int, name: str) -> Tensor:
+        """The part of vectors[vid] of a parameter this stage owns (for a later stage that uses it too)."""
+        i = self.names.index(name)
+        a = sum(int(np.prod(s)) for s in self.shapes[:i])
+        return self.vectors[vid][a:a + self.values[name].numel()].view(self.values[name].shape).clone()
+
+    def forward(self, b: int, incoming: Any, vid: int) -> Any:
+        """(c_s, ċ_s, constants) of micro-batch b; the last stage also starts the backward pass (the loss's
+        output gradient and Hessian) and keeps it for :meth:`backward`."""
+        self._maybe_fail()
+        t0 = time.perf_counter()
+        X, y = self.batches[b]
+        key = self.program.signature(X)
+        if self.stage == 0:
+            carry, const = _floats(self.program.first_carry(X))
+            cdot = {k: torch.zeros_like(v) for k, v in carry.items()}
+        else:
+            carry, cdot, const = incoming
+        p = {n: self.values[n] for n in self._diff()}
+        out, outdot = jvp(self._fn(key, const), (carry, p), (cdot, self._tangents(vid)))
+        self.saved[b] = (carry, cdot, const, key)
+        if self.last:
+            self.pending[b] = (out.detach(), outdot.detach(), y)
+            result = None
+        else:
+            fo, co = _floats(out)
+            self.saved[b] += (list(fo),)
+            result = ({k: v.detach() for k, v in fo.items()}, {k: outdot[k].detach() for k in fo}, co)
+        self.busy += time.perf_counter() - t0
+        return result
+
+    def backward(self, b: int, incoming: Any, kind: str, out_id: int) -> Any:
+        """Stage VJP (GGN) or JVP-of-VJP (Hessian) of micro-batch b; accumulates this stage's shard of C v into
+        ``out_id`` and returns the cotangents for the previous stage (one object)."""
+        self._maybe_fail()
+        t0 = time.perf_counter()
+        if self.last:
+            out, outdot, y = self.pending.pop(b)
+            gdot = self.loss.output_hessian_apply(out, y, outdot)
+            g = torch.func.grad(lambda o: self.loss.per_sample(o, y).sum())(out) if kind == "hessian" else None
+            float_out = None
+        else:
+            g, gdot = incoming
+        carry, cdot, const, key, *rest = self.saved.pop(b)
+        float_out = rest[0] if rest else None
+        f = self._fn(key, const, float_out)
+        p = {n: self.values[n] for n in self._diff()}
+        if kind == "hessian":
+            def h(c: dict[str, Tensor], q: dict[str, Tensor], gg: Any) -> Any:
+                return vjp(f, c, q)[1](gg)
+
+            (gc, _), (gcdot, gp) = jvp(h, (carry, p, g), (cdot, self._tangents(self._current_v), gdot))
+        else:
+            gcdot, gp = vjp(f, carry, p)[1](gdot)
+            gc = None
+        part = torch.cat([gp[n].reshape(-1) for n in self.names]) if self.names else self.vectors[out_id][:0]
+        self.vectors[out_id].add_(part.detach())
+        for n in self.foreign:
+            self.tied_out[n].add_(gp[n].detach())
+        self.busy += time.perf_counter() - t0
+        if self.stage == 0:
+            return None
+        return (None if gc is None else {k: t.detach() for k, t in gc.items()},
+                {k: t.detach() for k, t in gcdot.items()})
+
+    def tied_contributions(self) -> dict[str, Tensor]:
+        """This stage's parts of C v for the tied parameters it uses but does not own."""
+        return self.tied_out
+
+    def finish(self, out_id: int, scale: float, parts: list[Any]) -> None:
+        """Add the later stages' parts of the tied parameters this stage owns, then scale (1/N for the mean)."""
+        import ray
+
+        out = self.vectors[out_id]
+        for name, ref in parts:
+            i = self.names.index(name)
+            a = sum(int(np.prod(s)) for s in self.shapes[:i])
+            contribution = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+            out[a:a + self.values[name].numel()].add_(contribution[name].reshape(-1).to(out.dtype))
+        out.mul_(scale)
 
     def _maybe_fail(self) -> None:
         self.calls += 1
         maybe_fail(self.stage, self.calls, self.restarted)
+
+    # ------------------------------------------------------------------ time and memory
+    def reset_meters(self) -> None:
+        """Start a new window for the busy time and the peak resident memory."""
+        self.busy = 0.0
+        self._windowed = reset_peak(self.device)
+
+    def meters(self) -> dict[str, Any]:
+        """The busy time since :meth:`reset_meters` and this stage's memory record."""
+        held = sum(v.numel() for v in self.values.values())
+        return {"busy_s": self.busy,
+                "memory": memory_record(f"stage {self.stage}", held, getattr(self, "_windowed", False),
+                                        self.device, owned=self.dim)}
 
     # ------------------------------------------------------------------ Kronecker blocks of this stage's layers
     def kfac_forward(self, b: int, x: Any) -> Tensor:
         from .stage_blocks import StageBlocks
 
         if getattr(self, "blocks", None) is None:
-            self.blocks = StageBlocks(self.module, self.names, self.shapes)
+            if not isinstance(self.program, SequentialProgram) or self.foreign or self.tied_users:
+                raise MetricError("pipeline kfac/kflr blocks are computed on sequential stacks (an nn.Sequential "
+                                  "or stages()) without weights tied across stages; this model is split at its "
+                                  "blocks by tracing — use the ggn/fisher metric (CG-solved) in pipeline mode, or "
+                                  "kfac/kflr on the local or data-parallel backend")
+            local = {v: k for k, v in self.program.local.items()}
+            self.blocks = StageBlocks(self.program.module, [local[n] for n in self.names], self.shapes)
         return self.blocks.forward(b, self.batches[b][0] if self.stage == 0 else x, self.stage == 0)
 
     def kfac_start(self, b: int, out: Tensor, kind: str, mc_samples: int, seed: int) -> Tensor:
@@ -240,9 +329,10 @@ class StageWorker:
     def zeros(self, out: int) -> None:
         self.vectors[out] = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
 
-    def random(self, out: int, seed: int, kind: str, offset: int, total: int) -> None:
-        """This stage's slice of the layout-independent random vector of ``seed`` (same numbers as locally)."""
-        self.vectors[out] = random_flat(total, seed, kind, self.dtype)[offset:offset + self.dim].to(self.device)
+    def random(self, out: int, seed: int, kind: str) -> None:
+        """This stage's entries of the layout-independent random vector of ``seed`` (same numbers as locally)."""
+        full = random_flat(self.total, seed, kind, self.dtype)
+        self.vectors[out] = torch.cat([full[a:a + n] for a, n in self.segments] or [full[:0]]).to(self.device)
 
     def lincomb(self, out: int, coeffs: list[float], ids: list[int]) -> None:
         acc = torch.zeros(self.dim, dtype=torch.float64, device=self.device)

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..faults import maybe_fail
 from ..problem.reducers import Shard, shard_counts, tree_map
 from ..problem.spec import ProblemSpec
+from ..resources import memory_record, reset_peak
 
 
 class ShardWorker:
@@ -58,6 +59,16 @@ class ShardWorker:
             statistic(self.shard, *args)
             best = min(best, time.perf_counter() - t0)
         return best
+
+    def memory_reset(self) -> None:
+        """Start a peak-memory window in this worker's process."""
+        self._windowed = reset_peak(self.shard.problem.device)
+
+    def memory_record(self) -> dict[str, Any]:
+        """This worker's memory line: its replica's parameters and its peak resident memory in the window."""
+        p = self.shard.problem
+        return memory_record(f"worker {self.index}", sum(t.numel() for t in p.params),
+                             getattr(self, "_windowed", False), p.device)
 
     def set_params(self, flat: Tensor) -> None:
         """Overwrite the replica's selected parameters (the problem aliases them, so products follow)."""

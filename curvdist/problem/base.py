@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import ProblemError, ShapeError
+from ..resources import memory_record, reset_peak
 from .autodiff import differentiable_kernels
 from .data import Inputs
 from .losses import Loss, make_loss
@@ -109,6 +110,16 @@ class BaseProblem(ABC):
         """Statistics of the backend for the report (e.g. retried remote calls), or None."""
         return None
 
+    def memory_reset(self) -> None:
+        """Start a peak-memory window in every process that holds a part of the problem."""
+        self._memory_windowed = reset_peak(self.device)
+
+    def memory_records(self) -> list[dict[str, Any]]:
+        """Per process: its role, the parameters it holds and its peak resident memory since
+        :meth:`memory_reset` (:func:`curvdist.resources.memory_record`)."""
+        return [memory_record(self.backend, sum(p.numel() for p in self.params),
+                              getattr(self, "_memory_windowed", False), self.device)]
+
     @abstractmethod
     def restricted(self, params: Sequence[str]) -> BaseProblem:
         """The same problem (samples, reduction, backend) over a subset of the parameters, e.g. a layer block."""
@@ -199,3 +210,11 @@ class StagedProblem(ABC):
 
     def backend_stats(self) -> dict[str, Any] | None:
         return None
+
+    def memory_reset(self) -> None:
+        """Start a peak-memory window on every stage and in this (the coordinating) process."""
+        self._memory_windowed = reset_peak()
+
+    def memory_records(self) -> list[dict[str, Any]]:
+        """The coordinator's line (it holds no parameters) and each stage's."""
+        return [memory_record("coordinator", 0, getattr(self, "_memory_windowed", False))]

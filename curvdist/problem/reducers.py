@@ -129,6 +129,13 @@ class ShardReducer(ABC):
         """Backend statistics for the report (e.g. retried calls), or None."""
         return None
 
+    def memory_reset(self) -> None:
+        """Start a peak-memory window in the processes holding the shards (none besides this one here)."""
+
+    def memory_records(self) -> list[dict[str, Any]]:
+        """One memory line per remote process holding shards (none here)."""
+        return []
+
 
 def on_subset(shard: Shard, params: tuple[str, ...], statistic: Statistic, *args: Any) -> Tree:
     """statistic on the shard's samples over the parameter subset ``params``."""

@@ -70,6 +70,16 @@ class ShardedProblem(BaseProblem):
     def backend_stats(self) -> dict[str, Any] | None:
         return self.reducer.stats()
 
+    def memory_reset(self) -> None:
+        super().memory_reset()
+        self.reducer.memory_reset()
+
+    def memory_records(self) -> list[dict[str, Any]]:
+        """This (coordinating) process, with its replica of the model, then each worker."""
+        own = super().memory_records()
+        own[0]["role"] = "coordinator"
+        return own + self.reducer.memory_records()
+
     def restricted(self, params: Sequence[str]) -> ShardedProblem:
         return ShardedProblem(self.model, self.loss, SubsetReducer(self.reducer, tuple(params)), list(params),
                               self.reduction)

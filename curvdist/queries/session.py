@@ -147,14 +147,18 @@ def run_query(q: Any, coords: Coordinates, curvature: CurvatureSpec, metric_spec
     curvature = q.curvature or curvature
     metric_spec = q.metric or metric_spec
     seed = seed if q.seed is None else q.seed
+    problem = coords.problem
+    problem.memory_reset()  # memory is a result: every process's peak during this query
     if isinstance(q, BlockSpectraQuery):
         r = blocks_of(q, coords, curvature, metric_spec, seed)
-        return replace(r, metric=metric_spec.label(), coordinates=coords.name, backend=coords.problem.backend)
+        return replace(r, metric=metric_spec.label(), coordinates=coords.name, backend=problem.backend,
+                       info=dict(r.info, memory=problem.memory_records()))
     op = coords.operator(curvature, metric_spec)
     r = answer(q, op, coords.metric(metric_spec), seed, progress, lanczos_file, checkpoint_every)
-    product = getattr(op, "product_info", None)  # the Hessian's product mode, its timings and step
-    info = dict(r.info, product=product()) if callable(product) else r.info
-    return replace(r, metric=metric_spec.label(), coordinates=coords.name, backend=coords.problem.backend, info=info)
+    product = getattr(op, "product_info", None)  # the Hessian's product mode / the pipeline's schedule
+    info = dict(r.info, product=product()) if callable(product) else dict(r.info)
+    info["memory"] = problem.memory_records()
+    return replace(r, metric=metric_spec.label(), coordinates=coords.name, backend=problem.backend, info=info)
 
 
 def scalars(result: Result) -> dict[str, float]:

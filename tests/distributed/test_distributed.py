@@ -125,8 +125,8 @@ def test_split_points_balance_parameters():
     assert split_points(model, 2) == [(0, 1), (1, 5)]
     with pytest.raises(cd.ProblemError, match="only 3 modules with parameters"):
         split_points(model, 4)
-    with pytest.raises(cd.ProblemError, match="nn.Sequential or a model with a stages"):
-        split_points(cd.zoo.transformer(), 2)
+    with pytest.raises(cd.ProblemError, match="neither an nn.Sequential, nor a model with a stages"):
+        split_points(cd.zoo.transformer(), 2)  # one block, not a ModuleList of blocks
 
 
 def test_bad_input(ray_module):

@@ -1,0 +1,68 @@
+"""Memory as a result: the peak resident memory of a process during a query, and what each process holds.
+
+Linux keeps a process's resident high-water mark (``VmHWM`` in ``/proc/self/status``); writing ``5`` to
+``/proc/self/clear_refs`` resets it to the current resident size, so the peak *during* a query is measured by a
+reset before and a read after. Where that is not possible (another OS, a restricted ``/proc``) the lifetime peak
+(``getrusage``) is reported and marked as such. On an accelerator the device's own peak allocation is added.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from typing import Any
+
+import torch
+
+
+def _status_kb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak(device: torch.device | str | None = None) -> bool:
+    """Start a new peak-memory window for this process (and ``device``'s allocator); False if the resident
+    high-water mark cannot be reset here (the lifetime peak is reported instead)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """The resident high-water mark of this process in MiB (since the last :func:`reset_peak` on Linux)."""
+    kb = _status_kb("VmHWM")
+    if kb is None:  # not Linux: getrusage reports bytes on macOS, KiB elsewhere
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kb = peak / 1024 if sys.platform == "darwin" else peak
+    return kb / 1024
+
+
+def rss_mb() -> float:
+    """The current resident size of this process in MiB."""
+    kb = _status_kb("VmRSS")
+    return (kb / 1024) if kb is not None else peak_rss_mb()
+
+
+def memory_record(role: str, parameters: int, windowed: bool, device: torch.device | str | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    """One process's line of a result's ``info["memory"]``: its role (``local``, ``stage 1``, ``worker 0``, …),
+    the parameters it holds, its peak resident memory (MiB) in the window and where the window started."""
+    rec: dict[str, Any] = {"role": role, "pid": os.getpid(), "parameters": int(parameters),
+                           "peak_rss_mb": round(peak_rss_mb(), 1), "rss_mb": round(rss_mb(), 1),
+                           "window": "query" if windowed else "process lifetime"}
+    if device is not None and torch.device(device).type == "cuda":
+        rec["peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    rec.update(extra)
+    return rec
