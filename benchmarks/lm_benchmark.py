@@ -47,9 +47,10 @@ them into an existing JSON.
         [--tol 1e-3] [--max-steps 30] [--only NAMES] [--skip NAMES]
     python benchmarks/lm_benchmark.py --summarize   # recompute summary and plot of the JSON
 
-The stored results (2-core CPU shared with other jobs, ~25 min of compute) were made with ``--batch 2 --tokens 64``
-for the products and ``--tol 3e-2 --max-steps 16 --power-steps 15`` for the eigenvalue runs: at 4×128 one gradient took
-~15 s (a probe, not in the JSON), and each Lanczos vector of 124M float32 entries is 0.5 GB (see the JSON's notes).
+The stored results (benchmarks/results/lm_benchmark.json, 2026-12-04) are the defaults: 4×128 tokens, tol 1e-3,
+30 Lanczos steps, on a 2-core CPU (load 1-4: other jobs ran beside the eigenvalue runs; each child records its load).
+Each Lanczos vector of 124M float32 entries is 0.5 GB, so the 30-step solves peak at 14-20 GB. An earlier run at
+2×64 tokens (tol 3e-2, 16 steps) is kept as lm_benchmark_2x64.json.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ import yaml
 
 import curvdist as cd
 from curvdist.distributed.backend import RayBackend
-from curvdist.distributed.cluster import ray_session
 from curvdist.distributed.data_parallel import WorkerPool
 from curvdist.distributed.pipeline import PipelineMetric, PipelineOperator, StagePool
 from curvdist.problem.spec import ProblemSpec
@@ -34,13 +33,6 @@ SPECS = {
                        data_kwargs={"n": 40, "shape": "image", "dtype": "float64"},
                        batch_size=40, loss="cross_entropy"),
 }
-
-
-@pytest.fixture(scope="module")
-def ray_module():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    with ray_session(num_cpus=4) as ray:
-        yield ray
 
 
 def _close(a, b, rel=REL):

@@ -1,0 +1,129 @@
+"""Pipeline mode on Hugging Face decoders (GPT-2 with its head tied to the token embedding, LLaMA with
+tie_word_embeddings): the model is traced and cut at its blocks, micro-batches flow GPipe-style, and Hessian and
+GGN eigenvalues, traces and log-dets equal the local backend's in float64 (same seeds) to 1e-10.
+
+The local Hessian runs forward-over-reverse like the stages: LLaMA's RMSNorm computes in float32 whatever the
+model's dtype, so two AD modes of it differ at float32 rounding (see tests/language/conftest.py), while one mode
+through one split or another agrees to float64 rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import curvdist as cd
+from curvdist.distributed.pipeline import PipelineOperator, StagePool
+from curvdist.distributed.stacks import balanced_cuts, block_units, find_blocks, split_points
+from curvdist.problem.spec import ProblemSpec
+
+pytest.importorskip("transformers", reason="the hf extra (transformers) is part of the dev install")
+
+REL = 1e-10
+VOCAB = 12
+CONFIGS = {
+    "gpt2": {"model_type": "gpt2", "vocab_size": VOCAB, "n_positions": 8, "n_embd": 8, "n_layer": 3, "n_head": 2},
+    "llama": {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 8, "intermediate_size": 12,
+              "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "max_position_embeddings": 8, "tie_word_embeddings": True},
+}
+
+
+def spec(name: str) -> ProblemSpec:
+    """5 padded sequences (−100 labels after each end) in batches of 3 and 2."""
+    return ProblemSpec("curvdist.zoo:hf_causal_lm", "curvdist.zoo:markov_corpus", "causal_lm",
+                       model_kwargs={"config": CONFIGS[name], "seed": 1},
+                       data_kwargs={"n": 5, "vocab_size": VOCAB, "max_length": 6, "min_length": 3, "seed": 2},
+                       batch_size=3, dtype="float64")
+
+
+def _close(a, b, rel=REL):
+    a, b = np.atleast_1d(np.asarray(a, float)), np.atleast_1d(np.asarray(b, float))
+    np.testing.assert_allclose(b, a, rtol=rel, atol=rel * np.abs(a).max())
+
+
+def _local_operator(problem, kind):
+    return cd.operator(problem, kind, **({"mode": "forward_over_reverse"} if kind == "hessian" else {}))
+
+
+@pytest.mark.parametrize("name,stages,micro", [
+    ("gpt2", 3, 3),
+    pytest.param("gpt2", 2, 1, marks=pytest.mark.slow), pytest.param("gpt2", 2, 3, marks=pytest.mark.slow),
+    pytest.param("gpt2", 3, 1, marks=pytest.mark.slow), pytest.param("llama", 2, 1, marks=pytest.mark.slow),
+    pytest.param("llama", 2, 3, marks=pytest.mark.slow), pytest.param("llama", 3, 1, marks=pytest.mark.slow),
+    pytest.param("llama", 3, 3, marks=pytest.mark.slow)])
+def test_pipelined_decoder_equals_local(ray_module, name, stages, micro):
+    s = spec(name)
+    local = s.build()
+    pool = StagePool(s, stages, micro_batches=micro)
+    try:
+        assert pool.space.dim == local.dim
+        # the tied head: the last stage uses the embedding owned by stage 0 and holds a copy of it
+        tied = "transformer.wte.weight" if name == "gpt2" else "model.embed_tokens.weight"
+        assert pool.ties == [(tied, 0, stages - 1)]
+        assert pool.infos[-1]["held"] > pool.infos[-1]["dim"]
+        # micro-batches: batches of 3 and 2 sequences, each cut into min(micro, size) parts
+        assert pool.num_batches == (2 if micro == 1 else 5)
+        v = torch.randn(local.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        for kind in ("hessian", "ggn"):
+            op = PipelineOperator(pool, kind)
+            ref = _local_operator(local, kind)
+            got = pool.space.to_tensor(op.apply_vector(pool.space.from_tensor(v)))
+            torch.testing.assert_close(got, ref @ v, rtol=REL, atol=REL * float((ref @ v).abs().max()))
+            _close(cd.eigs(ref, k=2, tol=1e-11).value, cd.eigs(op, k=2, tol=1e-11).value)
+            _close(cd.trace(ref, method="hutchpp", matvecs=9, seed=3).value,
+                   cd.trace(op, method="hutchpp", matvecs=9, seed=3).value)
+        _close(cd.logdet(cd.operator(local, "ggn"), damping=0.1, probes=2, steps=8, seed=1).value,
+               cd.logdet(PipelineOperator(pool, "ggn"), damping=0.1, probes=2, steps=8, seed=1).value)
+    finally:
+        pool.shutdown()
+
+
+def test_schedule_memory_and_refusals(ray_module):
+    """One query through the pipeline records its schedule (stage utilization) and each process's memory;
+    Kronecker blocks, which need the stage's layers as modules, are refused for a traced stack."""
+    from curvdist.queries.session import Coordinates, run_query
+    from curvdist.queries.specs import CurvatureSpec, EigsQuery, MetricSpec
+
+    with cd.ray_backend(workers=2) as backend:
+        staged = backend.pipeline(spec("gpt2"), stages=2, micro_batches=2)
+        r = run_query(EigsQuery(kind="eigs", k=1, tol=1e-8), Coordinates("theta", staged, 0),
+                      CurvatureSpec(kind="ggn"), MetricSpec(), 0)
+        product = r.info["product"]
+        assert product["mode"] == "pipeline" and product["stages"] == 2 and product["micro_batches"] == 4
+        assert product["products"] == r.matvecs > 0  # the meters count this query's products
+        assert all(0 < u <= 1 for u in product["utilization"])
+        memory = r.info["memory"]
+        assert [m["role"] for m in memory] == ["coordinator", "stage 0", "stage 1"]
+        infos = staged.pool.infos
+        assert [m["parameters"] for m in memory] == [0, infos[0]["held"], infos[1]["held"]]
+        assert all(m["peak_rss_mb"] >= m["rss_mb"] * 0.5 > 0 for m in memory)
+        assert all(m["window"] == "query" for m in memory)
+        with pytest.raises(cd.MetricError, match="sequential stacks"):
+            cd.metric(staged, "kflr", damping=0.1)
+
+
+def test_block_stack_cuts_balance_what_each_stage_holds():
+    """Units of a decoder: before the blocks (embeddings), each block, after them (final norm + the tied head,
+    which the last stage holds again); cuts end each stage nearest to s/S of the held total."""
+    model = spec("gpt2").build_model()
+    prefix, blocks = find_blocks(model)
+    assert prefix == "transformer.h" and len(blocks) == 3
+    per_block = sum(p.numel() for p in blocks[0].parameters())
+    wte, wpe = model.transformer.wte.weight.numel(), model.transformer.wpe.weight.numel()
+    ln_f = sum(p.numel() for p in model.transformer.ln_f.parameters())
+    assert block_units(model, prefix, 3) == [wte + wpe, per_block, per_block, per_block, ln_f + wte]
+    assert split_points(model, 1) == [(0, 5)]
+    assert balanced_cuts([10, 50, 50, 50, 10], 3) == [(0, 2), (2, 3), (3, 5)]
+    assert balanced_cuts([96, 496, 496, 496, 104], 3) == [(0, 2), (2, 3), (3, 5)]
+    with pytest.raises(cd.ProblemError, match="only 5 blocks and end pieces with parameters"):
+        split_points(model, 6)
+
+
+def test_memory_records_of_a_local_problem():
+    problem = spec("gpt2").build()
+    problem.memory_reset()
+    cd.eigs(cd.operator(problem, "ggn"), k=1, tol=1e-6)
+    (rec,) = problem.memory_records()
+    assert rec["role"] == "local" and rec["parameters"] == problem.dim
+    assert rec["window"] == "query" and rec["peak_rss_mb"] >= rec["rss_mb"] > 0
