@@ -8,6 +8,9 @@ run unchanged (DESIGN §4). Freed handles release their shards.
 from __future__ import annotations
 
 import itertools
+import shutil
+import tempfile
+import time
 import weakref
 from typing import Any
 
@@ -23,6 +26,8 @@ from ..problem.spec import ProblemSpec
 from .cluster import ClusterError, resources_per_worker, wait_scheduled
 from .stages import StageWorker
 
+#: how often a product is run again after a stage was lost
+RETRIES = 2
 #: what the stages compute: curvature products, and the metrics built from them or from the stages' own blocks
 KINDS = (Curvature.HESSIAN.value, Curvature.GGN.value, Curvature.FISHER.value)
 #: the metrics the stages build, with the options each takes
@@ -142,8 +147,8 @@ class ShardedSpace:
 class StagePool:
     """S :class:`StageWorker` actors built from a spec, with restarts."""
 
-    def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None
-                 ) -> None:
+    def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None,
+                 snapshot_dir: str | None = None, snapshots: bool = True) -> None:
         import ray
 
         from .stacks import split_points
@@ -152,9 +157,13 @@ class StagePool:
             raise ProblemError(f"micro_batches must be a positive integer, got {micro_batches!r}")
         with torch.random.fork_rng(devices=[]):
             split_points(spec.build_model(), stages)  # validate on the coordinator: a clear error, early
-        cls = ray.remote(max_restarts=max_restarts, **resources_per_worker())(StageWorker)
+        cls = ray.remote(max_restarts=max_restarts, max_task_retries=0, **resources_per_worker())(StageWorker)
         self.ray, self.spec, self.micro_batches = ray, spec, micro_batches
-        self.actors = [cls.remote(spec, i, stages, micro_batches) for i in range(stages)]
+        self._own_dir = snapshots and snapshot_dir is None
+        self.snapshot_dir = (tempfile.mkdtemp(prefix="curvdist-stages-") if self._own_dir else
+                             snapshot_dir if snapshots else None)
+        self.retries = 0
+        self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir) for i in range(stages)]
         wait_scheduled(ray, self.actors, "pipeline stages")
         try:
             self.infos = ray.get([a.info.remote() for a in self.actors])
@@ -187,9 +196,24 @@ class StagePool:
                 "utilization": [round(x["busy_s"] / wall, 4) if wall else None for x in m],
                 "memory": [x["memory"] for x in m]}
 
+    def wait_alive(self, deadline: float = 120.0) -> None:
+        """Block until Ray has restarted every stage that died (each rebuilds itself and reloads its shards)."""
+        t0 = time.monotonic()
+        for i, a in enumerate(self.actors):
+            while True:
+                try:
+                    self.ray.get(a.__ray_ready__.remote(), timeout=10)
+                    break
+                except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError) as e:
+                    if time.monotonic() - t0 > deadline:
+                        raise ClusterError(f"stage {i} did not come back within {deadline:.0f} s: {e}") from None
+                    time.sleep(0.5)
+
     def shutdown(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
+        if self._own_dir and self.snapshot_dir:
+            shutil.rmtree(self.snapshot_dir, ignore_errors=True)
 
 
 class PipelineProblem(StagedProblem):
@@ -238,6 +262,9 @@ class PipelineProblem(StagedProblem):
         return PipelineKFACMetric(self.pool, damping, exact=kind == MetricKind.KFLR, reduction=self.reduction,
                                   **options)
 
+    def backend_stats(self) -> dict[str, Any] | None:
+        return {"retried_stage_products": self.pool.retries}
+
     def memory_reset(self) -> None:
         super().memory_reset()
         self.pool.reset_meters()
@@ -271,13 +298,33 @@ class PipelineOperator:
         return self.pool.space
 
     def apply_vector(self, v: ShardedVector) -> ShardedVector:
+        """C v; a stage lost during the product (restarted by Ray, its shards reloaded from the snapshots) is
+        waited for and the product is run again, up to ``RETRIES`` times."""
+        pool = self.pool
+        t0 = time.perf_counter()
+        for attempt in range(RETRIES + 1):
+            try:
+                out = self._product(v)
+                break
+            except pool.ray.exceptions.RayActorError as e:
+                if pool.snapshot_dir is None or attempt == RETRIES:
+                    raise ClusterError("a stage actor died during a pipelined product"
+                                       + (" and stage snapshots are off" if pool.snapshot_dir is None else
+                                          f" {RETRIES + 1} times") + "; restart the solve from its last checkpoint"
+                                       ) from e
+                pool.wait_alive()
+                pool.retries += 1
+        if not np.isfinite(pool.space.dot(out, out)):
+            raise NonFiniteError(f"the pipelined {self.kind} product is NaN or inf")
+        pool.products += 1
+        pool.product_s += time.perf_counter() - t0
+        return out
+
+    def _product(self, v: ShardedVector) -> ShardedVector:
         """GPipe: every micro-batch's forward pass is submitted, then every backward pass. A Ray actor runs its
         calls in submission order, so stage s works on micro-batch m while stage s+1 works on m−1 (and the
         other way round in the backward pass); each call passes one object to the next stage."""
-        import time
-
         ray, actors, space, pool = self.pool.ray, self.pool.actors, self.pool.space, self.pool
-        t0 = time.perf_counter()
         out = space._new()
         tied: list[dict[str, Any]] = [{} for _ in actors]
         for name, owner, user in pool.ties:
@@ -305,15 +352,10 @@ class PipelineOperator:
             ray.get(started)
             ray.get(pending)
             ray.get(done)
-        except ray.exceptions.RayActorError as e:
-            raise ClusterError("a stage actor died during a pipelined product; restart the solve from its last "
-                               "checkpoint") from e
+        except ray.exceptions.RayActorError:
+            raise
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
-        if not np.isfinite(space.dot(out, out)):
-            raise NonFiniteError(f"the pipelined {self.kind} product is NaN or inf")
-        pool.products += 1
-        pool.product_s += time.perf_counter() - t0
         return out
 
     def product_info(self) -> dict[str, Any]:

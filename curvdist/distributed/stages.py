@@ -18,11 +18,17 @@ Each call returns one object (the carry with its tangents, or the cotangents), s
 crosses a stage boundary per micro-batch and direction; vectors live on the stage actors as shards and the
 coordinator sees only scalars (:class:`~curvdist.distributed.pipeline.ShardedSpace`). Every stage times its calls
 (for the stage utilization) and measures its peak resident memory (:mod:`curvdist.resources`).
+
+Faults: at the start of every product a stage writes the shards it has not written yet to its snapshot directory
+(vectors are never modified once made, so each is written once, and deleted when freed). A stage lost during a
+product is restarted by Ray, rebuilds its piece of the model from the spec, reloads its shards, and the
+coordinator runs the product again, so the solve continues to the numbers of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,7 +76,8 @@ class StageWorker:
     """Stage ``stage`` of ``stages``: its program, its parameters, the micro-batches (inputs for the first stage,
     labels for the last), and a store of vector shards keyed by integer ids."""
 
-    def __init__(self, spec: ProblemSpec, stage: int, stages: int, micro_batches: int | None = None) -> None:
+    def __init__(self, spec: ProblemSpec, stage: int, stages: int, micro_batches: int | None = None,
+                 snapshot_dir: str | None = None) -> None:
         import ray
 
         self.stage, self.stages = stage, stages
@@ -121,6 +128,14 @@ class StageWorker:
         self.calls = 0
         self.busy = 0.0
         self.restarted = bool(getattr(ray.get_runtime_context(), "was_current_actor_reconstructed", False))
+        self.snapshots = None if snapshot_dir is None else Path(snapshot_dir) / f"stage{stage}"
+        self.persisted: set[int] = set()
+        if self.snapshots is not None:
+            self.snapshots.mkdir(parents=True, exist_ok=True)
+            if self.restarted:  # a new life: the shards persisted by the previous one
+                for f in self.snapshots.glob("*.pt"):
+                    self.vectors[int(f.stem)] = torch.load(f, map_location=self.device, weights_only=True)
+                    self.persisted.add(int(f.stem))
 
     # ------------------------------------------------------------------ layout
     def info(self) -> dict[str, Any]:
@@ -166,6 +181,7 @@ class StageWorker:
         v for the tied parameters this stage uses."""
         import ray
 
+        self._persist()
         self._current_v = vid
         self.vectors[out_id] = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         self.tied_v = {n: (ray.get(r) if isinstance(r, ray.ObjectRef) else r).to(self.device) for n, r in tied.items()}
@@ -309,6 +325,21 @@ class StageWorker:
     def free(self, ids: list[int]) -> None:
         for i in ids:
             self.vectors.pop(i, None)
+            if i in self.persisted:
+                self.persisted.discard(i)
+                (self.snapshots / f"{i}.pt").unlink(missing_ok=True)  # type: ignore[operator]
+
+    def _persist(self) -> None:
+        """Write the shards not yet on disk (vectors never change once made, so each is written once): a
+        restarted stage reloads them and the coordinator retries the product that was interrupted."""
+        if self.snapshots is None:
+            return
+        for i, t in self.vectors.items():
+            if i not in self.persisted:
+                tmp = self.snapshots / f"{i}.tmp"
+                torch.save(t.cpu(), tmp)
+                tmp.replace(self.snapshots / f"{i}.pt")  # atomic: a crash leaves no half-written shard
+                self.persisted.add(i)
 
     def dot(self, a: int, b: int) -> float:
         return float(torch.dot(self.vectors[a].double(), self.vectors[b].double()))
