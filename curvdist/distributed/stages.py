@@ -41,7 +41,7 @@ from ..faults import maybe_fail
 from ..problem.data import as_batches, inputs_to, slice_inputs, unpack
 from ..problem.losses import make_loss
 from ..problem.spec import ProblemSpec
-from ..resources import memory_record, reset_peak
+from ..resources import memory_record, release_free_memory, reset_peak
 from ..solvers.space import random_flat
 from .stacks import SequentialProgram, StageProgram, TracedProgram, split_points, stage_modules, stage_program
 
@@ -57,6 +57,18 @@ def micro_batch_bounds(n: int, micro_batches: int | None, size: int | None) -> l
     if size is not None and size < n:
         return [(i, min(i + size, n)) for i in range(0, n, size)]
     return [(0, n)]
+
+
+#: entries per float64 chunk of a dot product of lower-precision shards
+_DOT_CHUNK = 1 << 22
+
+
+def _dot64(x: Tensor, y: Tensor) -> float:
+    """xᵀy accumulated in float64, without a float64 copy of either (chunks of ``_DOT_CHUNK`` entries)."""
+    if x.dtype == torch.float64 and y.dtype == torch.float64:
+        return float(torch.dot(x, y))
+    return float(sum(torch.dot(x[i:i + _DOT_CHUNK].double(), y[i:i + _DOT_CHUNK].double())
+                     for i in range(0, x.numel(), _DOT_CHUNK)))
 
 
 def _floats(carry: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -267,6 +279,7 @@ class StageWorker:
             contribution = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
             out[a:a + self.values[name].numel()].add_(contribution[name].reshape(-1).to(out.dtype))
         out.mul_(scale)
+        release_free_memory()
 
     def _maybe_fail(self) -> None:
         self.calls += 1
@@ -342,11 +355,11 @@ class StageWorker:
                 self.persisted.add(i)
 
     def dot(self, a: int, b: int) -> float:
-        return float(torch.dot(self.vectors[a].double(), self.vectors[b].double()))
+        return _dot64(self.vectors[a], self.vectors[b])
 
     def dots(self, ids: list[int], b: int) -> list[float]:
-        y = self.vectors[b].double()
-        return [float(torch.dot(self.vectors[i].double(), y)) for i in ids]
+        y = self.vectors[b]
+        return [_dot64(self.vectors[i], y) for i in ids]
 
     def axpy(self, out: int, a: float, x: int, y: int) -> None:
         self.vectors[out] = torch.add(self.vectors[y], self.vectors[x], alpha=a)
@@ -368,5 +381,5 @@ class StageWorker:
     def lincomb(self, out: int, coeffs: list[float], ids: list[int]) -> None:
         acc = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         for c, i in zip(coeffs, ids):
-            acc += c * self.vectors[i].double()
+            acc.add_(self.vectors[i], alpha=c)  # cast on the fly: no float64 copy of each vector
         self.vectors[out] = acc.to(self.dtype)
