@@ -7,7 +7,8 @@ parameters), random seeded weights, float32. Data: ``curvdist.zoo.markov_corpus`
 ``--tokens`` tokens, one batch. Loss: causal LM (mean over the predicted tokens).
 
 Each configuration runs in a fresh process (``--one NAME``): ``local`` (``spec.build()``, torch with ``--threads``
-threads), or ``pipeline_S×M`` (``cd.ray_backend`` with an embedded Ray instance; ``backend.pipeline(spec, S, M)``;
+threads), or ``pipeline_SxM`` (``cd.ray_backend`` with an embedded Ray instance; ``backend.pipeline(spec, S, M)``,
+with stage snapshots on as by default; ``pipeline_SxM_nosnap`` with them off;
 every stage actor has one CPU and one torch thread, so S = 2 uses the same two cores as local). For each: build
 time; GGN- and Hessian-vector product time (one warm-up, then ``--repeats`` timed, best reported); the top GGN
 eigenvalue by ``cd.eigs`` (k = 1, ``--tol``, at most ``--max-steps`` products) with its wall time; and
@@ -114,9 +115,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         res["parameters"] = problem.dim
         res.update(measure(problem, args))
     elif name.startswith("pipeline_"):
-        stages, micro = (int(x) for x in name[len("pipeline_"):].split("x"))
+        shape, _, option = name[len("pipeline_"):].partition("_")
+        stages, micro = (int(x) for x in shape.split("x"))
         with cd.ray_backend(workers=stages, num_cpus=max(stages, 2)) as backend:
-            staged = backend.pipeline(spec, stages=stages, micro_batches=micro)
+            staged = backend.pipeline(spec, stages=stages, micro_batches=micro, snapshots=option != "nosnap")
             res["build_s"] = time.perf_counter() - t0
             pool = staged.pool
             res["parameters"] = staged.dim
@@ -168,7 +170,8 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-2)
     p.add_argument("--max-steps", type=int, default=12)
     p.add_argument("--configs", type=lambda s: s.split(","),
-                   default=["local", "pipeline_2x1", "pipeline_2x4", "pipeline_4x1", "pipeline_4x4", "zero3_2ranks"])
+                   default=["local", "pipeline_2x1", "pipeline_2x4", "pipeline_2x4_nosnap", "pipeline_4x1",
+                            "pipeline_4x4", "zero3_2ranks"])
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--out", default="")
     p.add_argument("--one", help=argparse.SUPPRESS)
