@@ -71,11 +71,16 @@ class ShardedSpace:
     def _release(self, vid: int) -> None:
         self._garbage.append(vid)
 
-    def _all(self, method: str, *args: Any) -> list[Any]:
-        if len(self._garbage) > 64:
+    def flush(self) -> None:
+        """Free the shards of dropped handles on every stage now (one asynchronous call each; an actor runs it
+        before any later call). Shards of a 100M-parameter model are hundreds of MB, so nothing is batched."""
+        if self._garbage:
             ids, self._garbage = self._garbage, []
             for a in self.actors:
                 a.free.remote(ids)
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        self.flush()
         try:
             return self.ray.get([getattr(a, method).remote(*args) for a in self.actors])
         except self.ray.exceptions.RayActorError as e:
@@ -325,6 +330,7 @@ class PipelineOperator:
         calls in submission order, so stage s works on micro-batch m while stage s+1 works on m−1 (and the
         other way round in the backward pass); each call passes one object to the next stage."""
         ray, actors, space, pool = self.pool.ray, self.pool.actors, self.pool.space, self.pool
+        space.flush()  # before the stages write their snapshots: dropped vectors are not written
         out = space._new()
         tied: list[dict[str, Any]] = [{} for _ in actors]
         for name, owner, user in pool.ties:
