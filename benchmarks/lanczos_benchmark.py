@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from curvdist.resources import reset_peak
+
 OUT = Path(__file__).parent / "results"
 TOP = (10.0, 5.0, 3.0)
 GOAL = 1.5
@@ -62,16 +64,6 @@ def _cpu() -> float:
     """User + system CPU seconds of this process (all its threads)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current resident set (Linux ≥ 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def problem(dim: int, dtype: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +98,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
             base_gpu = torch.cuda.memory_allocated()
         base, _ = _rss()
-        hwm = _reset_peak()
+        hwm = reset_peak()
         base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         c0, t0 = _cpu(), time.perf_counter()
         state = lanczos(lambda v: L * v, space, start, args.steps)
@@ -131,7 +123,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
         A = LinearOperator((args.dim, args.dim), matvec=mv, dtype=lam.dtype)
         base, _ = _rss()
-        hwm = _reset_peak()
+        hwm = reset_peak()
         base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         c0, t0 = _cpu(), time.perf_counter()
         try:
