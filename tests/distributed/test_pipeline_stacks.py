@@ -129,6 +129,7 @@ def test_memory_records_of_a_local_problem():
     assert rec["window"] == "query" and rec["peak_rss_mb"] >= rec["rss_mb"] > 0
 
 
+@pytest.mark.slow  # two CLI runs through Ray (about 70 s on 2 cores); the data-mode fault test is in the fast suite
 def test_stage_killed_mid_lanczos_gives_the_uninterrupted_numbers(tmp_path):
     """CURVDIST_FAULT makes stage 1 exit in the middle of the 6th product of the eigenvalue solve (its calls are
     a forward and a backward per micro-batch); Ray restarts it, it rebuilds its piece of the decoder, reloads the
