@@ -8,6 +8,7 @@ token written by an earlier ``ray.init()`` cannot make later job submission fail
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -100,3 +101,21 @@ def wait_scheduled(ray: Any, actors: list[Any], what: str, timeout: float = SCHE
         except ray.exceptions.RayActorError as e:
             cause = getattr(e, "cause", None) or getattr(e, "error_msg", None) or e
             raise ClusterError(f"a {what.rstrip('s')} failed to start: {cause}") from None
+
+
+#: how long a coordinator waits for Ray to restart a lost actor
+RESTART_DEADLINE = 120.0
+
+
+def wait_alive(ray: Any, actor: Any, what: str, deadline: float = RESTART_DEADLINE) -> None:
+    """Block until Ray has restarted ``actor`` (it rebuilds itself from its spec in ``__init__``); a
+    :class:`ClusterError` naming ``what`` after ``deadline`` seconds."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=10)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            if time.monotonic() - t0 > deadline:
+                raise ClusterError(f"{what} did not come back within {deadline:.0f} s: {e}") from None
+            time.sleep(0.5)

@@ -9,7 +9,6 @@ The coordinator holds the model (for shapes and parameter values) but no data: i
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,11 +17,10 @@ from torch import Tensor
 from ..errors import ProblemError
 from ..problem.reducers import ShardReducer, Statistic, Tree, tree_sum
 from ..problem.spec import ProblemSpec
-from .cluster import ClusterError, resources_per_worker, wait_scheduled
+from .cluster import ClusterError, resources_per_worker, wait_alive, wait_scheduled
 from .worker import ShardWorker
 
 RETRIES = 2
-RESTART_DEADLINE = 120.0
 
 
 class WorkerPool:
@@ -68,7 +66,7 @@ class WorkerPool:
             if attempt == RETRIES:
                 raise ClusterError(f"workers {sorted(failed)} failed {RETRIES + 1} times: {next(iter(failed.values()))}")
             for i in failed:
-                self._wait_alive(i)
+                wait_alive(ray, self.actors[i], f"worker {i}")
                 if self._params is not None:  # rebuilt from the spec: move it to the current point first
                     ray.get(self.actors[i].set_params.remote(self._params))
             self.retries += len(failed)
@@ -80,18 +78,6 @@ class WorkerPool:
         again before its retried call, so no result is computed at the spec's initial point."""
         self._params = self.ray.put(flat)
         self.call("set_params", self._params)
-
-    def _wait_alive(self, i: int, deadline: float = RESTART_DEADLINE) -> None:
-        """Block until Ray has restarted actor i (it rebuilds its problem from the spec in ``__init__``)."""
-        ray, t0 = self.ray, time.monotonic()
-        while True:
-            try:
-                ray.get(self.actors[i].__ray_ready__.remote(), timeout=10)
-                return
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                if time.monotonic() - t0 > deadline:
-                    raise ClusterError(f"worker {i} did not come back within {deadline:.0f} s: {e}") from None
-                time.sleep(0.5)
 
     def shutdown(self) -> None:
         for a in self.actors:

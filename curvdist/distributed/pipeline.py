@@ -23,7 +23,7 @@ from ..errors import MetricError, NonFiniteError, ProblemError, ShapeError
 from ..geometry.metrics.base import Metric
 from ..problem.base import StagedProblem
 from ..problem.spec import ProblemSpec
-from .cluster import ClusterError, resources_per_worker, wait_scheduled
+from .cluster import ClusterError, resources_per_worker, wait_alive, wait_scheduled
 from .stages import StageWorker
 
 #: how often a product is run again after a stage was lost
@@ -201,18 +201,10 @@ class StagePool:
                 "utilization": [round(x["busy_s"] / wall, 4) if wall else None for x in m],
                 "memory": [x["memory"] for x in m]}
 
-    def wait_alive(self, deadline: float = 120.0) -> None:
+    def wait_alive(self) -> None:
         """Block until Ray has restarted every stage that died (each rebuilds itself and reloads its shards)."""
-        t0 = time.monotonic()
         for i, a in enumerate(self.actors):
-            while True:
-                try:
-                    self.ray.get(a.__ray_ready__.remote(), timeout=10)
-                    break
-                except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError) as e:
-                    if time.monotonic() - t0 > deadline:
-                        raise ClusterError(f"stage {i} did not come back within {deadline:.0f} s: {e}") from None
-                    time.sleep(0.5)
+            wait_alive(self.ray, a, f"stage {i}")
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -156,13 +156,6 @@ class StageWorker:
                 "foreign": self.foreign, "tied_users": self.tied_users,
                 "held": sum(v.numel() for v in self.values.values())}
 
-    def layout(self) -> dict[str, Any]:
-        """Names the coordinator checks: every problem parameter owned by exactly one stage."""
-        return {"names": self.names, "total": self.total}
-
-    def _params(self, v: tuple[Tensor, ...] | None = None) -> dict[str, Tensor]:
-        return {**self.values, **(dict(zip(self.names, v)) if v is not None else {})}
-
     def _tangents(self, vid: int) -> dict[str, Tensor]:
         """The tangent of every parameter the stage differentiates: its shard of v and the tied parts."""
         flat = self.vectors[vid]
@@ -199,11 +192,15 @@ class StageWorker:
         self.tied_v = {n: (ray.get(r) if isinstance(r, ray.ObjectRef) else r).to(self.device) for n, r in tied.items()}
         self.tied_out = {n: torch.zeros_like(t) for n, t in self.tied_v.items()}
 
-    def tied_part(self, vid: int, name: str) -> Tensor:
-        """The part of vectors[vid] of a parameter this stage owns (for a later stage that uses it too)."""
+    def _part(self, vid: int, name: str) -> Tensor:
+        """The entries of vectors[vid] of the owned parameter ``name`` (a view)."""
         i = self.names.index(name)
         a = sum(int(np.prod(s)) for s in self.shapes[:i])
-        return self.vectors[vid][a:a + self.values[name].numel()].view(self.values[name].shape).clone()
+        return self.vectors[vid][a:a + self.values[name].numel()]
+
+    def tied_part(self, vid: int, name: str) -> Tensor:
+        """The part of vectors[vid] of a parameter this stage owns (for a later stage that uses it too)."""
+        return self._part(vid, name).view(self.values[name].shape).clone()
 
     def forward(self, b: int, incoming: Any, vid: int) -> Any:
         """(c_s, ċ_s, constants) of micro-batch b; the last stage also starts the backward pass (the loss's
@@ -239,7 +236,6 @@ class StageWorker:
             out, outdot, y = self.pending.pop(b)
             gdot = self.loss.output_hessian_apply(out, y, outdot)
             g = torch.func.grad(lambda o: self.loss.per_sample(o, y).sum())(out) if kind == "hessian" else None
-            float_out = None
         else:
             g, gdot = incoming
         carry, cdot, const, key, *rest = self.saved.pop(b)
@@ -274,10 +270,8 @@ class StageWorker:
 
         out = self.vectors[out_id]
         for name, ref in parts:
-            i = self.names.index(name)
-            a = sum(int(np.prod(s)) for s in self.shapes[:i])
             contribution = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-            out[a:a + self.values[name].numel()].add_(contribution[name].reshape(-1).to(out.dtype))
+            self._part(out_id, name).add_(contribution[name].reshape(-1).to(out.dtype))
         out.mul_(scale)
         release_free_memory()
 
