@@ -16,7 +16,15 @@ eigenvalue by ``cd.eigs`` (k = 1, ``--tol``, at most ``--max-steps`` products) w
 resident memory (the kernel's high-water mark, reset through ``/proc/self/clear_refs`` at the start of the
 window). Pipeline runs also report the stage utilization (busy time / product wall time) and the tied weight.
 
-ZeRO-3 curvature without gathering (issue 12, item 4) is not implemented; its rows say so.
+``zero3_2ranks``: DeepSpeed ZeRO-3 on 2 ranks (``torchrun``; gloo on the CPU, NCCL with ``--device cuda``), the
+model built by the spec and partitioned by ``deepspeed.initialize`` (DeepSpeed's default ZeRO-3 settings), SGD,
+each rank one torch thread and half the batch; SGD with learning rate 0, so the timed training steps leave
+the parameters those of the other configurations. Reported: the time of one training step (forward, backward,
+step; best of ``--repeats`` after one), the partitioned finite-difference GGN and Hessian products
+(:mod:`curvdist.integrations.deepspeed.finite_difference`) in time and in training-step equivalents, the Lanczos
+solve, each rank's memory line (owned parameters, most parameters held in full at once, peak RSS), and — after
+the timed part, on a full copy gathered for the check only — the relative error of both products against
+curvdist's exact float32 products on one process.
 
     python benchmarks/sharded_benchmark.py [--model gpt2_small|gpt2_medium] [--batch 2] [--tokens 64]
         [--configs local,pipeline_2x1,pipeline_2x4,pipeline_4x1,pipeline_4x4] [--device cpu|cuda]
@@ -126,13 +134,105 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             res["held_over_model"] = [i["held"] / staged.dim for i in pool.infos]
             res.update(measure(staged, args, pool.space))
     elif name == "zero3_2ranks":
-        res["skipped"] = ("ZeRO-3 curvature without gathering (finite-difference products on the engine's "
-                          "partitions) is not implemented yet; the DeepSpeed monitor still gathers the model")
+        import shutil
+        import socket
+        import tempfile
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = Path(tempfile.mkdtemp(prefix="curvdist-zero3-")) / "rank0.json"
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+        cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               __file__, "--zero3-rank", str(out)] + [a for a in sys.argv[1:] if a not in ("--one", name)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT,
+                              check=False)
+        if proc.returncode:
+            raise SystemExit(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        res.update(json.loads(out.read_text()))
     else:
         raise SystemExit(f"unknown configuration {name!r}")
     res["load_end"] = os.getloadavg()
     res["process_wall_s"] = time.perf_counter() - t0
     return res
+
+
+def zero3_rank(args: argparse.Namespace) -> None:
+    """One rank of ``zero3_2ranks`` (under torchrun); rank 0 writes the results to ``args.zero3_rank``."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    import curvdist as cd
+    from curvdist.integrations.deepspeed.engine import torch_linear
+    from curvdist.integrations.deepspeed.finite_difference import PartitionedProblem
+    from curvdist.problem.losses import make_loss
+    from curvdist.resources import release_free_memory
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    spec = make_spec(args)
+    batch = spec.build_data()
+    batch = batch[0] if isinstance(batch, list) else batch
+    ids, labels = batch["input_ids"], batch["labels"]
+    per = ids.shape[0] // world
+    mine = slice(rank * per, (rank + 1) * per)
+    model = spec.build_model()
+    config = {"train_batch_size": per * world, "train_micro_batch_size_per_gpu": per,
+              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    t0 = time.perf_counter()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                      config=config, dist_init_required=True)
+    del model
+    res: dict[str, Any] = {"ranks": world, "init_s": time.perf_counter() - t0}
+    loss = make_loss("causal_lm")
+
+    def train_step() -> None:
+        out = engine(ids[mine]).logits
+        engine.backward(loss.per_sample(out, labels[mine]).sum() / max(loss.count(labels[mine]), 1))
+        engine.step()
+
+    res["train_step_s"], res["train_step_times_s"] = timed(train_step, args.repeats)
+    problem = PartitionedProblem(engine, "causal_lm", ids[mine], labels[mine], None)
+    res["parameters"] = problem.dim
+    v = problem.space.random(0, "gaussian").float().double()
+    products = {}
+    for kind in ("ggn", "hessian"):
+        op = problem.curvature_operator(kind)
+        problem.memory_reset()
+        best, times = timed(lambda op=op, kind=kind: products.__setitem__(kind, op.apply_vector(v)), args.repeats)
+        res[f"{kind}_product_s"], res[f"{kind}_product_times_s"] = best, times
+        res[f"{kind}_over_train_step"] = best / res["train_step_s"]
+        res[f"{kind}_product_info"] = op.product_info()
+        res[f"{kind}_memory"] = problem.memory_records()
+    op = problem.curvature_operator("ggn")
+    problem.memory_reset()
+    t0 = time.perf_counter()
+    r = cd.eigs(op, k=1, tol=args.tol, maxiter=args.max_steps, seed=0)
+    res["eig"] = {"value": float(r.value[0]), "matvecs": r.matvecs, "seconds": time.perf_counter() - t0,
+                  "converged": bool(r.info.get("converged", True)), "tol": args.tol, "schedule": op.product_info()}
+    res["memory"] = problem.memory_records()
+    # accuracy against exact products, on a gathered copy (after everything above was measured)
+    full_v = problem.space.to_tensor(v)
+    fd = {k: problem.space.to_tensor(x) for k, x in products.items()}
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        copy = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    release_free_memory()
+    if rank == 0:
+        local = spec.build_model()
+        local.load_state_dict(copy, strict=False)
+        del copy
+        with torch_linear():
+            exact_problem = cd.Problem(local.eval(), "causal_lm", batch)
+            for kind in ("ggn", "hessian"):
+                exact = cd.operator(exact_problem, kind, check_determinism=False) @ full_v.float()
+                res[f"{kind}_relative_error"] = float((fd[kind] - exact.double()).norm() / exact.double().norm())
+        res["load_end"] = os.getloadavg()
+        Path(args.zero3_rank).write_text(json.dumps(res))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +248,15 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             row["ggn_over_local"] = r["ggn_product_s"] / local["ggn_product_s"]
             row["hessian_over_local"] = r["hessian_product_s"] / local["hessian_product_s"]
             row["eig_value_rel_diff"] = abs(r["eig"]["value"] - local["eig"]["value"]) / abs(local["eig"]["value"])
+        if "ggn_over_train_step" in r:
+            row["ggn_over_train_step"] = r["ggn_over_train_step"]
+            row["hessian_over_train_step"] = r["hessian_over_train_step"]
+            row["goal_product_le_3_train_steps"] = max(r["ggn_over_train_step"], r["hessian_over_train_step"]) <= 3
+            row["relative_error"] = {k: r.get(f"{k}_relative_error") for k in ("ggn", "hessian")}
+            row["goal_relative_error_le_1e-4"] = all(
+                (e is not None and e <= 1e-4) for e in row["relative_error"].values())
+            row["max_gathered_over_model"] = max(m["peak_gathered_parameters"] for m in r["memory"]) / r["parameters"]
+            row["owned_over_model"] = max(m["parameters"] for m in r["memory"]) / r["parameters"]
         if "held_over_model" in r:
             row["max_held_over_model"] = max(r["held_over_model"])
             row["goal_held_le_1.2_over_S"] = max(r["held_over_model"]) <= 1.2 / len(r["held_over_model"])
@@ -175,7 +284,11 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--out", default="")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--zero3-rank", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.zero3_rank:
+        zero3_rank(args)
+        return
     if args.one:
         print(json.dumps(child(args)))
         return

@@ -42,7 +42,7 @@ from ..problem.data import as_batches, inputs_to, slice_inputs, unpack
 from ..problem.losses import make_loss
 from ..problem.spec import ProblemSpec
 from ..resources import memory_record, release_free_memory, reset_peak
-from ..solvers.space import random_flat
+from ..solvers.space import random_segments
 from .stacks import SequentialProgram, StageProgram, TracedProgram, split_points, stage_modules, stage_program
 
 __all__ = ["StageWorker", "split_points", "stage_modules", "micro_batch_bounds"]
@@ -369,8 +369,7 @@ class StageWorker:
 
     def random(self, out: int, seed: int, kind: str) -> None:
         """This stage's entries of the layout-independent random vector of ``seed`` (same numbers as locally)."""
-        full = random_flat(self.total, seed, kind, self.dtype)
-        self.vectors[out] = torch.cat([full[a:a + n] for a, n in self.segments] or [full[:0]]).to(self.device)
+        self.vectors[out] = random_segments(self.total, seed, kind, self.dtype, self.segments).to(self.device)
 
     def lincomb(self, out: int, coeffs: list[float], ids: list[int]) -> None:
         acc = torch.zeros(self.dim, dtype=torch.float64, device=self.device)

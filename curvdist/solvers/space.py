@@ -12,6 +12,7 @@ into a given output vector). :class:`TorchSpace` has both, with :class:`Basis`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol, overload, runtime_checkable
@@ -83,6 +84,58 @@ def random_flat(dim: int, seed: int, kind: str, dtype: torch.dtype) -> Tensor:
     else:
         raise SolverError(f"unknown probe kind {kind!r}; choose one of {PROBE_KINDS}")
     return v.to(dtype)
+
+
+#: entries per draw of :func:`random_segments`: a multiple of 16, the block torch's CPU ``randn`` transforms at once
+STREAM_CHUNK = 1 << 20
+
+
+def random_segments(dim: int, seed: int, kind: str, dtype: torch.dtype,
+                    segments: Sequence[tuple[int, int]]) -> Tensor:
+    """The entries ``segments`` = [(offset, length), …] of ``random_flat(dim, seed, kind, dtype)``, concatenated in
+    that order, without making the full vector: the generator's stream is drawn ``STREAM_CHUNK`` entries at a time
+    and only the requested pieces are kept (memory O(chunk + Σ length)).
+
+    The stream is the same as one draw of ``dim`` entries because torch's CPU generator draws integers one by one
+    and ``randn`` transforms blocks of 16: every chunk but the last is a multiple of 16 long, and the last one is at
+    least 16 long (a short remainder joins the chunk before it), so its tail is treated as in the single draw. A
+    test compares the two draws entry by entry, so a torch release that changes this is caught.
+    """
+    if kind not in PROBE_KINDS:
+        raise SolverError(f"unknown probe kind {kind!r}; choose one of {PROBE_KINDS}")
+    segments = [(int(a), int(n)) for a, n in segments if n > 0]
+    total = sum(n for _, n in segments)
+    out = torch.empty(total, dtype=dtype)
+    if not segments:
+        return out
+    order = sorted(range(len(segments)), key=lambda i: segments[i][0])
+    starts = np.concatenate([[0], np.cumsum([n for _, n in segments])[:-1]]).astype(int)
+    end = max(a + n for a, n in segments)
+    if end > dim:
+        raise SolverError(f"a segment ends at {end}, beyond the vector's length {dim}")
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    bounds = list(range(0, dim, STREAM_CHUNK)) + [dim]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 16:
+        del bounds[-2]
+    k = 0  # the first segment (in offset order) not yet completely written
+    for lo, hi in itertools.pairwise(bounds):
+        if lo >= end:
+            break
+        if kind == "rademacher":
+            chunk = torch.randint(0, 2, (hi - lo,), generator=g, dtype=torch.int8).to(torch.float64).mul_(2).sub_(1)
+        else:
+            chunk = torch.randn(hi - lo, generator=g, dtype=torch.float64)
+        while k < len(order) and segments[order[k]][0] + segments[order[k]][1] <= lo:
+            k += 1
+        for i in order[k:]:
+            a, n = segments[i]
+            if a >= hi:
+                break
+            s, e = max(a, lo), min(a + n, hi)
+            if s < e:
+                o = int(starts[i]) + s - a
+                out[o:o + e - s] = chunk[s - lo:e - lo]
+    return out
 
 
 def probe_seeds(seed: int, count: int) -> list[int]:

@@ -354,3 +354,22 @@ def test_budgets_are_validated(decaying):
         xtrace(lambda v: A @ v, _space(), 3)
     with pytest.raises(cd.SolverError, match="probe kind"):
         hutchinson(lambda v: A @ v, _space(), 3, probe="sphere")
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("dim", [5, 2**20 + 3, 2**21 + 40, 3 * 2**20 - 7])
+def test_random_segments_equal_slices_of_the_single_draw(kind, dim, monkeypatch):
+    """Pieces of the streamed random vector are entry for entry the pieces of one draw of the whole vector
+    (the stream is drawn in chunks; here chunks of 2^20 and, below, of 2^16 + 16), in any order of segments."""
+    from curvdist.solvers import space
+
+    full = space.random_flat(dim, 11, kind, torch.float64)
+    segs = [(dim - 2, 2), (0, 1), (2, 1)] if dim < 1000 else [(dim - 4, 4), (0, 3), (dim // 2 - 100, 300),
+                                                                (dim // 3, 1)]
+    want = torch.cat([full[a:a + n] for a, n in segs])
+    assert torch.equal(space.random_segments(dim, 11, kind, torch.float64, segs), want)
+    monkeypatch.setattr(space, "STREAM_CHUNK", 2**16 + 16)
+    assert torch.equal(space.random_segments(dim, 11, kind, torch.float64, segs), want)
+    assert torch.equal(space.random_segments(dim, 11, kind, torch.float32, [(0, dim)]), full.float())
+    with pytest.raises(cd.SolverError, match="beyond the vector's length"):
+        space.random_segments(dim, 11, kind, torch.float64, [(dim - 1, 2)])

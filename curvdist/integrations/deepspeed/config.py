@@ -29,9 +29,18 @@ SECTION = "curvdist"
 
 class MonitorSpec(NamedSpecs):
     """The curvature monitor: which queries (CLI query objects, each with an optional ``name``) to run every
-    ``every`` global steps on the held batch, with which default curvature and metric, in which dtype."""
+    ``every`` global steps on the held batch, with which default curvature and metric, in which dtype.
+
+    ``zero3`` (ZeRO stage 3 only): ``partitioned`` (the default) measures on the engine's own partitions —
+    finite-difference Hessian/GGN products, vectors as partitions, layers gathered only by ZeRO-3's own forward
+    and backward — with the relative step ``fd_step`` (default ¼u^{1/3} for the Hessian, ½u^{1/3} for the GGN, in the
+    parameters' dtype); ``gather``
+    gathers the whole model into a replica on every rank (every query and metric, exact products, small models).
+    ``dtype`` is the replica's; partitioned products run in the parameters' dtype, their vectors in float64."""
 
     every: PositiveInt = 100
+    zero3: Literal["partitioned", "gather"] = "partitioned"
+    fd_step: Annotated[float, Field(gt=0, lt=1)] | None = None
     loss: choice(LossKind) = "cross_entropy"
     reduction: choice(Reduction) = "mean"
     dtype: Literal["float32", "float64"] = "float32"

@@ -1,9 +1,12 @@
 """The curvature monitor: curvdist queries on a held batch every N global steps of a DeepSpeed run.
 
-At a measurement every rank loads a clean replica of the engine's module with the current parameters (gathered
-from their partitions under ZeRO-3, cast to the monitor's dtype, in eval mode), keeps its contiguous shard of the
-held batch, and runs the queries on the data-parallel problem whose products are ``all_reduce``-d over the engine's
-data-parallel group (:mod:`.data_parallel`). Every rank computes the same values; DeepSpeed's monitor (CSV,
+At a measurement every rank keeps its contiguous shard of the held batch. Under ZeRO stages 0-2 (and stage 3 with
+``zero3: gather``) it loads a clean replica of the engine's module with the current parameters (gathered from
+their partitions under ZeRO-3, cast to the monitor's dtype, in eval mode) and runs the queries on the
+data-parallel problem whose products are ``all_reduce``-d over the engine's data-parallel group
+(:mod:`.data_parallel`). Under ZeRO-3 by default it runs them on the engine's own partitions instead
+(:mod:`.finite_difference`): finite-difference products through the engine's module, vectors as partitions, no
+gathering beyond ZeRO-3's own layer-by-layer schedule. Every rank computes the same values; DeepSpeed's monitor (CSV,
 TensorBoard, ... as configured in the DeepSpeed JSON) writes them from rank 0 as ``(name, value, global_step)``.
 
 The training run is unaffected: the engine's module, its modes and gradients are never touched, and the global
@@ -27,9 +30,10 @@ from ...queries.result import Result
 from ...queries.session import Coordinates, run_query, scalars
 from ...queries.specs import validate
 from .config import MonitorSpec, monitor_spec
-from .data_parallel import split_problem
+from .data_parallel import group_rank_and_size, shard, split_problem
 from .engine import check_engine, data_parallel_group, torch_linear, zero_stage
-from .queries import check_query, clean_name, default_name
+from .finite_difference import PartitionedProblem
+from .queries import check_partitioned, check_query, clean_name, default_name
 from .replica import Replica
 
 
@@ -79,12 +83,16 @@ class CurvatureMonitor:
         self.dtype = getattr(torch, spec.dtype)
         self.queries = [(q, q.curvature or spec.curvature, q.metric or spec.metric,
                          spec.seed if q.seed is None else q.seed) for q in spec.queries]
-        for q, _, m, _ in self.queries:
+        #: ZeRO-3 curvature on the engine's partitions (finite differences), not on a gathered replica
+        self.partitioned = self.zero_stage == 3 and spec.zero3 == "partitioned"
+        for q, c, m, _ in self.queries:
             check_query(q, m, self.zero_stage)
+            if self.partitioned:
+                check_partitioned(q, c, m)
         self.names = _unique([clean_name(n or default_name(q, c, m)) for (q, c, m, _), n in
                               zip(self.queries, _names(spec))])
         self.held = self._check_held(held)
-        self.replica = Replica(engine.module, self.dtype)
+        self.replica = None if self.partitioned else Replica(engine.module, self.dtype)
         self.history: list[dict[str, Any]] = []
         self.results: list[Result] = []
 
@@ -103,9 +111,7 @@ class CurvatureMonitor:
         X, y = self.held
         values: dict[str, float] = {}
         results = []
-        with preserved_rng(X.device), torch_linear(), self.replica.loaded(self.engine.module) as model:
-            problem = split_problem(model, self.spec.loss, X, y, self.group, self.spec.params, self.spec.reduction,
-                                    self.spec.batch_size)
+        with preserved_rng(X.device), self._problem(X, y) as problem:
             coords = Coordinates("theta", problem, self.spec.seed)
             for (q, curvature, metric_spec, seed), name in zip(self.queries, self.names):
                 r = run_query(q, coords, curvature, metric_spec, seed)
@@ -119,6 +125,21 @@ class CurvatureMonitor:
         if monitor is not None and getattr(monitor, "enabled", False):
             monitor.write_events([(name, v, step) for name, v in values.items()])
         return values
+
+    @contextmanager
+    def _problem(self, X: Tensor, y: Tensor) -> Iterator[Any]:
+        """The measurement's problem: on the engine's ZeRO-3 partitions (this rank's shard of the batch), or
+        on the replica loaded with the current parameters (data-parallel over the group)."""
+        if self.partitioned:
+            rank, size = group_rank_and_size(self.group)
+            Xr, yr = shard(X, y, rank, size)
+            yield PartitionedProblem(self.engine, self.spec.loss, Xr, yr, self.group, self.spec.params,
+                                     self.spec.reduction, self.spec.batch_size, self.spec.fd_step)
+            return
+        assert self.replica is not None
+        with torch_linear(), self.replica.loaded(self.engine.module) as model:
+            yield split_problem(model, self.spec.loss, X, y, self.group, self.spec.params, self.spec.reduction,
+                                self.spec.batch_size)
 
     def series(self, name: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one logged scalar over the history."""

@@ -34,6 +34,26 @@ def check_query(q: Any, metric_spec: MetricSpec, zero_stage: int) -> None:
                           f"diag_fisher_mc or empirical_fisher_diag for a diagonal metric")
 
 
+#: what ZeRO-3 partitioned curvature serves: finite-difference products in the Euclidean metric
+PARTITIONED_QUERIES = ("eigs", "trace", "logdet", "flatness")
+PARTITIONED_CURVATURES = ("hessian", "ggn")
+
+
+def check_partitioned(q: Any, curvature: CurvatureSpec, metric_spec: MetricSpec) -> None:
+    """Refuse, before any computation, a query that ZeRO-3 partitioned curvature cannot serve."""
+    hint = "set the monitor's zero3: gather to measure it on a gathered replica (the whole model on every rank)"
+    if q.kind not in PARTITIONED_QUERIES:
+        raise ConfigError(f"queries: {q.kind} is not served by ZeRO-3 partitioned curvature (it serves "
+                          f"{', '.join(PARTITIONED_QUERIES)}); {hint}")
+    if curvature.kind not in PARTITIONED_CURVATURES:
+        raise ConfigError(f"queries: the {curvature.kind} curvature is not served by ZeRO-3 partitioned curvature "
+                          f"(finite differences of the engine's forward and backward give "
+                          f"{' and '.join(PARTITIONED_CURVATURES)}); {hint}")
+    if metric_spec.kind != "euclidean" or metric_spec.damping:
+        raise ConfigError(f"queries: the metric {metric_spec.label()} is not served by ZeRO-3 partitioned curvature "
+                          f"(euclidean without damping only); {hint}")
+
+
 def default_name(q: Any, curvature: CurvatureSpec, metric_spec: MetricSpec) -> str:
     """``kind_curvature_metric``, e.g. ``flatness_hessian_fisher+0.01``."""
     return f"{q.kind}_{curvature.kind}_{metric_spec.label()}"

@@ -13,6 +13,7 @@ HELD = 40
 MONITOR = {
     "every": 2,
     "seed": 0,
+    "zero3": "gather",  # every query and metric: on ZeRO-3 the monitor gathers a replica
     "queries": [
         {"kind": "eigs", "name": "eigs", "k": 2, "curvature": "hessian"},
         {"kind": "flatness", "name": "flatness", "curvature": "ggn",
@@ -41,6 +42,7 @@ TRANSFORMER = {"seed": 0}
 TRANSFORMER_MONITOR = {
     "every": 2,
     "seed": 0,
+    "zero3": "gather",
     "dtype": "float64",
     "queries": [
         {"kind": "eigs", "name": "eigs", "k": 2, "curvature": "hessian"},
@@ -56,3 +58,20 @@ TRANSFORMER_MONITOR = {
 def sequence_data(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Digits as 8 tokens of 8 features (the transformer's input)."""
     return zoo.digits(split=split, n=n, shape="sequence")
+
+
+# ZeRO-3 curvature on the partitions: an MLP (1.09M parameters) whose four 512x512 weights are partitioned (ZeRO-3 keeps
+# parameters under 10^5 entries whole on every rank, so the biases and the small first/last layers persist),
+# ZeRO-3 gathering one module at a time (no prefetch, release after use), and the finite-difference queries.
+ZERO3_MODEL = {"in_features": 64, "hidden": (512,) * 5, "out_features": 10, "seed": 0}
+ZERO3_CONFIG = {"stage": 3, "stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 300_000,
+                "stage3_max_reuse_distance": 0}
+ZERO3_MONITOR = {
+    "every": 2,
+    "seed": 0,
+    "queries": [
+        {"kind": "eigs", "name": "eigs_h", "k": 1, "curvature": "hessian", "tol": 1e-5},
+        {"kind": "eigs", "name": "eigs_g", "k": 1, "curvature": "ggn", "tol": 1e-5},
+        {"kind": "trace", "name": "trace_g", "curvature": "ggn", "method": "hutchpp", "matvecs": 9},
+    ],
+}

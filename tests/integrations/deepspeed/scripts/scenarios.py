@@ -27,6 +27,9 @@ from ds_common import (  # the script's own folder is on sys.path when it runs a
     MONITOR,
     TRANSFORMER,
     TRANSFORMER_MONITOR,
+    ZERO3_CONFIG,
+    ZERO3_MODEL,
+    ZERO3_MONITOR,
     held,
     sequence_data,
     train_data,
@@ -39,16 +42,18 @@ from curvdist.integrations.deepspeed import (
     load_checkpoint,
     save_checkpoint,
 )
+from curvdist.integrations.deepspeed.partitions import GatherMeter
 
 
 def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def ds_config(stage: int, bf16: bool = False, monitor: dict | None = None, csv_dir: str | None = None) -> dict:
+def ds_config(stage: int, bf16: bool = False, monitor: dict | None = None, csv_dir: str | None = None,
+              zero: dict | None = None) -> dict:
     _, world = rank_world()
     cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+           "zero_optimization": zero or {"stage": stage}, "zero_allow_untested_optimizer": True,
            "bf16": {"enabled": bf16}, "steps_per_print": 10**6, "gradient_clipping": 0.0}
     if monitor is not None:
         cfg["curvdist"] = {"monitor": monitor}
@@ -180,7 +185,15 @@ def scenario_errors(stages: list[int]) -> dict:
     except Exception as e:  # noqa: BLE001 - the test checks type and message
         out["adam_zero3"] = [type(e).__name__, str(e)]
     m = CurvatureMonitor(engine, held(), {"queries": [{"kind": "grad_norm", "name": "g"}, {"kind": "eigs"}]},
-                         every=3, metric={"kind": "diag_ggn", "damping": 0.1})
+                         every=3, metric={"kind": "diag_ggn", "damping": 0.1}, zero3="gather")
+    for key, query in [("partitioned_metric", {"kind": "eigs", "metric": {"kind": "fisher", "damping": 0.1}}),
+                       ("partitioned_grad_norm", {"kind": "grad_norm"}),
+                       ("partitioned_curvature", {"kind": "trace", "curvature": "fisher"})]:
+        try:
+            CurvatureMonitor(engine, held(), {"queries": [query]})
+            out[key] = None
+        except Exception as e:  # noqa: BLE001
+            out[key] = [type(e).__name__, str(e)]
     out["python_spec"] = {"every": m.spec.every, "names": m.names, "values": m.measure()}
     try:
         CurvatureMonitor(engine, held())  # the config has no curvdist section
@@ -219,9 +232,52 @@ def scenario_transformer(stages: list[int]) -> dict:
     return out
 
 
+def scenario_zero3(stages: list[int]) -> dict:
+    """ZeRO-3 curvature on the partitions: a short run with the monitor (values, the parameters they were measured
+    at, the most parameter entries any rank held in full during a measurement and during a training step), and the
+    same run without the monitor."""
+    rank, _ = rank_world()
+    X, y = train_data()
+    out: dict = {}
+    for monitored in (True, False):
+        model = zoo.mlp(**ZERO3_MODEL)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.2),
+                                          config=ds_config(3, zero=ZERO3_CONFIG))
+        monitor = CurvatureMonitor(engine, held(), ZERO3_MONITOR) if monitored else None
+        params = list(engine.module.parameters())
+        meter = GatherMeter(params)
+        losses, measured = [], []
+        for s in range(3):
+            xb, yb = local_batch(X, y, s)
+            hooks = [p.register_hook(lambda g, m=meter: (m.sample(), g)[1]) for p in params]
+            with meter.watching(engine.module):
+                loss = F.cross_entropy(engine(xb), yb)
+                engine.backward(loss)
+            for h in hooks:
+                h.remove()
+            engine.step()
+            losses.append(float(loss))
+            values = monitor.step() if monitor is not None else None
+            if values is not None:
+                flat = torch.tensor(full_params(engine.module))
+                path = f"{os.environ['CURVDIST_OUT']}.zero3.step{int(engine.global_steps)}.pt"
+                if rank == 0:
+                    torch.save(flat, path)
+                info = [{"query": r.query, "curvature": r.curvature, "product": r.info.get("product"),
+                         "memory": r.info["memory"]}
+                        for r in monitor.results]
+                measured.append({"step": int(engine.global_steps), "values": values, "params": path,
+                                 "info": info, "seconds": monitor.history[-1]["seconds"]})
+        key = "monitored" if monitored else "plain"
+        out[key] = {"losses": losses, "measured": measured, "training_peak_gathered": meter.peak,
+                    "model_parameters": sum(int(p.ds_numel) for p in params),
+                    "backend": monitor.results[0].backend if monitor is not None else None}
+    return out
+
+
 SCENARIOS = {"monitor": scenario_monitor, "optimizer": scenario_optimizer, "checkpoint": scenario_checkpoint,
              "errors": scenario_errors,
-             "transformer": scenario_transformer}
+             "transformer": scenario_transformer, "zero3": scenario_zero3}
 
 
 def main() -> None:
@@ -231,12 +287,16 @@ def main() -> None:
         stages = [int(s) for s in sys.argv[sys.argv.index("--stages") + 1].split(",")]
     rank, world = rank_world()
     os.environ.setdefault("CURVDIST_CKPT_DIR", f"{out_path}.ckpt")
+    os.environ.setdefault("CURVDIST_OUT", out_path)
     doc = {"rank": rank, "world": world, "seconds": {}}
     for name in names:
         t0 = time.perf_counter()
         doc[name] = SCENARIOS[name](stages)
         doc["seconds"][name] = time.perf_counter() - t0
     Path(f"{out_path}.rank{rank}.json").write_text(json.dumps(doc))
+    if torch.distributed.is_initialized():  # every rank done before any tears the group down
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
