@@ -130,11 +130,7 @@ class PartitionedProblem(StagedProblem):
                  params: Sequence[str] | None = None, reduction: str = "mean", batch_size: int | None = None,
                  step: float | None = None) -> None:
         self.parts = ZeroPartitions(engine, params, group)
-        if self.parts.dtype not in (torch.float32, torch.float64):
-            raise ConfigError(f"finite-difference curvature needs float32 or float64 parameters, but the engine holds "
-                              f"{str(self.parts.dtype).replace('torch.', '')} partitions (a step that balances "
-                              f"truncation and rounding would leave ~{_step(self.parts.dtype) ** 2:.0e} relative "
-                              f"error); set the monitor's zero3: gather to measure on a gathered replica")
+        check_dtype(self.parts.dtype)
         self.loss = make_loss(loss)
         self.X, self.y = X, y
         self.reduction = reduction
@@ -284,6 +280,15 @@ class FiniteDifference:
         return {"mode": "zero3-finite-difference", "ranks": p.parts.world, "step": self.step,
                 "theta_norm": p.theta_norm, "error_estimate": self.error_estimate, "products": p.products,
                 "product_wall_s": p.product_s}
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    """Refuse partitions in a precision too coarse for finite differences (bfloat16, float16)."""
+    if dtype not in (torch.float32, torch.float64):
+        error = float(torch.finfo(dtype).eps / 2) ** (2.0 / 3.0)
+        raise ConfigError(f"finite-difference curvature needs float32 or float64 parameters, but the engine holds "
+                          f"{str(dtype).replace('torch.', '')} partitions (at best ~{error:.0e} relative error); set "
+                          f"the monitor's zero3: gather to measure on a gathered replica in float32/float64")
 
 
 #: the default relative step h = factor · u^{1/3}, per curvature (see :func:`_step`)

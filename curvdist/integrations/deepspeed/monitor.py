@@ -32,7 +32,7 @@ from ...queries.specs import validate
 from .config import MonitorSpec, monitor_spec
 from .data_parallel import group_rank_and_size, shard, split_problem
 from .engine import check_engine, data_parallel_group, torch_linear, zero_stage
-from .finite_difference import PartitionedProblem
+from .finite_difference import PartitionedProblem, check_dtype
 from .queries import check_partitioned, check_query, clean_name, default_name
 from .replica import Replica
 
@@ -85,6 +85,8 @@ class CurvatureMonitor:
                          spec.seed if q.seed is None else q.seed) for q in spec.queries]
         #: ZeRO-3 curvature on the engine's partitions (finite differences), not on a gathered replica
         self.partitioned = self.zero_stage == 3 and spec.zero3 == "partitioned"
+        if self.partitioned:
+            check_dtype(next(engine.module.parameters()).ds_tensor.dtype)
         for q, c, m, _ in self.queries:
             check_query(q, m, self.zero_stage)
             if self.partitioned:

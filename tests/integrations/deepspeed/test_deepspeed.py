@@ -416,3 +416,14 @@ def test_launcher_resume_continues_the_curves(tmp_path):
     assert [h["step"] for h in full["history"]] == [20, 40, 60]
     assert full["losses"][-1][1] < 0.5 * full["losses"][0][1]
     assert (tmp_path / "csv" / "digits" / "curvdist_sharpness_fisher_eig0.csv").is_file()
+
+
+def test_partitioned_curvature_refuses_low_precision_partitions():
+    """Finite differences in bfloat16/float16 would be ~1e-2 wrong: refused with the way out."""
+    from curvdist.integrations.deepspeed.finite_difference import check_dtype
+
+    check_dtype(torch.float32)
+    check_dtype(torch.float64)
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(cd.ConfigError, match=r"float32 or float64 parameters.*partitions.*zero3: gather"):
+            check_dtype(dtype)
