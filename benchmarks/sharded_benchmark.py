@@ -310,6 +310,7 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             doc["results"][name] = {"error": f"timed out after {args.timeout} s"}
         r = doc["results"][name]
+        r["setup"] = doc["setup"]  # each row keeps the arguments it ran with (rows may come from separate runs)
         print("    ->", {k: r[k] for k in ("ggn_product_s", "hessian_product_s", "error", "skipped") if k in r},
               flush=True)
         doc["summary"] = summarize(doc["results"])
