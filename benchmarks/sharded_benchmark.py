@@ -144,7 +144,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         out = Path(tempfile.mkdtemp(prefix="curvdist-zero3-")) / "rank0.json"
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-               __file__, "--zero3-rank", str(out)] + [a for a in sys.argv[1:] if a not in ("--one", name)]
+               __file__, "--zero3-rank", str(out)] + _without_one(sys.argv[1:])
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT,
                               check=False)
@@ -156,6 +156,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     res["load_end"] = os.getloadavg()
     res["process_wall_s"] = time.perf_counter() - t0
     return res
+
+
+def _without_one(argv: list[str]) -> list[str]:
+    """The command line without ``--one NAME``."""
+    i = argv.index("--one")
+    return argv[:i] + argv[i + 2:]
 
 
 def zero3_rank(args: argparse.Namespace) -> None:
