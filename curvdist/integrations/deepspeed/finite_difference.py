@@ -37,60 +37,50 @@ from ...problem.base import StagedProblem
 from ...problem.losses import Loss, make_loss
 from ...problem.outputs import network_output
 from ...resources import memory_record, reset_peak
-from ...solvers.space import random_segments
+from ...solvers.space import Basis, TorchSpace, random_segments
 from .partitions import ZeroPartitions
 
 #: the curvatures a partitioned product is a finite difference of
 KINDS = (Curvature.HESSIAN.value, Curvature.GGN.value)
 
 
-class PartitionSpace:
-    """The :class:`~curvdist.solvers.space.VectorSpace` of vectors held as the ranks' partitions: each rank keeps
-    its pieces as one flat float64 tensor; inner products are local sums ``all_reduce``-d over the group."""
+class PartitionSpace(TorchSpace):
+    """The :class:`~curvdist.solvers.space.VectorSpace` of vectors held as the ranks' partitions: each rank keeps its
+    pieces as one flat tensor in the parameters' dtype (a :class:`~curvdist.solvers.space.Basis` of them for
+    Lanczos), handled by the local space's kernels — inner products in float64 a slice at a time — and inner
+    products are the local sums ``all_reduce``-d over the group."""
 
-    def __init__(self, parts: ZeroPartitions, dtype: torch.dtype = torch.float64) -> None:
-        self.parts, self.dtype, self.group = parts, dtype, parts.group
-        self.dim = parts.dim
-        self.device = parts.params[0].ds_tensor.device
+    def __init__(self, parts: ZeroPartitions) -> None:
+        super().__init__(parts.local_dim, parts.dtype, parts.params[0].ds_tensor.device)
+        self.parts, self.group = parts, parts.group
+        self.local_dim, self.dim = parts.local_dim, parts.dim
 
-    def _sum(self, local: Tensor) -> Tensor:
-        dist.all_reduce(local, group=self.group)
-        return local
+    def _sum(self, local: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(np.atleast_1d(local), dtype=torch.float64, device=self.device).clone()
+        dist.all_reduce(t, group=self.group)
+        return t.cpu().numpy()
 
     def dot(self, x: Tensor, y: Tensor) -> float:
-        return float(self._sum(torch.dot(x.double(), y.double()).reshape(1))[0])
+        return float(self._sum(np.array([super().dot(x, y)]))[0])
 
-    def dots(self, xs: Sequence[Tensor], y: Tensor) -> np.ndarray:
+    def dots(self, xs: Sequence[Tensor] | Basis, y: Tensor) -> np.ndarray:
         if not len(xs):
             return np.zeros(0)
-        local = torch.stack([torch.dot(x.double(), y.double()) for x in xs])
-        return self._sum(local).cpu().numpy()
+        return self._sum(super().dots(xs, y))
 
     def norm(self, x: Tensor) -> float:
         return float(np.sqrt(max(self.dot(x, x), 0.0)))
 
-    def axpy(self, a: float, x: Tensor, y: Tensor) -> Tensor:
-        return torch.add(y, x, alpha=float(a))
-
-    def scale(self, a: float, x: Tensor) -> Tensor:
-        return x * float(a)
-
-    def mul(self, x: Tensor, y: Tensor) -> Tensor:
-        return x * y
-
     def zeros(self) -> Tensor:
-        return torch.zeros(self.parts.local_dim, dtype=self.dtype, device=self.device)
+        return torch.zeros(self.local_dim, dtype=self.dtype, device=self.device)
+
+    def new_basis(self, capacity: int | None = None) -> Basis:
+        return Basis(self.local_dim, self.dtype, self.device, capacity)
 
     def random(self, seed: int, kind: str = "rademacher") -> Tensor:
         """This rank's pieces of the layout-independent random vector of ``seed`` (the local numbers), drawn as a
         stream without forming the whole vector."""
         return random_segments(self.dim, seed, kind, self.dtype, self.parts.segments).to(self.device)
-
-    def lincomb(self, coeffs: np.ndarray, xs: Sequence[Tensor]) -> Tensor:
-        out = self.zeros()
-        for c, x in zip(coeffs, xs):
-            out.add_(x, alpha=float(c))
-        return out
 
     def to_tensor(self, x: Tensor) -> Tensor:
         """The whole vector on every rank (an ``all_gather``; for checkpoints and tests, not for large models)."""
@@ -139,7 +129,7 @@ class PartitionedProblem(StagedProblem):
         dist.all_reduce(count, group=group)
         self.num_samples = int(count[0])
         self.scale = 1.0 / self.num_samples if reduction == "mean" else 1.0
-        self.dim, self.dtype = self.parts.dim, torch.float64
+        self.dim, self.dtype = self.parts.dim, self.parts.dtype
         self.space = PartitionSpace(self.parts)
         #: the relative step h (``None``: each curvature's default, :func:`_step`)
         self.step = None if step is None else float(step)
@@ -225,7 +215,7 @@ class PartitionedProblem(StagedProblem):
 
 class FiniteDifference:
     """C v for C ∈ {hessian, ggn} of a :class:`PartitionedProblem` by central differences; v and C v are this
-    rank's float64 pieces."""
+    rank's pieces, in the parameters' dtype (the differences are accumulated in float64)."""
 
     def __init__(self, problem: PartitionedProblem, kind: str) -> None:
         self.problem, self.kind = problem, kind
@@ -267,13 +257,13 @@ class FiniteDifference:
                 plus = p.gradient_pieces()
             with p.parts.shifted(v, -eps):
                 minus = p.gradient_pieces()
-            return plus.sub_(minus).mul_(p.scale / (2 * eps))
+            return plus.sub_(minus).mul_(p.scale / (2 * eps)).to(p.dtype)
         with p.parts.shifted(v, eps):
             plus = p.outputs()
         with p.parts.shifted(v, -eps):
             minus = p.outputs()
         jvps = [(a.double() - b.double()) / (2 * eps) for a, b in zip(plus, minus)]
-        return p.gradient_pieces(jvps).mul_(p.scale)
+        return p.gradient_pieces(jvps).mul_(p.scale).to(p.dtype)
 
     def product_info(self) -> dict[str, Any]:
         p = self.problem

@@ -95,8 +95,8 @@ class ZeroPartitions:
         return torch.split(v, self.owned)
 
     def values(self) -> Tensor:
-        """This rank's pieces of θ, flat, in float64."""
-        return torch.cat([p.ds_tensor.detach()[:k].double() for p, k in zip(self.params, self.owned)])
+        """This rank's pieces of θ, flat (a copy)."""
+        return torch.cat([p.ds_tensor.detach()[:k] for p, k in zip(self.params, self.owned)])
 
     # ------------------------------------------------------------ the engine's parameters
     def _coordinator(self) -> Any:
