@@ -235,6 +235,8 @@ def zero3_rank(args: argparse.Namespace) -> None:
             for kind in ("ggn", "hessian"):
                 exact = cd.operator(exact_problem, kind, check_determinism=False) @ full_v.float()
                 res[f"{kind}_relative_error"] = float((fd[kind] - exact.double()).norm() / exact.double().norm())
+            exact_eig = cd.eigs(cd.operator(exact_problem, "ggn"), k=1, tol=args.tol, maxiter=args.max_steps, seed=0)
+            res["eig"]["exact_problem_value"] = float(exact_eig.value[0])
         res["load_end"] = os.getloadavg()
         Path(args.zero3_rank).write_text(json.dumps(res))
     dist.barrier()

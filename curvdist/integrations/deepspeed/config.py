@@ -33,8 +33,8 @@ class MonitorSpec(NamedSpecs):
 
     ``zero3`` (ZeRO stage 3 only): ``partitioned`` (the default) measures on the engine's own partitions —
     finite-difference Hessian/GGN products, vectors as partitions, layers gathered only by ZeRO-3's own forward
-    and backward — with the relative step ``fd_step`` (default ¼u^{1/3} for the Hessian, ½u^{1/3} for the GGN, in the
-    parameters' dtype); ``gather``
+    and backward — with a fixed relative step ``fd_step`` (default: each product's step chosen at the first product,
+    :mod:`.finite_difference`); ``gather``
     gathers the whole model into a replica on every rank (every query and metric, exact products, small models).
     ``dtype`` is the replica's; partitioned products run in the parameters' dtype, their vectors in float64."""
 
