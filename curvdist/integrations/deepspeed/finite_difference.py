@@ -318,7 +318,7 @@ def check_dtype(dtype: torch.dtype) -> None:
 
 
 #: at most this many step reductions (by 4 each) when the first product chooses the step
-MAX_HALVINGS = 6
+MAX_HALVINGS = 10
 
 
 def _relative_change(space: PartitionSpace, a: Tensor, b: Tensor) -> float:

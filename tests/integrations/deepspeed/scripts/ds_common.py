@@ -75,3 +75,23 @@ ZERO3_MONITOR = {
         {"kind": "trace", "name": "trace_g", "curvature": "ggn", "method": "hutchpp", "matvecs": 9},
     ],
 }
+
+# A tiny Hugging Face GPT-2 (head tied to the token embedding) under ZeRO-3: its top curvature directions sit on
+# the zero-initialized projection biases, far stiffer than random ones (the case that needs the chosen step).
+ZERO3_GPT2 = {"config": {"model_type": "gpt2", "vocab_size": 128, "n_positions": 32, "n_embd": 32, "n_layer": 3,
+                         "n_head": 2}, "seed": 0}
+ZERO3_GPT2_MONITOR = {
+    "every": 1,
+    "seed": 0,
+    "loss": "causal_lm",
+    "queries": [
+        {"kind": "eigs", "name": "eigs_h", "k": 1, "curvature": "hessian", "tol": 1e-5},
+        {"kind": "eigs", "name": "eigs_g", "k": 1, "curvature": "ggn", "tol": 1e-5},
+    ],
+}
+
+
+def token_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """8 sequences of 16 tokens (no padding) for the tiny GPT-2: (input ids, causal labels)."""
+    b = zoo.markov_corpus(n=8, vocab_size=128, max_length=16, min_length=16, seed=0)
+    return b["input_ids"], b["labels"]

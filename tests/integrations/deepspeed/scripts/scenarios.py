@@ -28,10 +28,13 @@ from ds_common import (  # the script's own folder is on sys.path when it runs a
     TRANSFORMER,
     TRANSFORMER_MONITOR,
     ZERO3_CONFIG,
+    ZERO3_GPT2,
+    ZERO3_GPT2_MONITOR,
     ZERO3_MODEL,
     ZERO3_MONITOR,
     held,
     sequence_data,
+    token_batch,
     train_data,
 )
 
@@ -272,7 +275,31 @@ def scenario_zero3(stages: list[int]) -> dict:
         out[key] = {"losses": losses, "measured": measured, "training_peak_gathered": meter.peak,
                     "model_parameters": sum(int(p.ds_numel) for p in params),
                     "backend": monitor.results[0].backend if monitor is not None else None}
+    out["gpt2"] = _zero3_gpt2()
     return out
+
+
+def _zero3_gpt2() -> dict:
+    """The tiny GPT-2 under ZeRO-3 at its initial weights: one partitioned measurement."""
+    rank, world = rank_world()
+    ids, labels = token_batch()
+    model = zoo.hf_causal_lm(**ZERO3_GPT2)
+    cfg = {**ds_config(3), "train_batch_size": 8, "train_micro_batch_size_per_gpu": 8 // world}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=cfg)
+    monitor = CurvatureMonitor(engine, (ids, labels), ZERO3_GPT2_MONITOR)
+    values = monitor.measure()
+    path = f"{os.environ['CURVDIST_OUT']}.zero3_gpt2.pt"
+    state = {n: p.detach().clone() for n, p in _gathered(engine.module)}
+    if rank == 0:
+        torch.save(state, path)
+    return {"values": values, "params": path,
+            "products": [r.info.get("product") for r in monitor.results]}
+
+
+def _gathered(module: torch.nn.Module) -> list:
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None):
+        return [(n, p.detach().clone()) for n, p in module.named_parameters()]
 
 
 SCENARIOS = {"monitor": scenario_monitor, "optimizer": scenario_optimizer, "checkpoint": scenario_checkpoint,
