@@ -23,6 +23,7 @@ from ..errors import MetricError, NonFiniteError, ProblemError, ShapeError
 from ..geometry.metrics.base import Metric
 from ..problem.base import StagedProblem
 from ..problem.spec import ProblemSpec
+from ..solvers.space import assemble, select
 from .cluster import ClusterError, resources_per_worker, wait_alive, wait_scheduled
 from .stages import StageWorker
 
@@ -130,22 +131,14 @@ class ShardedSpace:
         return out
 
     def to_tensor(self, x: ShardedVector) -> Tensor:
-        parts = self._all("get", x.id)
-        out = torch.empty(self.dim, dtype=parts[0].dtype)
-        for part, segs in zip(parts, self.segments):
-            i = 0
-            for off, n in segs:
-                out[off:off + n] = part[i:i + n]
-                i += n
-        return out
+        return assemble(self.dim, list(zip(self.segments, self._all("get", x.id))))
 
     def from_tensor(self, t: Tensor) -> ShardedVector:
         if t.ndim != 1 or t.numel() != self.dim:
             raise ShapeError(f"expected a flat vector of length {self.dim}, got {tuple(t.shape)}")
         out = self._new()
         t = t.cpu()
-        self.ray.get([a.put.remote(out.id, torch.cat([t[off:off + n] for off, n in segs] or [t[:0]]))
-                      for a, segs in zip(self.actors, self.segments)])
+        self.ray.get([a.put.remote(out.id, select(t, segs)) for a, segs in zip(self.actors, self.segments)])
         return out
 
 

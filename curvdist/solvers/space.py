@@ -138,6 +138,23 @@ def random_segments(dim: int, seed: int, kind: str, dtype: torch.dtype,
     return out
 
 
+def assemble(dim: int, pieces: Sequence[tuple[Sequence[tuple[int, int]], Tensor]]) -> Tensor:
+    """The flat vector of length ``dim`` from its pieces: each (segments, values) holds, one after another, the entries
+    at the (offset, length) segments of the flat layout (a pipeline stage's shard, a ZeRO-3 rank's partitions)."""
+    out = torch.empty(dim, dtype=pieces[0][1].dtype)
+    for segments, values in pieces:
+        i = 0
+        for off, n in segments:
+            out[off:off + n] = values[i:i + n]
+            i += n
+    return out
+
+
+def select(t: Tensor, segments: Sequence[tuple[int, int]]) -> Tensor:
+    """The entries of the flat vector ``t`` at ``segments``, one after another (the inverse of :func:`assemble`)."""
+    return torch.cat([t[off:off + n] for off, n in segments] or [t[:0]])
+
+
 def probe_seeds(seed: int, count: int) -> list[int]:
     """``count`` independent 63-bit seeds derived from one user seed (numpy SeedSequence)."""
     state = np.random.SeedSequence(int(seed)).generate_state(count, dtype=np.uint64)

@@ -39,7 +39,7 @@ from ...problem.base import StagedProblem
 from ...problem.losses import Loss, make_loss
 from ...problem.outputs import network_output
 from ...resources import memory_record, reset_peak
-from ...solvers.space import Basis, TorchSpace, random_segments
+from ...solvers.space import Basis, TorchSpace, assemble, random_segments, select
 from .partitions import ZeroPartitions
 
 #: the curvatures a partitioned product is a finite difference of
@@ -88,18 +88,12 @@ class PartitionSpace(TorchSpace):
         """The whole vector on every rank (an ``all_gather``; for checkpoints and tests, not for large models)."""
         pieces: list[Any] = [None] * self.parts.world
         dist.all_gather_object(pieces, (self.parts.segments, x.cpu()), group=self.group)
-        out = torch.empty(self.dim, dtype=x.dtype)
-        for segments, part in pieces:
-            i = 0
-            for off, n in segments:
-                out[off:off + n] = part[i:i + n]
-                i += n
-        return out
+        return assemble(self.dim, pieces)
 
     def from_tensor(self, t: Tensor) -> Tensor:
         if t.ndim != 1 or t.numel() != self.dim:
             raise ShapeError(f"expected a flat vector of length {self.dim}, got {tuple(t.shape)}")
-        return torch.cat([t[o:o + n] for o, n in self.parts.segments]).to(self.device, self.dtype)
+        return select(t, self.parts.segments).to(self.device, self.dtype)
 
 
 class PartitionedProblem(StagedProblem):
