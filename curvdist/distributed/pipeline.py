@@ -164,6 +164,8 @@ class StagePool:
         self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir) for i in range(stages)]
         wait_scheduled(ray, self.actors, "pipeline stages")
         try:
+            for a in self.actors:  # one at a time: a stage holds the whole model while it builds
+                ray.get(a.build.remote())
             self.infos = ray.get([a.info.remote() for a in self.actors])
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None

@@ -97,42 +97,7 @@ class StageWorker:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype, self.device = getattr(torch, spec.dtype), torch.device(device)
         self.loss = make_loss(spec.loss)
-        self.batches: list[tuple[Any, Tensor]] = []
-        for i, batch in enumerate(as_batches(spec.build_data(), spec.batch_size)):
-            X, y = unpack(batch, i)
-            for a, b in micro_batch_bounds(y.shape[0], micro_batches, spec.micro_batch_size):
-                yb = y[a:b]
-                self.batches.append((inputs_to(slice_inputs(X, a, b), self.device, self.dtype),
-                                     (yb.to(self.device, self.dtype) if yb.is_floating_point() else
-                                      yb.to(self.device))))
-        model = spec.build_model(device)
-        self.program = stage_program(model, stage, stages, [X for X, _ in self.batches])
-        named = dict(model.named_parameters())
-        order = list(spec.params) if spec.params else [n for n, p in named.items() if p.requires_grad]
-        unknown = [n for n in order if n not in named]
-        if unknown:
-            raise ProblemError(f"unknown parameter names {unknown}; the model has {list(named)}")
-        uses = _uses_by_stage(model, stages, self.program)
-        owner = {}
-        for s, names in enumerate(uses):
-            for n in names:
-                owner.setdefault(n, s)
-        missing = [n for n in order if n not in owner]
-        if missing and stage == 0:
-            raise ProblemError(f"pipeline stages do not use the parameters {missing}")
-        index = {n: i for i, n in enumerate(order)}
-        mine = uses[stage]
-        self.names = sorted((n for n in mine if n in index and owner[n] == stage), key=index.__getitem__)
-        self.foreign = {n: owner[n] for n in mine if n in index and owner[n] != stage}  # tied: name → owner
-        self.tied_users = sorted({(n, s) for s, names in enumerate(uses) for n in names
-                                  if n in index and owner[n] == stage and s != stage})
-        self.values = {n: named[n].detach() for n in mine}  # owned, tied copies and frozen ones
-        offsets = np.concatenate([[0], np.cumsum([named[n].numel() for n in order])]).astype(int)
-        del model, named
-        self.shapes = [self.values[n].shape for n in self.names]
-        self.dim = sum(int(np.prod(s)) for s in self.shapes)
-        self.segments = [(int(offsets[index[n]]), self.values[n].numel()) for n in self.names]
-        self.total = int(offsets[-1])
+        self.spec, self.micro_batches = spec, micro_batches
         self.vectors: dict[int, Tensor] = {}
         self.saved: dict[int, Any] = {}
         self.pending: dict[int, Any] = {}  # the last stage's (g, ġ) between its forward and backward
@@ -142,12 +107,56 @@ class StageWorker:
         self.restarted = bool(getattr(ray.get_runtime_context(), "was_current_actor_reconstructed", False))
         self.snapshots = None if snapshot_dir is None else Path(snapshot_dir) / f"stage{stage}"
         self.persisted: set[int] = set()
+        if self.restarted:  # a lone restart: build now (a new pool builds its stages one by one, see build)
+            self.build()
         if self.snapshots is not None:
             self.snapshots.mkdir(parents=True, exist_ok=True)
             if self.restarted:  # a new life: the shards persisted by the previous one
                 for f in self.snapshots.glob("*.pt"):
                     self.vectors[int(f.stem)] = torch.load(f, map_location=self.device, weights_only=True)
                     self.persisted.add(int(f.stem))
+
+    def build(self) -> None:
+        """Build the model, keep this stage's part and its micro-batches, drop the rest and return the memory to
+        the system. The whole model exists while a stage builds, so :class:`~.pipeline.StagePool` builds its
+        stages one after another (at 355M parameters four concurrent builds were OOM-killed on 24 GB)."""
+        self.batches: list[tuple[Any, Tensor]] = []
+        for i, batch in enumerate(as_batches(self.spec.build_data(), self.spec.batch_size)):
+            X, y = unpack(batch, i)
+            for a, b in micro_batch_bounds(y.shape[0], self.micro_batches, self.spec.micro_batch_size):
+                yb = y[a:b]
+                self.batches.append((inputs_to(slice_inputs(X, a, b), self.device, self.dtype),
+                                     (yb.to(self.device, self.dtype) if yb.is_floating_point() else
+                                      yb.to(self.device))))
+        model = self.spec.build_model(self.device.type)
+        self.program = stage_program(model, self.stage, self.stages, [X for X, _ in self.batches])
+        named = dict(model.named_parameters())
+        order = list(self.spec.params) if self.spec.params else [n for n, p in named.items() if p.requires_grad]
+        unknown = [n for n in order if n not in named]
+        if unknown:
+            raise ProblemError(f"unknown parameter names {unknown}; the model has {list(named)}")
+        uses = _uses_by_stage(model, self.stages, self.program)
+        owner = {}
+        for s, names in enumerate(uses):
+            for n in names:
+                owner.setdefault(n, s)
+        missing = [n for n in order if n not in owner]
+        if missing and self.stage == 0:
+            raise ProblemError(f"pipeline stages do not use the parameters {missing}")
+        index = {n: i for i, n in enumerate(order)}
+        mine = uses[self.stage]
+        self.names = sorted((n for n in mine if n in index and owner[n] == self.stage), key=index.__getitem__)
+        self.foreign = {n: owner[n] for n in mine if n in index and owner[n] != self.stage}  # tied: name → owner
+        self.tied_users = sorted({(n, s) for s, names in enumerate(uses) for n in names
+                                  if n in index and owner[n] == self.stage and s != self.stage})
+        self.values = {n: named[n].detach() for n in mine}  # owned, tied copies and frozen ones
+        offsets = np.concatenate([[0], np.cumsum([named[n].numel() for n in order])]).astype(int)
+        del model, named
+        self.shapes = [self.values[n].shape for n in self.names]
+        self.dim = sum(int(np.prod(s)) for s in self.shapes)
+        self.segments = [(int(offsets[index[n]]), self.values[n].numel()) for n in self.names]
+        self.total = int(offsets[-1])
+        release_free_memory()
 
     # ------------------------------------------------------------------ layout
     def info(self) -> dict[str, Any]:
