@@ -186,7 +186,8 @@ def zero3_rank(args: argparse.Namespace) -> None:
     mine = slice(rank * per, (rank + 1) * per)
     model = spec.build_model()
     config = {"train_batch_size": per * world, "train_micro_batch_size_per_gpu": per,
-              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+              "zero_optimization": {"stage": 3, **json.loads(args.zero3_config)}, "zero_allow_untested_optimizer": True,
+              "steps_per_print": 10**9}
     t0 = time.perf_counter()
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
                                       config=config, dist_init_required=True)
@@ -296,6 +297,8 @@ def main() -> None:
                    default=["local", "pipeline_2x1", "pipeline_2x4", "pipeline_2x4_nosnap", "pipeline_4x1",
                             "pipeline_4x4", "zero3_2ranks"])
     p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("--zero3-config", default="{}",
+                   help="zero3_2ranks: JSON of zero_optimization settings besides the stage (default: DeepSpeed's)")
     p.add_argument("--skip-exact", action="store_true",
                    help="zero3_2ranks: skip the check against exact products (it gathers a full copy on rank 0)")
     p.add_argument("--out", default="")
