@@ -231,13 +231,19 @@ def test_zero3_partitioned_monitor_equals_exact_without_gathering_the_model(zero
           f"{res['training_peak_gathered']}, model {model}; measurement {res['measured'][0]['seconds']:.1f} s")
 
 
+@pytest.fixture(scope="module")
+def zero3_gpt2(tmp_path_factory) -> list[dict]:
+    return _launch(tmp_path_factory.mktemp("ds_zero3_gpt2"), 2, "zero3_gpt2")
+
+
+@pytest.mark.slow
 @_one_thread()
-def test_zero3_partitioned_monitor_on_a_tied_gpt2(zero3):
+def test_zero3_partitioned_monitor_on_a_tied_gpt2(zero3_gpt2):
     """A Hugging Face GPT-2 (tied head, causal LM loss) under ZeRO-3 on 2 ranks: the monitor's top Hessian and GGN
     eigenvalues equal float64 single-process values to REL_ZERO3. Its top directions are far stiffer than random
     ones; the step chosen at the first product (not the starting u^{1/3}) is what makes this hold."""
-    res = zero3[0]["zero3"]["gpt2"]
-    assert zero3[1]["zero3"]["gpt2"]["values"] == res["values"]
+    res = zero3_gpt2[0]["zero3_gpt2"]
+    assert zero3_gpt2[1]["zero3_gpt2"]["values"] == res["values"]
     model = zoo.hf_causal_lm(**S.ZERO3_GPT2).double()
     state = {n: t.double() for n, t in torch.load(res["params"]).items()}
     model.load_state_dict(state, strict=False)
