@@ -36,7 +36,8 @@ class MonitorSpec(NamedSpecs):
     and backward — with a fixed relative step ``fd_step`` (default: each product's step chosen at the first product,
     :mod:`.finite_difference`); ``gather``
     gathers the whole model into a replica on every rank (every query and metric, exact products, small models).
-    ``dtype`` is the replica's; partitioned products run in the parameters' dtype, their vectors in float64."""
+    ``dtype`` is the replica's; partitioned products and vectors are in the parameters' dtype (inner products
+    in float64)."""
 
     every: PositiveInt = 100
     zero3: Literal["partitioned", "gather"] = "partitioned"

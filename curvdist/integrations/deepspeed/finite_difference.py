@@ -57,18 +57,22 @@ class PartitionSpace(TorchSpace):
         self.parts, self.group = parts, parts.group
         self.local_dim, self.dim = parts.local_dim, parts.dim
 
-    def _sum(self, local: np.ndarray) -> np.ndarray:
+    def reduce_sum(self, local: np.ndarray) -> np.ndarray:
         t = torch.as_tensor(np.atleast_1d(local), dtype=torch.float64, device=self.device).clone()
         dist.all_reduce(t, group=self.group)
         return t.cpu().numpy()
 
+    def dot_local(self, x: Tensor, y: Tensor) -> float:
+        """This rank's part of xᵀy (float64, a slice at a time)."""
+        return super().dot(x, y)
+
     def dot(self, x: Tensor, y: Tensor) -> float:
-        return float(self._sum(np.array([super().dot(x, y)]))[0])
+        return float(self.reduce_sum(np.array([self.dot_local(x, y)]))[0])
 
     def dots(self, xs: Sequence[Tensor] | Basis, y: Tensor) -> np.ndarray:
         if not len(xs):
             return np.zeros(0)
-        return self._sum(super().dots(xs, y))
+        return self.reduce_sum(super().dots(xs, y))
 
     def norm(self, x: Tensor) -> float:
         return float(np.sqrt(max(self.dot(x, x), 0.0)))
@@ -130,7 +134,8 @@ class PartitionedProblem(StagedProblem):
         self.space = PartitionSpace(self.parts)
         #: a fixed relative step h (``None``: chosen by each operator)
         self.step = None if step is None else float(step)
-        self.theta_norm = self.space.norm(self.parts.values())
+        self.theta_norm = float(np.sqrt(self.space.reduce_sum(np.array([sum(
+            self.space.dot_local(piece, piece) for piece in self.parts.pieces())]))[0]))
         self.products = 0
         self.product_s = 0.0
 
@@ -189,7 +194,7 @@ class PartitionedProblem(StagedProblem):
 
     def outputs(self) -> list[Tensor]:
         """f(θ) on every batch of the shard, without autograd."""
-        with torch.no_grad():
+        with torch.no_grad(), self.parts.meter.watching(self.parts.module):
             outs = [self.forward(X).detach() for X, _ in self.batches()]
         self.parts.release()
         return outs
@@ -236,10 +241,10 @@ class FiniteDifference:
             norm = p.space.norm(v)
             if norm == 0.0:
                 return p.space.zeros()
-            if self.error_estimate is None:
-                self._choose_step(v, norm)
+            out = self._choose_step(v, norm) if self.error_estimate is None else None
             assert self.step is not None
-            out = self._difference(v, self._eps(self.step, norm))
+            if out is None:
+                out = self._difference(v, self._eps(self.step, norm))
         finally:
             p.parts.module.train(training)
         if not np.isfinite(p.space.dot(out, out)):
@@ -251,14 +256,15 @@ class FiniteDifference:
     def _eps(self, h: float, norm: float) -> float:
         return h * (1.0 + self.problem.theta_norm) / norm
 
-    def _choose_step(self, v: Tensor, norm: float) -> None:
-        """Set :attr:`step` and :attr:`error_estimate` (see the module docstring)."""
+    def _choose_step(self, v: Tensor, norm: float) -> Tensor | None:
+        """Set :attr:`step` and :attr:`error_estimate` (see the module docstring); returns C v when it was
+        computed at the final step on the way (a fixed step), else None."""
         p = self.problem
         if self.step is not None:  # fixed: one extra product at twice the step
             fine = self._difference(v, self._eps(self.step, norm))
             coarse = self._difference(v, self._eps(2 * self.step, norm))
             self.error_estimate = _relative_change(p.space, coarse, fine)
-            return
+            return fine
         h0 = float(torch.finfo(p.parts.dtype).eps / 2) ** (1.0 / 3.0)
         w = self._difference(v, self._eps(h0, norm))
         wn = p.space.norm(w)
@@ -278,6 +284,7 @@ class FiniteDifference:
             h, prev = h_next, cur
         assert best is not None
         self.step, self.error_estimate = best
+        return None
 
     def product_info(self) -> dict[str, Any]:
         p = self.problem

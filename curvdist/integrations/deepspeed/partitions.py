@@ -94,9 +94,9 @@ class ZeroPartitions:
         """The per-parameter pieces of a local vector (views)."""
         return torch.split(v, self.owned)
 
-    def values(self) -> Tensor:
-        """This rank's pieces of θ, flat (a copy)."""
-        return torch.cat([p.ds_tensor.detach()[:k] for p, k in zip(self.params, self.owned)])
+    def pieces(self) -> list[Tensor]:
+        """This rank's pieces of θ, one view per parameter (no copy)."""
+        return [p.ds_tensor.detach()[:k] for p, k in zip(self.params, self.owned)]
 
     # ------------------------------------------------------------ the engine's parameters
     def _coordinator(self) -> Any:

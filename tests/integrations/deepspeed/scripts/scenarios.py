@@ -75,9 +75,7 @@ def local_batch(X: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tens
 
 
 def full_params(module: torch.nn.Module) -> list[float]:
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None):
-        return torch.cat([p.detach().float().reshape(-1) for p in params]).tolist()
+    return torch.cat([p.float().reshape(-1) for _, p in _gathered(module)]).tolist()
 
 
 def train(engine, steps: int, start: int = 0, monitor: CurvatureMonitor | None = None) -> dict:
