@@ -66,3 +66,8 @@ class DependencyError(CurvdistError, ImportError):
 class UnknownNameError(CurvdistError, ValueError):
     """A name (curvature, metric, query, estimator, reparametrization kind...) is not in the catalogue; the message
     lists the valid names (:mod:`curvdist.catalogue`)."""
+
+
+class MemoryBudgetError(CurvdistError, MemoryError):
+    """An allocation would not fit in this machine's available memory; the message names its size, what it is
+    for, and the option that avoids it (raised before allocating, instead of an allocator error)."""

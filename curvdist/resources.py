@@ -77,3 +77,25 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def available_bytes() -> int:
+    """Memory this process can still allocate: the system's available memory (``psutil``; the physical memory if
+    psutil is missing)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with ray
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_allocation(nbytes: float, what: str, knob: str) -> None:
+    """Raise :class:`~curvdist.errors.MemoryBudgetError` when ``nbytes`` exceed the available memory, naming the
+    size, ``what`` it is for and the ``knob`` that avoids it — before the allocator fails somewhere inside torch."""
+    free = available_bytes()
+    if nbytes > free:
+        from .errors import MemoryBudgetError
+
+        raise MemoryBudgetError(f"{what} needs {nbytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
+                                f"available; {knob}")

@@ -64,9 +64,12 @@ class Shard:
 
 
 def tree_map(fn: Callable[[Tensor], Tensor], tree: Tree) -> Tree:
-    """``fn`` applied to every tensor of a tree (numbers and ``None`` pass through)."""
+    """``fn`` applied to every tensor of a tree (numbers and ``None`` pass through; an object with a ``map_tensors``
+    method, such as a structured Kronecker factor, maps its own tensors)."""
     if isinstance(tree, Tensor):
         return fn(tree)
+    if hasattr(tree, "map_tensors"):
+        return tree.map_tensors(fn)
     if isinstance(tree, dict):
         return {k: tree_map(fn, v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):

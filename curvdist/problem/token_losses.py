@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DataError
+from ..resources import check_allocation
 from .losses import Loss, require_tensor
 
 IGNORE_INDEX = -100
@@ -70,8 +71,12 @@ class TokenCrossEntropy(Loss):
         :func:`curvdist.operators.output_space.per_sample_factors`.)"""
         if target is None:
             raise DataError(f"{self.name} needs the labels to know which positions are ignored")
+        V = output.shape[-1]
+        check_allocation(V * output.numel() * output.element_size(),
+                         f"the exact output-Hessian factor of {output.shape[0]}×{output.shape[1]} tokens over a "
+                         f"{V}-token vocabulary (V columns of (B, T, V): KFLR)",
+                         "use the sampled 'kfac' metric (one row per token), or fewer tokens per batch")
         p = torch.softmax(output.detach(), dim=-1)  # (B, T, V)
-        V = p.shape[-1]
         eye = torch.eye(V, dtype=p.dtype, device=p.device).view(V, 1, 1, V)
         U = p.movedim(-1, 0).sqrt().unsqueeze(-1) * (eye - p.unsqueeze(0))
         return U * self.valid(target).unsqueeze(-1).to(p.dtype)

@@ -47,11 +47,17 @@ from ...problem.autodiff import differentiable_kernels
 from ...problem.data import Inputs, batch_len
 from ...problem.outputs import call
 from ...problem.problem import Problem
+from ...resources import check_allocation
+from ..structured import LowRankFactor
 from .exact import exact_block_sums
 from .probes import IN_OUT, MATRIX_FREE_HINT, Site, check_calls, instrumented_copy
 
 #: single-factor blocks with more entries than this are kept as exact diagonals (default of ``dense_max``)
 DENSE_MAX = 4096
+
+#: Kronecker factors of a larger dimension (a vocabulary) are kept structured: diagonal, or diagonal plus low rank
+#: (default of ``structured_above``; :mod:`curvdist.geometry.structured`)
+STRUCTURED_ABOVE = 4096
 
 #: the output-space factors of each statistic kind: KFLR's exact factor of each sample's Λ_n; for sampled and
 #: empirical statistics one label per loss term, backpropagated for all positions of a sample at once
@@ -90,10 +96,11 @@ class KroneckerStats:
     """
 
     def __init__(self, names: Sequence[str], numels: Mapping[str, int], approx: str = "expand",
-                 dense_max: int = DENSE_MAX) -> None:
+                 dense_max: int = DENSE_MAX, structured_above: int = STRUCTURED_ABOVE) -> None:
         self.names = list(names)
         self.approx = parse(KFACApproximation, approx, "kfac_approx").value
         self.dense = {n: numels[n] <= dense_max for n in names}
+        self.structured_above = structured_above
         self.G: dict[tuple[str, str], Tensor] = {}  # (weight, orientation) -> output-side sum
         self.A: dict[tuple[str, str], Tensor] = {}  # (weight, orientation) -> input-side sum
         self.C: dict[tuple[str, str], int] = {}  # (weight, orientation) -> what A averages over
@@ -116,6 +123,34 @@ class KroneckerStats:
                 groups.setdefault((w, s.orientation), []).append(i)
         return groups
 
+    def _gram(self, rows: Tensor, weights: Tensor | None = None) -> Tensor | LowRankFactor:
+        """Σ_j w_j r_j r_jᵀ for the rows (k, n): dense n × n up to ``structured_above``, else a
+        :class:`~curvdist.geometry.structured.LowRankFactor` of the non-zero rows (memory O(k·n))."""
+        if rows.shape[-1] <= self.structured_above:
+            return rows.T @ rows if weights is None else (rows * weights.reshape(-1, 1)).T @ rows
+        keep = rows.abs().sum(1) > 0
+        if weights is not None:
+            keep = keep & (weights != 0)
+        return LowRankFactor.from_rows(rows[keep], None if weights is None else weights[keep])
+
+    def _diagonal(self, d: Tensor) -> Tensor:
+        """diag(d): dense up to ``structured_above``, else the 1-d d (a structured diagonal factor)."""
+        return torch.diag(d) if d.shape[0] <= self.structured_above else d
+
+    @staticmethod
+    def _add_factor(acc: dict[Any, Any], key: Any, value: Tensor | LowRankFactor) -> None:
+        """Accumulate a factor sum; a structured sum whose rows outnumber its dimension is cheaper dense (and stays
+        dense once it is)."""
+        if isinstance(value, LowRankFactor) and isinstance(acc.get(key), Tensor):
+            value = value.dense()
+        _add(acc, key, value)
+        F = acc[key]
+        if isinstance(F, LowRankFactor) and F.rank >= F.n:
+            check_allocation(F.n**2 * F.diag.element_size(),
+                             f"the Kronecker factor of {key[0]} ({F.rank} rows over dimension {F.n}, densified)",
+                             "use fewer tokens (and mc_samples) in the metric's data, or a diagonal metric")
+            acc[key] = F.dense()
+
     # ------------------------------------------------------------------ input side (once per batch)
     def add_inputs(self, sites: Sequence[Site]) -> None:
         """The input-side sums of one batch's sites (independent of the output vectors)."""
@@ -125,10 +160,10 @@ class KroneckerStats:
                 for s in (sites[i] for i in group):
                     w = _mask(s)
                     if s.kind == "embedding":
-                        _add(self.A, key, torch.diag(_one_hot(s).sum(0)))
+                        self._add_factor(self.A, key, self._diagonal(_one_hot(s).sum(0)))
                     else:
                         a = s.inputs.reshape(-1, s.inputs.shape[-1])
-                        _add(self.A, key, (a * w.reshape(-1, 1)).T @ a)
+                        self._add_factor(self.A, key, self._gram(a, w.reshape(-1)))
                     _add(self.C, key, round(float(w.sum())))
             else:
                 total: Tensor | None = None
@@ -142,7 +177,7 @@ class KroneckerStats:
                 assert total is not None and count is not None
                 keep = count > 0
                 mean = total[keep] / count[keep].unsqueeze(1)
-                _add(self.A, key, mean.T @ mean)
+                self._add_factor(self.A, key, self._gram(mean))
                 _add(self.C, key, int(keep.sum()))
 
     # ------------------------------------------------------------------ output side (once per output vector)
@@ -153,11 +188,10 @@ class KroneckerStats:
             bs = [grads[i] for i in group]
             if self.approx == "expand":
                 for b in bs:
-                    flat = b.reshape(-1, b.shape[-1])
-                    _add(self.G, key, flat.T @ flat)
+                    self._add_factor(self.G, key, self._gram(b.reshape(-1, b.shape[-1])))
             else:
                 total = sum(b.sum(1) for b in bs)
-                _add(self.G, key, total.T @ total)  # type: ignore[union-attr]
+                self._add_factor(self.G, key, self._gram(total))  # type: ignore[arg-type]
         for s, b in zip(sites, grads):
             for role, name in s.params.items():
                 if role == "weight" and s.kind != "norm":
@@ -258,8 +292,8 @@ def attention_mask(X: Inputs) -> Tensor | None:
 
 
 def kfac_sums_probes(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False,
-                     kfac_approx: str = "expand", dense_max: int = DENSE_MAX, kind: str | None = None
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+                     kfac_approx: str = "expand", dense_max: int = DENSE_MAX, kind: str | None = None,
+                     structured_above: int = STRUCTURED_ABOVE) -> tuple[dict[str, Any], dict[str, Any]]:
     """Summed Kronecker statistics (layout: :meth:`KroneckerStats.result`) of the problem's selected parameters;
     see the module docstring. ``kind``: ``ggn`` (KFLR, ``exact=True``), ``fisher_mc`` (KFAC, the default: the
     labels of the ``fisher_mc`` operator with the same seed) or ``empirical`` (the observed labels)."""
@@ -269,7 +303,7 @@ def kfac_sums_probes(problem: Problem, mc_samples: int = 1, seed: int = 0, exact
     names = list(problem.param_names)
     twin, rec, plan = instrumented_copy(problem.model, names)
     numels = {n: s.numel() for n, s in zip(names, problem.shapes)}
-    stats = KroneckerStats(names, numels, kfac_approx, dense_max)
+    stats = KroneckerStats(names, numels, kfac_approx, dense_max, structured_above)
     twin_params = dict(twin.named_parameters())
     checked = [twin_params[n] for n in plan.site_params]
     for i, (X, y) in enumerate(problem.batches()):

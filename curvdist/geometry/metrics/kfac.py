@@ -80,7 +80,8 @@ from torch import Tensor, nn
 from ...catalogue import KFACApproximation, parse
 from ...errors import MetricError, ShapeError, SingularMetricError
 from ...problem.problem import Problem
-from ..blocks.kronecker import DENSE_MAX
+from ..blocks.kronecker import DENSE_MAX, STRUCTURED_ABOVE
+from ..structured import LowRankFactor, StructuredKronecker, combine, frobenius
 from .backpack_metrics import (
     MATRIX_FREE_HINT,
     add_activation_support,
@@ -106,6 +107,8 @@ class _Block:
     evecs: tuple[Tensor, ...]  # U_G[, U_A]; () for a diagonal block
     evals: tuple[Tensor, ...]  # λ_G[, λ_A], clipped at 0; (d,) for a diagonal block
     damping_weight: float = 1.0  # w: the block's damping reference is w·I
+    #: a Kronecker block with a structured factor (evecs/evals then hold the dense factor's U, λ only)
+    structured: StructuredKronecker | None = None
 
     @property
     def numel(self) -> int:
@@ -113,16 +116,22 @@ class _Block:
 
     @property
     def diagonal(self) -> bool:
-        return not self.evecs
+        return not self.evecs and self.structured is None
 
     @property
     def eigenvalues(self) -> Tensor:
-        """Eigenvalues of the undamped block, in the layout of the eigenbasis (row-major (o, i) for G ⊗ A)."""
+        """Eigenvalues of the undamped block, in the layout of the eigenbasis (row-major (o, i) for G ⊗ A; for a
+        structured block the dense factor's index runs fastest)."""
+        if self.structured is not None:
+            return self.structured.eigenvalues()
         if len(self.evals) == 1:
             return self.evals[0]
         return torch.outer(self.evals[0], self.evals[1]).reshape(-1)
 
-    def factor(self, k: int) -> Tensor:
+    def factor(self, k: int) -> Tensor | LowRankFactor:
+        if self.structured is not None:
+            S = self.structured
+            return S.F if k == S.side else 0.5 * ((S.U * S.lam) @ S.U.T + ((S.U * S.lam) @ S.U.T).T)
         if self.diagonal:
             return self.evals[0]
         U, lam = self.evecs[k], self.evals[k]
@@ -131,10 +140,12 @@ class _Block:
 
     @property
     def num_factors(self) -> int:
-        return len(self.evals)
+        return 2 if self.structured is not None else len(self.evals)
 
     def power(self, v: Tensor, exponent: float, damping: float) -> Tensor:
-        """(block + δI)^exponent · v for a flat segment v."""
+        """(block + δI)^exponent · v for a flat segment v (exponent −½: the inverse factor W⁻¹)."""
+        if self.structured is not None:
+            return self.structured.power(v, exponent, damping)
         if self.diagonal:
             return v * (self.evals[0] + damping) ** exponent
         if len(self.evecs) == 1:
@@ -146,12 +157,30 @@ class _Block:
         lam = torch.outer(self.evals[0], self.evals[1]) + damping
         return (UG @ (W * lam**exponent) @ UA.T).reshape(-1)
 
+    def inv_factor_t(self, v: Tensor, damping: float) -> Tensor:
+        """W⁻ᵀ v (= W⁻¹ v unless the block is structured with a non-constant diagonal)."""
+        if self.structured is not None:
+            return self.structured.inv_factor_t(v, damping)
+        return self.power(v, -0.5, damping)
+
+    def logdet(self, damping: float) -> float:
+        if self.structured is not None:
+            return self.structured.logdet(damping)
+        return float(torch.log((self.eigenvalues + damping).double()).sum())
+
     def dense(self, damping: float) -> Tensor:
+        if self.structured is not None:
+            return self.structured.dense(damping)
         if self.diagonal:
             block = torch.diag(self.evals[0])
         else:
             block = self.factor(0) if len(self.evecs) == 1 else torch.kron(self.factor(0), self.factor(1))
         return block + damping * torch.eye(block.shape[0], dtype=block.dtype, device=block.device)
+
+
+def _is_structured(F: Any) -> bool:
+    """A Kronecker factor kept structured: a :class:`LowRankFactor` or a 1-d tensor (a diagonal factor)."""
+    return isinstance(F, LowRankFactor) or (isinstance(F, Tensor) and F.ndim == 1)
 
 
 def clip_diagonal(d: Tensor, what: str) -> Tensor:
@@ -239,20 +268,26 @@ class KFACMetric(Metric):
             else:
                 raise ShapeError(f"{name}: expected 1 or 2 Kronecker factors, got {len(fs)}")
             diagonal = len(fs) == 1 and fs[0].ndim == 1
-            for F, n in zip(fs, expected):
-                if tuple(F.shape) != ((n,) if diagonal else (n, n)):
+            structured = [k for k, F in enumerate(fs) if len(fs) == 2 and _is_structured(F)]
+            for k, (F, n) in enumerate(zip(fs, expected)):
+                allowed = [(n,), (n, n)] if k in structured else [(n,) if diagonal else (n, n)]
+                if tuple(F.shape) not in allowed:
                     raise ShapeError(f"Kronecker factor of {name} has shape {tuple(F.shape)}, expected {(n, n)}"
                                      + (f" or {(n,)} (a diagonal block)" if len(fs) == 1 else ""))
-            if diagonal:
-                block = _Block(name, offset, shape, (), (clip_diagonal(fs[0].to(self.dtype), name),),
-                               float(weights.get(name, 1.0)))
+            weight = float(weights.get(name, 1.0))
+            if structured:
+                block = self._structured_block(name, offset, shape, fs, structured, weight, eigh)
+            elif diagonal:
+                block = _Block(name, offset, shape, (), (clip_diagonal(fs[0].to(self.dtype), name),), weight)
             else:
                 eig = ([(lam.to(self.dtype), U.to(self.dtype)) for lam, U in eigh[name]]
                        if eigh is not None and name in eigh and eigh[name]
                        else [eigh_psd(F.to(self.dtype), name) for F in fs])
-                block = _Block(name, offset, shape, tuple(U for _, U in eig), tuple(lam for lam, _ in eig),
-                               float(weights.get(name, 1.0)))
-            if self.damping == 0 and not bool((block.eigenvalues > 0).all()):
+                block = _Block(name, offset, shape, tuple(U for _, U in eig), tuple(lam for lam, _ in eig), weight)
+            if block.structured is not None:
+                if self.damping == 0:
+                    block.structured.cores(0.0)  # raises SingularMetricError for a singular block
+            elif self.damping == 0 and not bool((block.eigenvalues > 0).all()):
                 raise SingularMetricError(
                     f"the {self.kind} metric is singular: its block for parameter {name} has a zero eigenvalue "
                     f"(a Kronecker factor is rank-deficient: e.g. an input that is always 0, fewer samples than "
@@ -261,6 +296,27 @@ class KFACMetric(Metric):
                 )
             self.blocks.append(block)
             offset += shape.numel()
+
+        #: M_δ^{-1/2} is the factor W⁻¹ unless a structured block has a non-constant diagonal
+        self.has_inv_sqrt = all(b.structured is None or b.structured.symmetric for b in self.blocks)
+
+    def _structured_block(self, name: str, offset: int, shape: torch.Size, fs: tuple[Any, ...],
+                          structured: list[int], weight: float,
+                          eigh: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None) -> _Block:
+        """A Kronecker block with one structured factor (:mod:`curvdist.geometry.structured`) and one dense."""
+        if len(structured) != 1:
+            raise MetricError(f"both Kronecker factors of {name} are structured ({tuple(shape)}); a block with two "
+                              f"structured factors is not supported")
+        side = structured[0]
+        F = fs[side]
+        F = (F if isinstance(F, LowRankFactor) else LowRankFactor.from_diagonal(F)).to(self.dtype)
+        if not all(bool(torch.isfinite(t).all()) for t in (F.diag, F.rows, F.weights)):
+            raise MetricError(f"the structured Kronecker factor of {name} contains NaN or inf")
+        given = eigh.get(name) if eigh is not None else None
+        lam, U = ((given[0][0].to(self.dtype), given[0][1].to(self.dtype)) if given
+                  else eigh_psd(fs[1 - side].to(self.dtype), name))
+        kron = StructuredKronecker(F, lam, U, side, name)
+        return _Block(name, offset, shape, (U,), (lam,), weight, structured=kron)
 
     # ------------------------------------------------------------------ helpers
     def _power(self, v: Tensor, exponent: float, damping: float) -> Tensor:
@@ -286,14 +342,21 @@ class KFACMetric(Metric):
     def inv_factor_apply(self, v: Tensor) -> Tensor:
         return self._power(v, -0.5, self.damping)
 
-    inv_factor_t_apply = inv_factor_apply
+    def inv_factor_t_apply(self, v: Tensor) -> Tensor:
+        self._check(v)
+        return torch.cat([b.inv_factor_t(v[b.offset : b.offset + b.numel], self.damping * b.damping_weight)
+                          for b in self.blocks])
 
     def inv_sqrt_apply(self, v: Tensor) -> Tensor:
+        if not self.has_inv_sqrt:
+            from ...errors import SolverError
+
+            raise SolverError(f"the {self.kind} metric has a structured block with a non-constant diagonal, whose "
+                              f"cheap factor W (M = WᵀW) is not the symmetric square root; use inv_factor_apply")
         return self._power(v, -0.5, self.damping)
 
     def logdet(self) -> float:
-        return float(sum(torch.log((b.eigenvalues + self.damping * b.damping_weight).double()).sum()
-                         for b in self.blocks))
+        return float(sum(b.logdet(self.damping * b.damping_weight) for b in self.blocks))
 
     def to_dense(self, max_dim: int = 8192) -> Tensor:
         if self.dim > max_dim:
@@ -308,11 +371,17 @@ class KFACMetric(Metric):
         """What determines M_δ, as plain values and tensors (``torch.load(weights_only=True)`` reads it back): per
         block the eigendecompositions of its (clipped) factors and its damping weight, ``{"type": "kronecker",
         "kind", "damping", "names", "shapes", "evecs": [[U_G, U_A] or [U_G], ...], "evals": [[λ_G, λ_A] or [λ_G],
-        ...], "damping_weights": [w_p, ...]}``."""
+        ...], "damping_weights": [w_p, ...], "structured": {name: {"side", "diag", "rows", "weights"}}}`` (a
+        structured block keeps its dense factor's eigendecomposition in evecs/evals and its structured factor
+        F = diag(d) + Bᵀ diag(w) B under "structured")."""
+        structured = {b.name: {"side": b.structured.side, "diag": b.structured.F.diag, "rows": b.structured.F.rows,
+                               "weights": b.structured.F.weights}
+                      for b in self.blocks if b.structured is not None}
         return {"type": "kronecker", "kind": self.kind, "damping": self.damping,
                 "names": [b.name for b in self.blocks], "shapes": [list(b.shape) for b in self.blocks],
                 "evecs": [list(b.evecs) for b in self.blocks], "evals": [list(b.evals) for b in self.blocks],
-                "damping_weights": [float(getattr(b, "damping_weight", 1.0)) for b in self.blocks]}
+                "damping_weights": [float(getattr(b, "damping_weight", 1.0)) for b in self.blocks],
+                "structured": structured}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> KFACMetric:
@@ -327,6 +396,9 @@ class KFACMetric(Metric):
         for n, lams, Us in zip(names, state["evals"], state["evecs"]):
             if not Us:  # a diagonal block
                 factors[n] = (lams[0],)
+        for n, st in (state.get("structured") or {}).items():
+            F = LowRankFactor(st["diag"], st["rows"], st["weights"])
+            factors[n] = (F, factors[n][0]) if int(st["side"]) == 0 else (factors[n][0], F)
         weights = {n: float(w) for n, w in zip(names, state.get("damping_weights") or [], strict=False) if w != 1.0}
         extra: dict[str, Any] = {"damping_weights": weights} if weights else {}
         return cls(names, [torch.Size(s) for s in state["shapes"]], factors, damping=float(state["damping"]),
@@ -342,7 +414,8 @@ def _kfac_layer_check(path: str, module: nn.Module) -> str | None:
 
 def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int = 0,
          exact: bool = False, backend: str = "auto", damping_weights: Mapping[str, float] | None = None,
-         kfac_approx: str = "expand", dense_max: int = DENSE_MAX) -> KFACMetric:
+         kfac_approx: str = "expand", dense_max: int = DENSE_MAX, structured_above: int = STRUCTURED_ABOVE
+         ) -> KFACMetric:
     """The Kronecker-factored GGN/Fisher metric of the problem's selected parameters (see the module docstring).
 
     ``exact=False``: KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions) — the output-side factor
@@ -355,6 +428,11 @@ def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int 
     2023) for weights applied at several positions per sample: Linear/Conv1D layers on sequences, attention
     projections, Conv2d; irrelevant (both are KFAC) for weights applied once per sample. ``dense_max``: single-factor
     blocks (biases, norm parameters, parameters without a layer rule) with more entries are exact diagonals.
+    ``structured_above``: Kronecker factors of a larger dimension — an embedding's token side, a language-model
+    head's vocabulary side — are kept structured (a diagonal, or a diagonal plus one low-rank row per token and
+    sampled label: :mod:`curvdist.geometry.structured`), in memory linear in the vocabulary; every metric operation
+    stays structured. A factor whose rows outnumber its dimension is densified, or refused with a
+    :class:`~curvdist.errors.MemoryBudgetError` where that does not fit.
 
     ``backend="torch"``: curvdist's own kernels (:mod:`curvdist.geometry.blocks`) — any model and any curvdist
     loss (also the language-model losses and user :class:`~curvdist.problem.losses.Loss` subclasses; KFLR needs the
@@ -380,7 +458,7 @@ def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int 
         SingularMetricError: damping is 0 and a block is singular.
     """
     kind = "kflr" if exact else "kfac"
-    options = {"kfac_approx": kfac_approx, "dense_max": dense_max}
+    options = {"kfac_approx": kfac_approx, "dense_max": dense_max, "structured_above": structured_above}
     scalar = _per_tensor_scales(problem, kind)
     if scalar is None:
         G, A = kfac_sums(problem, mc_samples, seed, exact, backend, **options)
@@ -477,7 +555,8 @@ def kfac_backend(problem: Problem, backend: str, exact: bool) -> str:
 
 
 def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False, backend: str = "auto",
-              kfac_approx: str = "expand", dense_max: int = DENSE_MAX) -> tuple[dict[str, Any], dict[str, Any]]:
+              kfac_approx: str = "expand", dense_max: int = DENSE_MAX, structured_above: int = STRUCTURED_ABOVE
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Unnormalized Kronecker statistics summed over the problem's samples — sums, so data shards can be added
     before normalizing (:func:`normalized_factors`). Per parameter:
 
@@ -488,15 +567,18 @@ def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool 
       output-side sum Σ b bᵀ (a tensor) or an input-side ``(Σ a aᵀ, C)`` (see
       :mod:`curvdist.geometry.blocks.kronecker` for expand and reduce).
 
-    ``backend``, ``kfac_approx``, ``dense_max``: see :func:`kfac`."""
+    ``backend``, ``kfac_approx``, ``dense_max``, ``structured_above``: see :func:`kfac`."""
     check_mc_samples(mc_samples)
     parse(KFACApproximation, kfac_approx, "kfac_approx")
-    if isinstance(dense_max, bool) or not isinstance(dense_max, int) or dense_max < 0:
-        raise MetricError(f"dense_max must be a non-negative int, got {dense_max!r}")
-    if kfac_backend(problem, backend, exact) == "torch":
+    for key, value in (("dense_max", dense_max), ("structured_above", structured_above)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MetricError(f"{key} must be a non-negative int, got {value!r}")
+    wide = any(max(s[0], s[1:].numel()) > structured_above for s in problem.shapes if len(s) >= 2)
+    if kfac_backend(problem, "torch" if wide and backend == "auto" else backend, exact) == "torch":
         from ..blocks.kronecker import kfac_sums_probes
 
-        return kfac_sums_probes(problem, mc_samples, seed, exact, kfac_approx, dense_max)
+        return kfac_sums_probes(problem, mc_samples, seed, exact, kfac_approx, dense_max,
+                                structured_above=structured_above)
     return _backpack_sums(problem, mc_samples, seed, exact, dense_max)
 
 
@@ -560,16 +642,22 @@ def nearest_kronecker(terms: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, T
     singular triplet σ u vᵀ. With the Gram matrices G_U = UᵀU and G_W = WᵀW (m × m, m terms): u = U α and v = W β
     for the top eigenvector z of G_U^½ G_W G_U^½ (eigenvalue σ²), α = G_U^{-½} z and β = G_U α / σ. So
     F = Σ α_i F_i and H = σ Σ β_i H_i: combinations of the terms' factors (PSD for PSD terms, whose Gram entries
-    tr(F_i F_j) ≥ 0 make the top singular vectors non-negative)."""
+    tr(F_i F_j) ≥ 0 make the top singular vectors non-negative).
+
+    Factors may be structured (diagonal, or diagonal plus low rank: :mod:`curvdist.geometry.structured`); the Gram
+    entries and the combination then stay structured, so a tied embedding/head at a real vocabulary never forms
+    V × V. Tied embedding and head: the terms are A_emb ⊗ G_emb (A_emb: token counts, diagonal) and G_head ⊗ A_head;
+    their nearest Kronecker product is the block of the one parameter (the exact GGN's cross terms between the two
+    uses are dropped, as between any two layers)."""
     Fs = [t[0] for t in terms]
     Hs = [t[1] for t in terms]
     m = len(terms)
-    gram_u = torch.tensor([[float((Fs[i] * Fs[j]).sum()) for j in range(m)] for i in range(m)], dtype=torch.float64)
-    gram_w = torch.tensor([[float((Hs[i] * Hs[j]).sum()) for j in range(m)] for i in range(m)], dtype=torch.float64)
+    gram_u = torch.tensor([[frobenius(Fs[i], Fs[j]) for j in range(m)] for i in range(m)], dtype=torch.float64)
+    gram_w = torch.tensor([[frobenius(Hs[i], Hs[j]) for j in range(m)] for i in range(m)], dtype=torch.float64)
     mu, Q = torch.linalg.eigh(gram_u)
     keep = mu > mu.max() * m * torch.finfo(torch.float64).eps
     if not bool(keep.any()):
-        return torch.zeros_like(Fs[0]), torch.zeros_like(Hs[0])
+        return combine([0.0] * m, Fs), combine([0.0] * m, Hs)  # type: ignore[return-value]
     Qk, root = Q[:, keep], mu[keep].sqrt()
     S = (root[:, None] * (Qk.T @ gram_w @ Qk)) * root[None, :]
     lam, Z = torch.linalg.eigh(0.5 * (S + S.T))
@@ -578,8 +666,8 @@ def nearest_kronecker(terms: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, T
     beta = gram_u @ alpha / max(sigma, torch.finfo(torch.float64).tiny)
     if float(alpha.sum()) < 0:
         alpha, beta = -alpha, -beta
-    F = sum(float(a) * f for a, f in zip(alpha, Fs))
-    H = sum(float(b) * h for b, h in zip(beta, Hs)) * sigma
+    F = combine([float(a) for a in alpha], Fs)
+    H = combine([float(b) for b in beta], Hs) * sigma
     return F, H  # type: ignore[return-value]
 
 

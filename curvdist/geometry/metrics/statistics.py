@@ -45,7 +45,7 @@ def kronecker_sums(shard: Shard, exact: bool, options: dict[str, Any]
 def factor_eigh(factors: dict[str, list[Tensor]]) -> dict[str, list[tuple[Tensor, Tensor]]]:
     """Eigendecompositions of the given layers' Kronecker factors (one worker's share of the layers); none for a
     diagonal block."""
-    return {n: [eigh_psd(F, n) for F in fs if F.ndim == 2] for n, fs in factors.items()}
+    return {n: [eigh_psd(F, n) for F in fs if isinstance(F, Tensor) and F.ndim == 2] for n, fs in factors.items()}
 
 
 def reduced_diagonal(problem: ShardedProblem, kind: str, options: dict[str, Any]) -> Tensor:
@@ -77,7 +77,8 @@ def kronecker_from_sums(problem: ShardedProblem, G: dict[str, Tensor], A: dict[s
     """KFAC/KFLR from the reduced sums: normalized with the global s and N, factors eigendecomposed by the reducer
     (layers spread over the shards by cost n³)."""
     factors = normalized_factors(problem.param_names, G, A, problem.scale, problem.num_samples)
-    costs = {n: float(sum(f.shape[0] ** 3 for f in fs if f.ndim == 2)) for n, fs in factors.items()}
+    costs = {n: float(sum(f.shape[0] ** 3 for f in fs if isinstance(f, Tensor) and f.ndim == 2))
+             for n, fs in factors.items()}
     eigh = problem.reducer.map(factor_eigh, {n: list(fs) for n, fs in factors.items()}, costs)
     eigh = tree_map(lambda t: t.to(problem.device), eigh)
     return KFACMetric(problem.param_names, problem.shapes, factors, damping=damping, kind=kind, eigh=eigh,
