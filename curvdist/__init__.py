@@ -31,7 +31,7 @@ from .errors import (
 from .geometry import Metric, RiemannianHessian, metric, reparam, reparametrize
 from .operators import CurvatureOperator, operator
 from .problem import InProcessReducer, Problem, ProblemSpec, ProcessGroupReducer, ShardedProblem, ShardReducer
-from .queries import Result, block_spectra, density, diag, eigs, flatness, grad_norm, logdet, trace
+from .queries import Result, block_spectra, density, diag, eigs, evidence, flatness, grad_norm, logdet, trace
 from .runtime import set_threads, threads
 
 __version__ = "0.1.0"
@@ -45,7 +45,7 @@ __all__ = [
     "AutodiffError", "ConfigError", "CurvatureOperator", "CurvdistError", "DataError", "DependencyError", "MetricError", "ReparamError",
     "SingularMetricError", "NonDeterministicError", "NonFiniteError",
     "NotPositiveDefiniteError", "Problem", "ProblemError", "Result", "ShapeError", "SolverError", "__version__",
-    "Metric", "RiemannianHessian", "block_spectra", "density", "diag", "eigs", "flatness", "grad_norm", "logdet", "metric", "operator",
+    "Metric", "RiemannianHessian", "block_spectra", "density", "diag", "eigs", "evidence", "flatness", "grad_norm", "logdet", "metric", "operator",
     "optim", "reparam", "reparametrize", "riemannian_hessian", "trace",
     "InProcessReducer", "ProblemSpec", "ProcessGroupReducer", "RayBackend", "ShardReducer", "ShardedProblem",
     "UnknownNameError", "catalogue", "ray_backend", "set_threads", "threads",

@@ -83,6 +83,7 @@ class QueryKind(Name):
     GRAD_NORM = "grad_norm"
     FLATNESS = "flatness"
     BLOCK_SPECTRA = "block_spectra"
+    EVIDENCE = "evidence"
 
 
 class TraceMethod(Name):

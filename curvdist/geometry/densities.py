@@ -149,7 +149,7 @@ def maximize(log_density: LogDensity, start: Tensor, *, max_iter: int = 500, tol
     x = x.detach()
     g = torch.func.grad(log_density)(x)
     iters = int(opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0))
-    return Mode(x, float(log_density(x)), float(g.norm()), iters)
+    return Mode(x, float(log_density(x).detach()), float(g.norm()), iters)
 
 
 def laplace_log_evidence(problem: Problem, log_density: LogDensity, mode: Tensor, prior_precision: float = 0.0,

@@ -37,6 +37,7 @@ from .specs import (
     DensityQuery,
     DiagQuery,
     EigsQuery,
+    EvidenceQuery,
     FlatnessQuery,
     GradNormQuery,
     LogdetQuery,
@@ -140,6 +141,23 @@ def blocks_of(q: BlockSpectraQuery, coords: Coordinates, curvature: CurvatureSpe
                          operator_options=curvature.options(seed), seed=seed)
 
 
+def evidence_of(q: EvidenceQuery, coords: Coordinates, seed: int) -> Result:
+    """An ``evidence`` query: the metric kind names F (default ``kflr``), its damping is the prior precision."""
+    from ..problem.problem import Problem
+    from .evidence import evidence
+
+    spec = q.metric or MetricSpec(kind="kflr")
+    if spec.damping or spec.options:
+        raise ConfigError("queries: evidence takes the metric's kind only; α = prior_precision is its damping")
+    curvature = (q.curvature or CurvatureSpec(kind="ggn")).kind
+    if curvature not in ("ggn", "hessian"):
+        raise ConfigError(f"queries: evidence takes curvature ggn or hessian, not {curvature!r}")
+    if not isinstance(coords.problem, Problem):
+        raise ConfigError("queries: evidence needs the parameters in this process (the local backend)")
+    return evidence(coords.problem, q.prior_precision, spec.kind, curvature=curvature, logdet_method=q.logdet,
+                    probes=q.probes, steps=q.steps, seed=seed, max_iter=q.max_iter)
+
+
 def run_query(q: Any, coords: Coordinates, curvature: CurvatureSpec, metric_spec: MetricSpec, seed: int,
               progress: bool = False, lanczos_file: Path | None = None, checkpoint_every: int = 10) -> Result:
     """One query in one coordinate system with its own curvature/metric/seed (or the defaults given); the result
@@ -149,6 +167,10 @@ def run_query(q: Any, coords: Coordinates, curvature: CurvatureSpec, metric_spec
     seed = seed if q.seed is None else q.seed
     problem = coords.problem
     problem.memory_reset()  # memory is a result: every process's peak during this query
+    if isinstance(q, EvidenceQuery):
+        r = evidence_of(q, coords, seed)
+        return replace(r, coordinates=coords.name, backend=problem.backend,
+                       info=dict(r.info, memory=problem.memory_records()))
     if isinstance(q, BlockSpectraQuery):
         r = blocks_of(q, coords, curvature, metric_spec, seed)
         return replace(r, metric=metric_spec.label(), coordinates=coords.name, backend=problem.backend,

@@ -157,9 +157,23 @@ class BlockSpectraQuery(QueryBase):
     trace_matvecs: PositiveInt = 60
 
 
+class EvidenceQuery(QueryBase):
+    """The invariant Laplace log-evidence at the invariant MAP (:func:`curvdist.evidence`): a Gaussian prior of
+    precision ``prior_precision`` in θ, M = F + αR with F from ``metric.kind`` (``kflr`` by default, ``diag_ggn``,
+    or ``fisher`` for the dense route; the metric's damping must stay 0: α is the damping), A from ``curvature.kind``
+    (``ggn`` by default, or ``hessian``); log det(M⁻¹A) ``exact``, ``slq`` (``probes`` × ``steps``) or ``auto``."""
+
+    kind: Literal[QueryKind.EVIDENCE.value]
+    prior_precision: Annotated[float, Field(gt=0)] = 1.0
+    logdet: Literal["auto", "exact", "slq"] = "auto"
+    probes: PositiveInt = 30
+    steps: PositiveInt = 40
+    max_iter: PositiveInt = 500
+
+
 Query = Annotated[
     EigsQuery | TraceQuery | DiagQuery | LogdetQuery | DensityQuery | GradNormQuery | FlatnessQuery
-    | BlockSpectraQuery,
+    | BlockSpectraQuery | EvidenceQuery,
     Field(discriminator="kind"),
 ]
 
