@@ -333,11 +333,11 @@ def grad_norm(target: CurvatureOperator | BaseProblem, *, metric: Metric | None 
 
 def flatness(op: CurvatureOperator, *, metric: Metric | None = None, trace_method: str = "hutchpp",
              matvecs: int = 100, logdet_damping: float = 0.0, probes: int = 10, steps: int = 40, seed: int = 0,
-             tol: float | None = None, progress: bool = False) -> Result:
+             tol: float | None = None, maxiter: int | None = None, progress: bool = False) -> Result:
     """A bundle of flatness measures of M⁻¹C: top eigenvalue, trace and log det(M⁻¹C + δI) (δ = logdet_damping).
-    ``value`` and ``stderr`` are dicts keyed by measure."""
+    ``value`` and ``stderr`` are dicts keyed by measure; ``tol``, ``maxiter``: of the top eigenvalue's Lanczos."""
     parts = {
-        "top_eigenvalue": eigs(op, k=1, metric=metric, tol=tol, seed=seed, progress=progress),
+        "top_eigenvalue": eigs(op, k=1, metric=metric, tol=tol, maxiter=maxiter, seed=seed, progress=progress),
         "trace": trace(op, trace_method, matvecs, metric=metric, seed=seed, progress=progress),
         "logdet": logdet(op, logdet_damping, metric=metric, probes=probes, steps=steps, seed=seed,
                          progress=progress),

@@ -117,7 +117,7 @@ def answer(q: Any, op: CurvatureOperator, M: Metric | None, seed: int, progress:
     if isinstance(q, FlatnessQuery):
         return flatness(op, metric=M, trace_method=q.trace_method, matvecs=q.matvecs,
                         logdet_damping=q.logdet_damping, probes=q.probes, steps=q.steps, seed=seed, tol=q.tol,
-                        progress=progress)
+                        maxiter=q.maxiter, progress=progress)
     if isinstance(q, GradNormQuery):
         return grad_norm(op, metric=M)
     raise ConfigError(f"queries: unsupported query kind {getattr(q, 'kind', q)!r}")

@@ -142,6 +142,7 @@ class FlatnessQuery(QueryBase):
     probes: PositiveInt = 10
     steps: PositiveInt = 40
     tol: Annotated[float, Field(gt=0)] | None = None  # of the top eigenvalue's Lanczos solve
+    maxiter: PositiveInt | None = None  # of the top eigenvalue's Lanczos solve (each step keeps one vector)
 
 
 class BlockSpectraQuery(QueryBase):

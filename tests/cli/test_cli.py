@@ -263,3 +263,21 @@ def test_train_config_errors(tmp_path, capsys, edit, message):
     edit(cfg)
     assert main(["train", str(_write(tmp_path, cfg)), "-q"]) != 0
     assert message in capsys.readouterr().err
+
+
+def test_evidence_query_in_a_config_is_invariant(tmp_path):
+    """`{kind: evidence, prior_precision, metric: {kind: kflr}}` in θ and in the NTK coordinates ψ: the same
+    log-evidence (the mode search takes the same metric-whitened path in both; capped here to keep the test short)."""
+    cfg = _config(tmp_path, data={"factory": "curvdist.zoo:digits", "kwargs": {**DATA_KWARGS, "n": 40},
+                                  "batch_size": 40},
+                  queries=[{"kind": "evidence", "prior_precision": 2.0, "metric": {"kind": "kflr"}, "logdet": "exact",
+                            "max_iter": 30}],
+                  reparam={"kind": "ntk", "kwargs": {"sigma_w": 1.5}})
+    assert main(["run", str(_write(tmp_path, cfg)), "-q"]) == 0
+    doc = json.loads((tmp_path / "out.json").read_text())
+    (row,) = doc["invariance"]
+    assert row["quantity"] == "evidence" and row["metric"].startswith("kflr")
+    assert row["relative_change"] <= 1e-8, row
+    theta = next(r for r in doc["results"] if r["coordinates"] == "theta")
+    assert theta["info"]["logdet_method"] == "exact" and theta["info"]["mode_iterations"] <= 30
+    assert theta["info"]["approximation"].startswith("A = GGN")
