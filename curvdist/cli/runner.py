@@ -81,6 +81,7 @@ def _run(cfg: Config, config_path: str | Path, output: str | None, progress: boo
                     r = run_query(q, c, cfg, progress, ckpt.lanczos_path(key))
                     ckpt.save(key, r)
                 by_system[c.name].append(r)
+            c.release()  # the next system's queries do not need this one's operators and metrics kept
         stats = theta.problem.backend_stats()
     results = [r for rs in by_system.values() for r in rs]
     doc: dict[str, Any] = {

@@ -87,7 +87,8 @@ class StageBlocks:
         return self.metric.logdet()
 
 
-def output_vectors(loss: Any, out: Tensor, y: Tensor, kind: str, b: int, mc_samples: int, seed: int) -> Tensor:
-    """The last stage's K output-space vectors (see :func:`~curvdist.operators.output_space.output_factors`)."""
-    return output_factors(SimpleNamespace(loss=loss), out, y, kind, b, mc_samples, seed,  # type: ignore[arg-type]
+def output_vectors(loss: Any, out: Tensor, y: Tensor, kind: str, first: int, mc_samples: int, seed: int) -> Tensor:
+    """The last stage's K output-space vectors (see :func:`~curvdist.operators.output_space.output_factors`);
+    ``first``: the global index of the micro-batch's first sample (its Monte-Carlo labels' key)."""
+    return output_factors(SimpleNamespace(loss=loss), out, y, kind, first, mc_samples, seed,  # type: ignore[arg-type]
                           per_event=PER_EVENT[kind])

@@ -121,13 +121,17 @@ class StageWorker:
         the system. The whole model exists while a stage builds, so :class:`~.pipeline.StagePool` builds its
         stages one after another (at 355M parameters four concurrent builds were OOM-killed on 24 GB)."""
         self.batches: list[tuple[Any, Tensor]] = []
+        self.firsts: list[int] = []  # global index of each micro-batch's first sample (Monte-Carlo label keys)
+        seen = 0
         for i, batch in enumerate(as_batches(self.spec.build_data(), self.spec.batch_size)):
             X, y = unpack(batch, i)
             for a, b in micro_batch_bounds(y.shape[0], self.micro_batches, self.spec.micro_batch_size):
+                self.firsts.append(seen + a)
                 yb = y[a:b]
                 self.batches.append((inputs_to(slice_inputs(X, a, b), self.device, self.dtype),
                                      (yb.to(self.device, self.dtype) if yb.is_floating_point() else
                                       yb.to(self.device))))
+            seen += y.shape[0]
         model = self.spec.build_model(self.device.type)
         self.program = stage_program(model, self.stage, self.stages, [X for X, _ in self.batches])
         named = dict(model.named_parameters())
@@ -318,7 +322,7 @@ class StageWorker:
     def kfac_start(self, b: int, out: Tensor, kind: str, mc_samples: int, seed: int) -> Tensor:
         from .stage_blocks import output_vectors
 
-        return output_vectors(self.loss, out, self.batches[b][1], kind, b, mc_samples, seed)
+        return output_vectors(self.loss, out, self.batches[b][1], kind, self.firsts[b], mc_samples, seed)
 
     def kfac_backward(self, b: int, grads_out: Tensor) -> Tensor | None:
         return self.blocks.backward(b, grads_out)

@@ -27,6 +27,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from ..errors import ProblemError
 from ..problem.problem import Params, Problem
+from ..problem.sampling import SampleKeys
 from .base import CurvatureOperator
 
 
@@ -73,18 +74,13 @@ class Fisher(GGN):
     kind = "fisher"
 
 
-def mc_generator(seed: int, batch_index: int) -> torch.Generator:
-    """The CPU generator Monte-Carlo labels of one batch are drawn from, fixed by (seed, batch index); shared by
-    every sampled quantity so that a sampled metric and the sampled Fisher operator use the same labels."""
-    return torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + batch_index)
-
-
-def output_factors(problem: Problem, out: Tensor, y: Tensor, kind: str, batch_index: int = 0,
+def output_factors(problem: Problem, out: Tensor, y: Tensor, kind: str, first_sample: int = 0,
                    mc_samples: int = 1, seed: int = 0, per_event: bool = False) -> Tensor:
     """U of shape (K, *out.shape) with Σ_k U[k, n] U[k, n]ᵀ the output-space matrix of ``kind`` for sample n:
 
     * ``"ggn"``: Λ_n = ∂²ℓ_n/∂f_n² exactly (U = columns of a symmetric factor, K = output dimension);
-    * ``"fisher_mc"``: (1/S) Σ_s g_ns g_nsᵀ at labels ŷ_ns ~ p(·|f_n) drawn as :class:`FisherMC` draws them;
+    * ``"fisher_mc"``: (1/S) Σ_s g_ns g_nsᵀ at labels ŷ_ns ~ p(·|f_n) drawn as :class:`FisherMC` draws them
+      (keyed by ``seed`` and the global sample index, ``first_sample`` the batch's first);
     * ``"empirical"``: g_n g_nᵀ at the true labels.
 
     For a loss whose samples are sums of independent events (the tokens of a sequence, ``loss.event_ndim = 2``)
@@ -98,7 +94,7 @@ def output_factors(problem: Problem, out: Tensor, y: Tensor, kind: str, batch_in
     if kind == "ggn":
         U = loss.output_hessian_sqrt(out, y)
     elif kind == "fisher_mc":
-        targets = loss.sample_targets(out, mc_generator(seed, batch_index), mc_samples, y)
+        targets = loss.draw_targets(out, SampleKeys(seed, first_sample), mc_samples, y)
         U = _output_grads(problem, out, targets) / math.sqrt(mc_samples)
     elif kind == "empirical":
         U = _output_grads(problem, out, y.unsqueeze(0))
@@ -132,8 +128,9 @@ def _output_grads(problem: Problem, out: Tensor, targets: Tensor) -> Tensor:
 class FisherMC(OutputSpaceCurvature):
     """Monte-Carlo Fisher  F̂ = s · Σ_n J_nᵀ [(1/S) Σ_s g_ns g_nsᵀ] J_n,  g_ns = ∇_f ℓ(f_n, ŷ_ns),  ŷ_ns ~ p(·|f_n).
 
-    The labels are drawn once per batch from a generator seeded with (``seed``, batch index), so the operator is
-    one fixed matrix across products (as Lanczos needs) and reproducible. E[F̂] = F; the error decays as 1/√S.
+    The labels are functions of (``seed``, global sample index, position, draw) (:mod:`curvdist.problem.sampling`),
+    so the operator is one fixed matrix across products (as Lanczos needs), reproducible, and the same however the
+    data are batched or split over shards, ranks and stages. E[F̂] = F; the error decays as 1/√S.
     """
 
     kind = "fisher_mc"
@@ -146,9 +143,11 @@ class FisherMC(OutputSpaceCurvature):
         super().__init__(problem, check_determinism)
 
     def sampled_targets(self, out: Tensor, batch_index: int, y: Tensor | None = None) -> Tensor:
-        """The S sampled targets of one batch, shape (S, *target_shape); fixed by (seed, batch index). ``y``: the
-        batch's labels (losses with ignored positions sample only where a label is kept)."""
-        return self.problem.loss.sample_targets(out, mc_generator(self.seed, batch_index), self.mc_samples, y)
+        """The S sampled targets of one batch, shape (S, *target_shape), keyed by (seed, global sample index,
+        position, draw) (:mod:`curvdist.problem.sampling`). ``y``: the batch's labels (losses with ignored
+        positions sample only where a label is kept)."""
+        keys = SampleKeys(self.seed, self.problem.first_sample(batch_index))
+        return self.problem.loss.draw_targets(out, keys, self.mc_samples, y)
 
     def batch_context(self, params: Params, X: Tensor, y: Tensor, batch_index: int) -> Tensor:
         """Output gradients at the sampled labels, shape (S, B, ...)."""

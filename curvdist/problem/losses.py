@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..catalogue import LossKind, parse
 from ..errors import DataError, UnknownNameError
+from .sampling import SampleKeys, categorical, gaussian
 
 
 def require_tensor(output: object, loss: str) -> None:
@@ -57,6 +58,13 @@ class Loss(ABC):
                        target: Tensor | None = None) -> Tensor:
         """Draw `samples` targets per sample from p(y | f), shape (samples, *target_shape); ``target`` (the
         observed labels) tells losses with ignored positions where not to draw."""
+
+    def draw_targets(self, output: Tensor, keys: SampleKeys, samples: int, target: Tensor | None = None) -> Tensor:
+        """:meth:`sample_targets` with the draws keyed by (seed, global sample index, position, draw)
+        (:mod:`curvdist.operators.sampling`), so that a sample's labels do not depend on how the data are split.
+        The built-in losses implement it; for another loss this default draws with ``keys.generator()`` (seeded by
+        the seed and the batch's first sample), whose labels do depend on the batching."""
+        return self.sample_targets(output, keys.generator(), samples, target)
 
     def output_hessian_sqrt(self, output: Tensor, target: Tensor | None = None) -> Tensor:
         """Columns of a symmetric factor of every *event's* Λ, shape (K, *output.shape): Λ_e = Σ_k U[k, e] U[k, e]ᵀ
@@ -98,6 +106,11 @@ class CrossEntropy(Loss):
         p = torch.softmax(output.detach(), dim=-1).to(device=generator.device, dtype=torch.float64)
         draws = torch.multinomial(p, samples, replacement=True, generator=generator)  # (B, S)
         return draws.T.contiguous().to(output.device)
+
+    def draw_targets(self, output: Tensor, keys: SampleKeys, samples: int, target: Tensor | None = None) -> Tensor:
+        """Class labels (S, B) by inverting the CDF of p(· | f_n) at the uniform keyed by (seed, n, draw)."""
+        p = torch.softmax(output.detach(), dim=-1)
+        return categorical(p, keys.uniform(samples, p.shape[0]).to(p.device))
 
     def check(self, output: Tensor, target: Tensor) -> None:
         require_tensor(output, self.name)
@@ -145,6 +158,11 @@ class MeanSquaredError(Loss):
         noise = torch.randn(
             (samples, *output.shape), generator=generator, device=generator.device, dtype=torch.float64
         )
+        return output.detach().unsqueeze(0) + math.sqrt(0.5) * noise.to(device=output.device, dtype=output.dtype)
+
+    def draw_targets(self, output: Tensor, keys: SampleKeys, samples: int, target: Tensor | None = None) -> Tensor:
+        """y ~ N(f_n, ½I) (the predictive distribution of ℓ = ‖f − y‖²), the noise keyed by (seed, n, entry, draw)."""
+        noise = gaussian(keys, samples, tuple(output.shape))
         return output.detach().unsqueeze(0) + math.sqrt(0.5) * noise.to(device=output.device, dtype=output.dtype)
 
     def check(self, output: Tensor, target: Tensor) -> None:

@@ -47,6 +47,9 @@ class Problem(BaseProblem):
             unsplit one to rounding (Monte-Carlo labels are drawn per micro-batch).
         accumulate_dtype: the dtype products and gradients are summed in; default float32 for bfloat16/float16
             parameters and the parameters' dtype otherwise (pass ``torch.float64`` for more).
+        sample_offset: the index of this data's first sample in the whole data set (a data shard's start): Monte-
+            Carlo labels are keyed by the global sample index (:mod:`curvdist.problem.sampling`), so that shards,
+            ranks and micro-batches draw what one process on all the data draws.
     """
 
     def __init__(
@@ -59,8 +62,12 @@ class Problem(BaseProblem):
         batch_size: int | None = None,
         micro_batch_size: int | None = None,
         accumulate_dtype: torch.dtype | None = None,
+        sample_offset: int = 0,
     ) -> None:
         super().__init__(model, loss, params, reduction, accumulate_dtype)
+        if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+            raise DataError(f"sample_offset must be a non-negative integer, got {sample_offset!r}")
+        self.sample_offset = sample_offset
         if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int)
                                              or micro_batch_size <= 0):
             raise DataError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
@@ -70,8 +77,10 @@ class Problem(BaseProblem):
 
     # ---------------------------------------------------------------- data
     def _scan(self) -> tuple[int, int]:
-        """One pass over the data: validate every batch, count the loss terms, check the loss is finite."""
+        """One pass over the data: validate every batch, count the loss terms, check the loss is finite, and note
+        the global index of every (micro-)batch's first sample."""
         n, b, samples = 0, 0, 0
+        self._firsts: list[int] = []
         with torch.no_grad():
             for b, (X, y) in enumerate(self.batches(validate=True)):
                 out = self.forward(self.params, X)
@@ -81,6 +90,7 @@ class Problem(BaseProblem):
                 if not bool(torch.isfinite(self.loss.per_sample(out, y)).all()):
                     raise NonFiniteError(f"the loss is NaN or inf on batch {b}")
                 n += self.loss.count(y)
+                self._firsts.append(self.sample_offset + samples)
                 samples += batch_len(X)
         if samples == 0:
             raise DataError("the data set is empty")
@@ -89,9 +99,15 @@ class Problem(BaseProblem):
                             f"{samples} samples")
         return n, b + 1
 
+    def first_sample(self, batch_index: int) -> int:
+        """The global index of the first sample of (micro-)batch ``batch_index`` (the key of its Monte-Carlo
+        labels)."""
+        return self._firsts[batch_index]
+
     def restricted(self, params: Sequence[str]) -> Problem:
         return Problem(self.model, self.loss, self.data, params=list(params), reduction=self.reduction,
-                       micro_batch_size=self.micro_batch_size, accumulate_dtype=self.accumulate_dtype)
+                       micro_batch_size=self.micro_batch_size, accumulate_dtype=self.accumulate_dtype,
+                       sample_offset=self.sample_offset)
 
     def batches(self, validate: bool = False) -> Iterator[Batch]:
         """The data batches — split into micro-batches of ``micro_batch_size`` — moved to the parameters'

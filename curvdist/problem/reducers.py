@@ -225,6 +225,13 @@ class ProcessGroupReducer(ShardReducer):
             return {k: self._reduce_tree(v) for k, v in tree.items()}
         if isinstance(tree, (tuple, list)):
             return type(tree)(self._reduce_tree(v) for v in tree)
+        if hasattr(tree, "map_tensors"):  # a structured Kronecker factor: its rows add by concatenation, not sum
+            from ..errors import MetricError
+
+            raise MetricError(
+                f"a structured Kronecker factor ({type(tree).__name__}, dimension {tree.n}) cannot be summed over "
+                f"a process group with all_reduce; pass structured_above={tree.n} (or larger) to keep it dense, or "
+                f"use a diagonal metric")
         return tree_map(self._all_reduce, tree)
 
     def set_params(self, flat: Tensor) -> None:

@@ -116,16 +116,32 @@ class ProblemSpec:
         if not 0 <= shard < shards:
             raise ProblemError(f"shard {shard} out of range for {shards} shards")
         model = self.build_model(device)
-        data = shard_data(self.build_data(), shard, shards)
+        full = self.build_data()
+        data = shard_data(full, shard, shards)
         return Problem(model, self.loss, data, params=list(self.params) if self.params else None,
                        reduction=reduction or self.reduction, batch_size=self.batch_size,
-                       micro_batch_size=self.micro_batch_size)
+                       micro_batch_size=self.micro_batch_size, sample_offset=shard_offset(full, shard, shards))
 
 
 def shard_bounds(n: int, shard: int, shards: int) -> tuple[int, int]:
     """[start, stop) of contiguous shard ``shard`` of n items split into ``shards`` near-equal parts."""
     bounds = np.linspace(0, n, shards + 1).round().astype(int)
     return int(bounds[shard]), int(bounds[shard + 1])
+
+
+def shard_offset(data: Any, shard: int, shards: int) -> int:
+    """The global index of the first sample of :func:`shard_data`'s shard ``shard`` (the samples of the batches
+    before it, for a list of batches)."""
+    if shards == 1 or shard == 0:
+        return 0
+    if isinstance(data, list):
+        from .data import batch_len, unpack
+
+        a, _ = shard_bounds(len(data), shard, shards)
+        return sum(batch_len(unpack(b, i)[0]) for i, b in enumerate(data[:a]))
+    n = next(iter(data.values())).shape[0] if isinstance(data, Mapping) else (
+        data[0].shape[0] if isinstance(data, tuple) else len(data))
+    return shard_bounds(n, shard, shards)[0]
 
 
 def shard_data(data: Any, shard: int, shards: int) -> Any:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DataError
+from .sampling import SampleKeys, categorical
 from ..resources import check_allocation
 from .losses import Loss, require_tensor
 
@@ -91,7 +92,20 @@ class TokenCrossEntropy(Loss):
         B, T, V = output.shape
         p = torch.softmax(output.detach(), dim=-1).to(device=generator.device, dtype=torch.float64)
         draws = torch.multinomial(p.reshape(B * T, V), samples, replacement=True, generator=generator)
-        draws = draws.T.reshape(samples, B, T).to(output.device)
+        return self._placed(draws.T.reshape(samples, B, T).to(output.device), target)
+
+    def draw_targets(self, output: Tensor, keys: SampleKeys, samples: int, target: Tensor | None = None) -> Tensor:
+        """As :meth:`sample_targets`, the token at logit position t of sample n drawn from the uniform keyed by
+        (seed, n, t, draw): the same labels however the data are split."""
+        if target is None:
+            raise DataError(f"{self.name} needs the labels to know which positions to sample")
+        B, T, _ = output.shape
+        p = torch.softmax(output.detach(), dim=-1)
+        draws = categorical(p, keys.uniform(samples, B, T).to(p.device))
+        return self._placed(draws, target)
+
+    def _placed(self, draws: Tensor, target: Tensor) -> Tensor:
+        """Draws (S, B, T) at the logit positions → labels: −100 where no label is kept, shifted for causal LMs."""
         sampled = torch.where(self.valid(target).unsqueeze(0), draws, torch.full_like(draws, IGNORE_INDEX))
         if not self.shift:
             return sampled

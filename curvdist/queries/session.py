@@ -67,6 +67,12 @@ class Coordinates:
                 operator(self.problem, spec.kind, **spec.options(self.seed))
         return self._ops[key]
 
+    def release(self) -> None:
+        """Drop the cached operators and metrics (a KFAC metric of GPT-2 small holds ~2.5 GB): done with this
+        system's queries; what another system still asks of it (a pull-back's θ metric) is rebuilt on demand."""
+        self._ops.clear()
+        self._metrics.clear()
+
     def metric(self, spec: MetricSpec) -> Metric | None:
         key = spec.model_dump_json()
         if key not in self._metrics:

@@ -241,6 +241,24 @@ def test_data_mode_blocks_equal_local(ray_module):
         backend.shutdown()
 
 
+def test_data_mode_sampled_metrics_equal_local(ray_module):
+    """Monte-Carlo labels are keyed by the global sample index: KFAC, the sampled diagonal and the sampled Fisher
+    on 2 Ray workers (each its shard of the samples) equal one process on all of them."""
+    spec = SPECS["mlp"]
+    local = spec.build()
+    backend = RayBackend()
+    try:
+        remote = backend.data_parallel(spec, 2)
+        _close(cd.metric(local, "kfac", damping=0.1, mc_samples=2, seed=5).to_dense().numpy(),
+               cd.metric(remote, "kfac", damping=0.1, mc_samples=2, seed=5).to_dense().numpy())
+        _close(cd.metric(local, "diag_fisher_mc", damping=0.1, seed=3).to_dense().diagonal().numpy(),
+               cd.metric(remote, "diag_fisher_mc", damping=0.1, seed=3).to_dense().diagonal().numpy())
+        _close(cd.eigs(cd.operator(local, "fisher_mc", mc_samples=2, seed=1), k=2, tol=1e-11).value,
+               cd.eigs(cd.operator(remote, "fisher_mc", mc_samples=2, seed=1), k=2, tol=1e-11).value)
+    finally:
+        backend.shutdown()
+
+
 @pytest.mark.parametrize("kind", ["kflr", pytest.param("fisher", marks=pytest.mark.slow)])
 def test_riemannian_sgd_through_ray_equals_local(ray_module, kind):
     """The optimizer with its metric on 2 Ray workers (parameters broadcast at every refresh) takes the same steps

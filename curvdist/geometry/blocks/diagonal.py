@@ -64,7 +64,8 @@ def diagonal_sums(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 
         for i, (X, y) in enumerate(problem.batches()):
             with torch.no_grad():
                 out = problem.forward(params, X)
-            U = output_factors(problem, out, y, kind, i, mc_samples, seed).transpose(0, 1)  # (B, K, *out)
+            U = output_factors(problem, out, y, kind, problem.first_sample(i), mc_samples,
+                               seed).transpose(0, 1)  # (B, K, *out)
             b, k = chunk_sizes(problem.dim, itemsize, batch_len(X), U.shape[1], budget)
             for start in range(0, batch_len(X), b):
                 x = slice_inputs(X, start, start + b)

@@ -277,7 +277,8 @@ def statistic_factors(problem: Problem, out: Tensor, y: Tensor, kind: str, batch
     """The output-space vectors U (K, *out.shape) of one batch for the statistic ``kind`` (``ggn``: KFLR,
     ``fisher_mc``: KFAC, ``empirical``), with the layout of :data:`PER_EVENT`."""
     try:
-        return output_factors(problem, out, y, kind, batch_index, mc_samples, seed, per_event=PER_EVENT[kind])
+        return output_factors(problem, out, y, kind, problem.first_sample(batch_index), mc_samples, seed,
+                              per_event=PER_EVENT[kind])
     except NotImplementedError as e:
         raise MetricError(f"the {problem.loss.name} loss cannot give exact output-space factors ({e}); use the "
                           f"sampled 'kfac' metric, or give the loss an output_hessian_sqrt") from e

@@ -408,11 +408,15 @@ def raw_diagonal(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0
 
     ``backend``: ``backpack`` (BackPACK's extensions), ``torch`` (exact per-sample VJPs with ``torch.func``,
     :func:`curvdist.geometry.blocks.diagonal.diagonal_sums`, any differentiable model; sampled labels are those of
-    the ``fisher_mc`` operator with the same seed) or ``auto`` (BackPACK where it applies). ``memory_budget``: bytes
-    of one vectorized chunk of the own kernels' per-sample products (default 2 GiB)."""
+    the ``fisher_mc`` operator with the same seed) or ``auto`` (BackPACK where it applies; for ``diag_fisher_mc``
+    always the own kernels, whose labels are keyed by the global sample index — the same on any split of the data —
+    where BackPACK draws from the global RNG per pass). ``memory_budget``: bytes of one vectorized chunk of the own
+    kernels' per-sample products (default 2 GiB)."""
     if kind not in _OWN_KIND:
         raise MetricError(f"unknown diagonal metric {kind!r}")
     check_mc_samples(mc_samples)
+    if kind == "diag_fisher_mc" and backend == "auto":
+        backend = "torch"
     make, savefield, second_order = _extension(kind, mc_samples)
     if resolve_backend(problem, backend, make, second_order) == "torch":
         from ..blocks.diagonal import diagonal_sums

@@ -444,8 +444,10 @@ def kfac(problem: Problem, damping: float = 0.0, mc_samples: int = 1, seed: int 
     one output location, in an ``nn.Sequential`` BackPACK can backpropagate through (Linear, Conv2d, pooling,
     Flatten, Dropout, ReLU, Tanh, Sigmoid, and the ELU/SELU/LeakyReLU/Softplus/GELU/SiLU rules added here), with
     the cross-entropy or MSE loss; where weights are shared (T > 1) BackPACK's factors are neither expand nor reduce
-    and are refused. ``backend="auto"`` (default): BackPACK where it applies (the two agree there), else the own
-    kernels.
+    and are refused. ``backend="auto"`` (default): for KFLR BackPACK where it applies (the two agree there), else the
+    own kernels; for KFAC always the own kernels, whose Monte-Carlo labels are keyed by (seed, global sample index,
+    position) and so do not depend on how the data are batched or split (BackPACK draws its own from the global
+    random state: ``backend="backpack"`` keeps those, split-dependent).
 
     A problem made by ``cd.reparametrize`` with θ_p = c_p ψ_p on every tensor (``scale`` by numbers, ``ntk``) gets
     the factors (c_p² G_p, A_p) of the θ network at θ = φ(ψ) (see the module docstring). ``damping_weights``: the
@@ -542,11 +544,14 @@ def _backpack_shapes_fit(problem: Problem) -> bool:
 
 
 def kfac_backend(problem: Problem, backend: str, exact: bool) -> str:
-    """``backpack`` or ``torch`` for :func:`kfac_sums`: ``auto`` takes BackPACK where it applies — built-in
+    """``backpack`` or ``torch`` for :func:`kfac_sums`: ``auto`` takes the own kernels for KFAC (sampled labels
+    keyed by the global sample index, the same on any split of the data) and, for KFLR, BackPACK where it applies — built-in
     cross-entropy/MSE loss, a model BackPACK can backpropagate through, selected parameters in Linear layers on
     2-d inputs and Conv2d layers with one output location, each called once — and the own kernels elsewhere."""
     from backpack.extensions import KFAC, KFLR
 
+    if backend == "auto" and not exact:  # sampled labels keyed by the global sample index: the own kernels
+        return "torch"
     probe = (lambda: add_activation_support(KFLR())) if exact else (lambda: add_activation_support(KFAC()))
     chosen = resolve_backend(problem, backend, probe, True, _kfac_layer_check)
     if backend == "auto" and chosen == "backpack" and not _backpack_shapes_fit(problem):

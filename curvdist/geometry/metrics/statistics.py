@@ -11,7 +11,8 @@ sums with the global scale s and sample count N:
 
 and the Kronecker factors are eigendecomposed where the reducer spreads the layers (Ray workers by cost, as
 distributed K-FAC does: Osawa et al. 2019; Pauloski et al. 2020), or here. Sampled statistics (``diag_fisher_mc``,
-``kfac``) draw their labels per shard: a different sample than one process on all samples draws.
+``kfac``) draw each sample's labels from a key of (seed, global sample index, position): every shard draws what one
+process on all samples draws (a shard's problem knows its ``sample_offset``).
 """
 
 from __future__ import annotations

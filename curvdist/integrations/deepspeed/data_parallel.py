@@ -39,6 +39,11 @@ def group_rank_and_size(group: Any = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def shard_start(n: int, rank: int, size: int) -> int:
+    """The index of the first sample of rank ``rank``'s share (:func:`shard`) of n samples."""
+    return int(torch.tensor_split(torch.arange(n), size)[rank][0]) if n >= size else 0
+
+
 def shard(X: Tensor, y: Tensor, rank: int, size: int) -> tuple[Tensor, Tensor]:
     """Rank ``rank``'s contiguous share of the samples (shares differ in size by at most one)."""
     if X.shape[0] != y.shape[0]:
@@ -65,6 +70,7 @@ def split_problem(model: nn.Module, loss: str | Loss, X: Tensor, y: Tensor, grou
     its contiguous shard (see :func:`shard`), and statistics are ``all_reduce``-d over ``group``."""
     rank, size = group_rank_and_size(group)
     Xr, yr = shard(X, y, rank, size)
-    local = Problem(model, loss, (Xr, yr), params=params, reduction="sum", batch_size=batch_size)
+    local = Problem(model, loss, (Xr, yr), params=params, reduction="sum", batch_size=batch_size,
+                    sample_offset=shard_start(X.shape[0], rank, size))  # sampled labels: one process's
     reducer = ProcessGroupReducer(local, group, label="deepspeed-data-parallel")
     return ShardedProblem(model, loss, reducer, params=list(local.param_names), reduction=reduction)
