@@ -72,7 +72,7 @@ class _PosteriorHessian:
 
 
 def evidence(problem: Problem, prior_precision: float = 1.0, metric_kind: str = "kflr", *, curvature: str = "ggn",
-             logdet_method: str = "auto", probes: int = 30, steps: int = 40, seed: int = 0, max_iter: int = 500,
+             logdet_method: str = "auto", probes: int = 30, steps: int = 40, seed: int = 0, max_iter: int = 2000,
              tol: float = 1e-9, dense_max: int = DENSE_MAX) -> Result:
     """The invariant Laplace log-evidence (see the module docstring) of ``problem`` with a Gaussian prior of
     precision α = ``prior_precision`` in θ and the metric ``metric_kind`` (``kflr``, ``diag_ggn``; ``fisher``: the

@@ -169,7 +169,7 @@ class EvidenceQuery(QueryBase):
     logdet: Literal["auto", "exact", "slq"] = "auto"
     probes: PositiveInt = 30
     steps: PositiveInt = 40
-    max_iter: PositiveInt = 500
+    max_iter: PositiveInt = 2000
 
 
 Query = Annotated[
