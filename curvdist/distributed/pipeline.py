@@ -414,26 +414,31 @@ class PipelineKFACMetric(Metric):
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
 
-    def _power(self, v: ShardedVector, exponent: float, damped: bool = True) -> ShardedVector:
+    def _apply(self, v: ShardedVector, method: str) -> ShardedVector:
         space = self.pool.space
         out = space._new()
-        space._all("kfac_power", out.id, v.id, float(exponent), damped)
+        space._all("kfac_apply", out.id, v.id, method)
         return out
 
     def apply_undamped(self, v: ShardedVector) -> ShardedVector:  # type: ignore[override]
-        return self._power(v, 1.0, damped=False)
+        return self._apply(v, "apply_undamped")
 
     def apply(self, v: ShardedVector) -> ShardedVector:  # type: ignore[override]
-        return self._power(v, 1.0)
+        return self._apply(v, "apply")
 
     def solve(self, v: ShardedVector) -> ShardedVector:  # type: ignore[override]
-        return self._power(v, -1.0)
+        return self._apply(v, "solve")
 
     def inv_factor_apply(self, v: ShardedVector) -> ShardedVector:  # type: ignore[override]
-        return self._power(v, -0.5)
+        return self._apply(v, "inv_factor_apply")
 
-    inv_factor_t_apply = inv_factor_apply
-    inv_sqrt_apply = inv_factor_apply
+    def inv_factor_t_apply(self, v: ShardedVector) -> ShardedVector:  # type: ignore[override]
+        """W⁻ᵀ v (= W⁻¹ v except for structured blocks with a non-constant diagonal, whose factor is not
+        symmetric: :mod:`curvdist.geometry.structured`)."""
+        return self._apply(v, "inv_factor_t_apply")
+
+    def inv_sqrt_apply(self, v: ShardedVector) -> ShardedVector:  # type: ignore[override]
+        return self._apply(v, "inv_sqrt_apply")
 
     def logdet(self) -> float:
         return self._logdet

@@ -48,6 +48,9 @@ from .stacks import SequentialProgram, StageProgram, TracedProgram, split_points
 __all__ = ["StageWorker", "split_points", "stage_modules", "micro_batch_bounds"]
 
 
+#: the metric operations a stage applies to its shard of a vector (:meth:`StageWorker.kfac_apply`)
+KFAC_METHODS = ("apply", "apply_undamped", "solve", "inv_factor_apply", "inv_factor_t_apply", "inv_sqrt_apply")
+
 def micro_batch_bounds(n: int, micro_batches: int | None, size: int | None) -> list[tuple[int, int]]:
     """[start, stop) of the micro-batches of a batch of n samples: ``micro_batches`` near-equal parts, or parts
     of at most ``size`` samples, or the batch itself."""
@@ -330,10 +333,12 @@ class StageWorker:
     def kfac_finish(self, scale: float, num_samples: int, damping: float, kind: str) -> float:
         return self.blocks.finish(scale, num_samples, damping, kind)
 
-    def kfac_power(self, out: int, vid: int, exponent: float, damped: bool) -> None:
-        """vectors[out] = (this stage's blocks of M (+ δI))^exponent · vectors[vid]."""
-        M = self.blocks.metric
-        self.vectors[out] = M._power(self.vectors[vid], exponent, M.damping if damped else 0.0)
+    def kfac_apply(self, out: int, vid: int, method: str) -> None:
+        """vectors[out] = ``method`` of this stage's blocks of M_δ (``apply``, ``apply_undamped``, ``solve``,
+        ``inv_factor_apply``, ``inv_factor_t_apply``, ``inv_sqrt_apply``) applied to vectors[vid]."""
+        if method not in KFAC_METHODS:
+            raise MetricError(f"unknown metric method {method!r}; one of {KFAC_METHODS}")
+        self.vectors[out] = getattr(self.blocks.metric, method)(self.vectors[vid])
 
     # ------------------------------------------------------------------ vector shards
     def put(self, i: int, t: Tensor) -> None:

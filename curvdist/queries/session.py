@@ -17,6 +17,7 @@ with the Hessian it uses the Riemannian Hessian) and the damping, δ·I_θ pulle
 
 from __future__ import annotations
 
+import gc
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..resources import release_free_memory
 from ..geometry.metrics import EuclideanMetric, Metric, metric
 from ..geometry.riemannian import RiemannianHessian
 from ..operators import CurvatureOperator, operator
@@ -72,6 +74,8 @@ class Coordinates:
         system's queries; what another system still asks of it (a pull-back's θ metric) is rebuilt on demand."""
         self._ops.clear()
         self._metrics.clear()
+        gc.collect()
+        release_free_memory()  # hand the freed heap back: the next system's metric would otherwise come on top
 
     def metric(self, spec: MetricSpec) -> Metric | None:
         key = spec.model_dump_json()
