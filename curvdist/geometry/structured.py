@@ -156,7 +156,10 @@ class LowRankFactor:
 
     def eigvalsh(self, dense_eig_max: int = DENSE_EIG_MAX) -> Tensor:
         """All n eigenvalues of F, ascending: exact from the r × r problem when d is constant (d₀ + the eigenvalues
-        of Bᵀ diag(w) B, which has at most r non-zero ones), dense up to ``dense_eig_max``, refused beyond."""
+        of Bᵀ diag(w) B, which has at most r non-zero ones) or without a low-rank term (d itself), dense up to
+        ``dense_eig_max``, refused beyond."""
+        if self.rank == 0:
+            return torch.sort(self.diag).values
         d0 = self.constant_diagonal()
         if d0 is not None:
             kappa, VK = torch.linalg.eigh(self.gram().double())

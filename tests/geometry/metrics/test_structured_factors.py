@@ -81,6 +81,8 @@ def test_structured_factor_eigenvalues_of_a_large_factor_need_a_constant_diagona
     mu = kfac_like.eigvalsh()
     torch.testing.assert_close(mu[-6:], torch.linalg.eigvalsh(B @ B.T), rtol=1e-12, atol=0)
     assert mu.shape == (n,) and float(mu[:-6].abs().max()) == 0.0
+    counts = torch.rand(n, generator=g, dtype=DT)  # an embedding's token factor: its eigenvalues are its entries
+    torch.testing.assert_close(LowRankFactor.from_diagonal(counts).eigvalsh(), torch.sort(counts).values)
     with pytest.raises(cd.errors.MetricError, match=r"50257-dimensional .* dense_eig_max"):
         LowRankFactor(torch.rand(n, generator=g, dtype=DT), B, torch.ones(6, dtype=DT)).eigvalsh()
 
