@@ -106,6 +106,12 @@ class LowRankFactor:
         """The factor with ``fn`` applied to d, B and w (``.to``, ``.detach``: see ``reducers.tree_map``)."""
         return LowRankFactor(fn(self.diag), fn(self.rows), fn(self.weights))
 
+    def reduce_with(self, total: Callable[[Tensor], Tensor], gather: Callable[[Tensor], Tensor]) -> LowRankFactor:
+        """The sum of this factor over shards, given a sum of tensors over the shards (``total``, for d) and a
+        concatenation of their rows in shard order (``gather``, for B and w): what a process group's reducer
+        does with it (``all_reduce`` and ``all_gather``)."""
+        return LowRankFactor(total(self.diag.clone()), gather(self.rows), gather(self.weights))
+
     def to(self, *args: object, **kwargs: object) -> LowRankFactor:
         return self.map_tensors(lambda t: t.to(*args, **kwargs))  # type: ignore[arg-type]
 

@@ -214,7 +214,56 @@ class ProcessGroupReducer(ShardReducer):
 
     def sum(self, statistic: Statistic, *args: Any) -> Tree:
         local = statistic(self.shard, *args)
-        return self._reduce_tree(local)
+        return self._reduce_tree(self._agree_on_structure(local))
+
+    def _agree_on_structure(self, tree: Tree) -> Tree:
+        """Every rank the same kind of leaf at every place, so that the collectives match: a structured leaf (one
+        with ``reduce_with``) that another rank holds dense (its rows outnumbered its dimension there) is densified
+        here too. One ``all_gather_object`` of the leaf kinds, only when the tree has a structured leaf anywhere."""
+        kinds: list[bool] = []
+
+        def visit(t: Tree) -> None:
+            if isinstance(t, dict):
+                for v in t.values():
+                    visit(v)
+            elif isinstance(t, (tuple, list)):
+                for v in t:
+                    visit(v)
+            else:
+                kinds.append(hasattr(t, "reduce_with"))
+
+        visit(tree)
+        device = self.shard.problem.device
+        anywhere = self._all_reduce(torch.tensor([float(any(kinds))], dtype=torch.float64, device=device))
+        if not float(anywhere[0]):
+            return tree
+        every: list[Any] = [None] * self.world_size
+        self.dist.all_gather_object(every, kinds, group=self.group)
+        keep = [all(k[i] for k in every) for i in range(len(kinds))]
+        position = iter(range(len(kinds)))
+
+        def mend(t: Tree) -> Tree:
+            if isinstance(t, dict):
+                return {k: mend(v) for k, v in t.items()}
+            if isinstance(t, (tuple, list)):
+                return type(t)(mend(v) for v in t)
+            i = next(position)
+            return t.dense() if hasattr(t, "reduce_with") and not keep[i] else t
+
+        return mend(tree)
+
+    def _gather_rows(self, t: Tensor) -> Tensor:
+        """The ranks' tensors concatenated along the first axis in rank order (their lengths may differ)."""
+        t = t.detach().contiguous()
+        size = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        self.dist.all_gather(sizes, size, group=self.group)
+        longest = int(max(int(x) for x in sizes))
+        padded = t.new_zeros((longest, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self.dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
 
     def _reduce_tree(self, tree: Tree) -> Tree:
         if isinstance(tree, (int, float)) and not isinstance(tree, bool):
@@ -225,13 +274,8 @@ class ProcessGroupReducer(ShardReducer):
             return {k: self._reduce_tree(v) for k, v in tree.items()}
         if isinstance(tree, (tuple, list)):
             return type(tree)(self._reduce_tree(v) for v in tree)
-        if hasattr(tree, "map_tensors"):  # a structured Kronecker factor: its rows add by concatenation, not sum
-            from ..errors import MetricError
-
-            raise MetricError(
-                f"a structured Kronecker factor ({type(tree).__name__}, dimension {tree.n}) cannot be summed over "
-                f"a process group with all_reduce; pass structured_above={tree.n} (or larger) to keep it dense, or "
-                f"use a diagonal metric")
+        if hasattr(tree, "reduce_with"):  # a structured Kronecker factor: its rows add by concatenation
+            return tree.reduce_with(self._all_reduce, self._gather_rows)
         return tree_map(self._all_reduce, tree)
 
     def set_params(self, flat: Tensor) -> None:

@@ -6,6 +6,9 @@ split must give the same numbers, to rounding); for the draws: the distributions
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ from curvdist.geometry.metrics.kfac import kfac_sums, normalized_factors
 from curvdist.problem.reducers import tree_sum
 from curvdist.problem.sampling import SampleKeys, categorical, gaussian
 from tests.cases import CASES
+from tests.problem.two_ranks import STRUCTURED, rows
 
 
 def test_keyed_uniforms_depend_on_the_global_index_only() -> None:
@@ -103,39 +107,42 @@ def test_sample_offset_is_validated_and_shards_of_a_spec_know_theirs() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- two ranks (gloo)
-def _rank(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: the data-parallel problem of the DeepSpeed integration (each rank its contiguous share of the
-    batch, statistics all_reduce-d), its sampled metrics saved for the parent."""
-    import torch.distributed as dist
-
-    from curvdist.integrations.deepspeed.data_parallel import split_problem
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        case = CASES["mlp"]()
-        p = split_problem(case.model(), case.loss, case.X, case.y, batch_size=4)
-        result = {"diag": cd.metric(p, "diag_fisher_mc", 1e-3, mc_samples=2, seed=7).diagonal,
-                  "kfac": cd.metric(p, "kfac", 1e-3, mc_samples=2, seed=5).to_dense()}
-        if rank == 0:
-            torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sampled_metrics_on_two_ranks_equal_one_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import socket
+    """tests/problem/two_ranks.py under torchrun (2 gloo ranks, each its contiguous share of the batch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(_rank, args=(2, port, out), nprocs=2, join=True)
+    root = Path(__file__).resolve().parents[2]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "rank0.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                           str(_free_port()), str(Path(__file__).with_name("two_ranks.py")), str(tmp_path / "store"),
+                           str(out)], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     got = torch.load(out)
     case = CASES["mlp"]()
     one = cd.Problem(case.model(), case.loss, (case.X, case.y), batch_size=13)
-    torch.testing.assert_close(got["diag"], cd.metric(one, "diag_fisher_mc", 1e-3, mc_samples=2, seed=7).diagonal,
-                               rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(got["kfac"], cd.metric(one, "kfac", 1e-3, mc_samples=2, seed=5).to_dense(),
                                rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(got["diag"], cd.metric(one, "diag_fisher_mc", 1e-3, mc_samples=2, seed=7).diagonal,
+                               rtol=1e-10, atol=1e-14)
+    expected = sum(rows(r).T @ rows(r) for r in range(2))
+    assert isinstance(got["mixed"], torch.Tensor) and got["mixed"].ndim == 2
+    torch.testing.assert_close(got["mixed"], expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got["gathered"], expected, rtol=1e-12, atol=1e-14)
+    # structured factors (rows gathered over the ranks, diagonals summed) equal one process too
+    tokens = CASES["token_transformer"]()
+    one = cd.Problem(tokens.model(), tokens.loss, (tokens.X, tokens.y), batch_size=6)
+    M = cd.metric(one, "kfac", 1e-3, mc_samples=2, seed=3, structured_above=STRUCTURED)
+    # (a factor whose rows outnumber its dimension is densified: in one process the head's is, on each rank not)
+    assert "head.weight" in got["structured"] and "head.weight" not in [b.name for b in M.blocks if b.structured]
+    torch.testing.assert_close(got["kfac_structured"], M.to_dense(), rtol=1e-10, atol=1e-13)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
