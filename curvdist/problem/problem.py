@@ -44,7 +44,7 @@ class Problem(BaseProblem):
         batch_size: batch size for ``(X, y)`` tuples, mappings and Datasets.
         micro_batch_size: split every batch into micro-batches of at most this many samples, so that the
             activation memory of a product is that of one micro-batch; every deterministic product equals the
-            unsplit one to rounding (Monte-Carlo labels are drawn per micro-batch).
+            unsplit one to rounding (so does a sampled one: its labels are keyed by the sample, not the batch).
         accumulate_dtype: the dtype products and gradients are summed in; default float32 for bfloat16/float16
             parameters and the parameters' dtype otherwise (pass ``torch.float64`` for more).
         sample_offset: the index of this data's first sample in the whole data set (a data shard's start): Monte-
