@@ -95,15 +95,15 @@ def _linear_layers(problem: Problem) -> list[tuple[str, nn.Linear, str | None, s
 def _lambda_factor(problem: Problem, out: Tensor, y: Tensor) -> Tensor:
     """Columns S (C, B, C) of Λ_n = S_n S_nᵀ, differentiable in the outputs: √p_c (e_c − p) for cross-entropy
     (through the softmax), the constant factor of the MSE loss."""
-    name = problem.loss.name
-    if name == "cross_entropy":
-        p = torch.softmax(out, dim=-1)
-        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
-        return p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
-    if name == "mse":
-        return problem.loss.output_hessian_sqrt(out, y)
+    from ..problem.losses import CrossEntropy, MeanSquaredError, softmax_hessian_factor
+
+    loss = problem.loss
+    if isinstance(loss, CrossEntropy):
+        return softmax_hessian_factor(out)
+    if isinstance(loss, MeanSquaredError):
+        return loss.output_hessian_sqrt(out, y)  # constant
     raise MetricError(f"the differentiable structured log det M supports the cross_entropy and mse losses, not "
-                      f"{name!r}")
+                      f"{loss.name!r}")
 
 
 def layer_statistics(problem: Problem, flat: Tensor) -> dict[str, dict[str, Tensor]]:

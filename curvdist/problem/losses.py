@@ -79,6 +79,14 @@ class Loss(ABC):
         return f"{type(self).__name__}()"
 
 
+def softmax_hessian_factor(logits: Tensor) -> Tensor:
+    """U (C, B, C), U[c, n] = √p_c (e_c − p), p = softmax(logits_n): Σ_c U[c, n] U[c, n]ᵀ = diag(p) − ppᵀ, the
+    cross-entropy's output Hessian (differentiable in the logits unless they are detached)."""
+    p = torch.softmax(logits, dim=-1)
+    eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+    return p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
+
+
 class CrossEntropy(Loss):
     """ℓ(f, y) = −log softmax(f)_y for logits f ∈ ℝ^C and a class index y.
 
@@ -97,9 +105,7 @@ class CrossEntropy(Loss):
 
     def output_hessian_sqrt(self, output: Tensor, target: Tensor | None = None) -> Tensor:
         """U[c, n] = √p_c (e_c − p) for c = 1..C: Σ_c U[c] U[c]ᵀ = diag(p) − p pᵀ since Σ_c p_c = 1."""
-        p = torch.softmax(output.detach(), dim=-1)
-        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
-        return p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
+        return softmax_hessian_factor(output.detach())
 
     def sample_targets(self, output: Tensor, generator: torch.Generator, samples: int,
                        target: Tensor | None = None) -> Tensor:

@@ -131,10 +131,13 @@ class _Block:
     def factor(self, k: int) -> Tensor | LowRankFactor:
         if self.structured is not None:
             S = self.structured
-            return S.F if k == S.side else 0.5 * ((S.U * S.lam) @ S.U.T + ((S.U * S.lam) @ S.U.T).T)
-        if self.diagonal:
+            if k == S.side:
+                return S.F
+            U, lam = S.U, S.lam
+        elif self.diagonal:
             return self.evals[0]
-        U, lam = self.evecs[k], self.evals[k]
+        else:
+            U, lam = self.evecs[k], self.evals[k]
         F = (U * lam) @ U.T
         return 0.5 * (F + F.T)
 
