@@ -35,7 +35,9 @@ KINDS = (Curvature.HESSIAN.value, Curvature.GGN.value, Curvature.FISHER.value)
 METRIC_OPTIONS: dict[str, tuple[str, ...]] = {
     MetricKind.EUCLIDEAN.value: (), MetricKind.GGN.value: ("method", "cg_tol"),
     MetricKind.FISHER.value: ("method", "cg_tol"), MetricKind.KFAC.value: ("mc_samples", "seed", "backend"),
-    MetricKind.KFLR.value: ("backend",)}
+    MetricKind.KFLR.value: ("backend",), MetricKind.DIAG_GGN.value: ("backend",),
+    MetricKind.DIAG_FISHER_MC.value: ("mc_samples", "seed", "backend"),
+    MetricKind.EMPIRICAL_FISHER_DIAG.value: ("backend",)}
 
 
 class ShardedVector:
@@ -212,7 +214,8 @@ class PipelineProblem(StagedProblem):
     """The problem of a :class:`StagePool`: the model split into stages on Ray actors, vectors sharded by stage.
 
     ``cd.operator`` gives the pipelined ``hessian``/``ggn``/``fisher``; ``cd.metric`` the CG-solved ``ggn``/``fisher``
-    metrics and the stage-local ``kfac``/``kflr`` blocks. Anything else — other curvature or metric kinds, the
+    metrics and the stage-local ``kfac``/``kflr`` blocks and exact diagonals (``diag_ggn``, ``diag_fisher_mc``,
+    ``empirical_fisher_diag``), on sequential and traced stacks, tied weights included. Anything else — other curvature or metric kinds, the
     gradient (and so ``grad_norm``), reparametrizations, ``block_spectra``, ``RiemannianSGD`` — is refused when
     asked, with an error naming what pipeline mode offers.
     """
@@ -236,7 +239,8 @@ class PipelineProblem(StagedProblem):
         offered = ", ".join(f"{k} ({', '.join(v) or 'no options'})" for k, v in METRIC_OPTIONS.items())
         if kind not in METRIC_OPTIONS or (kind == MetricKind.EUCLIDEAN and damping):
             raise MetricError(f"pipeline mode has no {kind!r} metric{' with damping' if kind == 'euclidean' else ''}"
-                              f"; it offers: {offered} — ggn/fisher CG-solved, kfac/kflr as stage-local blocks")
+                              f"; it offers: {offered} — ggn/fisher CG-solved, kfac/kflr and the exact diagonals as "
+                              f"stage-local blocks")
         unknown = sorted(set(options) - set(METRIC_OPTIONS[kind]))
         if unknown:
             raise MetricError(f"the pipeline {kind} metric takes the options {list(METRIC_OPTIONS[kind])}, not "
@@ -249,10 +253,9 @@ class PipelineProblem(StagedProblem):
                                   "holds the dense matrix")
             return PipelineMetric(PipelineOperator(self.pool, kind, self.reduction), damping, **options)
         if options.pop("backend", "torch") not in ("auto", "torch"):
-            raise MetricError("pipeline kfac/kflr blocks come from curvdist's own kernels on each stage (backend "
+            raise MetricError(f"pipeline {kind} blocks come from curvdist's own kernels on each stage (backend "
                               "auto or torch); BackPACK cannot cross stage boundaries")
-        return PipelineKFACMetric(self.pool, damping, exact=kind == MetricKind.KFLR, reduction=self.reduction,
-                                  **options)
+        return PipelineBlockMetric(self.pool, kind, damping, reduction=self.reduction, **options)
 
     def backend_stats(self) -> dict[str, Any] | None:
         return {"retried_stage_products": self.pool.retries}
@@ -382,42 +385,63 @@ class PipelineMetric(Metric):
 
 
 
-class PipelineKFACMetric(Metric):
-    """KFAC/KFLR M_δ = blockdiag(G ⊗ A) + δI of a pipelined model, every block computed, eigendecomposed and
-    applied on the stage actor that holds its layer (:mod:`curvdist.distributed.stage_blocks`); the coordinator
-    only schedules the per-batch forward and backward passes and adds the stages' log-determinants. Equal to the
-    local ``kfac(problem, exact=..., backend="torch")`` (same sampled labels for KFAC)."""
+class PipelineBlockMetric(Metric):
+    """A stage-local metric of a pipelined model — KFAC/KFLR M_δ = blockdiag(G ⊗ A) + δI or an exact diagonal
+    (``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``) + δI — every block computed, eigendecomposed and
+    applied on the stage actor that holds its parameters (:mod:`curvdist.distributed.stage_blocks`; weights tied
+    across stages get the statistics of all their uses); the coordinator only schedules the per-batch forward and
+    backward passes and adds the stages' log-determinants. Equal to the local own-kernel metric of the same kind
+    (``backend="torch"``; the same sampled labels)."""
 
     has_factor = True
-    has_inv_sqrt = True
 
-    def __init__(self, pool: StagePool, damping: float = 0.0, exact: bool = False, mc_samples: int = 1,
-                 seed: int = 0, reduction: str = "mean") -> None:
+    _ids = itertools.count()
+
+    def __init__(self, pool: StagePool, kind: str, damping: float = 0.0, mc_samples: int = 1, seed: int = 0,
+                 reduction: str = "mean") -> None:
         super().__init__(pool.space.dim, pool.space.dtype, "cpu", damping)
-        self.pool, self.kind = pool, "kflr" if exact else "kfac"
+        self.pool, self.kind, self.id = pool, kind, next(self._ids)
+        self.has_inv_sqrt = True
         ray, actors = pool.ray, pool.actors
-        out_kind = "ggn" if exact else "fisher_mc"
-        pending = []
-        for b in range(pool.num_batches):
-            x = None
-            for a in actors:
-                x = a.kfac_forward.remote(b, x)
-            g = actors[-1].kfac_start.remote(b, x, out_kind, int(mc_samples), int(seed))
-            for a in reversed(actors):
-                g = a.kfac_backward.remote(b, g)
-            pending.append(g)
-        scale = 1.0 / pool.num_samples if reduction == "mean" else 1.0
+        S = len(actors)
+        owners: dict[int, list[int]] = {}  # owner stage → the later stages using its tied weights
+        for _, owner, user in pool.ties:
+            owners.setdefault(owner, []).append(user)
+        diagonal = kind not in (MetricKind.KFAC, MetricKind.KFLR)
         try:
+            ray.get([a.metric_begin.remote(kind) for a in actors])
+            pending = []
+            for b in range(pool.num_batches):
+                x = None
+                for a in actors:
+                    x = a.metric_forward.remote(b, x)
+                g = actors[-1].metric_start.remote(b, x, int(mc_samples), int(seed))
+                parts: dict[int, Any] = {}
+                for s in reversed(range(S)):
+                    extra = [parts[u] for u in sorted(set(owners.get(s, ())))] if diagonal else []
+                    g = actors[s].metric_backward.remote(b, g, *extra)
+                    if diagonal and pool.infos[s]["foreign"]:
+                        parts[s] = actors[s].metric_tied_samples.remote(b)
+                pending.append(g)
             ray.get(pending)
-            self._logdet = float(sum(ray.get([a.kfac_finish.remote(scale, pool.num_samples, float(damping),
-                                                                   self.kind) for a in actors])))
+            sums = {s: actors[s].metric_tied_sums.remote() for s in range(S) if pool.infos[s]["foreign"]}
+            scale = 1.0 / pool.num_samples if reduction == "mean" else 1.0
+            logdets = [a.metric_finish.remote(self.id, scale, pool.num_samples, float(damping),
+                                              *([sums[u] for u in sorted(set(owners.get(s, ())))] if not diagonal
+                                                else []))
+                       for s, a in enumerate(actors)]
+            self._logdet = float(sum(ray.get(logdets)))
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
+        weakref.finalize(self, _release_metric, actors, self.id)
 
     def _apply(self, v: ShardedVector, method: str) -> ShardedVector:
         space = self.pool.space
         out = space._new()
-        space._all("kfac_apply", out.id, v.id, method)
+        try:
+            space._all("metric_apply", self.id, out.id, v.id, method)
+        except self.pool.ray.exceptions.RayTaskError as e:
+            raise (e.cause if getattr(e, "cause", None) is not None else e) from None
         return out
 
     def apply_undamped(self, v: ShardedVector) -> ShardedVector:  # type: ignore[override]
@@ -442,3 +466,12 @@ class PipelineKFACMetric(Metric):
 
     def logdet(self) -> float:
         return self._logdet
+
+
+def _release_metric(actors: list[Any], mid: int) -> None:
+    """Drop a collected metric's blocks on the stages (best effort: the pool may be gone)."""
+    try:
+        for a in actors:
+            a.metric_release.remote(mid)
+    except Exception:  # noqa: BLE001 - shutdown order; nothing to release any more
+        pass

@@ -19,23 +19,36 @@ each product, which the owner adds: the tied parameter stays one parameter of th
 
 from __future__ import annotations
 
+import copy
 import operator
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import ProblemError
+from ..errors import MetricError, ProblemError
 from ..problem.autodiff import differentiable_kernels
 from ..problem.data import Inputs
 from ..problem.outputs import network_output
 
+if TYPE_CHECKING:
+    from ..geometry.blocks.probes import Recorder
+
 #: the carry between two stages: named tensors (one, ``"x"``, for sequential stacks)
 Carry = dict[str, Tensor]
+
+#: a stage program with its sites recorded: (parameters, carry, key) → outgoing carry (or the network output)
+SiteRun = Callable[[Mapping[str, Tensor], Carry, Any], "Carry | Tensor"]
+
+
+def split_floats(carry: Carry) -> tuple[Carry, Carry]:
+    """(floating entries, the others) of a carry: only the floating ones have tangents and cotangents."""
+    f = {k: v for k, v in carry.items() if v.is_floating_point()}
+    return f, {k: v for k, v in carry.items() if k not in f}
 
 
 # ---------------------------------------------------------------------------------------------------- naming
@@ -154,6 +167,14 @@ class StageProgram(ABC):
     def signature(self, inputs: Inputs) -> Any:
         return None
 
+    @abstractmethod
+    def with_sites(self, selected: Sequence[str]) -> tuple[SiteRun, Recorder]:
+        """The stage as a function that also records the sites (:mod:`curvdist.geometry.blocks.probes`) of the
+        selected parameters (problem names) in every call, and the recorder.
+
+        Raises:
+            MetricError: a selected parameter is not covered by a site."""
+
 
 class SequentialProgram(StageProgram):
     """Modules [a, b) of a sequential stack; the carry is one tensor ``x``."""
@@ -182,6 +203,24 @@ class SequentialProgram(StageProgram):
         with differentiable_kernels():
             out = functional_call(self.module, state, (carry["x"],), tie_weights=False)
         return out if self.last else {"x": out}
+
+    def with_sites(self, selected: Sequence[str]) -> tuple[SiteRun, Recorder]:
+        """An instrumented copy of the stage's modules (module hooks); its sites name the problem's parameters."""
+        from ..geometry.blocks.probes import MATRIX_FREE_HINT, instrumented_copy
+
+        twin, rec, plan = instrumented_copy(self.module, [k for k, v in self.local.items() if v in set(selected)])
+        if plan.exact:
+            raise MetricError(f"pipeline blocks need a layer rule for every parameter of a stage; "
+                              f"{[self.local[n] for n in plan.exact]} have none (their exact blocks need "
+                              f"per-sample passes through the later stages). {MATRIX_FREE_HINT}")
+
+        def run(params: Mapping[str, Tensor], carry: Carry, key: Any) -> Carry | Tensor:
+            out = twin(carry["x"])
+            for site in rec.sites:
+                site.params = {role: self.local[n] for role, n in site.params.items()}
+            return out if self.last else {"x": out}
+
+        return run, rec
 
 
 class _Logits(nn.Module):
@@ -291,7 +330,23 @@ class TracedProgram(StageProgram):
         return self.names.get(id(model.get_parameter(name)), name)
 
     def __call__(self, params: Mapping[str, Tensor], carry: Carry, key: Any) -> Carry | Tensor:
-        t = self.graphs[key]
+        return self._run(self.graphs[key], params, carry)
+
+    def with_sites(self, selected: Sequence[str]) -> tuple[SiteRun, Recorder]:
+        """Copies of the stage's traced graphs with a recording node after every site operator
+        (:mod:`curvdist.geometry.blocks.graph_sites`)."""
+        from ..geometry.blocks.graph_sites import instrumented_graph_copy
+        from ..geometry.blocks.probes import Recorder
+
+        rec = Recorder(set(selected))
+        names = {k: v for k, v in self._local.items() if v in rec.selected}
+        graphs = {}
+        for key, t in self.graphs.items():
+            graphs[key] = copy.copy(t)
+            graphs[key].sub = instrumented_graph_copy(t.sub, names, rec)
+        return (lambda params, carry, key: self._run(graphs[key], params, carry)), rec
+
+    def _run(self, t: _Traced, params: Mapping[str, Tensor], carry: Carry) -> Carry | Tensor:
         vals = dict(carry)
         state = {k: params[v] for k, v in self._local.items()}
         with differentiable_kernels():

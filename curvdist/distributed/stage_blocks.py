@@ -1,94 +1,199 @@
-"""Pipeline mode, stage side: Kronecker factors of a stage's own layers from the activations and output gradients
-that pass through it.
+"""Pipeline mode, stage side: Kronecker factors and exact diagonals of a stage's own parameters from the
+activations and output gradients that pass through it.
 
-BackPACK backpropagates curvature through a whole model in one process and cannot cross stage boundaries; the
-probes of :mod:`curvdist.geometry.blocks.probes` can. Per batch, the stages run the forward pass in order (each on
-an instrumented copy of its modules, recording its layers' inputs), the last stage forms the K output-space
-vectors U (the columns of Λ's factor for KFLR, sampled gradients for KFAC, exactly as locally), and the K vectors
-are backpropagated stage by stage: each stage takes the gradients w.r.t. its output, accumulates its layers'
-output-side statistics from its probes, and passes the gradients w.r.t. its input on. The factors never leave the
-stage: each stage normalizes and eigendecomposes its own (as distributed K-FAC spreads layers over workers) and
-applies its diagonal blocks of M_δ^p to its shard of a vector.
+BackPACK backpropagates curvature through a whole model in one process and cannot cross stage boundaries; sites
+can. Per micro-batch the stages run the forward pass in order, each through its program with sites recorded
+(module hooks on a sequential stack, :mod:`curvdist.geometry.blocks.probes`; recording nodes in a traced block
+stack's graph, :mod:`curvdist.geometry.blocks.graph_sites`), the last stage forms the K output-space vectors U
+exactly as locally (the columns of Λ's factor for KFLR and the GGN diagonal, sampled gradients for KFAC and the
+sampled-Fisher diagonal, observed ones for the empirical diagonal, keyed by the global sample index), and the K
+vectors are backpropagated stage by stage: each stage takes the gradients w.r.t. its outgoing carry, accumulates
+its statistics from its probes, and passes the gradients w.r.t. its incoming carry on.
+
+* Kronecker (``kfac``, ``kflr``): the sums of :class:`~curvdist.geometry.blocks.kronecker.KroneckerStats`.
+* Diagonal (``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``): Σ_{n,k} g_{n,k}², g_{n,k} the per-sample
+  gradient J_nᵀ U[k, n] that the sites give exactly when they account for every use of a parameter.
+
+A weight tied across stages (an embedding and the head) is owned by its first stage. A later stage that uses it
+accumulates that use's statistics too and hands them to the owner: its Kronecker sums once, at the end (a separate
+term per orientation, as locally: the nearest Kronecker product of the embedding and head terms); for a diagonal,
+the per-sample gradients of each micro-batch, which the owner adds to its own before squaring — the square of the
+sum of the uses, not the sum of their squares. The statistics never leave the stages otherwise: each normalizes
+and eigendecomposes its own (as distributed K-FAC spreads layers over workers) and applies its blocks of M_δ to its
+shard of a vector.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import MetricError
-from ..geometry.blocks.kronecker import PER_EVENT, KroneckerStats
-from ..geometry.blocks.probes import MATRIX_FREE_HINT, check_calls, instrumented_copy
+from ..geometry.blocks.kronecker import PER_EVENT, KroneckerStats, _add, attention_mask, site_gradients
+from ..geometry.blocks.probes import check_calls
+from ..geometry.metrics.base import DiagonalMetric, Metric
 from ..geometry.metrics.kfac import KFACMetric, normalized_factors
 from ..operators.output_space import output_factors
 from ..problem.autodiff import differentiable_kernels
+from ..problem.data import Inputs, batch_len
+from .stacks import Carry, StageProgram, split_floats
+
+#: the statistic and output-space factor kind of every stage-local metric
+STAGE_METRICS = {"kfac": ("kronecker", "fisher_mc"), "kflr": ("kronecker", "ggn"),
+                 "diag_ggn": ("diagonal", "ggn"), "diag_fisher_mc": ("diagonal", "fisher_mc"),
+                 "empirical_fisher_diag": ("diagonal", "empirical")}
 
 
 class StageBlocks:
-    """The Kronecker statistics of one stage's layers and, once finished, their metric blocks."""
+    """The statistics of one stage's parameters for the metric ``kind`` (:data:`STAGE_METRICS`) and, once
+    finished, its blocks of the metric.
 
-    def __init__(self, module: nn.Module, names: list[str], shapes: list[torch.Size], kfac_approx: str = "expand"
-                 ) -> None:
-        self.twin, self.rec, plan = instrumented_copy(module, names)
-        if plan.exact:
-            raise MetricError(f"pipeline kfac/kflr blocks need a layer rule for every parameter of a stage; "
-                              f"{plan.exact} have none (their exact blocks need per-sample passes through the "
-                              f"later stages). {MATRIX_FREE_HINT}")
-        self.names, self.shapes, self.approx = names, shapes, kfac_approx
-        self.saved: dict[int, tuple[Tensor, Tensor, list[Any]]] = {}
+    Args:
+        program: the stage's program.
+        values: every parameter the stage uses, by problem name.
+        names: the parameters it owns, in the order of its shard.
+        foreign: the parameters it uses but an earlier stage owns (tied weights).
+        tied: the owned parameters that later stages use too.
+    """
+
+    def __init__(self, program: StageProgram, values: Mapping[str, Tensor], names: Sequence[str],
+                 foreign: Sequence[str], tied: Sequence[str], kind: str) -> None:
+        self.statistic, self.out_kind = STAGE_METRICS[kind]
+        self.kind = kind
+        self.program, self.values = program, values
+        self.names, self.foreign, self.tied = list(names), list(foreign), set(tied)
+        self.used = [*self.names, *self.foreign]
+        self.shapes = {n: values[n].shape for n in self.used}
+        self.run, self.rec = program.with_sites(self.used)
+        self.saved: dict[int, tuple[Carry, Any, list[Any]]] = {}
+        self.samples: dict[int, dict[str, Tensor]] = {}  # per micro-batch: (K, B, *shape) of foreign parameters
+        self.metric: Metric | None = None
         self.reset()
-        self.metric: KFACMetric | None = None
 
     def reset(self) -> None:
-        self.stats = KroneckerStats(self.names, {n: s.numel() for n, s in zip(self.names, self.shapes)},
-                                    self.approx)
+        self.stats = KroneckerStats(self.used, {n: s.numel() for n, s in self.shapes.items()})
+        self.diagonal: dict[str, Tensor] = {}
 
-    def forward(self, b: int, x: Tensor, first_stage: bool) -> Tensor:
-        """Run the stage on its input (recording its layers' inputs); keep the graph for the backward passes."""
-        x_in = x.detach()
-        if not first_stage and x_in.is_floating_point():
-            x_in.requires_grad_(True)
-        self.rec.begin(x_in.shape[0])
+    # ------------------------------------------------------------------ passes
+    def forward(self, b: int, X: Inputs, incoming: Any, key: Any) -> Any:
+        """Run the stage on micro-batch b (inputs X at the first stage, else the incoming carry), recording its
+        sites; keep the graph for the backward passes. Returns the outgoing (floating carry, constants), or the
+        network output at the last stage."""
+        if incoming is None:
+            floats, const = split_floats(self.program.first_carry(X))
+        else:
+            floats, const = incoming
+            floats = {k: v.detach().requires_grad_(True) for k, v in floats.items()}
+        B = batch_len(X)
+        self.rec.begin(B, attention_mask(X))
         with torch.enable_grad(), differentiable_kernels():
-            out = self.twin(x_in)
-        check_calls(self.rec, self.names, x_in.shape[0])
+            out = self.run(self.values, {**floats, **const}, key)
+        check_calls(self.rec, self.used, B)
         sites = list(self.rec.sites)
-        self.stats.add_inputs(sites)
-        self.saved[b] = (x_in, out, sites)
-        return out.detach()
+        if self.statistic == "kronecker":
+            self.stats.add_inputs(sites)
+        self.saved[b] = (floats, out, sites)
+        if isinstance(out, Tensor):
+            return out.detach()
+        fo, co = split_floats(out)
+        return {k: v.detach() for k, v in fo.items()}, co
 
-    def backward(self, b: int, grads_out: Tensor) -> Tensor | None:
-        """Accumulate the output-side statistics for the K vectors ``grads_out`` (K, *output shape); return the
-        K gradients w.r.t. the stage input (None at the first stage)."""
-        x_in, out, sites = self.saved.pop(b)
-        inputs = [s.probe for s in sites] + ([x_in] if x_in.requires_grad else [])
-        K = grads_out.shape[0]
-        to_input = []
+    def backward(self, b: int, grads_out: Tensor | dict[str, Tensor], parts: Sequence[dict[str, Tensor]] = ()
+                 ) -> dict[str, Tensor] | None:
+        """Accumulate the statistics for the K output vectors ``grads_out`` ((K, *shape): the network output's
+        at the last stage, else per floating entry of the outgoing carry); ``parts``: later stages' per-sample
+        gradients of tied parameters this stage owns (diagonal). Returns the K gradients w.r.t. the incoming
+        floating carry (None at the first stage)."""
+        floats, out, sites = self.saved.pop(b)
+        if isinstance(out, Tensor):
+            outs, gouts = [out], [grads_out]
+        else:
+            keys = [k for k in grads_out if out[k].requires_grad]  # type: ignore[union-attr]
+            outs, gouts = [out[k] for k in keys], [grads_out[k] for k in keys]  # type: ignore[index]
+        into = [k for k, v in floats.items() if v.requires_grad]
+        probes = [s.probe for s in sites]
+        K = gouts[0].shape[0] if gouts else 0
+        to_input: dict[str, list[Tensor]] = {k: [] for k in into}
+        samples: dict[str, list[Tensor]] = {}
         with torch.enable_grad():
             for k in range(K):
-                grads = torch.autograd.grad(out, inputs, grads_out[k].to(out.dtype), retain_graph=k < K - 1,
-                                            allow_unused=True)
-                self.stats.add_outputs(sites, [torch.zeros_like(site.probe) if g is None else g
-                                               for site, g in zip(sites, grads)])
-                if x_in.requires_grad:
-                    g = grads[-1]
-                    to_input.append((torch.zeros_like(x_in) if g is None else g).detach())
-        return torch.stack(to_input) if to_input else None
+                grads = torch.autograd.grad(outs, probes + [floats[c] for c in into],
+                                            [g[k].to(o.dtype) for o, g in zip(outs, gouts)],
+                                            retain_graph=k < K - 1, allow_unused=True)
+                at_probes = [torch.zeros_like(p) if g is None else g for p, g in zip(probes, grads)]
+                if self.statistic == "kronecker":
+                    self.stats.add_outputs(sites, at_probes)
+                else:
+                    self._add_squares(site_gradients(sites, at_probes, self.shapes, per_sample=True), samples)
+                for c, g in zip(into, grads[len(probes):]):
+                    to_input[c].append(torch.zeros_like(floats[c]) if g is None else g.detach())
+        if self.statistic == "diagonal":
+            self._tied_squares(b, samples, parts)
+        if not to_input:
+            return None
+        return {c: torch.stack(v) if v else torch.zeros(0, *floats[c].shape, dtype=floats[c].dtype)
+                for c, v in to_input.items()}
 
-    def finish(self, scale: float, num_samples: int, damping: float, kind: str) -> float:
-        """Normalize and eigendecompose this stage's factors; returns log det of its blocks of M_δ."""
-        G, A = self.stats.result()
-        self.metric = KFACMetric(self.names, self.shapes, normalized_factors(self.names, G, A, scale, num_samples),
-                                 damping=damping, kind=kind)
+    def _add_squares(self, per_sample: dict[str, Tensor], samples: dict[str, list[Tensor]]) -> None:
+        """Σ_n g_n² of one output vector; the per-sample gradients of tied parameters are kept (their uses are
+        added before squaring)."""
+        for name, g in per_sample.items():
+            if name in self.tied or name in self.foreign:
+                samples.setdefault(name, []).append(g.detach())
+            else:
+                _add(self.diagonal, name, g.pow(2).sum(0))
+
+    def _tied_squares(self, b: int, samples: dict[str, list[Tensor]], parts: Sequence[dict[str, Tensor]]) -> None:
+        foreign = {n: torch.stack(samples[n]) for n in self.foreign if n in samples}
+        if foreign:
+            self.samples[b] = foreign
+        for name in self.tied:
+            total = torch.stack(samples[name]) if name in samples else None
+            for part in parts:
+                if name in part:
+                    total = part[name].to(self.values[name].dtype) if total is None else total + part[name]
+            if total is not None:
+                _add(self.diagonal, name, total.pow(2).sum((0, 1)))
+
+    def tied_samples(self, b: int) -> dict[str, Tensor]:
+        """Micro-batch b's per-sample gradients (K, B, *shape) of the foreign parameters (for their owners)."""
+        return self.samples.pop(b, {})
+
+    def tied_sums(self) -> dict[tuple[str, str], tuple[Any, Any, int]]:
+        """The Kronecker sums of the foreign parameters' uses on this stage, handed to their owners."""
+        return self.stats.take(self.foreign)
+
+    # ------------------------------------------------------------------ the metric
+    def finish(self, scale: float, num_samples: int, damping: float,
+               parts: Sequence[dict[tuple[str, str], tuple[Any, Any, int]]] = ()) -> float:
+        """Form this stage's blocks (Kronecker factors eigendecomposed, with the later stages' sums of the tied
+        weights it owns); returns log det of its blocks of M_δ."""
+        if self.statistic == "kronecker":
+            for part in parts:
+                self.stats.merge(part)
+            G, A = self.stats.result(self.names)
+            shapes = [self.shapes[n] for n in self.names]
+            self.metric = KFACMetric(self.names, shapes, normalized_factors(self.names, G, A, scale, num_samples),
+                                     damping=damping, kind=self.kind)
+        else:
+            missing = [n for n in self.names if n not in self.diagonal]
+            if missing:  # pragma: no cover - check_calls refuses parameters without sites
+                raise AssertionError(missing)
+            d = torch.cat([self.diagonal[n].reshape(-1) for n in self.names]) * scale
+            self.metric = DiagonalMetric(d, damping=damping, kind=self.kind)
         self.reset()
         return self.metric.logdet()
 
 
 def output_vectors(loss: Any, out: Tensor, y: Tensor, kind: str, first: int, mc_samples: int, seed: int) -> Tensor:
-    """The last stage's K output-space vectors (see :func:`~curvdist.operators.output_space.output_factors`);
-    ``first``: the global index of the micro-batch's first sample (its Monte-Carlo labels' key)."""
-    return output_factors(SimpleNamespace(loss=loss), out, y, kind, first, mc_samples, seed,  # type: ignore[arg-type]
-                          per_event=PER_EVENT[kind])
+    """The last stage's K output-space vectors for the stage metric ``kind`` (see
+    :func:`~curvdist.operators.output_space.output_factors`); ``first``: the global index of the micro-batch's
+    first sample (its Monte-Carlo label keys). Kronecker statistics take one vector per event (token) and label,
+    diagonals the exact factor of each sample's matrix, as locally."""
+    statistic, out_kind = STAGE_METRICS[kind]
+    per_event = PER_EVENT[out_kind] if statistic == "kronecker" else False
+    return output_factors(SimpleNamespace(loss=loss), out, y, out_kind, first, mc_samples, seed,  # type: ignore[arg-type]
+                          per_event=per_event)

@@ -43,13 +43,14 @@ from ..problem.losses import make_loss
 from ..problem.spec import ProblemSpec
 from ..resources import memory_record, release_free_memory, reset_peak
 from ..solvers.space import random_segments
-from .stacks import SequentialProgram, StageProgram, TracedProgram, split_points, stage_modules, stage_program
+from .stacks import (SequentialProgram, StageProgram, TracedProgram, split_floats, split_points, stage_modules,
+                     stage_program)
 
 __all__ = ["StageWorker", "split_points", "stage_modules", "micro_batch_bounds"]
 
 
-#: the metric operations a stage applies to its shard of a vector (:meth:`StageWorker.kfac_apply`)
-KFAC_METHODS = ("apply", "apply_undamped", "solve", "inv_factor_apply", "inv_factor_t_apply", "inv_sqrt_apply")
+#: the metric operations a stage applies to its shard of a vector (:meth:`StageWorker.metric_apply`)
+METRIC_METHODS = ("apply", "apply_undamped", "solve", "inv_factor_apply", "inv_factor_t_apply", "inv_sqrt_apply")
 
 def micro_batch_bounds(n: int, micro_batches: int | None, size: int | None) -> list[tuple[int, int]]:
     """[start, stop) of the micro-batches of a batch of n samples: ``micro_batches`` near-equal parts, or parts
@@ -72,12 +73,6 @@ def _dot64(x: Tensor, y: Tensor) -> float:
         return float(torch.dot(x, y))
     return float(sum(torch.dot(x[i:i + _DOT_CHUNK].double(), y[i:i + _DOT_CHUNK].double())
                      for i in range(0, x.numel(), _DOT_CHUNK)))
-
-
-def _floats(carry: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(floating entries, the others) of a carry: only the floating ones have tangents and cotangents."""
-    f = {k: v for k, v in carry.items() if v.is_floating_point()}
-    return f, {k: v for k, v in carry.items() if k not in f}
 
 
 def _uses_by_stage(model: Any, stages: int, program: StageProgram) -> list[list[str]]:
@@ -105,6 +100,8 @@ class StageWorker:
         self.saved: dict[int, Any] = {}
         self.pending: dict[int, Any] = {}  # the last stage's (g, ġ) between its forward and backward
         self.tied_v: dict[str, Tensor] = {}
+        self.metrics: dict[int, Any] = {}  # stage blocks of the pipeline metrics, by metric id
+        self.blocks: Any = None  # the statistics of the metric being built
         self.calls = 0
         self.busy = 0.0
         self.restarted = bool(getattr(ray.get_runtime_context(), "was_current_actor_reconstructed", False))
@@ -226,7 +223,7 @@ class StageWorker:
         X, y = self.batches[b]
         key = self.program.signature(X)
         if self.stage == 0:
-            carry, const = _floats(self.program.first_carry(X))
+            carry, const = split_floats(self.program.first_carry(X))
             cdot = {k: torch.zeros_like(v) for k, v in carry.items()}
         else:
             carry, cdot, const = incoming
@@ -237,7 +234,7 @@ class StageWorker:
             self.pending[b] = (out.detach(), outdot.detach(), y)
             result = None
         else:
-            fo, co = _floats(out)
+            fo, co = split_floats(out)
             self.saved[b] += (list(fo),)
             result = ({k: v.detach() for k, v in fo.items()}, {k: outdot[k].detach() for k in fo}, co)
         self.busy += time.perf_counter() - t0
@@ -308,37 +305,53 @@ class StageWorker:
                 "memory": memory_record(f"stage {self.stage}", held, getattr(self, "_windowed", False),
                                         self.device, owned=self.dim)}
 
-    # ------------------------------------------------------------------ Kronecker blocks of this stage's layers
-    def kfac_forward(self, b: int, x: Any) -> Tensor:
+    # ------------------------------------------------------------------ metric blocks of this stage's parameters
+    def metric_begin(self, kind: str) -> None:
+        """Start collecting the statistics of a stage metric ``kind`` (:mod:`.stage_blocks`)."""
         from .stage_blocks import StageBlocks
 
-        if getattr(self, "blocks", None) is None:
-            if not isinstance(self.program, SequentialProgram) or self.foreign or self.tied_users:
-                raise MetricError("pipeline kfac/kflr blocks are computed on sequential stacks (an nn.Sequential "
-                                  "or stages()) without weights tied across stages; this model is split at its "
-                                  "blocks by tracing — use the ggn/fisher metric (CG-solved) in pipeline mode, or "
-                                  "kfac/kflr on the local or data-parallel backend")
-            local = {v: k for k, v in self.program.local.items()}
-            self.blocks = StageBlocks(self.program.module, [local[n] for n in self.names], self.shapes)
-        return self.blocks.forward(b, self.batches[b][0] if self.stage == 0 else x, self.stage == 0)
+        self.blocks = StageBlocks(self.program, self.values, self.names, list(self.foreign),
+                                  [n for n, _ in self.tied_users], kind)
 
-    def kfac_start(self, b: int, out: Tensor, kind: str, mc_samples: int, seed: int) -> Tensor:
+    def metric_forward(self, b: int, incoming: Any) -> Any:
+        X = self.batches[b][0]
+        return self.blocks.forward(b, X, incoming, self.program.signature(X))
+
+    def metric_start(self, b: int, out: Tensor, mc_samples: int, seed: int) -> Tensor:
         from .stage_blocks import output_vectors
 
-        return output_vectors(self.loss, out, self.batches[b][1], kind, self.firsts[b], mc_samples, seed)
+        return output_vectors(self.loss, out, self.batches[b][1], self.blocks.kind, self.firsts[b], mc_samples,
+                              seed)
 
-    def kfac_backward(self, b: int, grads_out: Tensor) -> Tensor | None:
-        return self.blocks.backward(b, grads_out)
+    def metric_backward(self, b: int, grads_out: Any, *parts: dict[str, Tensor]) -> Any:
+        return self.blocks.backward(b, grads_out, parts)
 
-    def kfac_finish(self, scale: float, num_samples: int, damping: float, kind: str) -> float:
-        return self.blocks.finish(scale, num_samples, damping, kind)
+    def metric_tied_samples(self, b: int) -> dict[str, Tensor]:
+        return self.blocks.tied_samples(b)
 
-    def kfac_apply(self, out: int, vid: int, method: str) -> None:
-        """vectors[out] = ``method`` of this stage's blocks of M_δ (``apply``, ``apply_undamped``, ``solve``,
-        ``inv_factor_apply``, ``inv_factor_t_apply``, ``inv_sqrt_apply``) applied to vectors[vid]."""
-        if method not in KFAC_METHODS:
-            raise MetricError(f"unknown metric method {method!r}; one of {KFAC_METHODS}")
-        self.vectors[out] = getattr(self.blocks.metric, method)(self.vectors[vid])
+    def metric_tied_sums(self) -> Any:
+        return self.blocks.tied_sums()
+
+    def metric_finish(self, mid: int, scale: float, num_samples: int, damping: float, *parts: Any) -> float:
+        """Form the blocks collected since :meth:`metric_begin` as metric ``mid``; returns their log det."""
+        logdet = self.blocks.finish(scale, num_samples, damping, parts)
+        self.metrics[mid] = self.blocks.metric
+        self.blocks = None
+        release_free_memory()
+        return logdet
+
+    def metric_apply(self, mid: int, out: int, vid: int, method: str) -> None:
+        """vectors[out] = ``method`` of this stage's blocks of metric ``mid`` (``apply``, ``apply_undamped``,
+        ``solve``, ``inv_factor_apply``, ``inv_factor_t_apply``, ``inv_sqrt_apply``) applied to vectors[vid]."""
+        if method not in METRIC_METHODS:
+            raise MetricError(f"unknown metric method {method!r}; one of {METRIC_METHODS}")
+        if mid not in self.metrics:
+            raise MetricError(f"stage {self.stage} holds no blocks of this metric: the stage was restarted after "
+                              f"the metric was built, or the metric was released; build the metric again")
+        self.vectors[out] = getattr(self.metrics[mid], method)(self.vectors[vid])
+
+    def metric_release(self, mid: int) -> None:
+        self.metrics.pop(mid, None)
 
     # ------------------------------------------------------------------ vector shards
     def put(self, i: int, t: Tensor) -> None:

@@ -290,7 +290,7 @@ def test_riemannian_sgd_through_ray_equals_local(ray_module, kind):
 def test_pipeline_kfac_blocks_equal_local(ray_module, name, stages, exact):
     """Every stage computes its own layers' Kronecker factors from the activations and output gradients passing
     through it, and applies its blocks to its shard: equal to the local own-kernel metric, and usable by queries."""
-    from curvdist.distributed.pipeline import PipelineKFACMetric
+    from curvdist.distributed.pipeline import PipelineBlockMetric
     from curvdist.geometry.metrics.kfac import kfac
 
     spec = SPECS[name]
@@ -298,7 +298,7 @@ def test_pipeline_kfac_blocks_equal_local(ray_module, name, stages, exact):
     M_local = kfac(local, damping=0.1, exact=exact, mc_samples=2, seed=5, backend="torch")
     pool = StagePool(spec, stages)
     try:
-        M = PipelineKFACMetric(pool, damping=0.1, exact=exact, mc_samples=2, seed=5)
+        M = PipelineBlockMetric(pool, "kflr" if exact else "kfac", damping=0.1, mc_samples=2, seed=5)
         v = torch.randn(local.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         space = pool.space
         for method in ("apply", "solve", "inv_sqrt_apply"):

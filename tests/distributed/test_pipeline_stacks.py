@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import curvdist as cd
-from curvdist.distributed.pipeline import PipelineOperator, StagePool
+from curvdist.distributed.pipeline import PipelineOperator, PipelineProblem, StagePool
 from curvdist.distributed.stacks import balanced_cuts, block_units, find_blocks, split_points
 from curvdist.problem.spec import ProblemSpec
 
@@ -80,8 +80,7 @@ def test_pipelined_decoder_equals_local(ray_module, name, stages, micro):
 
 
 def test_schedule_memory_and_refusals(ray_module):
-    """One query through the pipeline records its schedule (stage utilization) and each process's memory;
-    Kronecker blocks, which need the stage's layers as modules, are refused for a traced stack."""
+    """One query through the pipeline records its schedule (stage utilization) and each process's memory."""
     from curvdist.queries.session import Coordinates, run_query
     from curvdist.queries.specs import CurvatureSpec, EigsQuery, MetricSpec
 
@@ -99,8 +98,76 @@ def test_schedule_memory_and_refusals(ray_module):
         assert [m["parameters"] for m in memory] == [0, infos[0]["held"], infos[1]["held"]]
         assert all(m["peak_rss_mb"] >= m["rss_mb"] * 0.5 > 0 for m in memory)
         assert all(m["window"] == "query" for m in memory)
-        with pytest.raises(cd.MetricError, match="sequential stacks"):
-            cd.metric(staged, "kflr", damping=0.1)
+
+
+BLOCK_METRICS = ("kfac", "kflr", "diag_ggn", "diag_fisher_mc", "empirical_fisher_diag")
+
+
+@pytest.mark.parametrize("name,stages,micro", [
+    ("gpt2", 3, 3), pytest.param("gpt2", 2, 1, marks=pytest.mark.slow),
+    pytest.param("llama", 2, 3, marks=pytest.mark.slow), pytest.param("llama", 3, 1, marks=pytest.mark.slow)])
+def test_stage_metrics_of_traced_decoders_equal_local(ray_module, name, stages, micro):
+    """Kronecker and diagonal metrics of a traced decoder, each stage computing the blocks of its own parameters
+    from sites in its exported graph (GPT-2's Conv1D addmm and LayerNorm, LLaMA's Linear and its RMSNorm's
+    elementwise scale, the embeddings), with the token embedding tied to the head on the last stage: equal to the
+    local own-kernel metric (float64, the same sampled labels), and usable by queries."""
+    local = spec(name).build()
+    pool = StagePool(spec(name), stages, micro_batches=micro)
+    problem = PipelineProblem(pool)
+    try:
+        assert pool.ties and pool.ties[0][1:] == (0, stages - 1)
+        v = torch.randn(local.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        space = pool.space
+        for kind in BLOCK_METRICS:
+            options = {"mc_samples": 2, "seed": 5} if kind in ("kfac", "diag_fisher_mc") else {}
+            M_local = cd.metric(local, kind, damping=0.1, backend="torch", **options)
+            M = cd.metric(problem, kind, damping=0.1, **options)
+            assert float((M_local.apply(v) - 0.1 * v).norm()) > 1e-3 * float(v.norm())  # not just the damping
+            for method in ("apply", "solve", "inv_sqrt_apply", "inv_factor_t_apply"):
+                got = space.to_tensor(getattr(M, method)(space.from_tensor(v)))
+                want = getattr(M_local, method)(v)
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+            _close(M_local.logdet(), M.logdet(), rel=1e-9)
+        M_local = cd.metric(local, "kflr", damping=0.1, backend="torch")
+        M = cd.metric(problem, "kflr", damping=0.1)
+        _close(cd.eigs(cd.operator(local, "ggn"), k=2, tol=1e-11, metric=M_local).value,
+               cd.eigs(PipelineOperator(pool, "ggn"), k=2, tol=1e-11, metric=M).value, rel=1e-9)
+    finally:
+        pool.shutdown()
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.gain = torch.nn.Parameter(torch.ones(4, 4))
+
+    def forward(self, x):
+        return self.lin(x) @ self.gain  # the gain is a matrix product, not a site
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Scaled(), _Scaled()])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return x
+
+
+def test_traced_stage_refuses_a_parameter_outside_its_sites():
+    """A parameter read by an operator that is not a linear/embedding/normalization site is refused by name and
+    operator (its block would silently miss that use); the Linear's own parameters instrument fine."""
+    from curvdist.distributed.stacks import TracedProgram
+
+    torch.manual_seed(0)
+    model = _Stack().double().eval()
+    program = TracedProgram(model, 0, 2, [torch.randn(3, 4, dtype=torch.float64)])
+    run, rec = program.with_sites(["blocks.0.lin.weight", "blocks.0.lin.bias"])
+    with pytest.raises(cd.MetricError, match=r"blocks\.0\.gain is used by aten\.matmul"):
+        program.with_sites(["blocks.0.lin.weight", "blocks.0.gain"])
 
 
 def test_block_stack_cuts_balance_what_each_stage_holds():

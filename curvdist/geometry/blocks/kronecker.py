@@ -203,15 +203,29 @@ class KroneckerStats:
             _add(self.single, name, g.T @ g if self.dense[name] else g.pow(2).sum(0))
 
     # ------------------------------------------------------------------ result
-    def result(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The statistics in the layout of :func:`~curvdist.geometry.metrics.kfac.kfac_sums`: for a single-factor
+    def take(self, names: Sequence[str]) -> dict[tuple[str, str], tuple[Any, Any, int]]:
+        """Remove and return the Kronecker sums (G, A, C) of the parameters ``names``, per (weight, orientation)
+        (a pipeline stage hands the sums of a weight tied to an earlier stage to that stage: :meth:`merge`)."""
+        keys = [k for k in self.A if k[0] in set(names)]
+        return {k: (self.G.pop(k, None), self.A.pop(k), self.C.pop(k, 0)) for k in keys}
+
+    def merge(self, sums: Mapping[tuple[str, str], tuple[Any, Any, int]]) -> None:
+        """Add sums taken from another set of statistics (:meth:`take`)."""
+        for key, (G, A, C) in sums.items():
+            if G is not None:
+                self._add_factor(self.G, key, G)
+            self._add_factor(self.A, key, A)
+            _add(self.C, key, C)
+
+    def result(self, names: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The statistics (of ``names``, default all) in the layout of :func:`~curvdist.geometry.metrics.kfac.kfac_sums`: for a single-factor
         block ``G[name]`` is its sum (dense, or 1-d: the diagonal) and ``A[name]`` is None; for a Kronecker block
         ``G[name]`` and ``A[name]`` are lists with one entry per term (per orientation the parameter is used in),
         the first and the second factor of the term in the parameter's layout, each either an output-side sum (a
         tensor, scaled by s) or an input-side ``(sum, C)`` (divided by C)."""
         G: dict[str, Any] = {}
         A: dict[str, Any] = {}
-        for name in self.names:
+        for name in self.names if names is None else names:
             terms = sorted(k for k in self.A if k[0] == name)
             if terms:
                 firsts, seconds = [], []
@@ -231,26 +245,41 @@ class KroneckerStats:
         return G, A
 
 
-def site_gradients(sites: Sequence[Site], grads: Sequence[Tensor], shapes: Mapping[str, torch.Size]
-                   ) -> dict[str, Tensor]:
-    """The parameter gradients Σ_sites ∂(Uᵀf)/∂θ as the sites see them, from their inputs and probe gradients."""
+def _site_gradient(s: Site, b: Tensor, role: str, per_sample: bool) -> Tensor:
+    """The gradient of ``role`` at site ``s`` for the probe gradient b (B, T, out): summed over the batch, or per
+    sample (B, *shape in the site's layout)."""
+    axes = 1 if per_sample else (0, 1)
+    if s.kind == "norm":
+        return (b * s.inputs if role == "weight" else b).sum(axes)
+    if role != "weight":
+        return b.sum(axes)
+    if s.kind == "embedding":
+        B, d, V = b.shape[0], b.shape[-1], s.extra["vocab"]
+        if per_sample:
+            g = torch.zeros(B, V, d, dtype=b.dtype, device=b.device)
+            g.scatter_add_(1, s.inputs.unsqueeze(-1).expand(-1, -1, d), b)
+        else:
+            g = torch.zeros(V, d, dtype=b.dtype, device=b.device)
+            g.index_add_(0, s.inputs.reshape(-1), b.reshape(-1, d))
+        if s.extra["padding_idx"] is not None:
+            g[..., s.extra["padding_idx"], :] = 0
+        return g
+    if per_sample:
+        g = torch.einsum("bto,bti->boi", b, s.inputs)
+    else:
+        g = b.reshape(-1, b.shape[-1]).T @ s.inputs.reshape(-1, s.inputs.shape[-1])  # (out, in)
+    return g.transpose(-1, -2) if s.orientation == IN_OUT else g
+
+
+def site_gradients(sites: Sequence[Site], grads: Sequence[Tensor], shapes: Mapping[str, torch.Size],
+                   per_sample: bool = False) -> dict[str, Tensor]:
+    """The parameter gradients Σ_sites ∂(Uᵀf)/∂θ as the sites see them, from their inputs and probe gradients
+    (``per_sample``: each sample's, shape (B, *shape))."""
     out: dict[str, Tensor] = {}
     for s, b in zip(sites, grads):
         for role, name in s.params.items():
-            if s.kind == "norm":
-                g = (b * s.inputs if role == "weight" else b).sum((0, 1))
-            elif role != "weight":
-                g = b.sum((0, 1))
-            elif s.kind == "embedding":
-                g = torch.zeros(s.extra["vocab"], b.shape[-1], dtype=b.dtype, device=b.device)
-                g.index_add_(0, s.inputs.reshape(-1), b.reshape(-1, b.shape[-1]))
-                if s.extra["padding_idx"] is not None:
-                    g[s.extra["padding_idx"]] = 0
-            else:
-                g = b.reshape(-1, b.shape[-1]).T @ s.inputs.reshape(-1, s.inputs.shape[-1])  # (out, in)
-                if s.orientation == IN_OUT:
-                    g = g.T
-            _add(out, name, g.reshape(shapes[name]))
+            g = _site_gradient(s, b, role, per_sample)
+            _add(out, name, g.reshape(b.shape[0], *shapes[name]) if per_sample else g.reshape(shapes[name]))
     return out
 
 
