@@ -183,6 +183,44 @@ class StagePool:
         self.products = 0
         self.product_s = 0.0
         self.busy_s = [0.0] * stages
+        self.version = 0  # parameter updates made by pipeline training (:mod:`.pipeline_train`)
+
+    def get(self, refs: list[Any]) -> list[Any]:
+        """``ray.get`` with a stage's exception raised as itself."""
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as e:
+            raise (e.cause if getattr(e, "cause", None) is not None else e) from None
+
+    def tied_parts(self) -> list[list[Any]]:
+        """Per stage, (name, ref) of the later stages' parts of the tied weights it owns, for ``finish``."""
+        parts: list[list[Any]] = [[] for _ in self.actors]
+        users = sorted({user for _, _, user in self.ties})
+        contributions = {user: self.actors[user].tied_contributions.remote() for user in users}
+        for name, owner, user in self.ties:
+            parts[owner].append((name, contributions[user]))
+        return parts
+
+    def params_flat(self) -> Tensor:
+        """θ, flat in the problem's order, gathered from the stages (for tests and checkpoints)."""
+        return assemble(self.space.dim, list(zip(self.space.segments,
+                                                 self.get([a.params_flat.remote() for a in self.actors]))))
+
+    def sync_ties(self) -> None:
+        """Send the owners' current values of tied weights to the stages holding copies."""
+        self.get([self.actors[user].set_param_value.remote(name, self.actors[owner].param_value.remote(name))
+                  for name, owner, user in self.ties])
+
+    def check_versions(self) -> None:
+        """Every stage holds the parameters of the latest update: a stage Ray restarted after training steps
+        rebuilt the initial parameters, and computing with it would be silently wrong."""
+        if self.version == 0:
+            return
+        versions = self.get([a.param_version.remote() for a in self.actors])
+        stale = [s for s, v in enumerate(versions) if v != self.version]
+        if stale:
+            raise ClusterError(f"pipeline stages {stale} were restarted after {self.version} training updates and "
+                               f"hold their initial parameters; restart the run from a checkpoint")
 
     def reset_meters(self) -> None:
         """Start a new window of busy times and peak memory on every stage."""
@@ -268,10 +306,22 @@ class PipelineProblem(StagedProblem):
         return super().memory_records() + self.pool.meters()["memory"]
 
     def value(self) -> float:
-        raise ProblemError("pipeline mode computes curvature products only; the loss and the gradient (grad_norm) "
-                           "are not available")
+        """The loss over all of the pool's data (mean over its loss terms, or their sum), by forward passes."""
+        pool = self.pool
+        pool.check_versions()
+        losses = []
+        for b in range(pool.num_batches):
+            carry = None
+            for a in pool.actors:
+                carry = a.grad_forward.remote(b, carry, False)
+            losses.append(carry)
+        total = float(sum(pool.get(losses)))
+        return total / max(sum(pool.infos[-1]["counts"]), 1) if self.reduction == "mean" else total
 
-    gradient = value
+    def gradient(self) -> Any:
+        raise ProblemError("pipeline problems give the loss and curvature products; the gradient lives on the "
+                           "stages (pipeline training: curvdist.distributed.pipeline_train), and grad_norm is not "
+                           "available")
 
 
 class PipelineOperator:
@@ -296,6 +346,7 @@ class PipelineOperator:
         """C v; a stage lost during the product (restarted by Ray, its shards reloaded from the snapshots) is
         waited for and the product is run again, up to ``RETRIES`` times."""
         pool = self.pool
+        pool.check_versions()
         t0 = time.perf_counter()
         for attempt in range(RETRIES + 1):
             try:
@@ -308,6 +359,7 @@ class PipelineOperator:
                                           f" {RETRIES + 1} times") + "; restart the solve from its last checkpoint"
                                        ) from e
                 pool.wait_alive()
+                pool.check_versions()
                 pool.retries += 1
         if not np.isfinite(pool.space.dot(out, out)):
             raise NonFiniteError(f"the pipelined {self.kind} product is NaN or inf")
@@ -338,12 +390,7 @@ class PipelineOperator:
             for a in reversed(actors):
                 cot = a.backward.remote(b, cot, mode, out.id)
             pending.append(cot)
-        parts: list[list[Any]] = [[] for _ in actors]
-        users = sorted({user for _, _, user in pool.ties})
-        contributions = {user: actors[user].tied_contributions.remote() for user in users}
-        for name, owner, user in pool.ties:
-            parts[owner].append((name, contributions[user]))
-        done = [a.finish.remote(out.id, self.scale, p) for a, p in zip(actors, parts)]
+        done = [a.finish.remote(out.id, self.scale, p) for a, p in zip(actors, pool.tied_parts())]
         try:
             ray.get(started)
             ray.get(pending)

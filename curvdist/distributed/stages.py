@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from ..errors import MetricError, ProblemError
+from .cluster import ClusterError
 from ..faults import maybe_fail
 from ..problem.data import as_batches, inputs_to, slice_inputs, unpack
 from ..problem.losses import make_loss
@@ -99,6 +100,9 @@ class StageWorker:
         self.vectors: dict[int, Tensor] = {}
         self.saved: dict[int, Any] = {}
         self.pending: dict[int, Any] = {}  # the last stage's (g, ġ) between its forward and backward
+        self.grad_saved: dict[int, Any] = {}  # what a gradient's backward pass needs, per micro-batch
+        self.optimizer: Any = None  # the stage-local optimizer of pipeline training
+        self.version = 0  # parameter updates made (pipeline training)
         self.tied_v: dict[str, Tensor] = {}
         self.metrics: dict[int, Any] = {}  # stage blocks of the pipeline metrics, by metric id
         self.blocks: Any = None  # the statistics of the metric being built
@@ -122,11 +126,13 @@ class StageWorker:
         stages one after another (at 355M parameters four concurrent builds were OOM-killed on 24 GB)."""
         self.batches: list[tuple[Any, Tensor]] = []
         self.firsts: list[int] = []  # global index of each micro-batch's first sample (Monte-Carlo label keys)
+        self.batch_of: list[int] = []  # the batch each micro-batch belongs to
         seen = 0
         for i, batch in enumerate(as_batches(self.spec.build_data(), self.spec.batch_size)):
             X, y = unpack(batch, i)
             for a, b in micro_batch_bounds(y.shape[0], self.micro_batches, self.spec.micro_batch_size):
                 self.firsts.append(seen + a)
+                self.batch_of.append(i)
                 yb = y[a:b]
                 self.batches.append((inputs_to(slice_inputs(X, a, b), self.device, self.dtype),
                                      (yb.to(self.device, self.dtype) if yb.is_floating_point() else
@@ -166,7 +172,8 @@ class StageWorker:
     def info(self) -> dict[str, Any]:
         return {"dim": self.dim, "names": self.names, "segments": self.segments, "total": self.total,
                 "samples": sum(self.loss.count(y) for _, y in self.batches), "batches": len(self.batches),
-                "foreign": self.foreign, "tied_users": self.tied_users,
+                "foreign": self.foreign, "tied_users": self.tied_users, "batch_of": self.batch_of,
+                "counts": [self.loss.count(y) for _, y in self.batches],
                 "held": sum(v.numel() for v in self.values.values())}
 
     def _tangents(self, vid: int) -> dict[str, Tensor]:
@@ -263,15 +270,109 @@ class StageWorker:
         else:
             gcdot, gp = vjp(f, carry, p)[1](gdot)
             gc = None
-        part = torch.cat([gp[n].reshape(-1) for n in self.names]) if self.names else self.vectors[out_id][:0]
-        self.vectors[out_id].add_(part.detach())
-        for n in self.foreign:
-            self.tied_out[n].add_(gp[n].detach())
+        self._accumulate(out_id, gp)
         self.busy += time.perf_counter() - t0
         if self.stage == 0:
             return None
         return (None if gc is None else {k: t.detach() for k, t in gc.items()},
                 {k: t.detach() for k, t in gcdot.items()})
+
+    def _accumulate(self, out_id: int, gp: dict[str, Tensor]) -> None:
+        """Add the parameter cotangents: the owned ones to vectors[out_id], the tied ones to their parts."""
+        part = torch.cat([gp[n].reshape(-1) for n in self.names]) if self.names else self.vectors[out_id][:0]
+        self.vectors[out_id].add_(part.detach())
+        for n in self.foreign:
+            self.tied_out[n].add_(gp[n].detach())
+
+    # ------------------------------------------------------------------ loss and gradient (training)
+    def grad_begin(self, out_id: int) -> None:
+        """Start a gradient into vectors[out_id]."""
+        self._persist()
+        self.vectors[out_id] = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        self.tied_out = {n: torch.zeros_like(self.values[n]) for n in self.foreign}
+
+    def grad_forward(self, b: int, incoming: Any, keep: bool = True) -> Any:
+        """The forward pass of micro-batch b without tangents; the last stage returns the sum of its loss terms
+        and, with ``keep``, holds ∂ℓ/∂f for :meth:`grad_backward` (the other stages recompute their forward
+        there, as activation checkpointing does)."""
+        self._maybe_fail()
+        t0 = time.perf_counter()
+        X, y = self.batches[b]
+        key = self.program.signature(X)
+        carry, const = split_floats(self.program.first_carry(X)) if self.stage == 0 else incoming
+        p = {n: self.values[n] for n in self._diff()}
+        with torch.no_grad():
+            out = self._fn(key, const)(carry, p)
+        if self.last:
+            loss = float(self.loss.per_sample(out, y).sum())
+            if keep:
+                g = torch.func.grad(lambda o: self.loss.per_sample(o, y).sum())(out)
+                self.grad_saved[b] = (carry, const, key, None, g)
+            self.busy += time.perf_counter() - t0
+            return loss
+        fo, co = split_floats(out)
+        if keep:
+            self.grad_saved[b] = (carry, const, key, list(fo))
+        self.busy += time.perf_counter() - t0
+        return fo, co
+
+    def grad_backward(self, b: int, incoming: Any, out_id: int) -> Any:
+        """The VJP of micro-batch b: adds this stage's part of ∂ℓ/∂θ to vectors[out_id] and returns the
+        cotangent of its incoming carry."""
+        self._maybe_fail()
+        t0 = time.perf_counter()
+        carry, const, key, float_out, *rest = self.grad_saved.pop(b)
+        g = rest[0] if self.last else incoming
+        p = {n: self.values[n] for n in self._diff()}
+        gc, gp = vjp(self._fn(key, const, float_out), carry, p)[1](g)
+        self._accumulate(out_id, gp)
+        self.busy += time.perf_counter() - t0
+        return None if self.stage == 0 else {k: t.detach() for k, t in gc.items()}
+
+    # ------------------------------------------------------------------ parameter updates (training)
+    def optimizer_step(self, gid: int, kind: str, options: dict[str, Any], version: int) -> None:
+        """One step of a stage-local torch optimizer (``sgd``, ``adam``, ``adamw``: elementwise, so the stages'
+        steps are the whole model's) on the owned parameters, with the gradient shard vectors[gid]; ``version``:
+        the number of updates the coordinator has made (see :meth:`param_version`)."""
+        self._check_version(version)
+        if self.optimizer is None:
+            cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+            self.optimizer = cls([self.values[n] for n in self.names], **options)
+        for n, g in zip(self.names, torch.split(self.vectors[gid], [int(np.prod(s)) for s in self.shapes])):
+            self.values[n].grad = g.view(self.values[n].shape).clone()
+        self.optimizer.step()
+        for n in self.names:
+            self.values[n].grad = None
+        self.version += 1
+
+    def add_to_params(self, vid: int, alpha: float, version: int) -> None:
+        """θ_s ← θ_s + α·vectors[vid] on the owned parameters."""
+        self._check_version(version)
+        self.version += 1
+        for n, d in zip(self.names, torch.split(self.vectors[vid], [int(np.prod(s)) for s in self.shapes])):
+            self.values[n].add_(d.view(self.values[n].shape), alpha=alpha)
+
+    def param_version(self) -> int:
+        """The number of parameter updates this stage has made (0 after a restart: it rebuilt the initial
+        parameters from the spec)."""
+        return self.version
+
+    def _check_version(self, version: int) -> None:
+        if version != self.version:
+            raise ClusterError(f"stage {self.stage} holds the parameters of update {self.version}, the pipeline is "
+                               f"at update {version}: it was restarted and rebuilt its initial parameters; restart "
+                               f"the run from a checkpoint")
+
+    def param_value(self, name: str) -> Tensor:
+        return self.values[name].clone()
+
+    def set_param_value(self, name: str, value: Tensor) -> None:
+        """Update the copy of a tied parameter (after its owner's step)."""
+        self.values[name].copy_(value.to(self.values[name].device, self.values[name].dtype))
+
+    def params_flat(self) -> Tensor:
+        """The owned parameters, flat, in the shard's order."""
+        return torch.cat([self.values[n].reshape(-1) for n in self.names]).cpu()
 
     def tied_contributions(self) -> dict[str, Tensor]:
         """This stage's parts of C v for the tied parameters it uses but does not own."""

@@ -111,7 +111,8 @@ class RiemannianSGD(torch.optim.Optimizer):
         if problem is not None and not isinstance(problem, BaseProblem):
             raise ProblemError(f"RiemannianSGD needs a problem whose parameters this process holds (local or "
                                f"data-parallel), not a {type(problem).__name__} (pipeline mode keeps them on its "
-                               f"stages)")
+                               f"stages: train there with curvdist.distributed.pipeline_train.PipelineTrainer, or "
+                               f"curvdist train with a pipeline backend)")
         named = dict(model.named_parameters())
         if problem is not None:
             if params is not None and list(params) != list(problem.param_names):

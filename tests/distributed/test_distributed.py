@@ -357,13 +357,13 @@ def test_python_backend_api_equals_cli(ray_module, tmp_path):
                     cd.eigs(Hp, k=1, tol=1e-10, metric=cd.metric(staged, "ggn", damping=0.5), seed=0)]
         with pytest.raises(cd.ProblemError, match="pipeline mode supports the curvature kinds hessian, ggn, fisher"):
             cd.operator(staged, "fisher_mc")
-        with pytest.raises(cd.MetricError, match="pipeline mode has no 'diag_ggn' metric"):
-            cd.metric(staged, "diag_ggn", damping=0.1)
+        with pytest.raises(cd.MetricError, match="pipeline mode has no 'fisher_mc' metric"):
+            cd.metric(staged, "fisher_mc", damping=0.1)
         with pytest.raises(cd.MetricError, match="solved by CG"):
             cd.metric(staged, "ggn", damping=0.1, method="dense")
         with pytest.raises(cd.MetricError, match=r"takes the options \['method', 'cg_tol'\], not \['damping_metric'\]"):
             cd.metric(staged, "ggn", damping=0.1, damping_metric=None)
-        with pytest.raises(cd.ProblemError, match="the gradient \\(grad_norm\\) .*not available"):
+        with pytest.raises(cd.ProblemError, match="the gradient lives on the stages.*grad_norm is not available"):
             cd.grad_norm(Hp)
         with pytest.raises(cd.ProblemError, match="parameters this process holds"):
             cd.block_spectra(staged)
