@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import ProblemError
-from ..problem.reducers import ShardReducer, Statistic, Tree, tree_sum
+from ..problem.reducers import ShardReducer, Statistic, Tree, assign_by_cost, tree_sum
 from ..problem.spec import ProblemSpec
 from .cluster import ClusterError, resources_per_worker, wait_alive, wait_scheduled
 from .worker import ShardWorker
@@ -82,18 +82,6 @@ class WorkerPool:
     def shutdown(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
-
-
-def assign_by_cost(costs: dict[str, float], workers: int) -> list[list[str]]:
-    """Greedy longest-processing-time assignment of named jobs to workers: each job, most expensive first, to the
-    worker with the least work so far (ties to the lowest index). Deterministic."""
-    loads = [0.0] * workers
-    shares: list[list[str]] = [[] for _ in range(workers)]
-    for name in sorted(costs, key=lambda n: (-costs[n], n)):
-        i = min(range(workers), key=lambda j: (loads[j], j))
-        shares[i].append(name)
-        loads[i] += costs[name]
-    return shares
 
 
 class RayReducer(ShardReducer):

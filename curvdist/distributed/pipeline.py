@@ -21,6 +21,7 @@ from torch import Tensor
 from ..catalogue import Curvature, MetricKind, names
 from ..errors import MetricError, NonFiniteError, ProblemError, ShapeError
 from ..geometry.metrics.base import Metric
+from ..geometry.metrics.curvature import SolvedMetric
 from ..problem.base import StagedProblem
 from ..problem.spec import ProblemSpec
 from ..solvers.space import assemble, select
@@ -409,27 +410,12 @@ class PipelineOperator:
         return {"mode": "pipeline", **meters}
 
 
-class PipelineMetric(Metric):
+class PipelineMetric(SolvedMetric):
     """M_δ = C + δI for a pipelined curvature C (``ggn``/``fisher``), applied through the pipeline and solved by
     CG in the sharded space: a metric without a cheap factor, so queries run Lanczos in its inner product."""
 
     def __init__(self, op: PipelineOperator, damping: float = 0.0, cg_tol: float = 1e-12) -> None:
-        super().__init__(op.dim, op.dtype, "cpu", damping)
-        self.op, self.cg_tol, self.kind = op, cg_tol, op.kind
-
-    def apply_undamped(self, v: ShardedVector) -> ShardedVector:
-        return self.op.apply_vector(v)
-
-    def apply(self, v: ShardedVector) -> ShardedVector:
-        out = self.op.apply_vector(v)
-        return self.op.pool.space.axpy(self.damping, v, out) if self.damping else out
-
-    def solve(self, v: ShardedVector) -> ShardedVector:
-        from ..solvers.cg import cg
-
-        res = cg(self.apply, self.op.pool.space, v, tol=self.cg_tol, what=f"{self.kind} metric")
-        return res.x
-
+        super().__init__(op, damping, kind=op.kind, cg_tol=cg_tol)
 
 
 class PipelineBlockMetric(Metric):

@@ -26,29 +26,23 @@ shard of a vector.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..geometry.blocks.kronecker import PER_EVENT, KroneckerStats, _add, attention_mask, site_gradients
+from ..geometry.blocks.kronecker import (BLOCK_METRICS, KroneckerStats, _add, attention_mask,
+                                         site_gradients)
 from ..geometry.blocks.probes import check_calls
 from ..geometry.metrics.base import DiagonalMetric, Metric
 from ..geometry.metrics.kfac import KFACMetric, normalized_factors
-from ..operators.output_space import output_factors
 from ..problem.autodiff import differentiable_kernels
 from ..problem.data import Inputs, batch_len
 from .stacks import Carry, StageProgram, split_floats
 
-#: the statistic and output-space factor kind of every stage-local metric
-STAGE_METRICS = {"kfac": ("kronecker", "fisher_mc"), "kflr": ("kronecker", "ggn"),
-                 "diag_ggn": ("diagonal", "ggn"), "diag_fisher_mc": ("diagonal", "fisher_mc"),
-                 "empirical_fisher_diag": ("diagonal", "empirical")}
-
-
 class StageBlocks:
-    """The statistics of one stage's parameters for the metric ``kind`` (:data:`STAGE_METRICS`) and, once
+    """The statistics of one stage's parameters for the metric ``kind``
+    (:data:`~curvdist.geometry.blocks.kronecker.BLOCK_METRICS`) and, once
     finished, its blocks of the metric.
 
     Args:
@@ -61,7 +55,7 @@ class StageBlocks:
 
     def __init__(self, program: StageProgram, values: Mapping[str, Tensor], names: Sequence[str],
                  foreign: Sequence[str], tied: Sequence[str], kind: str) -> None:
-        self.statistic, self.out_kind = STAGE_METRICS[kind]
+        self.statistic, self.out_kind = BLOCK_METRICS[kind]
         self.kind = kind
         self.program, self.values = program, values
         self.names, self.foreign, self.tied = list(names), list(foreign), set(tied)
@@ -186,14 +180,3 @@ class StageBlocks:
             self.metric = DiagonalMetric(d, damping=damping, kind=self.kind)
         self.reset()
         return self.metric.logdet()
-
-
-def output_vectors(loss: Any, out: Tensor, y: Tensor, kind: str, first: int, mc_samples: int, seed: int) -> Tensor:
-    """The last stage's K output-space vectors for the stage metric ``kind`` (see
-    :func:`~curvdist.operators.output_space.output_factors`); ``first``: the global index of the micro-batch's
-    first sample (its Monte-Carlo label keys). Kronecker statistics take one vector per event (token) and label,
-    diagonals the exact factor of each sample's matrix, as locally."""
-    statistic, out_kind = STAGE_METRICS[kind]
-    per_event = PER_EVENT[out_kind] if statistic == "kronecker" else False
-    return output_factors(SimpleNamespace(loss=loss), out, y, out_kind, first, mc_samples, seed,  # type: ignore[arg-type]
-                          per_event=per_event)

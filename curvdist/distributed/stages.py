@@ -419,10 +419,10 @@ class StageWorker:
         return self.blocks.forward(b, X, incoming, self.program.signature(X))
 
     def metric_start(self, b: int, out: Tensor, mc_samples: int, seed: int) -> Tensor:
-        from .stage_blocks import output_vectors
+        from ..geometry.blocks.kronecker import block_output_factors
 
-        return output_vectors(self.loss, out, self.batches[b][1], self.blocks.kind, self.firsts[b], mc_samples,
-                              seed)
+        return block_output_factors(self.loss, out, self.batches[b][1], self.blocks.kind, self.firsts[b],
+                                    mc_samples, seed)
 
     def metric_backward(self, b: int, grads_out: Any, *parts: dict[str, Tensor]) -> Any:
         return self.blocks.backward(b, grads_out, parts)

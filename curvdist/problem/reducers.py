@@ -140,6 +140,18 @@ class ShardReducer(ABC):
         return []
 
 
+def assign_by_cost(costs: dict[str, float], workers: int) -> list[list[str]]:
+    """Greedy longest-processing-time assignment of named jobs to workers: each job, most expensive first, to the
+    worker with the least work so far (ties to the lowest index). Deterministic."""
+    loads = [0.0] * workers
+    shares: list[list[str]] = [[] for _ in range(workers)]
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        i = min(range(workers), key=lambda j: (loads[j], j))
+        shares[i].append(name)
+        loads[i] += costs[name]
+    return shares
+
+
 def on_subset(shard: Shard, params: tuple[str, ...], statistic: Statistic, *args: Any) -> Tree:
     """statistic on the shard's samples over the parameter subset ``params``."""
     return statistic(shard.subset(params), *args)

@@ -35,6 +35,7 @@ parameter also used outside its modules is refused rather than given a block tha
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -62,6 +63,12 @@ STRUCTURED_ABOVE = 4096
 #: the output-space factors of each statistic kind: KFLR's exact factor of each sample's Λ_n; for sampled and
 #: empirical statistics one label per loss term, backpropagated for all positions of a sample at once
 PER_EVENT = {"ggn": False, "fisher_mc": True, "empirical": True}
+
+#: the metrics computed from sites where no process holds the whole model (pipeline stages, ZeRO-3 partitions):
+#: kind → (statistic, output-space factor kind)
+BLOCK_METRICS = {"kfac": ("kronecker", "fisher_mc"), "kflr": ("kronecker", "ggn"),
+                 "diag_ggn": ("diagonal", "ggn"), "diag_fisher_mc": ("diagonal", "fisher_mc"),
+                 "empirical_fisher_diag": ("diagonal", "empirical")}
 
 
 def _add(acc: dict[Any, Any], key: Any, value: Any) -> None:
@@ -273,11 +280,13 @@ def _site_gradient(s: Site, b: Tensor, role: str, per_sample: bool) -> Tensor:
 
 def site_gradients(sites: Sequence[Site], grads: Sequence[Tensor], shapes: Mapping[str, torch.Size],
                    per_sample: bool = False) -> dict[str, Tensor]:
-    """The parameter gradients Σ_sites ∂(Uᵀf)/∂θ as the sites see them, from their inputs and probe gradients
-    (``per_sample``: each sample's, shape (B, *shape))."""
+    """The gradients Σ_sites ∂(Uᵀf)/∂θ of the parameters in ``shapes`` as the sites see them, from their inputs and
+    probe gradients (``per_sample``: each sample's, shape (B, *shape))."""
     out: dict[str, Tensor] = {}
     for s, b in zip(sites, grads):
         for role, name in s.params.items():
+            if name not in shapes:
+                continue
             g = _site_gradient(s, b, role, per_sample)
             _add(out, name, g.reshape(b.shape[0], *shapes[name]) if per_sample else g.reshape(shapes[name]))
     return out
@@ -311,6 +320,18 @@ def statistic_factors(problem: Problem, out: Tensor, y: Tensor, kind: str, batch
     except NotImplementedError as e:
         raise MetricError(f"the {problem.loss.name} loss cannot give exact output-space factors ({e}); use the "
                           f"sampled 'kfac' metric, or give the loss an output_hessian_sqrt") from e
+
+
+def block_output_factors(loss: Any, out: Tensor, y: Tensor, kind: str, first: int, mc_samples: int, seed: int
+                         ) -> Tensor:
+    """The K output-space vectors of a micro-batch for the metric ``kind`` of :data:`BLOCK_METRICS` (see
+    :func:`~curvdist.operators.output_space.output_factors`); ``first``: the global index of its first sample (the
+    Monte-Carlo label keys). Kronecker statistics take one vector per event (token) and label, diagonals the exact
+    factor of each sample's matrix — as the local kernels do."""
+    statistic, out_kind = BLOCK_METRICS[kind]
+    per_event = PER_EVENT[out_kind] if statistic == "kronecker" else False
+    return output_factors(SimpleNamespace(loss=loss), out, y, out_kind, first, mc_samples, seed,  # type: ignore[arg-type]
+                          per_event=per_event)
 
 
 def attention_mask(X: Inputs) -> Tensor | None:

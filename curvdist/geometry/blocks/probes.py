@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,7 +290,8 @@ def _roles(m: nn.Module, by_id: dict[int, str], prefix: str = "") -> dict[str, s
     return {prefix + r: by_id[id(p)] for r, p in m.named_parameters(recurse=False) if id(p) in by_id}
 
 
-def _hook(path: str, kind: str, m: nn.Module, rec: Recorder, by_id: dict[int, str]) -> None:
+def _hook(path: str, kind: str, m: nn.Module, rec: Recorder, by_id: dict[int, str]) -> Callable[[], None]:
+    """Instrument module ``m`` as a site of ``kind``; returns what undoes it."""
     roles = _roles(m, by_id)
     if kind in ("linear", "conv1d"):
         orientation = IN_OUT if kind == "conv1d" else OUT_IN
@@ -326,10 +328,10 @@ def _hook(path: str, kind: str, m: nn.Module, rec: Recorder, by_id: dict[int, st
         out_roles = _roles(m.out_proj, by_id)
         m.forward = (lambda *args, **kw: explicit_attention(m, path, rec, roles, out_roles,  # type: ignore
                                                             *args, **kw))
-        return
+        return lambda: m.__dict__.pop("forward", None)
     else:  # pragma: no cover - plan() only returns the kinds above
         raise AssertionError(kind)
-    m.register_forward_hook(hook)
+    return m.register_forward_hook(hook).remove
 
 
 def instrumented_copy(model: nn.Module, names: Sequence[str]) -> tuple[nn.Module, Recorder, Plan]:
@@ -349,6 +351,26 @@ def instrumented_copy(model: nn.Module, names: Sequence[str]) -> tuple[nn.Module
     for path, kind in sorted(p.sites.items()):
         _hook(path, kind, modules[path], rec, by_id)
     return twin, rec, p
+
+
+@contextmanager
+def instrumented(model: nn.Module, names: Sequence[str]) -> Iterator[tuple[Recorder, Plan]]:
+    """``model`` itself instrumented for the duration of the block (for a model that cannot be copied, such as
+    a ZeRO-3 engine's module): the recorder and the plan; every hook is removed on exit.
+
+    Raises:
+        MetricError: a selected parameter cannot be given a block (see :func:`plan`).
+    """
+    p = plan(model, names)
+    by_id = {id(q): n for n, q in model.named_parameters()}
+    rec = Recorder(set(p.site_params))
+    modules = dict(model.named_modules())
+    undo = [_hook(path, kind, modules[path], rec, by_id) for path, kind in sorted(p.sites.items())]
+    try:
+        yield rec, p
+    finally:
+        for u in reversed(undo):
+            u()
 
 
 def check_calls(rec: Recorder, names: Sequence[str], batch: int) -> None:

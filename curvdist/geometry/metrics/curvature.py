@@ -114,3 +114,30 @@ class CurvatureMetric(Metric):
 
     def describe(self) -> str:
         return super().describe()
+
+
+class SolvedMetric(Metric):
+    """M_δ = C + δI for a PSD operator C whose vectors live in its own vector space (pipeline shards, ZeRO-3
+    partitions): applied through the operator and solved by CG in that space — no factor, so eigenvalue queries
+    run Lanczos in the M_δ-inner product. A CG that stops before ``cg_tol`` warns with its residual."""
+
+    def __init__(self, op: Any, damping: float = 0.0, kind: str | None = None, cg_tol: float = 1e-12,
+                 cg_maxiter: int | None = None) -> None:
+        super().__init__(op.dim, op.dtype, "cpu", damping)
+        self.op, self.space = op, op.vector_space()
+        self.kind = kind or op.kind
+        self.cg_tol, self.cg_maxiter = cg_tol, cg_maxiter
+
+    def apply_undamped(self, v: Any) -> Any:
+        return self.op.apply_vector(v)
+
+    def apply(self, v: Any) -> Any:
+        out = self.op.apply_vector(v)
+        return self.space.axpy(self.damping, v, out) if self.damping else out
+
+    def solve(self, v: Any) -> Any:
+        res = cg(self.apply, self.space, v, tol=self.cg_tol, maxiter=self.cg_maxiter, what=f"{self.kind} metric")
+        if not res.converged:
+            warnings.warn(f"CG for the {self.kind} metric stopped at relative residual {res.residual:.2e} after "
+                          f"{res.iterations} iterations; raise cg_maxiter or damping", stacklevel=2)
+        return res.x

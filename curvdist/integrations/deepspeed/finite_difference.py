@@ -129,6 +129,10 @@ class PartitionedProblem(StagedProblem):
         count = torch.tensor([float(self.loss.count(y))], dtype=torch.float64, device=X.device)
         dist.all_reduce(count, group=group)
         self.num_samples = int(count[0])
+        sizes: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(sizes, int(X.shape[0]), group=group)
+        #: the global index of this rank's first sample (the Monte-Carlo label keys of sampled metrics)
+        self.sample_offset = sum(sizes[:dist.get_rank(group)])
         self.scale = 1.0 / self.num_samples if reduction == "mean" else 1.0
         self.dim, self.dtype = self.parts.dim, self.parts.dtype
         self.space = PartitionSpace(self.parts)
@@ -153,11 +157,37 @@ class PartitionedProblem(StagedProblem):
             raise ProblemError(f"partitioned operators take no options, got {sorted(options)}")
         return FiniteDifference(self, kind)
 
-    def curvature_metric(self, kind: str, damping: float = 0.0, **options: Any) -> None:
-        if kind != MetricKind.EUCLIDEAN or damping:
-            raise MetricError(f"ZeRO-3 partitioned curvature has the euclidean metric only (no damping), not "
-                              f"{kind!r}{f' with damping {damping}' if damping else ''}; set the monitor's "
-                              f"zero3: gather for other metrics (it gathers the model on every rank)")
+    def curvature_metric(self, kind: str, damping: float = 0.0, **options: Any) -> Any:
+        """The euclidean metric (None), the Kronecker and diagonal block metrics on the partitions
+        (:mod:`.partitioned_metric`), or the ggn/fisher metric solved by CG over finite-difference products."""
+        from ...geometry.blocks.kronecker import BLOCK_METRICS
+        from ...geometry.metrics.curvature import SolvedMetric
+
+        allowed = {"kfac": ("mc_samples", "seed", "backend"), "diag_fisher_mc": ("mc_samples", "seed", "backend"),
+                   "kflr": ("backend",), "diag_ggn": ("backend",), "empirical_fisher_diag": ("backend",),
+                   "ggn": ("method", "cg_tol", "cg_maxiter"), "fisher": ("method", "cg_tol", "cg_maxiter")}
+        if kind == MetricKind.EUCLIDEAN and not damping:
+            return None
+        if kind not in allowed:
+            raise MetricError(f"ZeRO-3 partitioned curvature offers the metrics euclidean, {', '.join(allowed)}, "
+                              f"not {kind!r}{' with damping' if kind == MetricKind.EUCLIDEAN else ''}; set the "
+                              f"monitor's zero3: gather for other metrics (it gathers the model on every rank)")
+        unknown = sorted(set(options) - set(allowed[kind]))
+        if unknown:
+            raise MetricError(f"the ZeRO-3 partitioned {kind} metric takes the options {list(allowed[kind])}, not "
+                              f"{unknown}")
+        if kind in BLOCK_METRICS:
+            if options.pop("backend", "auto") not in ("auto", "torch"):
+                raise MetricError(f"ZeRO-3 partitioned {kind} blocks come from curvdist's own kernels (backend auto "
+                                  f"or torch)")
+            from .partitioned_metric import PartitionedBlockMetric
+
+            return PartitionedBlockMetric(self, kind, damping, **options)
+        if options.pop("method", "cg") not in ("auto", "cg"):
+            raise MetricError(f"the ZeRO-3 partitioned {kind} metric is solved by CG (method auto or cg): no rank "
+                              f"holds the dense matrix")
+        return SolvedMetric(FiniteDifference(self, Curvature.GGN.value), damping, kind=kind,
+                            cg_tol=options.pop("cg_tol", PARTITIONED_CG_TOL), cg_maxiter=options.pop("cg_maxiter", 100))
 
     def value(self) -> float:
         raise ProblemError("ZeRO-3 partitioned curvature computes curvature products only (eigs, trace, logdet, "
@@ -317,6 +347,9 @@ def check_dtype(dtype: torch.dtype) -> None:
                           f"{str(dtype).replace('torch.', '')} partitions (at best ~{error:.0e} relative error); set "
                           f"the monitor's zero3: gather to measure on a gathered replica in float32/float64")
 
+
+#: CG tolerance of the partitioned ggn/fisher metric: its products are float32 finite differences (error ~1e-5)
+PARTITIONED_CG_TOL = 1e-6
 
 #: at most this many step reductions (by 4 each) when the first product chooses the step
 MAX_HALVINGS = 10

@@ -34,9 +34,12 @@ def check_query(q: Any, metric_spec: MetricSpec, zero_stage: int) -> None:
                           f"diag_fisher_mc or empirical_fisher_diag for a diagonal metric")
 
 
-#: what ZeRO-3 partitioned curvature serves: finite-difference products in the Euclidean metric
+#: what ZeRO-3 partitioned curvature serves: finite-difference products, in the Euclidean metric, the Kronecker and
+#: diagonal block metrics on the partitions, or the ggn/fisher metric solved by CG
 PARTITIONED_QUERIES = ("eigs", "trace", "logdet", "flatness")
 PARTITIONED_CURVATURES = ("hessian", "ggn")
+PARTITIONED_METRICS = ("euclidean", "kfac", "kflr", "diag_ggn", "diag_fisher_mc", "empirical_fisher_diag", "ggn",
+                       "fisher")
 
 
 def check_partitioned(q: Any, curvature: CurvatureSpec, metric_spec: MetricSpec) -> None:
@@ -49,9 +52,9 @@ def check_partitioned(q: Any, curvature: CurvatureSpec, metric_spec: MetricSpec)
         raise ConfigError(f"queries: the {curvature.kind} curvature is not served by ZeRO-3 partitioned curvature "
                           f"(finite differences of the engine's forward and backward give "
                           f"{' and '.join(PARTITIONED_CURVATURES)}); {hint}")
-    if metric_spec.kind != "euclidean" or metric_spec.damping:
+    if metric_spec.kind not in PARTITIONED_METRICS or (metric_spec.kind == "euclidean" and metric_spec.damping):
         raise ConfigError(f"queries: the metric {metric_spec.label()} is not served by ZeRO-3 partitioned curvature "
-                          f"(euclidean without damping only); {hint}")
+                          f"(it serves euclidean without damping and {', '.join(PARTITIONED_METRICS[1:])}); {hint}")
 
 
 def default_name(q: Any, curvature: CurvatureSpec, metric_spec: MetricSpec) -> str:

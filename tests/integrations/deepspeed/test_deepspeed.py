@@ -181,22 +181,35 @@ def zero3(tmp_path_factory) -> list[dict]:
 
 @_one_thread()
 def _zero3_reference(path: str) -> dict[str, float]:
-    """The ZeRO-3 monitor's queries in float64 on one process: top eigenvalues converged to 1e-10, and Hutch++ with
-    the monitor's seed and budget (the same probes: the number the monitor estimates, computed exactly)."""
+    """The ZeRO-3 monitor's queries in float64 on one process: top eigenvalues converged to 1e-10 (Euclidean, and
+    in the KFLR and diagonal-GGN metrics), Hutch++ and the KFAC flatness with the monitor's seeds and budgets
+    (the same probes and sampled labels: the numbers the monitor estimates, computed exactly)."""
     model = zoo.mlp(**S.ZERO3_MODEL).double().eval()
     torch.nn.utils.vector_to_parameters(torch.load(path).double(), model.parameters())
     X, y = S.held()
     problem = cd.Problem(model, "cross_entropy", (X.double(), y))
     H, G = cd.operator(problem, "hessian"), cd.operator(problem, "ggn")
     q = {q["name"]: q for q in S.ZERO3_MONITOR["queries"]}
-    return {"curvdist/eigs_h/eig0": cd.eigs(H, k=1, tol=1e-10, seed=0).value[0],
-            "curvdist/eigs_g/eig0": cd.eigs(G, k=1, tol=1e-10, seed=0).value[0],
-            "curvdist/trace_g/value": cd.trace(G, "hutchpp", q["trace_g"]["matvecs"], seed=0).value}
+    ref = {"curvdist/eigs_h/eig0": cd.eigs(H, k=1, tol=1e-10, seed=0).value[0],
+           "curvdist/eigs_g/eig0": cd.eigs(G, k=1, tol=1e-10, seed=0).value[0],
+           "curvdist/trace_g/value": cd.trace(G, "hutchpp", q["trace_g"]["matvecs"], seed=0).value,
+           "curvdist/eigs_g_kflr/eig0": cd.eigs(G, k=1, tol=1e-10, seed=0,
+                                                metric=cd.metric(problem, "kflr", damping=0.1)).value[0],
+           "curvdist/eigs_g_diag/eig0": cd.eigs(G, k=1, tol=1e-10, seed=0,
+                                                metric=cd.metric(problem, "diag_ggn", damping=0.1)).value[0]}
+    # flatness in the sampled KFAC metric: the monitor's estimator (its probes and labels) in float64
+    f = q["flat_kfac"]
+    kfac = cd.metric(problem, "kfac", damping=0.1, **f["metric"]["options"])
+    flat = cd.flatness(G, metric=kfac, matvecs=f["matvecs"], probes=f["probes"], steps=f["steps"],
+                       logdet_damping=f["logdet_damping"], seed=0)
+    ref.update({f"curvdist/flat_kfac/{k}": float(v) for k, v in flat.value.items()})
+    return ref
 
 
 def test_zero3_partitioned_monitor_equals_exact_without_gathering_the_model(zero3):
     """ZeRO-3 on 2 ranks (torchrun, gloo), the monitor on the engine's partitions: its top Hessian and GGN
-    eigenvalues and its GGN trace estimate agree with float64 single-process values to REL_ZERO3; no rank ever
+    eigenvalues, its GGN trace estimate and the invariant ones — eigenvalues of M⁻¹C with KFLR blocks owned per
+    layer and with the diagonal GGN on the pieces, and the flatness of the GGN in the sampled KFAC metric — agree with float64 single-process values to REL_ZERO3; no rank ever
     held more than the training step itself held in full (one 512x512 weight plus ZeRO-3's small persistent
     parameters: 28 % of the model), while a gathered replica holds it all; training is unchanged."""
     runs = [r["zero3"] for r in zero3]
@@ -240,7 +253,8 @@ def zero3_gpt2(tmp_path_factory) -> list[dict]:
 @_one_thread()
 def test_zero3_partitioned_monitor_on_a_tied_gpt2(zero3_gpt2):
     """A Hugging Face GPT-2 (tied head, causal LM loss) under ZeRO-3 on 2 ranks: the monitor's top Hessian and GGN
-    eigenvalues equal float64 single-process values to REL_ZERO3. Its top directions are far stiffer than random
+    eigenvalues, and the invariant ones in the KFLR metric (the tied embedding/head from both uses' statistics,
+    owned by one rank) and in the CG-solved GGN metric, equal float64 single-process values to REL_ZERO3. Its top directions are far stiffer than random
     ones; the step chosen at the first product (not the starting u^{1/3}) is what makes this hold."""
     res = zero3_gpt2[0]["zero3_gpt2"]
     assert zero3_gpt2[1]["zero3_gpt2"]["values"] == res["values"]
@@ -250,10 +264,12 @@ def test_zero3_partitioned_monitor_on_a_tied_gpt2(zero3_gpt2):
     assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)  # still tied
     ids, labels = S.token_batch()
     problem = cd.Problem(model.eval(), "causal_lm", {"input_ids": ids, "labels": labels})
-    for name, kind in [("eigs_h", "hessian"), ("eigs_g", "ggn")]:
-        exact = cd.eigs(cd.operator(problem, kind), k=1, tol=1e-10, seed=0).value[0]
+    for name, kind, metric in [("eigs_h", "hessian", None), ("eigs_g", "ggn", None),
+                               ("eigs_g_kflr", "ggn", ("kflr", 0.1)), ("eigs_h_ggn", "hessian", ("ggn", 1.0))]:
+        M = None if metric is None else cd.metric(problem, metric[0], damping=metric[1])
+        exact = cd.eigs(cd.operator(problem, kind), k=1, tol=1e-10, seed=0, metric=M).value[0]
         got = res["values"][f"curvdist/{name}/eig0"]
-        print(f"GPT-2 {kind}: {got:.8g} vs {exact:.8g}, relative {_rel(got, exact):.1e}")
+        print(f"GPT-2 {name}: {got:.8g} vs {exact:.8g}, relative {_rel(got, exact):.1e}")
         assert _rel(got, exact) <= REL_ZERO3
     for product in res["products"]:
         assert product["step"] < (2.0 ** -24) ** (1 / 3)  # smaller than where the search starts
@@ -329,7 +345,7 @@ def test_bad_input_in_a_deepspeed_run(one):
     assert kind == "ConfigError" and "no 'curvdist' section" in msg
     kind, msg = one[0]["errors"]["preconditioner_zero3"]
     assert kind == "ConfigError" and "ZeRO-3" in msg
-    for key, what in [("partitioned_metric", "fisher+0.1"), ("partitioned_grad_norm", "grad_norm"),
+    for key, what in [("partitioned_metric", "empirical_fisher+0.1"), ("partitioned_grad_norm", "grad_norm"),
                       ("partitioned_curvature", "fisher curvature")]:
         kind, msg = one[0]["errors"][key]
         assert kind == "ConfigError" and what in msg and "zero3: gather" in msg, msg

@@ -73,6 +73,13 @@ ZERO3_MONITOR = {
         {"kind": "eigs", "name": "eigs_h", "k": 1, "curvature": "hessian", "tol": 1e-5},
         {"kind": "eigs", "name": "eigs_g", "k": 1, "curvature": "ggn", "tol": 1e-5},
         {"kind": "trace", "name": "trace_g", "curvature": "ggn", "method": "hutchpp", "matvecs": 9},
+        # invariant queries on the partitions: Kronecker blocks owned per layer, diagonals on the pieces
+        {"kind": "eigs", "name": "eigs_g_kflr", "k": 1, "curvature": "ggn", "tol": 1e-6,
+         "metric": {"kind": "kflr", "damping": 0.1}},
+        {"kind": "flatness", "name": "flat_kfac", "curvature": "ggn", "matvecs": 9, "probes": 2, "steps": 10,
+         "logdet_damping": 0.1, "metric": {"kind": "kfac", "damping": 0.1, "options": {"mc_samples": 2, "seed": 4}}},
+        {"kind": "eigs", "name": "eigs_g_diag", "k": 1, "curvature": "ggn", "tol": 1e-6,
+         "metric": {"kind": "diag_ggn", "damping": 0.1}},
     ],
 }
 
@@ -87,6 +94,12 @@ ZERO3_GPT2_MONITOR = {
     "queries": [
         {"kind": "eigs", "name": "eigs_h", "k": 1, "curvature": "hessian", "tol": 1e-5},
         {"kind": "eigs", "name": "eigs_g", "k": 1, "curvature": "ggn", "tol": 1e-5},
+        # invariant: KFLR with the tied embedding/head (its two uses' nearest Kronecker product), and the GGN
+        # metric solved by CG over finite-difference products
+        {"kind": "eigs", "name": "eigs_g_kflr", "k": 1, "curvature": "ggn", "tol": 1e-6,
+         "metric": {"kind": "kflr", "damping": 0.1}},
+        {"kind": "eigs", "name": "eigs_h_ggn", "k": 1, "curvature": "hessian", "tol": 1e-5,
+         "metric": {"kind": "ggn", "damping": 1.0}},
     ],
 }
 
