@@ -24,7 +24,10 @@ step; best of ``--repeats`` after one), the partitioned finite-difference GGN an
 (:mod:`curvdist.integrations.deepspeed.finite_difference`) in time and in training-step equivalents, the Lanczos
 solve, each rank's memory line (owned parameters, most parameters held in full at once, peak RSS), and — after
 the timed part, on a full copy gathered for the check only — the relative error of both products against
-curvdist's exact float32 products on one process.
+curvdist's exact float32 products on one process. Products take each its own step (Ridders' extrapolation); the
+top GGN eigenvalue and a Hutch++ trace (``--trace-matvecs``, same probes) are compared with the exact float32
+values too, and with ``--invariant`` the top eigenvalue of M⁻¹GGN with the KFAC metric built on the partitions
+(statistics from the engine's own passes, one owner per layer) with the local KFAC metric's.
 
     python benchmarks/sharded_benchmark.py [--model gpt2_small|gpt2_medium] [--batch 2] [--tokens 64]
         [--configs local,pipeline_2x1,pipeline_2x4,pipeline_4x1,pipeline_4x4] [--device cpu|cuda]
@@ -220,6 +223,19 @@ def zero3_rank(args: argparse.Namespace) -> None:
     res["eig"] = {"value": float(r.value[0]), "matvecs": r.matvecs, "seconds": time.perf_counter() - t0,
                   "converged": bool(r.info.get("converged", True)), "tol": args.tol, "schedule": op.product_info()}
     res["memory"] = problem.memory_records()
+    t0 = time.perf_counter()
+    tr = cd.trace(problem.curvature_operator("ggn"), "hutchpp", args.trace_matvecs, seed=0)
+    res["trace"] = {"value": float(tr.value), "matvecs": args.trace_matvecs, "seconds": time.perf_counter() - t0}
+    if args.invariant:
+        problem.memory_reset()
+        t0 = time.perf_counter()
+        M = cd.metric(problem, "kfac", damping=args.kfac_damping)
+        built = time.perf_counter() - t0
+        ri = cd.eigs(problem.curvature_operator("ggn"), k=1, tol=args.tol, maxiter=args.max_steps, seed=0, metric=M)
+        res["kfac_eig"] = {"value": float(ri.value[0]), "matvecs": ri.matvecs, "metric_s": built,
+                           "seconds": time.perf_counter() - t0, "damping": args.kfac_damping,
+                           "memory": problem.memory_records()}
+        del M
     if args.skip_exact:
         if rank == 0:
             Path(args.zero3_rank).write_text(json.dumps(res))
@@ -242,8 +258,16 @@ def zero3_rank(args: argparse.Namespace) -> None:
             for kind in ("ggn", "hessian"):
                 exact = cd.operator(exact_problem, kind, check_determinism=False) @ full_v.float()
                 res[f"{kind}_relative_error"] = float((fd[kind] - exact.double()).norm() / exact.double().norm())
-            exact_eig = cd.eigs(cd.operator(exact_problem, "ggn"), k=1, tol=args.tol, maxiter=args.max_steps, seed=0)
+            exact_ggn = cd.operator(exact_problem, "ggn")
+            exact_eig = cd.eigs(exact_ggn, k=1, tol=args.tol, maxiter=args.max_steps, seed=0)
             res["eig"]["exact_problem_value"] = float(exact_eig.value[0])
+            res["trace"]["exact_problem_value"] = float(cd.trace(exact_ggn, "hutchpp", args.trace_matvecs,
+                                                                 seed=0).value)
+            if args.invariant:
+                M = cd.metric(exact_problem, "kfac", damping=args.kfac_damping)
+                res["kfac_eig"]["exact_problem_value"] = float(cd.eigs(exact_ggn, k=1, tol=args.tol,
+                                                                       maxiter=args.max_steps, seed=0,
+                                                                       metric=M).value[0])
         res["load_end"] = os.getloadavg()
         Path(args.zero3_rank).write_text(json.dumps(res))
     dist.barrier()
@@ -268,8 +292,15 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             row["hessian_over_train_step"] = r["hessian_over_train_step"]
             row["goal_product_le_3_train_steps"] = max(r["ggn_over_train_step"], r["hessian_over_train_step"]) <= 3
             row["relative_error"] = {k: r.get(f"{k}_relative_error") for k in ("ggn", "hessian")}
+            for key in ("eig", "trace", "kfac_eig"):
+                exact = r.get(key, {}).get("exact_problem_value")
+                if exact is not None:
+                    row["relative_error"][f"{key}_value"] = abs(r[key]["value"] - exact) / abs(exact)
             row["goal_relative_error_le_1e-4"] = all(
                 (e is not None and e <= 1e-4) for e in row["relative_error"].values())
+            if "kfac_eig" in r:
+                row["kfac_eig"] = {k: r["kfac_eig"][k] for k in ("value", "matvecs", "metric_s", "seconds")}
+                row["kfac_eig"]["peak_rss_mb"] = {m["role"]: m["peak_rss_mb"] for m in r["kfac_eig"]["memory"]}
             row["max_gathered_over_model"] = max(m["peak_gathered_parameters"] for m in r["memory"]) / r["parameters"]
             row["owned_over_model"] = max(m["parameters"] for m in r["memory"]) / r["parameters"]
         if "held_over_model" in r:
@@ -299,6 +330,10 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--zero3-config", default="{}",
                    help="zero3_2ranks: JSON of zero_optimization settings besides the stage (default: DeepSpeed's)")
+    p.add_argument("--trace-matvecs", type=int, default=9, help="zero3_2ranks: Hutch++ matvecs of the GGN trace")
+    p.add_argument("--invariant", action="store_true",
+                   help="zero3_2ranks: also the top eigenvalue of M⁻¹GGN with the KFAC metric on the partitions")
+    p.add_argument("--kfac-damping", type=float, default=0.1)
     p.add_argument("--skip-exact", action="store_true",
                    help="zero3_2ranks: skip the check against exact products (it gathers a full copy on rank 0)")
     p.add_argument("--out", default="")

@@ -33,8 +33,9 @@ class MonitorSpec(NamedSpecs):
 
     ``zero3`` (ZeRO stage 3 only): ``partitioned`` (the default) measures on the engine's own partitions —
     finite-difference Hessian/GGN products, vectors as partitions, layers gathered only by ZeRO-3's own forward
-    and backward — with a fixed relative step ``fd_step`` (default: each product's step chosen at the first product,
-    :mod:`.finite_difference`); ``gather``
+    and backward — each product at a step of its own by Ridders' extrapolation, stopped at the error estimate
+    ``fd_tol`` (or plain central differences at a fixed relative step ``fd_step``; :mod:`.finite_difference`);
+    ``gather``
     gathers the whole model into a replica on every rank (every query and metric, exact products, small models).
     ``dtype`` is the replica's; partitioned products and vectors are in the parameters' dtype (inner products
     in float64)."""
@@ -42,6 +43,7 @@ class MonitorSpec(NamedSpecs):
     every: PositiveInt = 100
     zero3: Literal["partitioned", "gather"] = "partitioned"
     fd_step: Annotated[float, Field(gt=0, lt=1)] | None = None
+    fd_tol: Annotated[float, Field(gt=0, lt=1)] = 1e-6
     loss: choice(LossKind) = "cross_entropy"
     reduction: choice(Reduction) = "mean"
     dtype: Literal["float32", "float64"] = "float32"

@@ -7,15 +7,19 @@ For the risk L(θ) = s · Σ_ranks Σ_{n in shard} ℓ_n (s = 1/N or 1) and a di
     GGN:      G v ≈ s · Σ_n J_nᵀ Λ_n [f_n(θ + εv) − f_n(θ − εv)] / 2ε   (one backward at θ with ΛJv as the
               output gradient),
 
-with truncation error O(ε²) and rounding error O(u/ε) in the working precision u of the parameters. The step is
-ε = h · (1 + ‖θ‖) / ‖v‖, and h is *chosen*, not fixed: the curvature directions that Lanczos converges to can be
-far more nonlinear than a random direction (in a GPT-2 the top GGN directions live on the zero-initialized
-projection biases, where h = 2e-3 leaves 14 % error while random directions have 2e-4). So the first product of
-each operator tries h_k = h_0 · 4^{-k} (h_0 = u^{1/3}) on the normalized first product, a direction as stiff as
-the ones Lanczos will meet, and keeps the h_{k+1} after the smallest relative change
-e_k = ‖D(h_k) − D(h_{k+1})‖ / ‖D(h_{k+1})‖ (truncation shrinks 16-fold per step until rounding, which grows
-4-fold, takes over); e_k is recorded as the error estimate with the chosen h in ``info["product"]``. A fixed
-``step`` skips the search and estimates the error from one extra product at 2ε. θ ± εv is formed on each rank's
+with truncation error c₂ε² + c₄ε⁴ + … and rounding error O(u/ε) in the working precision u of the parameters. In
+float32 no single step serves every direction: the curvature directions Lanczos converges to can be far more
+nonlinear than a random direction (in a GPT-2 the top directions live on the zero-initialized projection biases and
+need steps a thousand times smaller), while a random probe, whose product is small, needs a large step to rise
+above rounding. So every product chooses its own step and removes the truncation terms it can (Ridders 1982,
+Richardson extrapolation with an error estimate): D is taken at ε_i = ε_0 / c^i (c = 2, ε = h·(1 + ‖θ‖)/‖v‖),
+each new difference is extrapolated against the previous ones (eliminating ε², ε⁴: T_j = (c^{2j} T_{j−1,i} −
+T_{j−1,i−1})/(c^{2j} − 1)), the entry whose change against its neighbours is smallest is the product and that change
+its error estimate, and the walk stops when the extrapolations start to diverge (rounding has taken over) or the
+estimate reaches ``fd_tol``. The walk starts a few levels above the previous product's step (at most h_max), so a
+Krylov sequence pays few levels. Every product's step, error estimate and number of differences are recorded
+(``info["product"]["per_product"]``). A fixed ``step`` gives plain central differences at that step instead, with
+the error estimated once from one extra difference at 2ε. θ ± εv is formed on each rank's
 own slices (:meth:`~.partitions.ZeroPartitions.shifted`), gradients are reduced straight into partitions
 (:meth:`~.partitions.ZeroPartitions.gradient`), and inner products are ``all_reduce``-d scalars
 (:class:`PartitionSpace`): every rank runs the same solver on its pieces and gets the same numbers.
@@ -44,6 +48,18 @@ from .partitions import ZeroPartitions
 
 #: the curvatures a partitioned product is a finite difference of
 KINDS = (Curvature.HESSIAN.value, Curvature.GGN.value)
+
+#: Ridders' extrapolation (:meth:`FiniteDifference._extrapolated`): the largest relative step, the step ratio, the
+#: most differences per product, the extrapolation depth (ε², ε⁴ removed), the divergence factor, and how many levels
+#: above the previous product's step the walk starts
+H_MAX = 4e-3
+RIDDERS_C = 2.0
+RIDDERS_LEVELS = 12
+RIDDERS_DEPTH = 2
+RIDDERS_SAFE = 2.0
+START_LEVELS = 3
+#: stop a product's walk once its error estimate is this small (relative)
+FD_TOL = 1e-6
 
 
 class PartitionSpace(TorchSpace):
@@ -111,15 +127,16 @@ class PartitionedProblem(StagedProblem):
         params: names of the parameters to take curvature in (``None``: all trainable).
         reduction: ``mean`` (s = 1/N over all ranks' samples) or ``sum``.
         batch_size: samples per forward pass (``None``: the whole shard at once).
-        step: a fixed relative finite-difference step h (``None``: each operator chooses it at its first
-            product).
+        step: a fixed relative finite-difference step h (``None``: each product its own, by Ridders'
+            extrapolation).
+        fd_tol: the error estimate at which a product's extrapolation stops.
 
     The module runs in eval mode during products; its training mode is restored after each.
     """
 
     def __init__(self, engine: Any, loss: str | Loss, X: Tensor, y: Tensor, group: Any = None,
                  params: Sequence[str] | None = None, reduction: str = "mean", batch_size: int | None = None,
-                 step: float | None = None) -> None:
+                 step: float | None = None, fd_tol: float = FD_TOL) -> None:
         self.parts = ZeroPartitions(engine, params, group)
         check_dtype(self.parts.dtype)
         self.loss = make_loss(loss)
@@ -136,8 +153,9 @@ class PartitionedProblem(StagedProblem):
         self.scale = 1.0 / self.num_samples if reduction == "mean" else 1.0
         self.dim, self.dtype = self.parts.dim, self.parts.dtype
         self.space = PartitionSpace(self.parts)
-        #: a fixed relative step h (``None``: chosen by each operator)
+        #: a fixed relative step h (``None``: chosen per product)
         self.step = None if step is None else float(step)
+        self.fd_tol = float(fd_tol)
         self.theta_norm = float(np.sqrt(self.space.reduce_sum(np.array([sum(
             self.space.dot_local(piece, piece) for piece in self.parts.pieces())]))[0]))
         self.products = 0
@@ -253,16 +271,20 @@ class FiniteDifference:
         self.problem, self.kind = problem, kind
         self.backend = problem.backend
         self.dim, self.dtype = problem.dim, problem.dtype
-        #: the relative step h: the problem's, or chosen at the first product (:meth:`_choose_step`)
+        #: a fixed relative step h (the problem's), or None: each product's own (Ridders)
         self.step: float | None = problem.step
+        #: the largest error estimate of the products so far
         self.error_estimate: float | None = None
-        self.tried: list[dict[str, float]] = []
+        #: per product: its step h, error estimate and number of central differences
+        self.records: list[dict[str, float]] = []
+        self.h_last: float | None = None
+        self.tol = problem.fd_tol
 
     def vector_space(self) -> PartitionSpace:
         return self.problem.space
 
     def apply_vector(self, v: Tensor) -> Tensor:
-        """C v; the first call also chooses the step (or, for a fixed step, estimates its error)."""
+        """C v, by Ridders extrapolation at a step of its own (or at the fixed step)."""
         p = self.problem
         t0 = time.perf_counter()
         training = p.parts.module.training
@@ -271,10 +293,10 @@ class FiniteDifference:
             norm = p.space.norm(v)
             if norm == 0.0:
                 return p.space.zeros()
-            out = self._choose_step(v, norm) if self.error_estimate is None else None
-            assert self.step is not None
-            if out is None:
-                out = self._difference(v, self._eps(self.step, norm))
+            if self.step is not None:
+                out = self._fixed(v, norm)
+            else:
+                out = self._extrapolated(v, norm)
         finally:
             p.parts.module.train(training)
         if not np.isfinite(p.space.dot(out, out)):
@@ -286,40 +308,59 @@ class FiniteDifference:
     def _eps(self, h: float, norm: float) -> float:
         return h * (1.0 + self.problem.theta_norm) / norm
 
-    def _choose_step(self, v: Tensor, norm: float) -> Tensor | None:
-        """Set :attr:`step` and :attr:`error_estimate` (see the module docstring); returns C v when it was
-        computed at the final step on the way (a fixed step), else None."""
-        p = self.problem
-        if self.step is not None:  # fixed: one extra product at twice the step
-            fine = self._difference(v, self._eps(self.step, norm))
+    def _fixed(self, v: Tensor, norm: float) -> Tensor:
+        """Central differences at the fixed step; the first product also estimates their error from one extra
+        difference at twice the step."""
+        assert self.step is not None
+        fine = self._difference(v, self._eps(self.step, norm))
+        if self.error_estimate is None:
             coarse = self._difference(v, self._eps(2 * self.step, norm))
-            self.error_estimate = _relative_change(p.space, coarse, fine)
-            return fine
-        h0 = float(torch.finfo(p.parts.dtype).eps / 2) ** (1.0 / 3.0)
-        w = self._difference(v, self._eps(h0, norm))
-        wn = p.space.norm(w)
-        u = p.space.scale(1.0 / wn, w) if wn > 0 else v
-        un = p.space.norm(u)
-        h, prev = h0, w if wn == 0 else self._difference(u, self._eps(h0, un))
-        best: tuple[float, float] | None = None
-        for _ in range(MAX_HALVINGS):
-            h_next = h / 4
-            cur = self._difference(u, self._eps(h_next, un))
-            e = _relative_change(p.space, prev, cur)
-            self.tried.append({"h": h_next, "change": e})
-            if best is not None and e > best[1]:
-                break  # rounding has taken over
-            if best is None or e < best[1]:
-                best = (h_next, e)
-            h, prev = h_next, cur
-        assert best is not None
-        self.step, self.error_estimate = best
-        return None
+            self.error_estimate = _relative_change(self.problem.space, coarse, fine)
+        self.records.append({"h": self.step, "error_estimate": self.error_estimate, "differences": 1})
+        return fine
+
+    def _extrapolated(self, v: Tensor, norm: float) -> Tensor:
+        """Ridders' extrapolation of central differences (see the module docstring)."""
+        space = self.problem.space
+        h = H_MAX if self.h_last is None else min(H_MAX, self.h_last * RIDDERS_C ** START_LEVELS)
+        prev = [self._difference(v, self._eps(h, norm))]
+        best = (float("inf"), prev[0], h)
+        n = 1
+        for i in range(1, RIDDERS_LEVELS):
+            h /= RIDDERS_C
+            cur = [self._difference(v, self._eps(h, norm))]
+            n += 1
+            fac = RIDDERS_C ** 2
+            for j in range(1, min(i, RIDDERS_DEPTH) + 1):
+                if j - 1 >= len(prev):
+                    break
+                cur.append((cur[j - 1] * fac - prev[j - 1]) / (fac - 1))
+                fac *= RIDDERS_C ** 2
+                scale = max(space.norm(cur[j]), 1e-300)
+                err = max(space.norm(cur[j] - cur[j - 1]), space.norm(cur[j] - prev[j - 1])) / scale
+                if err <= best[0]:
+                    best = (err, cur[j], h)
+            top = min(len(cur), len(prev)) - 1
+            diverging = top >= 1 and space.norm(cur[top] - prev[top]) / max(space.norm(cur[top]), 1e-300) \
+                >= RIDDERS_SAFE * best[0]
+            if best[0] <= self.tol or diverging:
+                break
+            prev = cur
+        err, out, h = best
+        self.h_last = h
+        self.records.append({"h": h, "error_estimate": err, "differences": n})
+        self.error_estimate = max(self.error_estimate or 0.0, err)
+        return out.to(self.dtype)
 
     def product_info(self) -> dict[str, Any]:
         p = self.problem
-        return {"mode": "zero3-finite-difference", "ranks": p.parts.world, "step": self.step,
-                "steps_tried": self.tried, "theta_norm": p.theta_norm, "error_estimate": self.error_estimate,
+        errs = [r["error_estimate"] for r in self.records]
+        return {"mode": "zero3-finite-difference", "ranks": p.parts.world,
+                "method": "central" if self.step is not None else "ridders", "step": self.step,
+                "theta_norm": p.theta_norm, "error_estimate": max(errs) if errs else None,
+                "median_error_estimate": float(np.median(errs)) if errs else None,
+                "differences": sum(r["differences"] for r in self.records),
+                "per_product": [dict(r) for r in self.records],
                 "products": p.products, "product_wall_s": p.product_s}
 
     def _difference(self, v: Tensor, eps: float) -> Tensor:
@@ -351,8 +392,6 @@ def check_dtype(dtype: torch.dtype) -> None:
 #: CG tolerance of the partitioned ggn/fisher metric: its products are float32 finite differences (error ~1e-5)
 PARTITIONED_CG_TOL = 1e-6
 
-#: at most this many step reductions (by 4 each) when the first product chooses the step
-MAX_HALVINGS = 10
 
 
 def _relative_change(space: PartitionSpace, a: Tensor, b: Tensor) -> float:

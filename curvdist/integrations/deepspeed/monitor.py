@@ -136,7 +136,7 @@ class CurvatureMonitor:
             rank, size = group_rank_and_size(self.group)
             Xr, yr = shard(X, y, rank, size)
             yield PartitionedProblem(self.engine, self.spec.loss, Xr, yr, self.group, self.spec.params,
-                                     self.spec.reduction, self.spec.batch_size, self.spec.fd_step)
+                                     self.spec.reduction, self.spec.batch_size, self.spec.fd_step, self.spec.fd_tol)
             return
         assert self.replica is not None
         with torch_linear(), self.replica.loaded(self.engine.module) as model:

@@ -69,6 +69,7 @@ ZERO3_CONFIG = {"stage": 3, "stage3_prefetch_bucket_size": 0, "stage3_max_live_p
 ZERO3_MONITOR = {
     "every": 2,
     "seed": 0,
+    "fd_tol": 1e-5,  # each product's extrapolation stops at this error estimate (default 1e-6)
     "queries": [
         {"kind": "eigs", "name": "eigs_h", "k": 1, "curvature": "hessian", "tol": 1e-5},
         {"kind": "eigs", "name": "eigs_g", "k": 1, "curvature": "ggn", "tol": 1e-5},
@@ -80,6 +81,9 @@ ZERO3_MONITOR = {
          "logdet_damping": 0.1, "metric": {"kind": "kfac", "damping": 0.1, "options": {"mc_samples": 2, "seed": 4}}},
         {"kind": "eigs", "name": "eigs_g_diag", "k": 1, "curvature": "ggn", "tol": 1e-6,
          "metric": {"kind": "diag_ggn", "damping": 0.1}},
+        # and the GGN metric solved by CG over finite-difference products (damped: a few CG steps per solve)
+        {"kind": "eigs", "name": "eigs_g_cg", "k": 1, "curvature": "ggn", "tol": 1e-4,
+         "metric": {"kind": "ggn", "damping": 1.0}},
     ],
 }
 
@@ -94,12 +98,9 @@ ZERO3_GPT2_MONITOR = {
     "queries": [
         {"kind": "eigs", "name": "eigs_h", "k": 1, "curvature": "hessian", "tol": 1e-5},
         {"kind": "eigs", "name": "eigs_g", "k": 1, "curvature": "ggn", "tol": 1e-5},
-        # invariant: KFLR with the tied embedding/head (its two uses' nearest Kronecker product), and the GGN
-        # metric solved by CG over finite-difference products
+        # invariant: KFLR with the tied embedding/head (its two uses' nearest Kronecker product)
         {"kind": "eigs", "name": "eigs_g_kflr", "k": 1, "curvature": "ggn", "tol": 1e-6,
          "metric": {"kind": "kflr", "damping": 0.1}},
-        {"kind": "eigs", "name": "eigs_h_ggn", "k": 1, "curvature": "hessian", "tol": 1e-5,
-         "metric": {"kind": "ggn", "damping": 1.0}},
     ],
 }
 
