@@ -26,8 +26,10 @@ solve, each rank's memory line (owned parameters, most parameters held in full a
 the timed part, on a full copy gathered for the check only — the relative error of both products against
 curvdist's exact float32 products on one process. Products take each its own step (Ridders' extrapolation); the
 top GGN eigenvalue and a Hutch++ trace (``--trace-matvecs``, same probes) are compared with the exact float32
-values too, and with ``--invariant`` the top eigenvalue of M⁻¹GGN with the KFAC metric built on the partitions
-(statistics from the engine's own passes, one owner per layer) with the local KFAC metric's.
+values too. With ``--invariant`` every configuration also measures the top eigenvalue of M⁻¹GGN with the KFAC
+metric (damping ``--kfac-damping``): built locally, on the pipeline stages (each stage its own blocks), or on the
+ZeRO-3 partitions (statistics from the engine's own passes, one owner per layer), with its build time, solve time,
+memory per process, and its agreement with local (or, for ZeRO-3, with exact float32 on a gathered copy).
 
     python benchmarks/sharded_benchmark.py [--model gpt2_small|gpt2_medium] [--batch 2] [--tokens 64]
         [--configs local,pipeline_2x1,pipeline_2x4,pipeline_4x1,pipeline_4x4] [--device cpu|cuda]
@@ -107,6 +109,15 @@ def measure(problem: Any, args: argparse.Namespace, space: Any = None) -> dict[s
     info = getattr(op, "product_info", None)
     if callable(info):
         out["eig"]["schedule"] = info()
+    if args.invariant:  # the top eigenvalue of M⁻¹GGN in the KFAC metric (pipeline: blocks built on the stages)
+        problem.memory_reset()
+        t0 = time.perf_counter()
+        M = cd.metric(problem, "kfac", damping=args.kfac_damping)
+        built = time.perf_counter() - t0
+        ri = cd.eigs(op, k=1, tol=args.tol, maxiter=args.max_steps, seed=0, metric=M)
+        out["kfac_eig"] = {"value": float(ri.value[0]), "matvecs": ri.matvecs, "metric_s": built,
+                           "seconds": time.perf_counter() - t0, "damping": args.kfac_damping,
+                           "memory": problem.memory_records()}
     return out
 
 
@@ -303,6 +314,12 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 row["kfac_eig"]["peak_rss_mb"] = {m["role"]: m["peak_rss_mb"] for m in r["kfac_eig"]["memory"]}
             row["max_gathered_over_model"] = max(m["peak_gathered_parameters"] for m in r["memory"]) / r["parameters"]
             row["owned_over_model"] = max(m["parameters"] for m in r["memory"]) / r["parameters"]
+        if "kfac_eig" in r and "kfac_eig" not in row:
+            row["kfac_eig"] = {k: r["kfac_eig"][k] for k in ("value", "matvecs", "metric_s", "seconds")}
+            row["kfac_eig"]["peak_rss_mb"] = {m["role"]: m["peak_rss_mb"] for m in r["kfac_eig"]["memory"]}
+            if "kfac_eig" in local and name != "local":
+                row["kfac_eig"]["value_rel_diff_local"] = (abs(r["kfac_eig"]["value"] - local["kfac_eig"]["value"])
+                                                           / abs(local["kfac_eig"]["value"]))
         if "held_over_model" in r:
             row["max_held_over_model"] = max(r["held_over_model"])
             row["goal_held_le_1.2_over_S"] = max(r["held_over_model"]) <= 1.2 / len(r["held_over_model"])
@@ -332,7 +349,8 @@ def main() -> None:
                    help="zero3_2ranks: JSON of zero_optimization settings besides the stage (default: DeepSpeed's)")
     p.add_argument("--trace-matvecs", type=int, default=9, help="zero3_2ranks: Hutch++ matvecs of the GGN trace")
     p.add_argument("--invariant", action="store_true",
-                   help="zero3_2ranks: also the top eigenvalue of M⁻¹GGN with the KFAC metric on the partitions")
+                   help="also the top eigenvalue of M⁻¹GGN with the KFAC metric (local; pipeline: blocks on the "
+                        "stages; zero3_2ranks: on the partitions)")
     p.add_argument("--kfac-damping", type=float, default=0.1)
     p.add_argument("--skip-exact", action="store_true",
                    help="zero3_2ranks: skip the check against exact products (it gathers a full copy on rank 0)")

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from ..catalogue import Curvature, MetricKind, names
-from ..errors import MetricError, NonFiniteError, ProblemError, ShapeError
+from ..errors import NonFiniteError, ProblemError, ShapeError
 from ..geometry.metrics.base import Metric
 from ..geometry.metrics.curvature import SolvedMetric
+from ..geometry.metrics.staged import check_staged_metric
 from ..problem.base import StagedProblem
 from ..problem.spec import ProblemSpec
 from ..solvers.space import assemble, select
@@ -32,14 +33,6 @@ from .stages import StageWorker
 RETRIES = 2
 #: what the stages compute: curvature products, and the metrics built from them or from the stages' own blocks
 KINDS = (Curvature.HESSIAN.value, Curvature.GGN.value, Curvature.FISHER.value)
-#: the metrics the stages build, with the options each takes
-METRIC_OPTIONS: dict[str, tuple[str, ...]] = {
-    MetricKind.EUCLIDEAN.value: (), MetricKind.GGN.value: ("method", "cg_tol"),
-    MetricKind.FISHER.value: ("method", "cg_tol"), MetricKind.KFAC.value: ("mc_samples", "seed", "backend"),
-    MetricKind.KFLR.value: ("backend",), MetricKind.DIAG_GGN.value: ("backend",),
-    MetricKind.DIAG_FISHER_MC.value: ("mc_samples", "seed", "backend"),
-    MetricKind.EMPIRICAL_FISHER_DIAG.value: ("backend",)}
-
 
 class ShardedVector:
     """A handle to a vector whose shards live on the stage actors."""
@@ -275,25 +268,11 @@ class PipelineProblem(StagedProblem):
         return PipelineOperator(self.pool, kind, self.reduction)
 
     def curvature_metric(self, kind: str, damping: float = 0.0, **options: Any) -> Metric | None:
-        offered = ", ".join(f"{k} ({', '.join(v) or 'no options'})" for k, v in METRIC_OPTIONS.items())
-        if kind not in METRIC_OPTIONS or (kind == MetricKind.EUCLIDEAN and damping):
-            raise MetricError(f"pipeline mode has no {kind!r} metric{' with damping' if kind == 'euclidean' else ''}"
-                              f"; it offers: {offered} — ggn/fisher CG-solved, kfac/kflr and the exact diagonals as "
-                              f"stage-local blocks")
-        unknown = sorted(set(options) - set(METRIC_OPTIONS[kind]))
-        if unknown:
-            raise MetricError(f"the pipeline {kind} metric takes the options {list(METRIC_OPTIONS[kind])}, not "
-                              f"{unknown}")
+        check_staged_metric(kind, damping, options, "pipeline mode")
         if kind == MetricKind.EUCLIDEAN:
             return None
         if kind in (MetricKind.GGN, MetricKind.FISHER):
-            if options.pop("method", "cg") not in ("auto", "cg"):
-                raise MetricError("the pipeline ggn/fisher metric is solved by CG (method auto or cg): no process "
-                                  "holds the dense matrix")
             return PipelineMetric(PipelineOperator(self.pool, kind, self.reduction), damping, **options)
-        if options.pop("backend", "torch") not in ("auto", "torch"):
-            raise MetricError(f"pipeline {kind} blocks come from curvdist's own kernels on each stage (backend "
-                              "auto or torch); BackPACK cannot cross stage boundaries")
         return PipelineBlockMetric(self.pool, kind, damping, reduction=self.reduction, **options)
 
     def backend_stats(self) -> dict[str, Any] | None:
@@ -414,8 +393,9 @@ class PipelineMetric(SolvedMetric):
     """M_δ = C + δI for a pipelined curvature C (``ggn``/``fisher``), applied through the pipeline and solved by
     CG in the sharded space: a metric without a cheap factor, so queries run Lanczos in its inner product."""
 
-    def __init__(self, op: PipelineOperator, damping: float = 0.0, cg_tol: float = 1e-12) -> None:
-        super().__init__(op, damping, kind=op.kind, cg_tol=cg_tol)
+    def __init__(self, op: PipelineOperator, damping: float = 0.0, cg_tol: float = 1e-12,
+                 cg_maxiter: int | None = None) -> None:
+        super().__init__(op, damping, kind=op.kind, cg_tol=cg_tol, cg_maxiter=cg_maxiter)
 
 
 class PipelineBlockMetric(Metric):

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ...catalogue import Curvature, MetricKind
-from ...errors import ConfigError, MetricError, NonFiniteError, ProblemError, ShapeError
+from ...errors import ConfigError, NonFiniteError, ProblemError, ShapeError
 from ...problem.base import StagedProblem
 from ...problem.losses import Loss, make_loss
 from ...problem.outputs import network_output
@@ -180,30 +180,16 @@ class PartitionedProblem(StagedProblem):
         (:mod:`.partitioned_metric`), or the ggn/fisher metric solved by CG over finite-difference products."""
         from ...geometry.blocks.kronecker import BLOCK_METRICS
         from ...geometry.metrics.curvature import SolvedMetric
+        from ...geometry.metrics.staged import check_staged_metric
 
-        allowed = {"kfac": ("mc_samples", "seed", "backend"), "diag_fisher_mc": ("mc_samples", "seed", "backend"),
-                   "kflr": ("backend",), "diag_ggn": ("backend",), "empirical_fisher_diag": ("backend",),
-                   "ggn": ("method", "cg_tol", "cg_maxiter"), "fisher": ("method", "cg_tol", "cg_maxiter")}
-        if kind == MetricKind.EUCLIDEAN and not damping:
+        check_staged_metric(kind, damping, options, "ZeRO-3 partitioned curvature",
+                            "; set the monitor's zero3: gather for other metrics (it gathers the model on every rank)")
+        if kind == MetricKind.EUCLIDEAN:
             return None
-        if kind not in allowed:
-            raise MetricError(f"ZeRO-3 partitioned curvature offers the metrics euclidean, {', '.join(allowed)}, "
-                              f"not {kind!r}{' with damping' if kind == MetricKind.EUCLIDEAN else ''}; set the "
-                              f"monitor's zero3: gather for other metrics (it gathers the model on every rank)")
-        unknown = sorted(set(options) - set(allowed[kind]))
-        if unknown:
-            raise MetricError(f"the ZeRO-3 partitioned {kind} metric takes the options {list(allowed[kind])}, not "
-                              f"{unknown}")
         if kind in BLOCK_METRICS:
-            if options.pop("backend", "auto") not in ("auto", "torch"):
-                raise MetricError(f"ZeRO-3 partitioned {kind} blocks come from curvdist's own kernels (backend auto "
-                                  f"or torch)")
             from .partitioned_metric import PartitionedBlockMetric
 
             return PartitionedBlockMetric(self, kind, damping, **options)
-        if options.pop("method", "cg") not in ("auto", "cg"):
-            raise MetricError(f"the ZeRO-3 partitioned {kind} metric is solved by CG (method auto or cg): no rank "
-                              f"holds the dense matrix")
         return SolvedMetric(FiniteDifference(self, Curvature.GGN.value), damping, kind=kind,
                             cg_tol=options.pop("cg_tol", PARTITIONED_CG_TOL), cg_maxiter=options.pop("cg_maxiter", 100))
 
