@@ -256,7 +256,6 @@ def test_train_logs_invariant_flatness(tmp_path, capsys):
     (lambda c: c.pop("train"), "needs a 'train' section"),
     (lambda c: c["train"].update(optimizer="adam"), "train.metric is used by riemannian_sgd only"),
     (lambda c: c.update(reparam={"kind": "ntk"}), "remove 'reparam'"),
-    (lambda c: c.update(backend={"kind": "ray", "mode": "pipeline"}), "not pipeline mode"),
 ])
 def test_train_config_errors(tmp_path, capsys, edit, message):
     cfg = _config(tmp_path, train=dict(TRAIN), queries=LOGGED)

@@ -86,6 +86,7 @@ def test_pipeline_training_refuses_dropout(ray_module):
         train_and_log(cfg, progress=False)
 
 
+@pytest.mark.slow  # two training runs with logged queries (about 30 s on 2 cores)
 def test_curvdist_train_pipeline_gives_the_local_history(ray_module, tmp_path):
     from curvdist.cli.config import validate_config
     from curvdist.cli.train import train_and_log

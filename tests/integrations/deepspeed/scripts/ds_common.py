@@ -77,10 +77,20 @@ ZERO3_MONITOR = {
         # invariant queries on the partitions: Kronecker blocks owned per layer, diagonals on the pieces
         {"kind": "eigs", "name": "eigs_g_kflr", "k": 1, "curvature": "ggn", "tol": 1e-6,
          "metric": {"kind": "kflr", "damping": 0.1}},
-        {"kind": "flatness", "name": "flat_kfac", "curvature": "ggn", "matvecs": 9, "probes": 2, "steps": 10,
-         "logdet_damping": 0.1, "metric": {"kind": "kfac", "damping": 0.1, "options": {"mc_samples": 2, "seed": 4}}},
         {"kind": "eigs", "name": "eigs_g_diag", "k": 1, "curvature": "ggn", "tol": 1e-6,
          "metric": {"kind": "diag_ggn", "damping": 0.1}},
+    ],
+}
+
+# the slow companion of ZERO3_MONITOR on the same model (at its initial weights): the GGN's flatness in the sampled
+# KFAC metric, and the GGN metric solved by CG over finite-difference products
+ZERO3_EXTRA_MONITOR = {
+    "every": 1,
+    "seed": 0,
+    "fd_tol": 1e-5,
+    "queries": [
+        {"kind": "flatness", "name": "flat_kfac", "curvature": "ggn", "matvecs": 9, "probes": 2, "steps": 10,
+         "logdet_damping": 0.1, "metric": {"kind": "kfac", "damping": 0.1, "options": {"mc_samples": 2, "seed": 4}}},
         # and the GGN metric solved by CG over finite-difference products (damped: a few CG steps per solve)
         {"kind": "eigs", "name": "eigs_g_cg", "k": 1, "curvature": "ggn", "tol": 1e-4,
          "metric": {"kind": "ggn", "damping": 1.0}},

@@ -28,6 +28,7 @@ from ds_common import (  # the script's own folder is on sys.path when it runs a
     TRANSFORMER,
     TRANSFORMER_MONITOR,
     ZERO3_CONFIG,
+    ZERO3_EXTRA_MONITOR,
     ZERO3_GPT2,
     ZERO3_GPT2_MONITOR,
     ZERO3_MODEL,
@@ -277,6 +278,22 @@ def scenario_zero3(stages: list[int]) -> dict:
     return out
 
 
+def scenario_zero3_extra(stages: list[int]) -> dict:
+    """The ZeRO-3 MLP at its initial weights: one partitioned measurement of ZERO3_EXTRA_MONITOR."""
+    rank, _ = rank_world()
+    model = zoo.mlp(**ZERO3_MODEL)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                      config=ds_config(3, zero=ZERO3_CONFIG))
+    monitor = CurvatureMonitor(engine, held(), ZERO3_EXTRA_MONITOR)
+    values = monitor.measure()
+    path = f"{os.environ['CURVDIST_OUT']}.zero3_extra.pt"
+    flat = torch.tensor(full_params(engine.module))
+    if rank == 0:
+        torch.save(flat, path)
+    return {"values": values, "params": path, "products": [r.info.get("product") for r in monitor.results],
+            "seconds": monitor.history[-1]["seconds"]}
+
+
 def scenario_zero3_gpt2(stages: list[int]) -> dict:
     """The tiny GPT-2 under ZeRO-3 at its initial weights: one partitioned measurement."""
     rank, world = rank_world()
@@ -302,7 +319,7 @@ def _gathered(module: torch.nn.Module) -> list:
 
 SCENARIOS = {"monitor": scenario_monitor, "optimizer": scenario_optimizer, "checkpoint": scenario_checkpoint,
              "errors": scenario_errors,
-             "transformer": scenario_transformer, "zero3": scenario_zero3,
+             "transformer": scenario_transformer, "zero3": scenario_zero3, "zero3_extra": scenario_zero3_extra,
              "zero3_gpt2": scenario_zero3_gpt2}
 
 
