@@ -317,9 +317,7 @@ class FiniteDifference:
             cur = [self._difference(v, self._eps(h, norm))]
             n += 1
             fac = RIDDERS_C ** 2
-            for j in range(1, min(i, RIDDERS_DEPTH) + 1):
-                if j - 1 >= len(prev):
-                    break
+            for j in range(1, min(i, RIDDERS_DEPTH) + 1):  # prev holds min(i − 1, depth) + 1 ≥ j entries
                 cur.append((cur[j - 1] * fac - prev[j - 1]) / (fac - 1))
                 fac *= RIDDERS_C ** 2
                 scale = max(space.norm(cur[j]), 1e-300)
