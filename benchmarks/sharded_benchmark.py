@@ -23,9 +23,9 @@ the parameters those of the other configurations. Reported: the time of one trai
 step; best of ``--repeats`` after one), the partitioned finite-difference GGN and Hessian products
 (:mod:`curvdist.integrations.deepspeed.finite_difference`) in time and in training-step equivalents, the Lanczos
 solve, each rank's memory line (owned parameters, most parameters held in full at once, peak RSS), and — after
-the timed part, on a full copy gathered for the check only — the relative error of both products against
-curvdist's exact float32 products on one process. Products take each its own step (Ridders' extrapolation); the
-top GGN eigenvalue and a Hutch++ trace (``--trace-matvecs``, same probes) are compared with the exact float32
+the timed part, on a full copy gathered for the check only and checked in the parent process once the ranks
+exited — the relative error of both products against curvdist's exact float32 products on one process. Products
+take each its own step (Ridders' extrapolation); the top GGN eigenvalue and a Hutch++ trace (``--trace-matvecs``, same probes) are compared with the exact float32
 values too. With ``--invariant`` every configuration also measures the top eigenvalue of M⁻¹GGN with the KFAC
 metric (damping ``--kfac-damping``): built locally, on the pipeline stages (each stage its own blocks), or on the
 ZeRO-3 partitions (statistics from the engine's own passes, one owner per layer), with its build time, solve time,
@@ -165,8 +165,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         if proc.returncode and not out.exists():
             raise SystemExit(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         res.update(json.loads(out.read_text()))
-        if proc.returncode:  # the measurement was written, the check against exact products did not finish
+        if proc.returncode:  # the measurement was written, the ranks did not finish
             res["exact_check_error"] = proc.stderr[-2000:]
+        elif _exact_inputs(out).exists():
+            zero3_exact(args, res, _exact_inputs(out))
     else:
         raise SystemExit(f"unknown configuration {name!r}")
     res["load_end"] = os.getloadavg()
@@ -187,10 +189,8 @@ def zero3_rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import curvdist as cd
-    from curvdist.integrations.deepspeed.engine import torch_linear
     from curvdist.integrations.deepspeed.finite_difference import PartitionedProblem
     from curvdist.problem.losses import make_loss
-    from curvdist.resources import release_free_memory
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -255,40 +255,60 @@ def zero3_rank(args: argparse.Namespace) -> None:
         dist.barrier()
         dist.destroy_process_group()
         return
-    # accuracy against exact products, on a gathered copy (after everything above was measured); what was measured
-    # is written first, so that a run killed in the check (memory: rank 0 holds a full copy next to its engine)
-    # keeps it
-    if rank == 0:
-        Path(args.zero3_rank).write_text(json.dumps(res))
+    # accuracy against exact products: rank 0 saves the gathered parameters, the probe and the partitioned products
+    # (float32), and the check runs in the parent process after both ranks exited (with a rank and its engine still
+    # alive, the exact float32 products of GPT-2 small on rank 0 were OOM-killed on 24 GB). What was measured is
+    # written first.
     full_v = problem.space.to_tensor(v)
-    fd = {k: problem.space.to_tensor(x) for k, x in products.items()}
+    fd = {k: problem.space.to_tensor(x).float() for k, x in products.items()}
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        copy = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    release_free_memory()
+        copy = {n: p.detach().clone() for n, p in engine.module.named_parameters()} if rank == 0 else {}
     if rank == 0:
-        local = spec.build_model()
-        local.load_state_dict(copy, strict=False)
-        del copy
-        with torch_linear():
-            exact_problem = cd.Problem(local.eval(), "causal_lm", batch)
-            for kind in ("ggn", "hessian"):
-                exact = cd.operator(exact_problem, kind, check_determinism=False) @ full_v.float()
-                res[f"{kind}_relative_error"] = float((fd[kind] - exact.double()).norm() / exact.double().norm())
-            exact_ggn = cd.operator(exact_problem, "ggn")
-            exact_eig = cd.eigs(exact_ggn, k=1, tol=args.tol, maxiter=args.max_steps, seed=0)
-            res["eig"]["exact_problem_value"] = float(exact_eig.value[0])
-            res["trace"]["exact_problem_value"] = float(cd.trace(exact_ggn, "hutchpp", args.trace_matvecs,
-                                                                 seed=0).value)
-            if args.invariant:
-                M = cd.metric(exact_problem, "kfac", damping=args.kfac_damping)
-                res["kfac_eig"]["exact_problem_value"] = float(cd.eigs(exact_ggn, k=1, tol=args.tol,
-                                                                       maxiter=args.max_steps, seed=0,
-                                                                       metric=M).value[0])
-        res["load_end"] = os.getloadavg()
         Path(args.zero3_rank).write_text(json.dumps(res))
+        torch.save({"state": copy, "v": full_v.float(), "products": fd}, _exact_inputs(args.zero3_rank))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _exact_inputs(rank_json: str | Path) -> Path:
+    return Path(rank_json).with_name("exact_inputs.pt")
+
+
+def zero3_exact(args: argparse.Namespace, res: dict[str, Any], inputs: Path) -> None:
+    """The ZeRO-3 run against curvdist's exact float32 products on one process (the gathered parameters saved by
+    rank 0): relative errors of the products, and the one-process values of the eigenvalue, trace and KFAC rows."""
+    import torch
+
+    import curvdist as cd
+    from curvdist.integrations.deepspeed.engine import torch_linear
+
+    torch.set_num_threads(args.threads)
+    saved = torch.load(inputs, weights_only=True)
+    inputs.unlink()
+    spec = make_spec(args)
+    batch = spec.build_data()
+    batch = batch[0] if isinstance(batch, list) else batch
+    local = spec.build_model()
+    local.load_state_dict(saved["state"], strict=False)
+    v, fd = saved["v"], saved["products"]
+    del saved
+    with torch_linear():
+        exact_problem = cd.Problem(local.eval(), "causal_lm", batch)
+        for kind in ("ggn", "hessian"):
+            exact = (cd.operator(exact_problem, kind, check_determinism=False) @ v).double()
+            res[f"{kind}_relative_error"] = float((fd[kind].double() - exact).norm() / exact.norm())
+            del exact
+        exact_ggn = cd.operator(exact_problem, "ggn")
+        exact_eig = cd.eigs(exact_ggn, k=1, tol=args.tol, maxiter=args.max_steps, seed=0)
+        res["eig"]["exact_problem_value"] = float(exact_eig.value[0])
+        res["trace"]["exact_problem_value"] = float(cd.trace(exact_ggn, "hutchpp", args.trace_matvecs,
+                                                             seed=0).value)
+        if args.invariant:
+            M = cd.metric(exact_problem, "kfac", damping=args.kfac_damping)
+            res["kfac_eig"]["exact_problem_value"] = float(cd.eigs(exact_ggn, k=1, tol=args.tol,
+                                                                   maxiter=args.max_steps, seed=0,
+                                                                   metric=M).value[0])
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
