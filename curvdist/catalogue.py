@@ -61,6 +61,7 @@ class MetricKind(Name):
     EMPIRICAL_FISHER_DIAG = "empirical_fisher_diag"
     KFAC = "kfac"
     KFLR = "kflr"
+    EKFAC = "ekfac"
     ADAM = "adam"
     PULLBACK = "pullback"
 
@@ -71,7 +72,7 @@ DIAGONAL_METRICS = (MetricKind.DIAG_GGN, MetricKind.DIAG_FISHER_MC, MetricKind.E
 KRONECKER_METRICS = (MetricKind.KFAC, MetricKind.KFLR)
 #: the θ metrics a pull-back may carry to ψ
 PULLBACK_OF = (MetricKind.EUCLIDEAN, MetricKind.FISHER, MetricKind.GGN, MetricKind.DIAG_GGN, MetricKind.KFAC,
-               MetricKind.KFLR)
+               MetricKind.KFLR, MetricKind.EKFAC)
 
 
 class QueryKind(Name):

@@ -34,7 +34,8 @@ parameter also used outside its modules is refused rather than given a block tha
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -51,7 +52,7 @@ from ...problem.problem import Problem
 from ...resources import check_allocation
 from ..structured import LowRankFactor
 from .exact import exact_block_sums
-from .probes import IN_OUT, MATRIX_FREE_HINT, Site, check_calls, instrumented_copy
+from .probes import IN_OUT, MATRIX_FREE_HINT, Plan, Site, check_calls, instrumented_copy
 
 #: single-factor blocks with more entries than this are kept as exact diagonals (default of ``dense_max``)
 DENSE_MAX = 4096
@@ -342,6 +343,59 @@ def attention_mask(X: Inputs) -> Tensor | None:
     return None
 
 
+@dataclass
+class ProbeBatch:
+    """One batch of an instrumented pass (:func:`probe_passes`): its inputs, output-space vectors U (K, *out),
+    recorded sites, and :meth:`gradients`, the probe gradients b of each vector U[k] in turn."""
+
+    index: int
+    X: Inputs
+    U: Tensor
+    sites: list[Site]
+    out: Tensor
+    check: dict[str, Tensor]  # on the first batch, the parameters whose gradients check_site_gradients compares
+
+    def gradients(self) -> Iterator[list[Tensor]]:
+        probes = [s.probe for s in self.sites]
+        names, params = list(self.check), list(self.check.values())
+        K = self.U.shape[0]
+        for k in range(K if probes else 0):
+            extra = params if k == 0 else []
+            grads = torch.autograd.grad(self.out, probes + extra, self.U[k], retain_graph=k < K - 1,
+                                        allow_unused=True)
+            b = [torch.zeros_like(p) if g is None else g for p, g in zip(probes, grads)]
+            if extra:
+                check_site_gradients(self.sites, b, dict(zip(names, grads[len(probes):])))
+            yield b
+
+
+def probe_passes(problem: Problem, kind: str, mc_samples: int, seed: int) -> Iterator[tuple[ProbeBatch, Plan]]:
+    """Instrumented forward passes over the problem's batches (on a private copy of the model): per batch its
+    sites and output-space vectors for the statistic ``kind`` (:data:`PER_EVENT`); the first batch also checks that
+    the sites account for every use of their parameters (:func:`check_site_gradients`)."""
+    if kind not in PER_EVENT:
+        raise MetricError(f"unknown Kronecker statistic {kind!r}; choose one of {sorted(PER_EVENT)}")
+    twin, rec, plan = instrumented_copy(problem.model, list(problem.param_names))
+    twin_params = dict(twin.named_parameters())
+    checked = {n: twin_params[n] for n in plan.site_params}
+    try:
+        for i, (X, y) in enumerate(problem.batches()):
+            B = batch_len(X)
+            rec.begin(B, attention_mask(X))
+            for p in checked.values():  # the first batch also differentiates the parameters themselves
+                p.requires_grad_(i == 0)
+            with torch.enable_grad(), differentiable_kernels():
+                out = call(twin, X)
+                check_calls(rec, plan.site_params, B)
+                U = statistic_factors(problem, out, y, kind, i, mc_samples, seed)
+            # yielded outside the grad-mode and kernel contexts (the graph is recorded; the caller's own work on
+            # the batch runs in its context)
+            yield ProbeBatch(i, X, U, list(rec.sites), out, checked if i == 0 else {}), plan
+    finally:
+        for p in checked.values():
+            p.requires_grad_(False)
+
+
 def kfac_sums_probes(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False,
                      kfac_approx: str = "expand", dense_max: int = DENSE_MAX, kind: str | None = None,
                      structured_above: int = STRUCTURED_ABOVE) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -349,35 +403,12 @@ def kfac_sums_probes(problem: Problem, mc_samples: int = 1, seed: int = 0, exact
     see the module docstring. ``kind``: ``ggn`` (KFLR, ``exact=True``), ``fisher_mc`` (KFAC, the default: the
     labels of the ``fisher_mc`` operator with the same seed) or ``empirical`` (the observed labels)."""
     kind = kind or ("ggn" if exact else "fisher_mc")
-    if kind not in PER_EVENT:
-        raise MetricError(f"unknown Kronecker statistic {kind!r}; choose one of {sorted(PER_EVENT)}")
     names = list(problem.param_names)
-    twin, rec, plan = instrumented_copy(problem.model, names)
     numels = {n: s.numel() for n, s in zip(names, problem.shapes)}
     stats = KroneckerStats(names, numels, kfac_approx, dense_max, structured_above)
-    twin_params = dict(twin.named_parameters())
-    checked = [twin_params[n] for n in plan.site_params]
-    for i, (X, y) in enumerate(problem.batches()):
-        B = batch_len(X)
-        rec.begin(B, attention_mask(X))
-        for p in checked:  # the first batch also differentiates the parameters themselves, for check_site_gradients
-            p.requires_grad_(i == 0)
-        with torch.enable_grad(), differentiable_kernels():
-            out = call(twin, X)
-            check_calls(rec, plan.site_params, B)
-            U = statistic_factors(problem, out, y, kind, i, mc_samples, seed)
-            sites = list(rec.sites)
-            stats.add_inputs(sites)
-            probes = [s.probe for s in sites]
-            K = U.shape[0]
-            for k in range(K if probes else 0):
-                extra = checked if i == 0 and k == 0 else []
-                grads = torch.autograd.grad(out, probes + extra, U[k], retain_graph=k < K - 1, allow_unused=True)
-                b = [torch.zeros_like(p) if g is None else g for p, g in zip(probes, grads)]
-                if extra:
-                    check_site_gradients(sites, b, dict(zip(plan.site_params, grads[len(probes):])))
-                stats.add_outputs(sites, b)
-        exact_block_sums(problem, plan.exact, X, U, stats.dense, stats.single)
-    for p in checked:
-        p.requires_grad_(False)
+    for batch, plan in probe_passes(problem, kind, mc_samples, seed):
+        stats.add_inputs(batch.sites)
+        for b in batch.gradients():
+            stats.add_outputs(batch.sites, b)
+        exact_block_sums(problem, plan.exact, batch.X, batch.U, stats.dense, stats.single)
     return stats.result()

@@ -28,7 +28,8 @@ def metric(problem: BaseProblem | StagedProblem, kind: str = "euclidean", dampin
     ``cg_tol``, ``damping_metric``, operator options); ``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``
     (options ``backend``, ``mc_samples``, ``seed``); ``kfac``/``kflr`` (options ``kfac_approx`` expand|reduce, the
     weight-sharing approximation of :mod:`.kfac`; ``dense_max``, ``backend``, ``mc_samples``, ``seed``,
-    ``damping_weights``); ``adam`` (option ``optimizer``); ``pullback`` (options ``of``: the θ metric or its kind,
+    ``damping_weights``); ``ekfac`` (eigenvalue-corrected KFAC, :mod:`.ekfac`: option ``fisher_type``
+    type2|mc|empirical, and the kfac options); ``adam`` (option ``optimizer``); ``pullback`` (options ``of``: the θ metric or its kind,
     and, unless ``problem`` was made by ``cd.reparametrize``, ``reparam`` and ``psi``). Kinds are
     :class:`curvdist.catalogue.MetricKind`. On a sharded problem the statistics are per-shard sums reduced by its
     reducer (:mod:`.statistics`); a staged (pipeline) problem builds the metrics its stages can.
@@ -63,6 +64,14 @@ def metric(problem: BaseProblem | StagedProblem, kind: str = "euclidean", dampin
         from .kfac import kfac
 
         return kfac(problem, damping=damping, exact=(kind == "kflr"), **options)
+    if kind == "ekfac":
+        if isinstance(problem, ShardedProblem):
+            from .statistics import ekfac_metric
+
+            return ekfac_metric(problem, damping, **options)
+        from .ekfac import ekfac
+
+        return ekfac(problem, damping=damping, **options)
     if kind == "adam":
         from .adam import adam
 

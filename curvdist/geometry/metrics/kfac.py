@@ -99,16 +99,19 @@ __all__ = ["KFACMetric", "kfac"]
 @dataclass
 class _Block:
     """One diagonal block of M: ``kron`` (G ⊗ A for a matrix-shaped parameter), a single dense factor, or a
-    diagonal (no eigenvectors: ``evecs == ()``, ``evals == (d,)``)."""
+    diagonal (no eigenvectors: ``evecs == ()``, ``evals == (d,)``); or an eigenvalue-corrected Kronecker block
+    (U_G ⊗ U_A) diag(E) (U_G ⊗ U_A)ᵀ (``corrected`` = E, flat; an eigenbasis of None is the identity)."""
 
     name: str
     offset: int
     shape: torch.Size
-    evecs: tuple[Tensor, ...]  # U_G[, U_A]; () for a diagonal block
+    evecs: tuple[Any, ...]  # U_G[, U_A] (None: the identity, corrected blocks only); () for a diagonal block
     evals: tuple[Tensor, ...]  # λ_G[, λ_A], clipped at 0; (d,) for a diagonal block
     damping_weight: float = 1.0  # w: the block's damping reference is w·I
     #: a Kronecker block with a structured factor (evecs/evals then hold the dense factor's U, λ only)
     structured: StructuredKronecker | None = None
+    #: EKFAC: the corrected eigenvalues in the basis U_G ⊗ U_A (row-major), replacing λ_G ⊗ λ_A
+    corrected: Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -124,6 +127,8 @@ class _Block:
         structured block the dense factor's index runs fastest)."""
         if self.structured is not None:
             return self.structured.eigenvalues()
+        if self.corrected is not None:
+            return self.corrected
         if len(self.evals) == 1:
             return self.evals[0]
         return torch.outer(self.evals[0], self.evals[1]).reshape(-1)
@@ -138,6 +143,8 @@ class _Block:
             return self.evals[0]
         else:
             U, lam = self.evecs[k], self.evals[k]
+            if U is None:  # the identity basis of a corrected block: the factor's diagonal
+                return lam
         F = (U * lam) @ U.T
         return 0.5 * (F + F.T)
 
@@ -155,10 +162,10 @@ class _Block:
             U, = self.evecs
             return U @ ((U.T @ v) * (self.evals[0] + damping) ** exponent)
         UG, UA = self.evecs
-        V = v.reshape(UG.shape[0], UA.shape[0])
-        W = UG.T @ V @ UA
-        lam = torch.outer(self.evals[0], self.evals[1]) + damping
-        return (UG @ (W * lam**exponent) @ UA.T).reshape(-1)
+        V = v.reshape(self.shape[0], -1)
+        W = _rotate(V, UG, UA, transpose=True)
+        lam = self.eigenvalues.reshape(W.shape) + damping
+        return _rotate(W * lam**exponent, UG, UA, transpose=False).reshape(-1)
 
     def inv_factor_t(self, v: Tensor, damping: float) -> Tensor:
         """W⁻ᵀ v (= W⁻¹ v unless the block is structured with a non-constant diagonal)."""
@@ -176,9 +183,22 @@ class _Block:
             return self.structured.dense(damping)
         if self.diagonal:
             block = torch.diag(self.evals[0])
+        elif self.corrected is not None:
+            Q = torch.kron(*(torch.eye(n, dtype=self.corrected.dtype, device=self.corrected.device) if U is None
+                             else U.contiguous() for U, n in zip(self.evecs, (self.shape[0], self.shape[1:].numel()))))
+            block = (Q * self.corrected) @ Q.T
         else:
             block = self.factor(0) if len(self.evecs) == 1 else torch.kron(self.factor(0), self.factor(1))
         return block + damping * torch.eye(block.shape[0], dtype=block.dtype, device=block.device)
+
+
+def _rotate(V: Tensor, U1: Tensor | None, U2: Tensor | None, transpose: bool) -> Tensor:
+    """U₁ᵀ V U₂ (``transpose``) or U₁ V U₂ᵀ, an eigenbasis of None being the identity."""
+    if U1 is not None:
+        V = (U1.T if transpose else U1) @ V
+    if U2 is not None:
+        V = V @ (U2 if transpose else U2.T)
+    return V
 
 
 def _is_structured(F: Any) -> bool:
@@ -230,6 +250,10 @@ class KFACMetric(Metric):
             computed on the Ray actors, one layer each, as in distributed K-FAC).
         damping_weights: optional per-name weights w_p > 0 of the damping reference R = blockdiag(w_p I)
             (block p is damped by δ·w_p; names not given keep w = 1).
+        corrections: EKFAC (:mod:`.ekfac`): per name of a two-factor block, the corrected eigenvalues E (the
+            parameter's shape, or flat) in the eigenbasis U_G ⊗ U_A of its factors; the block is then
+            (U_G ⊗ U_A) diag(E) (U_G ⊗ U_A)ᵀ. A structured factor (above ``structured_above``) or an ``eigh`` entry
+            with U = None contributes the identity basis on its side.
     """
 
     kind = "kfac"
@@ -240,7 +264,8 @@ class KFACMetric(Metric):
     def __init__(self, names: Sequence[str], shapes: Sequence[torch.Size], factors: Mapping[str, Sequence[Tensor]],
                  damping: float = 0.0, kind: str = "kfac",
                  eigh: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None = None,
-                 damping_weights: Mapping[str, float] | None = None) -> None:
+                 damping_weights: Mapping[str, float] | None = None,
+                 corrections: Mapping[str, Tensor] | None = None) -> None:
         names, shapes = list(names), [torch.Size(s) for s in shapes]
         if len(names) != len(shapes) or not names:
             raise ShapeError(f"need one shape per parameter name, got {len(names)} names and {len(shapes)} shapes")
@@ -278,7 +303,9 @@ class KFACMetric(Metric):
                     raise ShapeError(f"Kronecker factor of {name} has shape {tuple(F.shape)}, expected {(n, n)}"
                                      + (f" or {(n,)} (a diagonal block)" if len(fs) == 1 else ""))
             weight = float(weights.get(name, 1.0))
-            if structured:
+            if corrections is not None and name in corrections:
+                block = self._corrected_block(name, offset, shape, fs, corrections[name], weight, eigh)
+            elif structured:
                 block = self._structured_block(name, offset, shape, fs, structured, weight, eigh)
             elif diagonal:
                 block = _Block(name, offset, shape, (), (clip_diagonal(fs[0].to(self.dtype), name),), weight)
@@ -302,6 +329,30 @@ class KFACMetric(Metric):
 
         #: M_δ^{-1/2} is the factor W⁻¹ unless a structured block has a non-constant diagonal
         self.has_inv_sqrt = all(b.structured is None or b.structured.symmetric for b in self.blocks)
+
+    def _corrected_block(self, name: str, offset: int, shape: torch.Size, fs: tuple[Any, ...], E: Tensor,
+                         weight: float, eigh: Mapping[str, Sequence[tuple[Any, Any]]] | None) -> _Block:
+        """An eigenvalue-corrected Kronecker block (EKFAC): the factors' eigenbases (identity for a structured
+        factor) and the corrected eigenvalues E."""
+        if len(fs) != 2:
+            raise MetricError(f"an eigenvalue correction for {name} needs a two-factor block, got {len(fs)} factors")
+        if tuple(E.shape) not in (tuple(shape), (shape.numel(),), (shape[0], shape[1:].numel())):
+            raise ShapeError(f"the corrected eigenvalues of {name} have shape {tuple(E.shape)}, expected "
+                             f"{tuple(shape)}")
+        given = eigh.get(name) if eigh is not None else None
+        evecs, evals = [], []
+        for k, F in enumerate(fs):
+            if given:
+                lam, U = given[k]
+            elif _is_structured(F):  # the identity basis; λ: the factor's diagonal (for the record)
+                lam = F if isinstance(F, Tensor) else F.diag + (F.weights[:, None] * F.rows**2).sum(0)
+                U = None
+            else:
+                lam, U = eigh_psd(F.to(self.dtype), name)
+            evecs.append(None if U is None else U.to(self.dtype))
+            evals.append(lam.to(self.dtype))
+        return _Block(name, offset, shape, tuple(evecs), tuple(evals), weight,
+                      corrected=clip_diagonal(E.detach().reshape(-1).to(self.dtype), name))
 
     def _structured_block(self, name: str, offset: int, shape: torch.Size, fs: tuple[Any, ...],
                           structured: list[int], weight: float,
@@ -376,15 +427,17 @@ class KFACMetric(Metric):
         "kind", "damping", "names", "shapes", "evecs": [[U_G, U_A] or [U_G], ...], "evals": [[λ_G, λ_A] or [λ_G],
         ...], "damping_weights": [w_p, ...], "structured": {name: {"side", "diag", "rows", "weights"}}}`` (a
         structured block keeps its dense factor's eigendecomposition in evecs/evals and its structured factor
-        F = diag(d) + Bᵀ diag(w) B under "structured")."""
+        F = diag(d) + Bᵀ diag(w) B under "structured"; an EKFAC block its corrected eigenvalues under
+        "corrected", with None for an identity eigenbasis)."""
         structured = {b.name: {"side": b.structured.side, "diag": b.structured.F.diag, "rows": b.structured.F.rows,
                                "weights": b.structured.F.weights}
                       for b in self.blocks if b.structured is not None}
+        corrected = {b.name: b.corrected for b in self.blocks if b.corrected is not None}
         return {"type": "kronecker", "kind": self.kind, "damping": self.damping,
                 "names": [b.name for b in self.blocks], "shapes": [list(b.shape) for b in self.blocks],
                 "evecs": [list(b.evecs) for b in self.blocks], "evals": [list(b.evals) for b in self.blocks],
                 "damping_weights": [float(getattr(b, "damping_weight", 1.0)) for b in self.blocks],
-                "structured": structured}
+                "structured": structured, "corrected": corrected}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> KFACMetric:
@@ -394,7 +447,7 @@ class KFACMetric(Metric):
             raise MetricError(f"not the state of a Kronecker-factored metric (type {state.get('type')!r})")
         names = [str(n) for n in state["names"]]
         eigh = {n: list(zip(lams, Us)) for n, lams, Us in zip(names, state["evals"], state["evecs"], strict=True)}
-        factors = {n: tuple(0.5 * ((U * lam) @ U.T + ((U * lam) @ U.T).T) for lam, U in pairs)
+        factors = {n: tuple(lam if U is None else 0.5 * ((U * lam) @ U.T + ((U * lam) @ U.T).T) for lam, U in pairs)
                    for n, pairs in eigh.items()}
         for n, lams, Us in zip(names, state["evals"], state["evecs"]):
             if not Us:  # a diagonal block
@@ -404,6 +457,8 @@ class KFACMetric(Metric):
             factors[n] = (F, factors[n][0]) if int(st["side"]) == 0 else (factors[n][0], F)
         weights = {n: float(w) for n, w in zip(names, state.get("damping_weights") or [], strict=False) if w != 1.0}
         extra: dict[str, Any] = {"damping_weights": weights} if weights else {}
+        if state.get("corrected"):
+            extra["corrections"] = dict(state["corrected"])
         return cls(names, [torch.Size(s) for s in state["shapes"]], factors, damping=float(state["damping"]),
                    kind=str(state["kind"]), eigh=eigh, **extra)
 
@@ -563,8 +618,8 @@ def kfac_backend(problem: Problem, backend: str, exact: bool) -> str:
 
 
 def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool = False, backend: str = "auto",
-              kfac_approx: str = "expand", dense_max: int = DENSE_MAX, structured_above: int = STRUCTURED_ABOVE
-              ) -> tuple[dict[str, Any], dict[str, Any]]:
+              kfac_approx: str = "expand", dense_max: int = DENSE_MAX, structured_above: int = STRUCTURED_ABOVE,
+              statistic: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Unnormalized Kronecker statistics summed over the problem's samples — sums, so data shards can be added
     before normalizing (:func:`normalized_factors`). Per parameter:
 
@@ -575,12 +630,22 @@ def kfac_sums(problem: Problem, mc_samples: int = 1, seed: int = 0, exact: bool 
       output-side sum Σ b bᵀ (a tensor) or an input-side ``(Σ a aᵀ, C)`` (see
       :mod:`curvdist.geometry.blocks.kronecker` for expand and reduce).
 
-    ``backend``, ``kfac_approx``, ``dense_max``, ``structured_above``: see :func:`kfac`."""
+    ``backend``, ``kfac_approx``, ``dense_max``, ``structured_above``: see :func:`kfac`. ``statistic``: the
+    output-space vectors of the own kernels — ``ggn``, ``fisher_mc`` or ``empirical`` (observed labels) —
+    overriding ``exact`` (BackPACK offers only the first two)."""
     check_mc_samples(mc_samples)
     parse(KFACApproximation, kfac_approx, "kfac_approx")
     for key, value in (("dense_max", dense_max), ("structured_above", structured_above)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise MetricError(f"{key} must be a non-negative int, got {value!r}")
+    if statistic is not None:
+        if backend == "backpack":
+            raise MetricError(f"the {statistic!r} Kronecker statistic comes from curvdist's own kernels; use "
+                              f"backend 'torch' or 'auto'")
+        from ..blocks.kronecker import kfac_sums_probes
+
+        return kfac_sums_probes(problem, mc_samples, seed, kfac_approx=kfac_approx, dense_max=dense_max,
+                                kind=statistic, structured_above=structured_above)
     wide = any(max(s[0], s[1:].numel()) > structured_above for s in problem.shapes if len(s) >= 2)
     if kfac_backend(problem, "torch" if wide and backend == "auto" else backend, exact) == "torch":
         from ..blocks.kronecker import kfac_sums_probes

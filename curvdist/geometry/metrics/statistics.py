@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ...errors import MetricError
 from ...problem.reducers import Shard, tree_map
 from ...problem.sharded import ShardedProblem
 from .base import DiagonalMetric
@@ -92,3 +93,38 @@ def kronecker_metric(problem: ShardedProblem, damping: float, exact: bool,
     :mod:`curvdist.geometry.damping`)."""
     G, A = reduced_kronecker(problem, exact, options)
     return kronecker_from_sums(problem, G, A, damping, "kflr" if exact else "kfac", damping_weights)
+
+
+def eigencorrection_shard_sums(shard: Shard, bases: dict[str, tuple[Tensor | None, Tensor | None]], statistic: str,
+                               options: dict[str, Any]) -> dict[str, Tensor]:
+    """The shard's EKFAC sums Σ_{n∈shard} Σ_k (Q₁ᵀ W^k_n Q₂)² in the given bases
+    (:func:`~curvdist.geometry.blocks.eigencorrection.eigencorrection_sums`)."""
+    from ..blocks.eigencorrection import eigencorrection_sums
+
+    sums = eigencorrection_sums(shard.problem, bases, statistic, options.get("mc_samples", 1), options.get("seed", 0))
+    return {n: t.detach() for n, t in sums.items()}
+
+
+def ekfac_metric(problem: ShardedProblem, damping: float, fisher_type: str = "mc",
+                 damping_weights: dict[str, float] | None = None, backend: str = "auto", **options: Any) -> KFACMetric:
+    """EKFAC of a sharded problem: Kronecker sums reduced over the shards, the factors eigendecomposed by the
+    reducer (layers spread by cost), then the bases sent to the shards for a second pass whose corrected-eigenvalue
+    sums are reduced in turn (:mod:`.ekfac`)."""
+    from .ekfac import ekfac_bases, ekfac_from_corrections, statistic_of
+
+    statistic = statistic_of(fisher_type, options.get("mc_samples", 1))
+    if backend not in ("auto", "torch"):
+        raise MetricError(f"the ekfac metric is computed by curvdist's own kernels (backend 'auto' or 'torch'), "
+                          f"got {backend!r}")
+    G, A = reduced_kronecker(problem, False, dict(options, statistic=statistic, backend="torch"))
+    factors = normalized_factors(problem.param_names, G, A, problem.scale, problem.num_samples)
+    two = {n: list(fs) for n, fs in factors.items() if len(fs) == 2}
+    costs = {n: float(sum(f.shape[0] ** 3 for f in fs if isinstance(f, Tensor) and f.ndim == 2))
+             for n, fs in two.items()}
+    bases = problem.reducer.map(ekfac_bases, two, costs)
+    bases = tree_map(lambda t: t.to(problem.device), bases)
+    sums = problem.reducer.sum(eigencorrection_shard_sums, {n: (p[0][1], p[1][1]) for n, p in bases.items()},
+                               statistic, {k: options[k] for k in ("mc_samples", "seed") if k in options})
+    corrections = {n: t.to(problem.device, problem.dtype) * problem.scale for n, t in sums.items()}
+    return ekfac_from_corrections(list(problem.param_names), list(problem.shapes), factors, bases, corrections,
+                                  damping, damping_weights)

@@ -30,11 +30,12 @@ from curvdist.geometry.reparam import compose, exp, linear, ntk, scale, softplus
 EIG_RTOL = 1e-8
 DAMPINGS = (1e-4, 1e-2)
 DIAGONAL = ("diag_ggn", "diag_fisher_mc", "empirical_fisher_diag")
-KRONECKER = ("kfac", "kflr")
+KRONECKER = ("kfac", "kflr", "ekfac")
 #: sampled kinds: the same seed must give the same labels in θ and ψ. Both run on curvdist's kernels (backend auto
 #: for sampled kinds), whose labels are keyed by (seed, sample index): any seed matches (BackPACK's draws would not,
 #: see test_backpack_and_torch_draws_differ_for_seed_5); kfac in ψ runs on θ's network.
-OPTIONS = {"diag_fisher_mc": {"mc_samples": 2, "seed": 5}, "kfac": {"mc_samples": 2, "seed": 5}}
+OPTIONS = {"diag_fisher_mc": {"mc_samples": 2, "seed": 5}, "kfac": {"mc_samples": 2, "seed": 5},
+           "ekfac": {"mc_samples": 2, "seed": 5}}
 
 REPARAMS: dict[str, Callable[[], cd.reparam.Reparametrization]] = {
     "ntk": lambda: ntk(1.5, 0.7),
