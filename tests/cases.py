@@ -94,3 +94,28 @@ def spd_matrix(d: int, eigenvalues: Tensor, seed: int = 0) -> Tensor:
 def make_problem(case: Case, reduction: str = "mean", model: torch.nn.Module | None = None) -> cd.Problem:
     model = case.model() if model is None else model
     return cd.Problem(model, case.loss, (case.X, case.y), batch_size=case.batch_size, reduction=reduction)
+
+
+def two_shard_problem(case: Case, problem: cd.Problem, split: int = 4, batch_size: int = 3) -> cd.ShardedProblem:
+    """``problem``'s data in two shards (samples [0, split) and [split, N), each a sum over its samples with its
+    ``sample_offset``), added in order by an in-process reducer: a sharded problem that must equal ``problem``."""
+    from curvdist.problem.reducers import Shard, ShardReducer, tree_sum
+    from curvdist.problem.sharded import ShardedProblem
+
+    class TwoShards(ShardReducer):
+        def __init__(self) -> None:
+            halves = [(case.X[:split], case.y[:split]), (case.X[split:], case.y[split:])]
+            self.parts = [Shard(cd.Problem(problem.model, case.loss, h, batch_size=batch_size, reduction="sum",
+                                           sample_offset=offset)) for h, offset in zip(halves, (0, split))]
+
+        @property
+        def shards(self) -> int:
+            return 2
+
+        def sum(self, statistic, *args):  # type: ignore[no-untyped-def]
+            return tree_sum([statistic(p, *args) for p in self.parts])
+
+        def set_params(self, flat: torch.Tensor) -> None:
+            raise NotImplementedError
+
+    return ShardedProblem(problem.model, case.loss, TwoShards(), list(problem.param_names))

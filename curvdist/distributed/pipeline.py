@@ -399,7 +399,8 @@ class PipelineMetric(SolvedMetric):
 
 
 class PipelineBlockMetric(Metric):
-    """A stage-local metric of a pipelined model — KFAC/KFLR M_δ = blockdiag(G ⊗ A) + δI or an exact diagonal
+    """A stage-local metric of a pipelined model — KFAC/KFLR M_δ = blockdiag(G ⊗ A) + δI, EKFAC (two passes: factors
+    and their eigenbases, then the corrected eigenvalues; option ``fisher_type``) or an exact diagonal
     (``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``) + δI — every block computed, eigendecomposed and
     applied on the stage actor that holds its parameters (:mod:`curvdist.distributed.stage_blocks`; weights tied
     across stages get the statistics of all their uses); the coordinator only schedules the per-batch forward and
@@ -411,7 +412,7 @@ class PipelineBlockMetric(Metric):
     _ids = itertools.count()
 
     def __init__(self, pool: StagePool, kind: str, damping: float = 0.0, mc_samples: int = 1, seed: int = 0,
-                 reduction: str = "mean") -> None:
+                 reduction: str = "mean", fisher_type: str = "mc") -> None:
         super().__init__(pool.space.dim, pool.space.dtype, "cpu", damping)
         self.pool, self.kind, self.id = pool, kind, next(self._ids)
         self.has_inv_sqrt = True
@@ -420,9 +421,16 @@ class PipelineBlockMetric(Metric):
         owners: dict[int, list[int]] = {}  # owner stage → the later stages using its tied weights
         for _, owner, user in pool.ties:
             owners.setdefault(owner, []).append(user)
-        diagonal = kind not in (MetricKind.KFAC, MetricKind.KFLR)
-        try:
-            ray.get([a.metric_begin.remote(kind) for a in actors])
+        if kind == MetricKind.EKFAC:
+            from ..geometry.metrics.ekfac import statistic_of
+
+            statistic_of(fisher_type, mc_samples)
+        squares = kind not in (MetricKind.KFAC, MetricKind.KFLR, MetricKind.EKFAC)  # diagonal: per-sample squares
+        scale = 1.0 / pool.num_samples if reduction == "mean" else 1.0
+
+        def one_pass(squares: bool) -> None:
+            """Forward and backward passes of every micro-batch through the stages; with ``squares`` the tied
+            weights' per-sample gradients go to their owners per micro-batch."""
             pending = []
             for b in range(pool.num_batches):
                 x = None
@@ -431,17 +439,28 @@ class PipelineBlockMetric(Metric):
                 g = actors[-1].metric_start.remote(b, x, int(mc_samples), int(seed))
                 parts: dict[int, Any] = {}
                 for s in reversed(range(S)):
-                    extra = [parts[u] for u in sorted(set(owners.get(s, ())))] if diagonal else []
+                    extra = [parts[u] for u in sorted(set(owners.get(s, ())))] if squares else []
                     g = actors[s].metric_backward.remote(b, g, *extra)
-                    if diagonal and pool.infos[s]["foreign"]:
+                    if squares and pool.infos[s]["foreign"]:
                         parts[s] = actors[s].metric_tied_samples.remote(b)
                 pending.append(g)
             ray.get(pending)
+
+        def tied_sums() -> dict[int, list[Any]]:
+            """Per owner stage the Kronecker sums of its tied weights' uses on later stages."""
             sums = {s: actors[s].metric_tied_sums.remote() for s in range(S) if pool.infos[s]["foreign"]}
-            scale = 1.0 / pool.num_samples if reduction == "mean" else 1.0
-            logdets = [a.metric_finish.remote(self.id, scale, pool.num_samples, float(damping),
-                                              *([sums[u] for u in sorted(set(owners.get(s, ())))] if not diagonal
-                                                else []))
+            return {s: [sums[u] for u in sorted(set(owners.get(s, ())))] for s in range(S)}
+
+        try:
+            ray.get([a.metric_begin.remote(kind, fisher_type) for a in actors])
+            one_pass(squares)
+            parts = {s: [] for s in range(S)} if squares else tied_sums()
+            if kind == MetricKind.EKFAC:  # factors and bases on the stages, then the corrected eigenvalues
+                ray.get([a.metric_correction_begin.remote(scale, pool.num_samples, *parts[s])
+                         for s, a in enumerate(actors)])
+                one_pass(True)
+                parts = {s: [] for s in range(S)}
+            logdets = [a.metric_finish.remote(self.id, scale, pool.num_samples, float(damping), *parts[s])
                        for s, a in enumerate(actors)]
             self._logdet = float(sum(ray.get(logdets)))
         except ray.exceptions.RayTaskError as e:

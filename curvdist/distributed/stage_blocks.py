@@ -11,6 +11,10 @@ vectors are backpropagated stage by stage: each stage takes the gradients w.r.t.
 its statistics from its probes, and passes the gradients w.r.t. its incoming carry on.
 
 * Kronecker (``kfac``, ``kflr``): the sums of :class:`~curvdist.geometry.blocks.kronecker.KroneckerStats`.
+* EKFAC (``ekfac``, :mod:`curvdist.geometry.metrics.ekfac`): two passes. The first collects the Kronecker sums; each
+  stage forms its factors and their eigenbases (:meth:`StageBlocks.begin_correction`); the second accumulates
+  Σ_{n,k} (Q₁ᵀ W^k_n Q₂)² from the per-sample gradients of its weights, handled like a diagonal's squares (a tied
+  weight's uses added before rotating and squaring, at the owner, which holds the bases).
 * Diagonal (``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``): Σ_{n,k} g_{n,k}², g_{n,k} the per-sample
   gradient J_nᵀ U[k, n] that the sites give exactly when they account for every use of a parameter.
 
@@ -35,6 +39,7 @@ from ..geometry.blocks.kronecker import (BLOCK_METRICS, KroneckerStats, _add, at
                                          site_gradients)
 from ..geometry.blocks.probes import check_calls
 from ..geometry.metrics.base import DiagonalMetric, Metric
+from ..geometry.metrics.ekfac import FISHER_TYPES, ekfac_bases, ekfac_from_corrections
 from ..geometry.metrics.kfac import KFACMetric, normalized_factors
 from ..problem.autodiff import differentiable_kernels
 from ..problem.data import Inputs, batch_len
@@ -54,9 +59,14 @@ class StageBlocks:
     """
 
     def __init__(self, program: StageProgram, values: Mapping[str, Tensor], names: Sequence[str],
-                 foreign: Sequence[str], tied: Sequence[str], kind: str) -> None:
-        self.statistic, self.out_kind = BLOCK_METRICS[kind]
+                 foreign: Sequence[str], tied: Sequence[str], kind: str, fisher_type: str = "mc") -> None:
+        if kind == "ekfac":
+            self.statistic, self.out_kind = "kronecker", FISHER_TYPES[fisher_type]
+        else:
+            self.statistic, self.out_kind = BLOCK_METRICS[kind]
         self.kind = kind
+        self.factors: dict[str, tuple[Any, ...]] = {}
+        self.bases: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
         self.program, self.values = program, values
         self.names, self.foreign, self.tied = list(names), list(foreign), set(tied)
         self.used = [*self.names, *self.foreign]
@@ -121,10 +131,10 @@ class StageBlocks:
                 if self.statistic == "kronecker":
                     self.stats.add_outputs(sites, at_probes)
                 else:
-                    self._add_squares(site_gradients(sites, at_probes, self.shapes, per_sample=True), samples)
+                    self._add_squares(site_gradients(sites, at_probes, self._squared, per_sample=True), samples)
                 for c, g in zip(into, grads[len(probes):]):
                     to_input[c].append(torch.zeros_like(floats[c]) if g is None else g.detach())
-        if self.statistic == "diagonal":
+        if self.statistic != "kronecker":
             self._tied_squares(b, samples, parts)
         if not to_input:
             return None
@@ -138,7 +148,7 @@ class StageBlocks:
             if name in self.tied or name in self.foreign:
                 samples.setdefault(name, []).append(g.detach())
             else:
-                _add(self.diagonal, name, g.pow(2).sum(0))
+                _add(self.diagonal, name, self._square(name, g))
 
     def _tied_squares(self, b: int, samples: dict[str, list[Tensor]], parts: Sequence[dict[str, Tensor]]) -> None:
         foreign = {n: torch.stack(samples[n]) for n in self.foreign if n in samples}
@@ -149,8 +159,28 @@ class StageBlocks:
             for part in parts:
                 if name in part:
                     total = part[name].to(self.values[name].dtype) if total is None else total + part[name]
-            if total is not None:
-                _add(self.diagonal, name, total.pow(2).sum((0, 1)))
+            if total is not None and name in self._squared:
+                _add(self.diagonal, name, self._square(name, total.flatten(0, 1)))
+
+    @property
+    def _squared(self) -> dict[str, torch.Size]:
+        """The parameters whose per-sample gradients are squared: all (diagonal), or the Kronecker-factored
+        weights (EKFAC's correction; foreign ones are squared at their owners)."""
+        if self.statistic == "correction":
+            return {n: self.shapes[n] for n in self.used if n in self.bases or n in self.foreign}
+        return self.shapes
+
+    def _square(self, name: str, g: Tensor) -> Tensor:
+        """Σ_n of g_n² (diagonal), or of (Q₁ᵀ g_n Q₂)² in the weight's bases (EKFAC), g: (n, *shape)."""
+        if self.statistic != "correction":
+            return g.pow(2).sum(0)
+        (_, Q1), (_, Q2) = self.bases[name]
+        W = g.reshape(g.shape[0], g.shape[1], -1)
+        if Q1 is not None:
+            W = torch.matmul(Q1.T, W)
+        if Q2 is not None:
+            W = torch.matmul(W, Q2)
+        return W.square().sum(0)
 
     def tied_samples(self, b: int) -> dict[str, Tensor]:
         """Micro-batch b's per-sample gradients (K, B, *shape) of the foreign parameters (for their owners)."""
@@ -161,11 +191,27 @@ class StageBlocks:
         return self.stats.take(self.foreign)
 
     # ------------------------------------------------------------------ the metric
+    def begin_correction(self, scale: float, num_samples: int,
+                         parts: Sequence[dict[tuple[str, str], tuple[Any, Any, int]]] = ()) -> None:
+        """EKFAC, after the first pass: this stage's factors (with the later stages' sums of the tied weights it
+        owns) and their eigenbases; the next pass accumulates the corrected eigenvalues."""
+        for part in parts:
+            self.stats.merge(part)
+        G, A = self.stats.result(self.names)
+        self.factors = normalized_factors(self.names, G, A, scale, num_samples)
+        self.bases = ekfac_bases(self.factors)
+        self.reset()
+        self.statistic = "correction"
+
     def finish(self, scale: float, num_samples: int, damping: float,
                parts: Sequence[dict[tuple[str, str], tuple[Any, Any, int]]] = ()) -> float:
         """Form this stage's blocks (Kronecker factors eigendecomposed, with the later stages' sums of the tied
         weights it owns); returns log det of its blocks of M_δ."""
-        if self.statistic == "kronecker":
+        if self.statistic == "correction":
+            shapes = [self.shapes[n] for n in self.names]
+            corrections = {n: self.diagonal[n] * scale for n in self.bases}
+            self.metric = ekfac_from_corrections(self.names, shapes, self.factors, self.bases, corrections, damping)
+        elif self.statistic == "kronecker":
             for part in parts:
                 self.stats.merge(part)
             G, A = self.stats.result(self.names)

@@ -407,12 +407,17 @@ class StageWorker:
                                         self.device, owned=self.dim)}
 
     # ------------------------------------------------------------------ metric blocks of this stage's parameters
-    def metric_begin(self, kind: str) -> None:
+    def metric_begin(self, kind: str, fisher_type: str = "mc") -> None:
         """Start collecting the statistics of a stage metric ``kind`` (:mod:`.stage_blocks`)."""
         from .stage_blocks import StageBlocks
 
         self.blocks = StageBlocks(self.program, self.values, self.names, list(self.foreign),
-                                  [n for n, _ in self.tied_users], kind)
+                                  [n for n, _ in self.tied_users], kind, fisher_type)
+
+    def metric_correction_begin(self, scale: float, num_samples: int, *parts: Any) -> None:
+        """EKFAC: the factors and bases of this stage's weights from the first pass (with the later stages' sums of
+        the tied weights it owns); the next pass collects the corrected eigenvalues."""
+        self.blocks.begin_correction(scale, num_samples, parts)
 
     def metric_forward(self, b: int, incoming: Any) -> Any:
         X = self.batches[b][0]
@@ -422,7 +427,7 @@ class StageWorker:
         from ..geometry.blocks.kronecker import block_output_factors
 
         return block_output_factors(self.loss, out, self.batches[b][1], self.blocks.kind, self.firsts[b],
-                                    mc_samples, seed)
+                                    mc_samples, seed, self.blocks.out_kind if self.blocks.kind == "ekfac" else None)
 
     def metric_backward(self, b: int, grads_out: Any, *parts: dict[str, Tensor]) -> Any:
         return self.blocks.backward(b, grads_out, parts)

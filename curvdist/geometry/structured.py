@@ -149,6 +149,10 @@ class LowRankFactor:
                          "keep it structured (LowRankFactor)")
         return torch.diag(self.diag) + (self.rows.T * self.weights) @ self.rows
 
+    def diagonal(self) -> Tensor:
+        """The diagonal of F: d + Σ_j w_j b_j² (entrywise)."""
+        return self.diag + (self.weights[:, None] * self.rows**2).sum(0)
+
     def constant_diagonal(self) -> float | None:
         """d₀ if d = d₀·1, else None."""
         if self.n == 0:

@@ -107,7 +107,7 @@ BLOCK_METRICS = ("kfac", "kflr", "diag_ggn", "diag_fisher_mc", "empirical_fisher
     ("gpt2", 3, 3), pytest.param("gpt2", 2, 1, marks=pytest.mark.slow),
     pytest.param("llama", 2, 3, marks=pytest.mark.slow), pytest.param("llama", 3, 1, marks=pytest.mark.slow)])
 def test_stage_metrics_of_traced_decoders_equal_local(ray_module, name, stages, micro):
-    """Kronecker and diagonal metrics of a traced decoder, each stage computing the blocks of its own parameters
+    """Kronecker (kfac, kflr, ekfac) and diagonal metrics of a traced decoder, each stage computing the blocks of its own parameters
     from sites in its exported graph (GPT-2's Conv1D addmm and LayerNorm, LLaMA's Linear and its RMSNorm's
     elementwise scale, the embeddings), with the token embedding tied to the head on the last stage: equal to the
     local own-kernel metric (float64, the same sampled labels), and usable by queries."""
@@ -118,8 +118,9 @@ def test_stage_metrics_of_traced_decoders_equal_local(ray_module, name, stages, 
         assert pool.ties and pool.ties[0][1:] == (0, stages - 1)
         v = torch.randn(local.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         space = pool.space
-        for kind in BLOCK_METRICS:
-            options = {"mc_samples": 2, "seed": 5} if kind in ("kfac", "diag_fisher_mc") else {}
+        for kind, options in [*((k, {"mc_samples": 2, "seed": 5} if k in ("kfac", "diag_fisher_mc") else {})
+                                for k in BLOCK_METRICS),
+                              ("ekfac", {"mc_samples": 2, "seed": 5}), ("ekfac", {"fisher_type": "type2"})]:
             M_local = cd.metric(local, kind, damping=0.1, backend="torch", **options)
             M = cd.metric(problem, kind, damping=0.1, **options)
             assert float((M_local.apply(v) - 0.1 * v).norm()) > 1e-3 * float(v.norm())  # not just the damping

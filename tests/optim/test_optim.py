@@ -52,7 +52,8 @@ def _losses(make_opt, X, y, steps):
 
 
 @pytest.mark.parametrize("kind,lr,adam_steps,within", [("fisher", 0.5, 100, 30), ("kflr", 0.5, 100, 30),
-                                                       ("kfac", 0.5, 100, 30), ("diag_ggn", 0.05, 30, 40)])
+                                                       ("kfac", 0.5, 100, 30), ("ekfac", 0.5, 100, 30),
+                                                       ("diag_ggn", 0.05, 30, 40)])
 def test_reaches_adams_loss_in_fewer_steps(kind, lr, adam_steps, within):
     """Digits (300 images), full batch: the loss Adam (lr 0.01) has after ``adam_steps`` steps, reached by
     RiemannianSGD (δ = 0.1, metric rebuilt every 5 steps) within ``within`` steps (measured: 20, 20, 22 and ~32)."""
@@ -160,7 +161,7 @@ def _resume_case(metric, **options):
     return case, make, steps
 
 
-@pytest.mark.parametrize("metric", ["kfac", "adam", "diag_ggn", "fisher"])
+@pytest.mark.parametrize("metric", ["kfac", "ekfac", "adam", "diag_ggn", "fisher"])
 def test_state_dict_resumes_the_same_steps(metric, tmp_path):
     """3 steps, state_dict (through torch.save/torch.load(weights_only=True)), a fresh model and optimizer at those
     parameters load it, 2 more steps: the parameters of 5 uninterrupted steps, exactly. ``fisher`` (matrix-free,
@@ -177,7 +178,7 @@ def test_state_dict_resumes_the_same_steps(metric, tmp_path):
     entry = sd["state"][STATE_KEY]
     assert entry["step"] == opt.steps and entry["momentum_buffer"] is not None
     assert (entry["exp_avg_sq"] is not None) == (metric == "adam")
-    assert (entry["metric"] is not None) == (metric in ("kfac", "diag_ggn"))
+    assert (entry["metric"] is not None) == (metric in ("kfac", "ekfac", "diag_ggn"))
     torch.save(sd, tmp_path / "opt.pt")
     sd = torch.load(tmp_path / "opt.pt", weights_only=True)
 
@@ -189,7 +190,7 @@ def test_state_dict_resumes_the_same_steps(metric, tmp_path):
     resumed_opt = make(resumed)
     resumed_opt.load_state_dict(sd)
     assert resumed_opt.steps == full_opt.steps
-    if metric in ("kfac", "diag_ggn"):
+    if metric in ("kfac", "ekfac", "diag_ggn"):
         assert type(resumed_opt.metric) is type(full_opt.metric)
         x = torch.linspace(-1, 1, full_opt.dim, dtype=torch.float64)
         assert torch.equal(resumed_opt.metric.solve(x), full_opt.metric.solve(x))

@@ -27,6 +27,8 @@ def _same_numbers(local: cd.Problem, sharded: cd.ShardedProblem) -> None:
     for kind in ("diag_ggn", "empirical_fisher_diag", "kflr"):
         assert torch.equal(cd.metric(local, kind, damping=0.1).to_dense(),
                            cd.metric(sharded, kind, damping=0.1).to_dense()), kind
+    torch.testing.assert_close(cd.metric(local, "ekfac", damping=0.1, seed=2).to_dense(),
+                               cd.metric(sharded, "ekfac", damping=0.1, seed=2).to_dense(), rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

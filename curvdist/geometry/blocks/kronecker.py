@@ -323,13 +323,14 @@ def statistic_factors(problem: Problem, out: Tensor, y: Tensor, kind: str, batch
                           f"sampled 'kfac' metric, or give the loss an output_hessian_sqrt") from e
 
 
-def block_output_factors(loss: Any, out: Tensor, y: Tensor, kind: str, first: int, mc_samples: int, seed: int
-                         ) -> Tensor:
+def block_output_factors(loss: Any, out: Tensor, y: Tensor, kind: str, first: int, mc_samples: int, seed: int,
+                         out_kind: str | None = None) -> Tensor:
     """The K output-space vectors of a micro-batch for the metric ``kind`` of :data:`BLOCK_METRICS` (see
     :func:`~curvdist.operators.output_space.output_factors`); ``first``: the global index of its first sample (the
     Monte-Carlo label keys). Kronecker statistics take one vector per event (token) and label, diagonals the exact
-    factor of each sample's matrix — as the local kernels do."""
-    statistic, out_kind = BLOCK_METRICS[kind]
+    factor of each sample's matrix — as the local kernels do. ``out_kind``: the Kronecker statistic of ``ekfac``
+    (its ``fisher_type``'s :data:`PER_EVENT` kind)."""
+    statistic, out_kind = ("kronecker", out_kind) if out_kind is not None else BLOCK_METRICS[kind]
     per_event = PER_EVENT[out_kind] if statistic == "kronecker" else False
     return output_factors(SimpleNamespace(loss=loss), out, y, out_kind, first, mc_samples, seed,  # type: ignore[arg-type]
                           per_event=per_event)

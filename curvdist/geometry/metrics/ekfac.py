@@ -74,8 +74,7 @@ def ekfac_bases(factors: Mapping[str, tuple[Any, ...]]) -> dict[str, list[tuple[
         pairs: list[tuple[Tensor, Tensor | None]] = []
         for F in fs:
             if _is_structured(F):
-                pairs.append((F if isinstance(F, Tensor) else F.diag + (F.weights[:, None] * F.rows**2).sum(0),
-                              None))
+                pairs.append((F if isinstance(F, Tensor) else F.diagonal(), None))
             else:
                 pairs.append(eigh_psd(F, name))
         bases[name] = pairs

@@ -345,7 +345,7 @@ class KFACMetric(Metric):
             if given:
                 lam, U = given[k]
             elif _is_structured(F):  # the identity basis; λ: the factor's diagonal (for the record)
-                lam = F if isinstance(F, Tensor) else F.diag + (F.weights[:, None] * F.rows**2).sum(0)
+                lam = F if isinstance(F, Tensor) else F.diagonal()
                 U = None
             else:
                 lam, U = eigh_psd(F.to(self.dtype), name)

@@ -41,7 +41,7 @@ from .replica import Replica
 KRONECKER = tuple(names(KRONECKER_METRICS))
 DIAGONAL = tuple(names(DIAGONAL_METRICS))
 MATRIX_FREE = (MetricKind.EUCLIDEAN.value, *names(CURVATURE_METRICS))
-KINDS = KRONECKER + DIAGONAL + MATRIX_FREE
+KINDS = KRONECKER + (MetricKind.EKFAC.value,) + DIAGONAL + MATRIX_FREE
 
 
 class DataParallelMetric:
@@ -93,6 +93,10 @@ class DataParallelMetric:
                            "shapes": [list(s) for s in dp.shapes], "scale": dp.scale,
                            "num_samples": dp.num_samples}
             return kronecker_from_sums(dp, G, A, self.damping, self.kind)
+        if self.kind == MetricKind.EKFAC:  # factors, bases and corrections reduced over the ranks
+            M = metric(dp, self.kind, self.damping, **self.options)
+            self._state = {"kind": self.kind, "metric": M.state_dict()}
+            return M
         if self.kind in DIAGONAL:
             total = reduced_diagonal(dp, self.kind, self.options)
             self._state = {"kind": self.kind, "diagonal_sum": total, "scale": dp.scale}
@@ -114,6 +118,10 @@ class DataParallelMetric:
         if kind != self.kind:
             raise MetricError(f"the checkpoint holds a {kind} metric, this preconditioner uses {self.kind}")
         self._state = state
+        if kind == MetricKind.EKFAC:
+            from ...geometry.metrics.kfac import KFACMetric
+
+            return KFACMetric.from_state_dict(state["metric"])
         if kind in KRONECKER:
             return kfac_from_sums(state["names"], [torch.Size(s) for s in state["shapes"]], state["G"], state["A"],
                                   state["scale"], state["num_samples"], self.damping, kind)

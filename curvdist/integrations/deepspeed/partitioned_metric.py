@@ -16,6 +16,11 @@ the output-side vectors b at every site:
   damped block. To apply M_δ, M_δ⁻¹, W⁻¹, W⁻ᵀ or M_δ^{-1/2} to a partitioned vector, the pieces of one
   parameter at a time are gathered at its owner, the block is applied there, and the result is scattered back as
   pieces: no rank holds more than one parameter's vector in full at once — what a ZeRO-3 training step gathers.
+* EKFAC (``ekfac``, :mod:`curvdist.geometry.metrics.ekfac`): the Kronecker sums as above; each owner forms its
+  layers' factors and eigenbases, and a second pass accumulates the corrected eigenvalues Σ_{n,k}(Q₁ᵀ W_{n,k} Q₂)²
+  from the per-sample gradients of every rank's samples: the bases are broadcast from their owners in groups of at
+  most ``bases_bytes`` (one more pass per group), each rank sums its samples' squares in them, and each layer's sum
+  is reduced to its owner.
 * Diagonal (``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``): the exact diagonal Σ_{n,k} g_{n,k}² of
   per-sample gradients g = J_nᵀ U[k, n], which the sites give exactly. Each parameter's contribution of a chunk of
   the K vectors is reduced over the ranks straight into this rank's pieces, one parameter at a time, and the metric
@@ -37,10 +42,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ...errors import MetricError
+from ...geometry.blocks.eigencorrection import EigenCorrection
 from ...geometry.blocks.kronecker import (BLOCK_METRICS, KroneckerStats, attention_mask, block_output_factors,
                                           site_gradients)
 from ...geometry.blocks.probes import MATRIX_FREE_HINT, Site, check_calls, instrumented
 from ...geometry.metrics.base import DiagonalMetric, Metric
+from ...geometry.metrics.ekfac import FISHER_TYPES, ekfac_from_corrections, statistic_of
 from ...geometry.metrics.kfac import KFACMetric, normalized_factors
 from ...geometry.structured import LowRankFactor
 from ...problem.reducers import assign_by_cost
@@ -49,6 +56,9 @@ from .finite_difference import PartitionedProblem
 #: bytes of output-side vectors kept at once for a diagonal's chunk of the K output vectors
 DIAGONAL_CHUNK_BYTES = 256 * 1024**2
 
+#: EKFAC: bytes of eigenbases every rank holds at once during a correction pass (default of ``bases_bytes``)
+BASES_BYTES = 512 * 1024**2
+
 
 class PartitionedBlockMetric(Metric):
     """M_δ = blockdiag(G ⊗ A) + δI (``kfac``, ``kflr``) or diag(d) + δI (the exact diagonals) of a ZeRO-3 engine's
@@ -56,21 +66,28 @@ class PartitionedBlockMetric(Metric):
 
     Args:
         problem: the partitioned problem (the engine, this rank's shard of the held batch).
-        kind: a kind of :data:`~curvdist.geometry.blocks.kronecker.BLOCK_METRICS`.
+        kind: a kind of :data:`~curvdist.geometry.blocks.kronecker.BLOCK_METRICS`, or ``ekfac``.
         damping: δ.
-        mc_samples, seed: the sampled labels of ``kfac`` and ``diag_fisher_mc``.
+        mc_samples, seed: the sampled labels of ``kfac``, ``ekfac`` (``fisher_type`` ``mc``) and ``diag_fisher_mc``.
+        fisher_type: ``ekfac``'s curvature (type2, mc, empirical).
+        bases_bytes: ``ekfac``: the most bytes of eigenbases broadcast to every rank for one correction pass.
     """
 
     has_factor = True
     has_inv_sqrt = True
 
     def __init__(self, problem: PartitionedProblem, kind: str, damping: float = 0.0, mc_samples: int = 1,
-                 seed: int = 0) -> None:
-        if kind not in BLOCK_METRICS:
-            raise MetricError(f"ZeRO-3 partitioned block metrics are {sorted(BLOCK_METRICS)}, not {kind!r}")
+                 seed: int = 0, fisher_type: str = "mc", bases_bytes: int = BASES_BYTES) -> None:
+        if kind not in BLOCK_METRICS and kind != "ekfac":
+            raise MetricError(f"ZeRO-3 partitioned block metrics are {sorted([*BLOCK_METRICS, 'ekfac'])}, not "
+                              f"{kind!r}")
         super().__init__(problem.dim, problem.dtype, problem.space.device, damping)
         self.problem, self.parts, self.kind = problem, problem.parts, kind
-        self.statistic, _ = BLOCK_METRICS[kind]
+        if kind == "ekfac":
+            statistic_of(fisher_type, mc_samples)
+            self.statistic, self.out_kind = "kronecker", FISHER_TYPES[fisher_type]
+        else:
+            self.statistic, self.out_kind = BLOCK_METRICS[kind]
         self.shapes = {n: torch.Size(p.ds_shape) for n, p in zip(self.parts.names, self.parts.params)}
         module = self.parts.module
         training = module.training
@@ -83,6 +100,8 @@ class PartitionedBlockMetric(Metric):
             module.train(training)
         if self.statistic == "kronecker":
             self._own_blocks(stats)
+            if kind == "ekfac":
+                self._correct(int(mc_samples), int(seed), int(bases_bytes))
         else:
             self.diagonal = DiagonalMetric((pieces * problem.scale).to(torch.float64), damping, kind=kind)
         self._logdet = self._total_logdet()
@@ -109,8 +128,7 @@ class PartitionedBlockMetric(Metric):
                     out = p.forward(X)
                     check_calls(rec, names, B)
                     sites = list(rec.sites)
-                    U = block_output_factors(p.loss, out.detach().double(), y, self.kind, first, mc_samples,
-                                             seed).to(out.dtype)
+                    U = self._output_vectors(out, y, first, mc_samples, seed)
                     if stats is not None:
                         stats.add_inputs(sites)
                     kept: list[list[Tensor]] = []
@@ -131,6 +149,11 @@ class PartitionedBlockMetric(Metric):
                 parts.release()
                 first += B
         return stats, pieces, check
+
+    def _output_vectors(self, out: Tensor, y: Tensor, first: int, mc_samples: int, seed: int) -> Tensor:
+        """The K output-space vectors of a batch whose first sample has the global index ``first``."""
+        return block_output_factors(self.problem.loss, out.detach().double(), y, self.kind, first, mc_samples, seed,
+                                    self.out_kind if self.kind == "ekfac" else None).to(out.dtype)
 
     def _add_squares(self, sites: list[Site], chunk: list[list[Tensor]], pieces: Tensor) -> None:
         """pieces += this rank's piece of Σ_ranks Σ_{n, k in chunk} g_{n,k}², one parameter at a time."""
@@ -199,6 +222,90 @@ class PartitionedBlockMetric(Metric):
             self.blocks[name] = KFACMetric([name], [self.shapes[name]], normalized_factors([name], G, A, scale, N),
                                            damping=self.damping, kind=self.kind)
 
+    def _correct(self, mc_samples: int, seed: int, bases_bytes: int) -> None:
+        """EKFAC: the owners' eigenbases broadcast in groups of at most ``bases_bytes``, a pass over this rank's
+        batches per group summing the rotated per-sample squares, each layer's sum reduced to its owner, which
+        replaces its Kronecker block by the corrected one."""
+        parts, group = self.parts, self.parts.group
+        two = [n for n in parts.names if len(self.shapes[n]) >= 2 and self._is_kron(n)]
+        width = torch.finfo(parts.dtype).bits // 8
+        sizes = {n: width * (self.shapes[n][0] ** 2 + self.shapes[n][1:].numel() ** 2) for n in two}
+        groups: list[list[str]] = []
+        for n in two:
+            if not groups or sum(sizes[m] for m in groups[-1]) + sizes[n] > bases_bytes:
+                groups.append([])
+            groups[-1].append(n)
+        module = parts.module
+        training = module.training
+        module.eval()
+        try:
+            for names in groups:
+                bases = {n: self._broadcast_bases(n) for n in names}
+                acc = EigenCorrection(bases, self.shapes)
+                with instrumented(module, parts.names) as (rec, _):
+                    first = self.problem.sample_offset
+                    for X, y in self.problem.batches():
+                        B = int(X.shape[0])
+                        rec.begin(B, attention_mask(X))
+                        with torch.enable_grad(), parts.meter.watching(module):
+                            out = self.problem.forward(X)
+                            sites = list(rec.sites)
+                            U = self._output_vectors(out, y, first, mc_samples, seed)
+                            for k in range(U.shape[0]):
+                                grads = torch.autograd.grad(out, [s.probe for s in sites], U[k],
+                                                            retain_graph=k < U.shape[0] - 1, allow_unused=True)
+                                acc.add(sites, [torch.zeros_like(s.probe) if g is None else g.detach()
+                                                for s, g in zip(sites, grads)])
+                        parts.release()
+                        first += B
+                for n in names:
+                    E = acc.sums.get(n)
+                    if E is None:  # pragma: no cover - check_calls: every layer has a site on every batch
+                        raise MetricError(f"no per-sample gradients reached {n}")
+                    E = _reduce_to(self.owner[n], E.contiguous(), group)
+                    if parts.rank == self.owner[n]:
+                        block = self.blocks[n]
+                        factors = block.factors()
+                        self.blocks[n] = ekfac_from_corrections([n], [self.shapes[n]], factors, {n: self._bases[n]},
+                                                                {n: E * self.problem.scale}, self.damping)
+                del bases, acc
+        finally:
+            parts.release()
+            module.train(training)
+
+    def _is_kron(self, name: str) -> bool:
+        """Whether ``name`` has a two-factor block (known at its owner; agreed over the ranks)."""
+        flag = torch.tensor([0.0])
+        if self.parts.rank == self.owner[name]:
+            flag[0] = float(self.blocks[name].blocks[0].num_factors == 2)
+        dist.all_reduce(flag, group=self.parts.group)
+        return bool(flag.item())
+
+    def _broadcast_bases(self, name: str) -> tuple[Tensor | None, Tensor | None]:
+        """The eigenbases (Q₁, Q₂) of ``name``'s Kronecker factors, formed at its owner and broadcast (None: the
+        identity of a structured side)."""
+        parts, group = self.parts, self.parts.group
+        owner = self.owner[name]
+        if not hasattr(self, "_bases"):
+            self._bases: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
+        sides = (self.shapes[name][0], self.shapes[name][1:].numel())
+        present = torch.zeros(2)
+        if parts.rank == owner:
+            self._bases[name] = _kronecker_bases(self.blocks[name])
+            present = torch.tensor([float(U is not None) for _, U in self._bases[name]])
+        dist.broadcast(present, src=_global(owner, group), group=group)
+        out: list[Tensor | None] = []
+        for k, n in enumerate(sides):
+            if not present[k]:
+                out.append(None)
+                continue
+            Q = self._bases[name][k][1].contiguous() if parts.rank == owner else \
+                torch.empty(n, n, dtype=parts.dtype, device=self.problem.space.device)
+            Q = Q.to(parts.dtype)
+            dist.broadcast(Q, src=_global(owner, group), group=group)
+            out.append(Q)
+        return out[0], out[1]
+
     def _total_logdet(self) -> float:
         if self.statistic == "diagonal":
             local = float(torch.log(self.diagonal._d).sum())
@@ -248,6 +355,17 @@ class PartitionedBlockMetric(Metric):
 
     def to_dense(self, max_dim: int = 8192) -> Tensor:
         raise MetricError("a ZeRO-3 partitioned metric is never assembled (no rank holds the model's vectors)")
+
+
+def _kronecker_bases(metric: KFACMetric) -> list[tuple[Tensor, Tensor | None]]:
+    """The eigendecompositions [(λ₁, Q₁), (λ₂, Q₂)] of a one-block Kronecker metric's factors, as its block holds
+    them (Q = None, λ the factor's diagonal, for a structured side: EKFAC's identity basis)."""
+    block = metric.blocks[0]
+    S = block.structured
+    if S is None:
+        return [(lam, U) for lam, U in zip(block.evals, block.evecs)]
+    return [(S.F.diagonal(), None) if k == S.side else (S.lam, S.U)
+            for k in range(2)]
 
 
 # ---------------------------------------------------------------------- collectives

@@ -38,8 +38,8 @@ def check_query(q: Any, metric_spec: MetricSpec, zero_stage: int) -> None:
 #: diagonal block metrics on the partitions, or the ggn/fisher metric solved by CG
 PARTITIONED_QUERIES = ("eigs", "trace", "logdet", "flatness")
 PARTITIONED_CURVATURES = ("hessian", "ggn")
-PARTITIONED_METRICS = ("euclidean", "kfac", "kflr", "diag_ggn", "diag_fisher_mc", "empirical_fisher_diag", "ggn",
-                       "fisher")
+PARTITIONED_METRICS = ("euclidean", "kfac", "kflr", "ekfac", "diag_ggn", "diag_fisher_mc", "empirical_fisher_diag",
+                       "ggn", "fisher")
 
 
 def check_partitioned(q: Any, curvature: CurvatureSpec, metric_spec: MetricSpec) -> None:

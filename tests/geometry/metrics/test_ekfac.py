@@ -15,7 +15,7 @@ import curvdist as cd
 from curvdist.errors import MetricError
 from curvdist.geometry.metrics.kfac import KFACMetric
 from tests import dense
-from tests.cases import CASES, make_problem
+from tests.cases import CASES, make_problem, two_shard_problem
 
 TRUTH = {"type2": lambda m, c, r: dense.dense_ggn(m, c.loss, c.X, c.y, r),
          "empirical": lambda m, c, r: dense.dense_empirical_fisher(m, c.loss, c.X, c.y, r)}
@@ -154,29 +154,9 @@ def test_state_round_trip() -> None:
 def test_sharded_statistics_equal_one_process() -> None:
     """Two shards (sums of their samples): factors, bases and corrections reduced equal one process, for the
     sampled type too (labels keyed by the global sample index)."""
-    from curvdist.problem.reducers import Shard, ShardReducer, tree_sum
-    from curvdist.problem.sharded import ShardedProblem
-
     case = CASES["token_transformer"]()
     problem = make_problem(case)
-
-    class TwoShards(ShardReducer):
-        def __init__(self) -> None:
-            halves = [(case.X[:4], case.y[:4]), (case.X[4:], case.y[4:])]
-            self.parts = [Shard(cd.Problem(problem.model, case.loss, h, batch_size=3, reduction="sum",
-                                           sample_offset=4 * i)) for i, h in enumerate(halves)]
-
-        @property
-        def shards(self) -> int:
-            return 2
-
-        def sum(self, statistic, *args):  # type: ignore[no-untyped-def]
-            return tree_sum([statistic(p, *args) for p in self.parts])
-
-        def set_params(self, flat: Tensor) -> None:
-            raise NotImplementedError
-
-    sharded = ShardedProblem(problem.model, case.loss, TwoShards(), list(problem.param_names))
+    sharded = two_shard_problem(case, problem)
     for options in ({"fisher_type": "type2"}, {"fisher_type": "mc", "seed": 3}):
         local = cd.metric(problem, "ekfac", damping=1e-3, **options)
         M = cd.metric(sharded, "ekfac", damping=1e-3, **options)
@@ -207,3 +187,15 @@ def test_refusals_name_the_cause() -> None:
         cd.metric(problem, "ekfac", backend="backpack")
     with pytest.raises(cd.errors.SingularMetricError, match="ekfac metric is singular"):
         cd.metric(problem, "ekfac")  # the softmax's invariance: a zero corrected eigenvalue, no damping
+
+
+def test_metric_spec_route() -> None:
+    """{kind: ekfac, options: {fisher_type: type2}} in a config builds the same metric as the Python call."""
+    from curvdist.queries.session import Coordinates
+    from curvdist.queries.specs import MetricSpec
+
+    problem = make_problem(CASES["mlp"]())
+    spec = MetricSpec(kind="ekfac", damping=1e-2, options={"fisher_type": "type2"})
+    torch.testing.assert_close(Coordinates("theta", problem, 0).metric(spec).to_dense(),
+                               cd.metric(problem, "ekfac", damping=1e-2, fisher_type="type2").to_dense(),
+                               rtol=0, atol=0)

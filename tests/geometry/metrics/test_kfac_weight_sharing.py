@@ -20,7 +20,7 @@ from curvdist.geometry.metrics.backpack_metrics import diag_ggn
 from curvdist.geometry.metrics.kfac import KFACMetric, kfac, normalized_factors
 from curvdist.problem.losses import CrossEntropy, Loss
 from tests import dense
-from tests.cases import CASES, make_problem
+from tests.cases import CASES, make_problem, two_shard_problem
 
 curvlinops = pytest.importorskip("curvlinops")
 APPROX = ["expand", "reduce"]
@@ -262,8 +262,6 @@ def test_a_module_called_twice_shares_its_weight_over_its_calls(approx: str) -> 
 
 # ---------------------------------------------------------------------------------------------- the option
 def test_kfac_approx_through_metric_specs_and_sharded_statistics() -> None:
-    from curvdist.problem.reducers import Shard, ShardReducer, tree_sum
-    from curvdist.problem.sharded import ShardedProblem
     from curvdist.queries.session import Coordinates
     from curvdist.queries.specs import MetricSpec
 
@@ -279,23 +277,7 @@ def test_kfac_approx_through_metric_specs_and_sharded_statistics() -> None:
     with pytest.raises(UnknownNameError, match="kfac_approx 'mean'; choose one of: expand, reduce"):
         cd.metric(problem, "kfac", damping=1e-3, kfac_approx="mean")
 
-    class TwoShards(ShardReducer):
-        def __init__(self) -> None:
-            halves = [(case.X[:4], case.y[:4]), (case.X[4:], case.y[4:])]
-            self.parts = [Shard(cd.Problem(problem.model, case.loss, h, batch_size=3, reduction="sum"))
-                          for h in halves]
-
-        @property
-        def shards(self) -> int:
-            return 2
-
-        def sum(self, statistic, *args):  # type: ignore[no-untyped-def]
-            return tree_sum([statistic(p, *args) for p in self.parts])
-
-        def set_params(self, flat: Tensor) -> None:
-            raise NotImplementedError
-
-    sharded = ShardedProblem(problem.model, case.loss, TwoShards(), list(problem.param_names))
+    sharded = two_shard_problem(case, problem)
     for approx, local in (("expand", expand), ("reduce", reduce)):
         M = cd.metric(sharded, "kflr", damping=1e-3, kfac_approx=approx)
         torch.testing.assert_close(M.to_dense(), local.to_dense(), rtol=1e-9, atol=1e-12)

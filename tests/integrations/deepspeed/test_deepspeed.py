@@ -247,7 +247,8 @@ def zero3_extra(tmp_path_factory) -> list[dict]:
 @_one_thread()
 def test_zero3_partitioned_kfac_flatness_and_cg_metric(zero3_extra):
     """The same MLP under ZeRO-3 on 2 ranks: the GGN's flatness in the sampled KFAC metric (the labels one process
-    draws: keyed by the global sample index) and the top eigenvalue of M⁻¹GGN with the GGN metric solved by CG over
+    draws: keyed by the global sample index), the top eigenvalue of M⁻¹GGN in the sampled EKFAC metric, and the top
+    eigenvalue of M⁻¹GGN with the GGN metric solved by CG over
     finite-difference products equal the float64 single-process estimators with the same probes to REL_ZERO3."""
     res = zero3_extra[0]["zero3_extra"]
     assert zero3_extra[1]["zero3_extra"]["values"] == res["values"]
@@ -264,6 +265,10 @@ def test_zero3_partitioned_kfac_flatness_and_cg_metric(zero3_extra):
     ref = {f"curvdist/flat_kfac/{k}": float(v) for k, v in flat.value.items()}
     ref["curvdist/eigs_g_cg/eig0"] = cd.eigs(G, k=1, tol=1e-10, seed=0,
                                              metric=cd.metric(problem, "ggn", damping=1.0)).value[0]
+    e = q["eigs_g_ekfac"]["metric"]
+    ref["curvdist/eigs_g_ekfac/eig0"] = cd.eigs(G, k=1, tol=1e-10, seed=0,
+                                                metric=cd.metric(problem, "ekfac", damping=e["damping"],
+                                                                 **e["options"])).value[0]
     assert set(res["values"]) == set(ref)
     for name, expected in ref.items():
         err = _rel(res["values"][name], expected)
@@ -280,8 +285,8 @@ def zero3_gpt2(tmp_path_factory) -> list[dict]:
 @_one_thread()
 def test_zero3_partitioned_monitor_on_a_tied_gpt2(zero3_gpt2):
     """A Hugging Face GPT-2 (tied head, causal LM loss) under ZeRO-3 on 2 ranks: the monitor's top Hessian and GGN
-    eigenvalues, and the invariant one in the KFLR metric (the tied embedding/head from both uses' statistics,
-    owned by one rank), equal float64 single-process values to REL_ZERO3. Its top directions are far stiffer than random
+    eigenvalues, and the invariant ones in the KFLR and EKFAC metrics (the tied embedding/head from both uses'
+    statistics, owned by one rank; EKFAC's bases broadcast in several groups), equal float64 single-process values to REL_ZERO3. Its top directions are far stiffer than random
     ones; the step chosen at the first product (not the starting u^{1/3}) is what makes this hold."""
     res = zero3_gpt2[0]["zero3_gpt2"]
     assert zero3_gpt2[1]["zero3_gpt2"]["values"] == res["values"]
@@ -292,8 +297,9 @@ def test_zero3_partitioned_monitor_on_a_tied_gpt2(zero3_gpt2):
     ids, labels = S.token_batch()
     problem = cd.Problem(model.eval(), "causal_lm", {"input_ids": ids, "labels": labels})
     for name, kind, metric in [("eigs_h", "hessian", None), ("eigs_g", "ggn", None),
-                               ("eigs_g_kflr", "ggn", ("kflr", 0.1))]:
-        M = None if metric is None else cd.metric(problem, metric[0], damping=metric[1])
+                               ("eigs_g_kflr", "ggn", ("kflr", 0.1, {})),
+                               ("eigs_g_ekfac", "ggn", ("ekfac", 0.1, {"fisher_type": "type2"}))]:
+        M = None if metric is None else cd.metric(problem, metric[0], damping=metric[1], **metric[2])
         exact = cd.eigs(cd.operator(problem, kind), k=1, tol=1e-10, seed=0, metric=M).value[0]
         got = res["values"][f"curvdist/{name}/eig0"]
         print(f"GPT-2 {name}: {got:.8g} vs {exact:.8g}, relative {_rel(got, exact):.1e}")

@@ -83,7 +83,8 @@ ZERO3_MONITOR = {
 }
 
 # the slow companion of ZERO3_MONITOR on the same model (at its initial weights): the GGN's flatness in the sampled
-# KFAC metric, and the GGN metric solved by CG over finite-difference products
+# KFAC metric, the top eigenvalue in the sampled EKFAC metric, and the GGN metric solved by CG over finite-difference
+# products
 ZERO3_EXTRA_MONITOR = {
     "every": 1,
     "seed": 0,
@@ -91,6 +92,9 @@ ZERO3_EXTRA_MONITOR = {
     "queries": [
         {"kind": "flatness", "name": "flat_kfac", "curvature": "ggn", "matvecs": 9, "probes": 2, "steps": 10,
          "logdet_damping": 0.1, "metric": {"kind": "kfac", "damping": 0.1, "options": {"mc_samples": 2, "seed": 4}}},
+        # sampled EKFAC on the partitions (the labels of one process)
+        {"kind": "eigs", "name": "eigs_g_ekfac", "k": 1, "curvature": "ggn", "tol": 1e-6,
+         "metric": {"kind": "ekfac", "damping": 0.1, "options": {"mc_samples": 2, "seed": 4}}},
         # and the GGN metric solved by CG over finite-difference products (damped: a few CG steps per solve)
         {"kind": "eigs", "name": "eigs_g_cg", "k": 1, "curvature": "ggn", "tol": 1e-4,
          "metric": {"kind": "ggn", "damping": 1.0}},
@@ -111,6 +115,9 @@ ZERO3_GPT2_MONITOR = {
         # invariant: KFLR with the tied embedding/head (its two uses' nearest Kronecker product)
         {"kind": "eigs", "name": "eigs_g_kflr", "k": 1, "curvature": "ggn", "tol": 1e-6,
          "metric": {"kind": "kflr", "damping": 0.1}},
+        # EKFAC (type 2): bases at the owners, broadcast in groups of at most 20 kB (several correction passes)
+        {"kind": "eigs", "name": "eigs_g_ekfac", "k": 1, "curvature": "ggn", "tol": 1e-6,
+         "metric": {"kind": "ekfac", "damping": 0.1, "options": {"fisher_type": "type2", "bases_bytes": 20_000}}},
     ],
 }
 
