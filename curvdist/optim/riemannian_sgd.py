@@ -40,6 +40,7 @@ from ..errors import MetricError, NonFiniteError, ProblemError, ShapeError
 from ..geometry.metrics import Metric, metric
 from ..geometry.metrics.base import DiagonalMetric
 from ..geometry.metrics.kfac import KFACMetric
+from .step_statistics import StepStatistics
 from ..problem.base import BaseProblem
 from ..problem.problem import Problem
 
@@ -90,6 +91,13 @@ class RiemannianSGD(torch.optim.Optimizer):
         beta2: the moving-average factor of ``metric="adam"``.
         lr, damping, momentum: step size α, damping δ, heavy-ball momentum.
         refresh: rebuild the metric every ``refresh`` steps.
+        statistics: ``"separate"`` (default): M from separate passes over ``data`` (or ``problem``) at the current
+            parameters. ``"step"``: M from the training step's own forward passes — run each micro-batch's forward
+            inside ``with optimizer.track(y):`` — with moving averages of decay ``decay`` (kinds ``kfac``,
+            ``kflr``, ``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``; ``data`` is not needed;
+            :mod:`curvdist.optim.step_statistics`). The preconditioner always sees the accumulated gradient of all
+            tracked micro-batches.
+        decay: β of the step statistics' moving averages (T ← βT + (1 − β)T_step).
     A metric refresh or a direction that is not finite raises and leaves the parameters and the optimizer's state
     unchanged. The state (step count, momentum buffer, Adam's v, the metric's statistics) is ``self.state[STATE_KEY]``
     (see the module docstring); :meth:`precondition` is the step without the parameter update.
@@ -99,7 +107,8 @@ class RiemannianSGD(torch.optim.Optimizer):
                  metric: str | Callable[[Problem], Metric] = "fisher", lr: float = 0.1, damping: float = 1e-3,
                  refresh: int = 10, momentum: float = 0.0, params: Sequence[str] | None = None,
                  batch_size: int | None = None, metric_options: dict[str, Any] | None = None,
-                 problem: Problem | None = None, beta2: float = 0.999) -> None:
+                 problem: Problem | None = None, beta2: float = 0.999, statistics: str = "separate",
+                 decay: float = 0.95) -> None:
         if not lr > 0:
             raise ProblemError(f"lr must be positive, got {lr!r}")
         if not isinstance(refresh, int) or refresh < 1:
@@ -118,6 +127,11 @@ class RiemannianSGD(torch.optim.Optimizer):
             if params is not None and list(params) != list(problem.param_names):
                 raise ProblemError(f"params {list(params)} differ from the problem's {list(problem.param_names)}")
             params = list(problem.param_names)
+        elif statistics == "step":
+            if loss is None:
+                raise ProblemError("RiemannianSGD with statistics='step' needs loss= (the training loss)")
+        elif statistics != "separate":
+            raise ProblemError(f"statistics must be 'separate' or 'step', got {statistics!r}")
         elif loss is None or data is None:
             raise ProblemError("RiemannianSGD needs loss= and data= (or problem=) to build its metric")
         names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
@@ -134,6 +148,30 @@ class RiemannianSGD(torch.optim.Optimizer):
         #: the current metric (rebuilt from ``self.state[STATE_KEY]["metric"]`` by :meth:`load_state_dict`)
         self.metric: Metric | None = None
         self.state[STATE_KEY] = {"step": 0, "momentum_buffer": None, "exp_avg_sq": None, "metric": None}
+        #: statistics='step': the moving averages of the tracked training forward passes
+        self.step_statistics: StepStatistics | None = None
+        if statistics == "step":
+            if problem is not None:
+                raise ProblemError("statistics='step' collects the metric from the training forward passes; "
+                                   "problem= belongs to statistics='separate'")
+            options = dict(self.metric_options)
+            allowed = {"mc_samples", "seed", "kfac_approx", "reduction"}
+            if set(options) - allowed:
+                raise ProblemError(f"with statistics='step' the metric options are {sorted(allowed)}, not "
+                                   f"{sorted(set(options) - allowed)}")
+            if not isinstance(metric, str):
+                raise ProblemError("statistics='step' needs a metric kind (a string), not a callable")
+            self.step_statistics = StepStatistics(model, names, loss, metric, decay, **options)
+            self.state[STATE_KEY]["step_statistics"] = self.step_statistics.state()
+
+    def track(self, y: Tensor, attention_mask: Tensor | None = None) -> Any:
+        """``statistics='step'``: a context in which one forward pass of the model on a micro-batch with labels
+        ``y`` runs; its metric statistics are recorded from that pass (:mod:`.step_statistics`). Every micro-batch
+        of a step (gradient accumulation) is tracked; :meth:`step` folds them into the moving averages."""
+        if self.step_statistics is None:
+            raise ProblemError("track() belongs to statistics='step'; this optimizer builds its metric from "
+                               "separate passes over its data")
+        return self.step_statistics.track(y, attention_mask)
 
     @property
     def steps(self) -> int:
@@ -157,6 +195,10 @@ class RiemannianSGD(torch.optim.Optimizer):
         if self.metric_kind == "adam":
             state = self.state[STATE_KEY]
             return self._adam_metric(state["exp_avg_sq"], state["step"])
+        if self.step_statistics is not None:
+            if self.step_statistics.average is None:
+                raise ProblemError("no step statistics yet: take a step with its forward pass inside track()")
+            return self.step_statistics.metric(self.step_statistics.average, self.damping)
         problem = self._current_problem()
         if callable(self.metric_kind):
             return self.metric_kind(problem)
@@ -203,7 +245,13 @@ class RiemannianSGD(torch.optim.Optimizer):
         state = self.state[STATE_KEY]
         step, v, M = int(state["step"]), state["exp_avg_sq"], self.metric
         refreshed = False
-        if self.metric_kind == "adam":  # v ← β₂ v + (1 − β₂) g², from v = 0
+        stats = self.step_statistics
+        average = stats.averaged() if stats is not None else None
+        if stats is not None:
+            if M is None or step % self.refresh == 0:
+                M = self._checked(stats.metric(average, self.damping))  # type: ignore[arg-type]
+                refreshed = True
+        elif self.metric_kind == "adam":  # v ← β₂ v + (1 − β₂) g², from v = 0
             v = self.beta2 * (torch.zeros_like(g) if v is None else v) + (1 - self.beta2) * g * g
             M = self._adam_metric(v, step)
         elif M is None or step % self.refresh == 0:
@@ -223,6 +271,9 @@ class RiemannianSGD(torch.optim.Optimizer):
         self.metric = M
         if refreshed:
             state["metric"] = metric_state(M)
+        if stats is not None:
+            stats.commit(average)  # type: ignore[arg-type]
+            state["step_statistics"] = stats.state()
         state.update(step=step + 1, momentum_buffer=buffer, exp_avg_sq=v)
         return d
 
@@ -287,6 +338,10 @@ class RiemannianSGD(torch.optim.Optimizer):
             if expected is not None and saved != expected:
                 raise MetricError(f"the state holds a {saved} metric, this optimizer uses {expected}")
             M = self._checked(metric_from_state(entry["metric"]))
+        if self.step_statistics is not None:
+            if not isinstance(entry.get("step_statistics"), Mapping):
+                raise ProblemError("the state holds no step statistics (saved without statistics='step')")
+            self.step_statistics.load_state(dict(entry["step_statistics"]))
         super().load_state_dict(state_dict)
         entry["step"] = step
         self.state[STATE_KEY] = entry

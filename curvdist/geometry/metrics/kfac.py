@@ -744,22 +744,37 @@ def nearest_kronecker(terms: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, T
     return F, H  # type: ignore[return-value]
 
 
-def normalized_factors(names: Sequence[str], G: Mapping[str, Any], A: Mapping[str, Any], scale: float,
-                       num_samples: int) -> dict[str, tuple[Tensor, ...]]:
-    """Factors from summed statistics (layout of :func:`kfac_sums`): output-side sums times s, input-side sums
-    divided by their count C; a weight with several terms gets their :func:`nearest_kronecker`. (Statistics of the
-    former layout — G and A both tensors — are normalized as G·s and A/N.)"""
-    factors: dict[str, tuple[Tensor, ...]] = {}
+def normalized_terms(names: Sequence[str], G: Mapping[str, Any], A: Mapping[str, Any], scale: float,
+                     num_samples: int) -> dict[str, list[tuple[Any, ...]]]:
+    """Per parameter its normalized terms from summed statistics (layout of :func:`kfac_sums`): ``[(G·s,)]`` for a
+    single-factor block, one ``(first, second)`` pair per orientation for a Kronecker block (output-side sums times
+    s, input-side sums divided by their count C). Terms add over data (e.g. a moving average of them stays a valid
+    block); :func:`factors_from_terms` forms the factors. (Statistics of the former layout — G and A both tensors —
+    are normalized as G·s and A/N.)"""
+    terms: dict[str, list[tuple[Any, ...]]] = {}
     for name in names:
         g, a = G[name], A[name]
         if a is None:
-            factors[name] = (g * scale,)
+            terms[name] = [(g * scale,)]
         elif isinstance(a, list):
-            terms = [(_normalized(f, scale), _normalized(h, scale)) for f, h in zip(g, a)]
-            factors[name] = terms[0] if len(terms) == 1 else nearest_kronecker(terms)
+            terms[name] = [(_normalized(f, scale), _normalized(h, scale)) for f, h in zip(g, a)]
         else:
-            factors[name] = (g * scale, a / num_samples)
-    return factors
+            terms[name] = [(g * scale, a / num_samples)]
+    return terms
+
+
+def factors_from_terms(terms: Mapping[str, Sequence[tuple[Any, ...]]]) -> dict[str, tuple[Tensor, ...]]:
+    """The factors of each block: its one term, or the :func:`nearest_kronecker` product of its terms."""
+    return {name: tuple(ts[0]) if len(ts) == 1 else nearest_kronecker(ts)  # type: ignore[arg-type]
+            for name, ts in terms.items()}
+
+
+def normalized_factors(names: Sequence[str], G: Mapping[str, Any], A: Mapping[str, Any], scale: float,
+                       num_samples: int) -> dict[str, tuple[Tensor, ...]]:
+    """Factors from summed statistics (layout of :func:`kfac_sums`): output-side sums times s, input-side sums
+    divided by their count C; a weight with several terms gets their :func:`nearest_kronecker`
+    (:func:`normalized_terms`, :func:`factors_from_terms`)."""
+    return factors_from_terms(normalized_terms(names, G, A, scale, num_samples))
 
 
 def kfac_from_sums(names: Sequence[str], shapes: Sequence[torch.Size], G: Mapping[str, Any], A: Mapping[str, Any],
