@@ -98,6 +98,10 @@ class RiemannianSGD(torch.optim.Optimizer):
             :mod:`curvdist.optim.step_statistics`). The preconditioner always sees the accumulated gradient of all
             tracked micro-batches.
         decay: β of the step statistics' moving averages (T ← βT + (1 − β)T_step).
+        kl_clip: step-size control (Ba, Grosse & Martens 2017; kfac-pytorch's ``kl_clip``): the direction d = M⁻¹g
+            is scaled by ν = min(1, √(κ / (lr² |gᵀd|))), so that the step's squared length in the metric,
+            lr² dᵀMd ≈ lr² gᵀd (the KL divergence it causes, to second order, for a Fisher metric), stays ≤ κ —
+            a guard against the large steps of a small damping early in training. None (default): no clipping.
     A metric refresh or a direction that is not finite raises and leaves the parameters and the optimizer's state
     unchanged. The state (step count, momentum buffer, Adam's v, the metric's statistics) is ``self.state[STATE_KEY]``
     (see the module docstring); :meth:`precondition` is the step without the parameter update.
@@ -108,7 +112,7 @@ class RiemannianSGD(torch.optim.Optimizer):
                  refresh: int = 10, momentum: float = 0.0, params: Sequence[str] | None = None,
                  batch_size: int | None = None, metric_options: dict[str, Any] | None = None,
                  problem: Problem | None = None, beta2: float = 0.999, statistics: str = "separate",
-                 decay: float = 0.95) -> None:
+                 decay: float = 0.95, kl_clip: float | None = None) -> None:
         if not lr > 0:
             raise ProblemError(f"lr must be positive, got {lr!r}")
         if not isinstance(refresh, int) or refresh < 1:
@@ -117,6 +121,9 @@ class RiemannianSGD(torch.optim.Optimizer):
             raise ProblemError(f"momentum must lie in [0, 1), got {momentum!r}")
         if not 0 <= beta2 < 1:
             raise ProblemError(f"beta2 must lie in [0, 1), got {beta2!r}")
+        if kl_clip is not None and not kl_clip > 0:
+            raise ProblemError(f"kl_clip must be positive (or None), got {kl_clip!r}")
+        self.kl_clip = kl_clip
         if problem is not None and not isinstance(problem, BaseProblem):
             raise ProblemError(f"RiemannianSGD needs a problem whose parameters this process holds (local or "
                                f"data-parallel), not a {type(problem).__name__} (pipeline mode keeps them on its "
@@ -232,7 +239,8 @@ class RiemannianSGD(torch.optim.Optimizer):
 
         * ``metric="adam"``: v_t = β₂ v_{t−1} + (1 − β₂) g² (v_0 = 0), M_t = diag(√(v_t / (1 − β₂^t))) + δ;
         * otherwise M is rebuilt at the current parameters when t mod ``refresh`` = 0 (or none is held);
-        * d_t = (M + δI)⁻¹ g, and with momentum μ > 0, b_t = μ b_{t−1} + d_t (b_0 = d_0) is returned.
+        * d_t = (M + δI)⁻¹ g, scaled by ν = min(1, √(κ / (lr² |gᵀd_t|))) with ``kl_clip`` κ, and with momentum
+          μ > 0, b_t = μ b_{t−1} + d_t (b_0 = d_0) is returned.
 
         Nothing changes (state, metric) when it raises: :class:`~curvdist.errors.NonFiniteError` for a direction
         that is NaN or inf, the metric's errors for a refresh that fails. The returned tensor may be the momentum
@@ -263,6 +271,10 @@ class RiemannianSGD(torch.optim.Optimizer):
         if not bool(torch.isfinite(d).all()):
             raise NonFiniteError("the preconditioned direction (M + δI)⁻¹g is NaN or inf; the parameters were not "
                                  "changed (raise damping)")
+        if self.kl_clip is not None:
+            vg = self.param_groups[0]["lr"] ** 2 * abs(float(torch.dot(g.to(d.dtype), d)))
+            if vg > self.kl_clip:
+                d = d * (self.kl_clip / vg) ** 0.5
         mu = self.param_groups[0]["momentum"]
         buffer = state["momentum_buffer"]
         if mu:

@@ -268,3 +268,26 @@ def test_a_failed_step_leaves_the_state_unchanged():
     assert torch.equal(_flat(model), before) and entry["step"] == 1
     assert torch.equal(entry["exp_avg_sq"], sd["state"][STATE_KEY]["exp_avg_sq"])
     assert torch.equal(entry["momentum_buffer"], sd["state"][STATE_KEY]["momentum_buffer"])
+
+
+def test_kl_clip_scales_the_direction():
+    """kl_clip κ: the step is ν·(−lr (M + δI)⁻¹g) with ν = min(1, √(κ / (lr² gᵀd))), d and ν formed here from the
+    dense float64 GGN; a κ above lr² gᵀd leaves the step unchanged."""
+    case = CASES["mlp"]()
+    for kappa, clipped in ((1e-4, True), (1e3, False)):
+        model = case.model()
+        before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        F = dense.dense_ggn(model, "cross_entropy", case.X, case.y, "mean")
+        opt = RiemannianSGD(model, "cross_entropy", (case.X, case.y), metric="fisher", lr=0.5, damping=0.1,
+                            kl_clip=kappa)
+        _grad(model, case.X, case.y)
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        opt.step()
+        d = torch.linalg.solve(F + 0.1 * torch.eye(len(F), dtype=F.dtype), g)
+        vg = 0.25 * float(g @ d)
+        nu = min(1.0, (kappa / vg) ** 0.5)
+        assert (nu < 1) == clipped
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(after - before, -0.5 * nu * d, rtol=1e-9, atol=1e-12)
+    with pytest.raises(cd.ProblemError, match="kl_clip must be positive"):
+        RiemannianSGD(case.model(), "cross_entropy", (case.X, case.y), kl_clip=0.0)
