@@ -165,9 +165,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         if proc.returncode and not out.exists():
             raise SystemExit(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         res.update(json.loads(out.read_text()))
-        if proc.returncode:  # the measurement was written, the ranks did not finish
-            res["exact_check_error"] = proc.stderr[-2000:]
-        elif _exact_inputs(out).exists():
+        if proc.returncode:  # the measurement was written, the ranks did not finish (the invariant part)
+            res["rank_error"] = proc.stderr[-2000:]
+        if _exact_inputs(out).exists():
             zero3_exact(args, res, _exact_inputs(out))
     else:
         raise SystemExit(f"unknown configuration {name!r}")
@@ -184,12 +184,15 @@ def _without_one(argv: list[str]) -> list[str]:
 
 def zero3_rank(args: argparse.Namespace) -> None:
     """One rank of ``zero3_2ranks`` (under torchrun); rank 0 writes the results to ``args.zero3_rank``."""
+    import gc
+
     import deepspeed
     import torch
     import torch.distributed as dist
 
     import curvdist as cd
     from curvdist.integrations.deepspeed.finite_difference import PartitionedProblem
+    from curvdist.resources import release_free_memory
     from curvdist.problem.losses import make_loss
 
     torch.set_num_threads(1)
@@ -239,34 +242,38 @@ def zero3_rank(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     tr = cd.trace(problem.curvature_operator("ggn"), "hutchpp", args.trace_matvecs, seed=0)
     res["trace"] = {"value": float(tr.value), "matvecs": args.trace_matvecs, "seconds": time.perf_counter() - t0}
-    if args.invariant:
+    # what was measured is written first, with (unless --skip-exact) the inputs of the check against exact products:
+    # rank 0 saves the gathered parameters, the probe and the partitioned products (float32), and the check runs in
+    # the parent process after both ranks exited (with a rank and its engine still alive, the exact float32 products
+    # of GPT-2 small on rank 0 were OOM-killed on 24 GB); a rank killed in the invariant part below keeps them
+    if not args.skip_exact:
+        full_v = problem.space.to_tensor(v)
+        fd = {k: problem.space.to_tensor(x).float() for k, x in products.items()}
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            copy = {n: p.detach().clone() for n, p in engine.module.named_parameters()} if rank == 0 else {}
+        if rank == 0:
+            torch.save({"state": copy, "v": full_v.float(), "products": fd}, _exact_inputs(args.zero3_rank))
+        del full_v, fd, copy
+    if rank == 0:
+        Path(args.zero3_rank).write_text(json.dumps(res))
+    dist.barrier()
+    if args.invariant:  # after freeing the vectors above (two ranks of GPT-2 small share 24 GB)
+        del products, v, r, tr, op
+        gc.collect()
+        release_free_memory()
         problem.memory_reset()
         t0 = time.perf_counter()
         M = cd.metric(problem, "kfac", damping=args.kfac_damping)
         built = time.perf_counter() - t0
-        ri = cd.eigs(problem.curvature_operator("ggn"), k=1, tol=args.tol, maxiter=args.max_steps, seed=0, metric=M)
+        steps = args.invariant_max_steps or args.max_steps
+        ri = cd.eigs(problem.curvature_operator("ggn"), k=1, tol=args.tol, maxiter=steps, seed=0, metric=M)
         res["kfac_eig"] = {"value": float(ri.value[0]), "matvecs": ri.matvecs, "metric_s": built,
-                           "seconds": time.perf_counter() - t0, "damping": args.kfac_damping,
+                           "seconds": time.perf_counter() - t0, "damping": args.kfac_damping, "max_steps": steps,
                            "memory": problem.memory_records()}
         del M
-    if args.skip_exact:
         if rank == 0:
             Path(args.zero3_rank).write_text(json.dumps(res))
-        dist.barrier()
-        dist.destroy_process_group()
-        return
-    # accuracy against exact products: rank 0 saves the gathered parameters, the probe and the partitioned products
-    # (float32), and the check runs in the parent process after both ranks exited (with a rank and its engine still
-    # alive, the exact float32 products of GPT-2 small on rank 0 were OOM-killed on 24 GB). What was measured is
-    # written first.
-    full_v = problem.space.to_tensor(v)
-    fd = {k: problem.space.to_tensor(x).float() for k, x in products.items()}
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        copy = {n: p.detach().clone() for n, p in engine.module.named_parameters()} if rank == 0 else {}
-    if rank == 0:
-        Path(args.zero3_rank).write_text(json.dumps(res))
-        torch.save({"state": copy, "v": full_v.float(), "products": fd}, _exact_inputs(args.zero3_rank))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -304,10 +311,10 @@ def zero3_exact(args: argparse.Namespace, res: dict[str, Any], inputs: Path) -> 
         res["eig"]["exact_problem_value"] = float(exact_eig.value[0])
         res["trace"]["exact_problem_value"] = float(cd.trace(exact_ggn, "hutchpp", args.trace_matvecs,
                                                              seed=0).value)
-        if args.invariant:
+        if "kfac_eig" in res:
             M = cd.metric(exact_problem, "kfac", damping=args.kfac_damping)
             res["kfac_eig"]["exact_problem_value"] = float(cd.eigs(exact_ggn, k=1, tol=args.tol,
-                                                                   maxiter=args.max_steps, seed=0,
+                                                                   maxiter=res["kfac_eig"]["max_steps"], seed=0,
                                                                    metric=M).value[0])
 
 
@@ -378,6 +385,8 @@ def main() -> None:
                    help="also the top eigenvalue of M⁻¹GGN with the KFAC metric (local; pipeline: blocks on the "
                         "stages; zero3_2ranks: on the partitions)")
     p.add_argument("--kfac-damping", type=float, default=0.1)
+    p.add_argument("--invariant-max-steps", type=int, default=0,
+                   help="zero3_2ranks: Lanczos steps of the KFAC-metric eigenvalue (default --max-steps)")
     p.add_argument("--skip-exact", action="store_true",
                    help="zero3_2ranks: skip the check against exact products (it gathers a full copy on rank 0)")
     p.add_argument("--out", default="")
