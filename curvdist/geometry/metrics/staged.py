@@ -27,20 +27,18 @@ STAGED_METRIC_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_staged_metric(kind: str, damping: float, options: dict[str, Any], where: str, hint: str = "",
-                        extra: dict[str, tuple[str, ...]] | None = None) -> None:
+def check_staged_metric(kind: str, damping: float, options: dict[str, Any], where: str, hint: str = "") -> None:
     """Refuse a metric kind or option that ``where`` (e.g. "pipeline mode") does not offer, naming what it offers;
-    pops and checks the ``method`` (CG only) and ``backend`` (own kernels only) options. ``extra``: options only
-    ``where`` takes, per kind."""
+    pops and checks the ``method`` (CG only) and ``backend`` (own kernels only) options."""
     if kind not in STAGED_METRIC_OPTIONS or (kind == MetricKind.EUCLIDEAN and damping):
         offered = ", ".join(f"{k} ({', '.join(v) or 'no options'})" for k, v in STAGED_METRIC_OPTIONS.items())
         raise MetricError(f"{where} has no {kind!r} metric{' with damping' if kind == 'euclidean' else ''}; it "
                           f"offers: {offered} — ggn/fisher CG-solved, kfac/kflr/ekfac and the exact diagonals as blocks "
                           f"computed where the parameters live{hint}")
-    allowed = [*STAGED_METRIC_OPTIONS[kind], *(extra or {}).get(kind, ())]
-    unknown = sorted(set(options) - set(allowed))
+    unknown = sorted(set(options) - set(STAGED_METRIC_OPTIONS[kind]))
     if unknown:
-        raise MetricError(f"the {where} {kind} metric takes the options {allowed}, not {unknown}")
+        raise MetricError(f"the {where} {kind} metric takes the options {list(STAGED_METRIC_OPTIONS[kind])}, not "
+                          f"{unknown}")
     if options.pop("method", "cg") not in ("auto", "cg"):
         raise MetricError(f"the {where} {kind} metric is solved by CG (method auto or cg): no process holds the "
                           f"dense matrix")

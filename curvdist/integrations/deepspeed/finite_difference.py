@@ -183,8 +183,7 @@ class PartitionedProblem(StagedProblem):
         from ...geometry.metrics.staged import check_staged_metric
 
         check_staged_metric(kind, damping, options, "ZeRO-3 partitioned curvature",
-                            "; set the monitor's zero3: gather for other metrics (it gathers the model on every rank)",
-                            extra={MetricKind.EKFAC.value: ("bases_bytes",)})
+                            "; set the monitor's zero3: gather for other metrics (it gathers the model on every rank)")
         if kind == MetricKind.EUCLIDEAN:
             return None
         if kind in BLOCK_METRICS or kind == MetricKind.EKFAC:

@@ -18,9 +18,11 @@ the output-side vectors b at every site:
   pieces: no rank holds more than one parameter's vector in full at once — what a ZeRO-3 training step gathers.
 * EKFAC (``ekfac``, :mod:`curvdist.geometry.metrics.ekfac`): the Kronecker sums as above; each owner forms its
   layers' factors and eigenbases, and a second pass accumulates the corrected eigenvalues Σ_{n,k}(Q₁ᵀ W_{n,k} Q₂)²
-  from the per-sample gradients of every rank's samples: the bases are broadcast from their owners in groups of at
-  most ``bases_bytes`` (one more pass per group), each rank sums its samples' squares in them, and each layer's sum
-  is reduced to its owner.
+  from the per-sample gradients of every rank's samples: the bases are broadcast from their owners (every rank
+  holds all of them during that pass: Σ_layers n₁² + n₂² entries, about 1.3 GB in float32 at GPT-2 small), each
+  rank sums its samples' squares in them, and each layer's sum is reduced to its owner. (Splitting the bases into
+  groups with one pass each would bound that memory, but a second probe-only pass through a ZeRO-3 module here
+  found a LayerNorm weight still partitioned in its backward; one pass is what is supported.)
 * Diagonal (``diag_ggn``, ``diag_fisher_mc``, ``empirical_fisher_diag``): the exact diagonal Σ_{n,k} g_{n,k}² of
   per-sample gradients g = J_nᵀ U[k, n], which the sites give exactly. Each parameter's contribution of a chunk of
   the K vectors is reduced over the ranks straight into this rank's pieces, one parameter at a time, and the metric
@@ -56,8 +58,6 @@ from .finite_difference import PartitionedProblem
 #: bytes of output-side vectors kept at once for a diagonal's chunk of the K output vectors
 DIAGONAL_CHUNK_BYTES = 256 * 1024**2
 
-#: EKFAC: bytes of eigenbases every rank holds at once during a correction pass (default of ``bases_bytes``)
-BASES_BYTES = 512 * 1024**2
 
 
 class PartitionedBlockMetric(Metric):
@@ -70,14 +70,13 @@ class PartitionedBlockMetric(Metric):
         damping: δ.
         mc_samples, seed: the sampled labels of ``kfac``, ``ekfac`` (``fisher_type`` ``mc``) and ``diag_fisher_mc``.
         fisher_type: ``ekfac``'s curvature (type2, mc, empirical).
-        bases_bytes: ``ekfac``: the most bytes of eigenbases broadcast to every rank for one correction pass.
     """
 
     has_factor = True
     has_inv_sqrt = True
 
     def __init__(self, problem: PartitionedProblem, kind: str, damping: float = 0.0, mc_samples: int = 1,
-                 seed: int = 0, fisher_type: str = "mc", bases_bytes: int = BASES_BYTES) -> None:
+                 seed: int = 0, fisher_type: str = "mc") -> None:
         if kind not in BLOCK_METRICS and kind != "ekfac":
             raise MetricError(f"ZeRO-3 partitioned block metrics are {sorted([*BLOCK_METRICS, 'ekfac'])}, not "
                               f"{kind!r}")
@@ -101,7 +100,7 @@ class PartitionedBlockMetric(Metric):
         if self.statistic == "kronecker":
             self._own_blocks(stats)
             if kind == "ekfac":
-                self._correct(int(mc_samples), int(seed), int(bases_bytes))
+                self._correct(int(mc_samples), int(seed))
         else:
             self.diagonal = DiagonalMetric((pieces * problem.scale).to(torch.float64), damping, kind=kind)
         self._logdet = self._total_logdet()
@@ -222,56 +221,47 @@ class PartitionedBlockMetric(Metric):
             self.blocks[name] = KFACMetric([name], [self.shapes[name]], normalized_factors([name], G, A, scale, N),
                                            damping=self.damping, kind=self.kind)
 
-    def _correct(self, mc_samples: int, seed: int, bases_bytes: int) -> None:
-        """EKFAC: the owners' eigenbases broadcast in groups of at most ``bases_bytes``, a pass over this rank's
-        batches per group summing the rotated per-sample squares, each layer's sum reduced to its owner, which
-        replaces its Kronecker block by the corrected one."""
+    def _correct(self, mc_samples: int, seed: int) -> None:
+        """EKFAC: the owners' eigenbases broadcast to every rank, one pass over this rank's batches summing the
+        rotated per-sample squares, each layer's sum reduced to its owner, which replaces its Kronecker block by the
+        corrected one."""
         parts, group = self.parts, self.parts.group
-        two = [n for n in parts.names if len(self.shapes[n]) >= 2 and self._is_kron(n)]
-        width = torch.finfo(parts.dtype).bits // 8
-        sizes = {n: width * (self.shapes[n][0] ** 2 + self.shapes[n][1:].numel() ** 2) for n in two}
-        groups: list[list[str]] = []
-        for n in two:
-            if not groups or sum(sizes[m] for m in groups[-1]) + sizes[n] > bases_bytes:
-                groups.append([])
-            groups[-1].append(n)
+        names = [n for n in parts.names if len(self.shapes[n]) >= 2 and self._is_kron(n)]
+        bases = {n: self._broadcast_bases(n) for n in names}
+        acc = EigenCorrection(bases, self.shapes)
         module = parts.module
         training = module.training
         module.eval()
         try:
-            for names in groups:
-                bases = {n: self._broadcast_bases(n) for n in names}
-                acc = EigenCorrection(bases, self.shapes)
-                with instrumented(module, parts.names) as (rec, _):
-                    first = self.problem.sample_offset
-                    for X, y in self.problem.batches():
-                        B = int(X.shape[0])
-                        rec.begin(B, attention_mask(X))
-                        with torch.enable_grad(), parts.meter.watching(module):
-                            out = self.problem.forward(X)
-                            sites = list(rec.sites)
-                            U = self._output_vectors(out, y, first, mc_samples, seed)
-                            for k in range(U.shape[0]):
-                                grads = torch.autograd.grad(out, [s.probe for s in sites], U[k],
-                                                            retain_graph=k < U.shape[0] - 1, allow_unused=True)
-                                acc.add(sites, [torch.zeros_like(s.probe) if g is None else g.detach()
-                                                for s, g in zip(sites, grads)])
-                        parts.release()
-                        first += B
-                for n in names:
-                    E = acc.sums.get(n)
-                    if E is None:  # pragma: no cover - check_calls: every layer has a site on every batch
-                        raise MetricError(f"no per-sample gradients reached {n}")
-                    E = _reduce_to(self.owner[n], E.contiguous(), group)
-                    if parts.rank == self.owner[n]:
-                        block = self.blocks[n]
-                        factors = block.factors()
-                        self.blocks[n] = ekfac_from_corrections([n], [self.shapes[n]], factors, {n: self._bases[n]},
-                                                                {n: E * self.problem.scale}, self.damping)
-                del bases, acc
+            with instrumented(module, parts.names) as (rec, _):
+                first = self.problem.sample_offset
+                for X, y in self.problem.batches():
+                    B = int(X.shape[0])
+                    rec.begin(B, attention_mask(X))
+                    with torch.enable_grad(), parts.meter.watching(module):
+                        out = self.problem.forward(X)
+                        sites = list(rec.sites)
+                        U = self._output_vectors(out, y, first, mc_samples, seed)
+                        for k in range(U.shape[0]):
+                            grads = torch.autograd.grad(out, [s.probe for s in sites], U[k],
+                                                        retain_graph=k < U.shape[0] - 1, allow_unused=True)
+                            acc.add(sites, [torch.zeros_like(s.probe) if g is None else g.detach()
+                                            for s, g in zip(sites, grads)])
+                    parts.release()
+                    first += B
         finally:
             parts.release()
             module.train(training)
+        del bases
+        for n in names:
+            E = acc.sums.get(n)
+            if E is None:  # pragma: no cover - check_calls: every layer has a site on every batch
+                raise MetricError(f"no per-sample gradients reached {n}")
+            E = _reduce_to(self.owner[n], E.contiguous(), group)
+            if parts.rank == self.owner[n]:
+                self.blocks[n] = ekfac_from_corrections([n], [self.shapes[n]], self.blocks[n].factors(),
+                                                        {n: self._bases[n]}, {n: E * self.problem.scale},
+                                                        self.damping)
 
     def _is_kron(self, name: str) -> bool:
         """Whether ``name`` has a two-factor block (known at its owner; agreed over the ranks)."""

@@ -286,7 +286,7 @@ def zero3_gpt2(tmp_path_factory) -> list[dict]:
 def test_zero3_partitioned_monitor_on_a_tied_gpt2(zero3_gpt2):
     """A Hugging Face GPT-2 (tied head, causal LM loss) under ZeRO-3 on 2 ranks: the monitor's top Hessian and GGN
     eigenvalues, and the invariant ones in the KFLR and EKFAC metrics (the tied embedding/head from both uses'
-    statistics, owned by one rank; EKFAC's bases broadcast in several groups), equal float64 single-process values to REL_ZERO3. Its top directions are far stiffer than random
+    statistics, owned by one rank; EKFAC's bases broadcast from their owners), equal float64 single-process values to REL_ZERO3. Its top directions are far stiffer than random
     ones; the step chosen at the first product (not the starting u^{1/3}) is what makes this hold."""
     res = zero3_gpt2[0]["zero3_gpt2"]
     assert zero3_gpt2[1]["zero3_gpt2"]["values"] == res["values"]

@@ -115,9 +115,9 @@ ZERO3_GPT2_MONITOR = {
         # invariant: KFLR with the tied embedding/head (its two uses' nearest Kronecker product)
         {"kind": "eigs", "name": "eigs_g_kflr", "k": 1, "curvature": "ggn", "tol": 1e-6,
          "metric": {"kind": "kflr", "damping": 0.1}},
-        # EKFAC (type 2): bases at the owners, broadcast in groups of at most 20 kB (several correction passes)
+        # EKFAC (type 2): bases formed at the owners, broadcast for one correction pass
         {"kind": "eigs", "name": "eigs_g_ekfac", "k": 1, "curvature": "ggn", "tol": 1e-6,
-         "metric": {"kind": "ekfac", "damping": 0.1, "options": {"fisher_type": "type2", "bases_bytes": 20_000}}},
+         "metric": {"kind": "ekfac", "damping": 0.1, "options": {"fisher_type": "type2"}}},
     ],
 }
 
