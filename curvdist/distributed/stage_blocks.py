@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..geometry.blocks.eigencorrection import rotated_squares
 from ..geometry.blocks.kronecker import (BLOCK_METRICS, KroneckerStats, _add, attention_mask,
                                          site_gradients)
 from ..geometry.blocks.probes import check_calls
@@ -175,12 +176,7 @@ class StageBlocks:
         if self.statistic != "correction":
             return g.pow(2).sum(0)
         (_, Q1), (_, Q2) = self.bases[name]
-        W = g.reshape(g.shape[0], g.shape[1], -1)
-        if Q1 is not None:
-            W = torch.matmul(Q1.T, W)
-        if Q2 is not None:
-            W = torch.matmul(W, Q2)
-        return W.square().sum(0)
+        return rotated_squares(g, Q1, Q2)
 
     def tied_samples(self, b: int) -> dict[str, Tensor]:
         """Micro-batch b's per-sample gradients (K, B, *shape) of the foreign parameters (for their owners)."""

@@ -48,8 +48,6 @@ STEP_KINDS = tuple(BLOCK_METRICS)
 def _ema(old: Any, new: Any, decay: float) -> Any:
     """β·old + (1 − β)·new for tensors and structured factors (a structured average whose rows outnumber its
     dimension is kept dense; rows whose weight has decayed below rounding are dropped)."""
-    if old is None:
-        return new
     if isinstance(old, LowRankFactor) and isinstance(new, Tensor):
         old = old.dense()
     if isinstance(new, LowRankFactor) and isinstance(old, Tensor):

@@ -37,6 +37,23 @@ from .kronecker import probe_passes, site_gradients
 from .probes import Site
 
 
+def rotate(V: Tensor, Q1: Tensor | None, Q2: Tensor | None, transpose: bool = True) -> Tensor:
+    """Q₁ᵀ V Q₂ (``transpose``) or Q₁ V Q₂ᵀ over the last two axes of V (leading axes batch), a basis of None being
+    the identity."""
+    if Q1 is not None:
+        V = torch.matmul(Q1.T if transpose else Q1, V)
+    if Q2 is not None:
+        V = torch.matmul(V, Q2 if transpose else Q2.T)
+    return V
+
+
+def rotated_squares(g: Tensor, Q1: Tensor | None, Q2: Tensor | None) -> Tensor:
+    """Σ_n (Q₁ᵀ g_n Q₂)² for per-sample gradients g (n, *shape) of a weight, in its (shape[0], rest) layout, in
+    g's dtype."""
+    Q1, Q2 = (None if Q is None else Q.to(g.dtype) for Q in (Q1, Q2))
+    return rotate(g.reshape(g.shape[0], g.shape[1], -1), Q1, Q2).square().sum(0)
+
+
 class EigenCorrection:
     """Σ_n Σ_k (Q₁ᵀ W^k_n Q₂)² per weight, accumulated site by site (see the module docstring).
 
@@ -58,14 +75,8 @@ class EigenCorrection:
         for name, (Q1, Q2) in self.bases.items():
             if name not in used:
                 continue
-            shape = self.shapes[name]
-            W = site_gradients(sites, grads, {name: shape}, per_sample=True)[name].reshape(-1, shape[0],
-                                                                                           shape[1:].numel())
-            if Q1 is not None:
-                W = torch.matmul(Q1.T.to(W.dtype), W)
-            if Q2 is not None:
-                W = torch.matmul(W, Q2.to(W.dtype))
-            R = W.square().sum(0)
+            g = site_gradients(sites, grads, {name: self.shapes[name]}, per_sample=True)[name]
+            R = rotated_squares(g, Q1, Q2)
             self.sums[name] = R if name not in self.sums else self.sums[name] + R
 
     def result(self) -> dict[str, Tensor]:

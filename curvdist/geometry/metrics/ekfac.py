@@ -123,7 +123,7 @@ def ekfac(problem: Problem, damping: float = 0.0, fisher_type: str = "mc", mc_sa
                                 mc_samples, seed)
     rename = dict(zip(theta.param_names, problem.param_names))
     factor = {t: 1.0 if c is None else c[rename[t]] ** 2 for t in theta.param_names}
-    factors = {rename[t]: tuple(f * factor[t] if k == 0 or len(fs) == 1 else f for k, f in enumerate(fs))
+    factors = {rename[t]: tuple(f * factor[t] if k == 0 else f for k, f in enumerate(fs))
                for t, fs in factors_t.items()}
     bases = {rename[t]: pairs for t, pairs in bases_t.items()}
     corrections = {rename[t]: E * (problem.scale * factor[t]) for t, E in sums.items()}

@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from ...catalogue import KFACApproximation, parse
 from ...errors import MetricError, ShapeError, SingularMetricError
 from ...problem.problem import Problem
+from ..blocks.eigencorrection import rotate
 from ..blocks.kronecker import DENSE_MAX, STRUCTURED_ABOVE
 from ..structured import LowRankFactor, StructuredKronecker, combine, frobenius
 from .backpack_metrics import (
@@ -163,9 +164,9 @@ class _Block:
             return U @ ((U.T @ v) * (self.evals[0] + damping) ** exponent)
         UG, UA = self.evecs
         V = v.reshape(self.shape[0], -1)
-        W = _rotate(V, UG, UA, transpose=True)
+        W = rotate(V, UG, UA, transpose=True)
         lam = self.eigenvalues.reshape(W.shape) + damping
-        return _rotate(W * lam**exponent, UG, UA, transpose=False).reshape(-1)
+        return rotate(W * lam**exponent, UG, UA, transpose=False).reshape(-1)
 
     def inv_factor_t(self, v: Tensor, damping: float) -> Tensor:
         """W⁻ᵀ v (= W⁻¹ v unless the block is structured with a non-constant diagonal)."""
@@ -190,15 +191,6 @@ class _Block:
         else:
             block = self.factor(0) if len(self.evecs) == 1 else torch.kron(self.factor(0), self.factor(1))
         return block + damping * torch.eye(block.shape[0], dtype=block.dtype, device=block.device)
-
-
-def _rotate(V: Tensor, U1: Tensor | None, U2: Tensor | None, transpose: bool) -> Tensor:
-    """U₁ᵀ V U₂ (``transpose``) or U₁ V U₂ᵀ, an eigenbasis of None being the identity."""
-    if U1 is not None:
-        V = (U1.T if transpose else U1) @ V
-    if U2 is not None:
-        V = V @ (U2 if transpose else U2.T)
-    return V
 
 
 def _is_structured(F: Any) -> bool:
