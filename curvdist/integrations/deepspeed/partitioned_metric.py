@@ -36,7 +36,7 @@ whole model) are refused with the alternatives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -106,47 +106,61 @@ class PartitionedBlockMetric(Metric):
         self._logdet = self._total_logdet()
 
     # ------------------------------------------------------------------ statistics
-    def _collect(self, mc_samples: int, seed: int) -> tuple[KroneckerStats | None, Tensor | None, Any]:
+    def _passes(self, mc_samples: int, seed: int) -> Iterator[tuple[int, Tensor, list[Site], Tensor, int, list[Tensor]]]:
+        """One instrumented pass over this rank's batches: per batch i (inputs X, recorded sites, output vectors
+        U) and output vector k, the probe gradients b; the engine's gathered parameters released after each
+        batch, the module in eval mode and its hooks removed afterwards."""
         p, parts = self.problem, self.parts
-        names = parts.names
-        stats = KroneckerStats(names, {n: s.numel() for n, s in self.shapes.items()}) \
+        module = parts.module
+        training = module.training
+        module.eval()
+        first = p.sample_offset
+        try:
+            with instrumented(module, parts.names) as (rec, plan):
+                if plan.exact:
+                    raise MetricError(f"ZeRO-3 partitioned {self.kind} blocks need a layer rule for every parameter; "
+                                      f"{plan.exact} have none (their exact blocks need per-sample passes through the "
+                                      f"whole model). {MATRIX_FREE_HINT}, or set the monitor's zero3: gather")
+                for i, (X, y) in enumerate(p.batches()):
+                    B = int(X.shape[0])
+                    rec.begin(B, attention_mask(X))
+                    with torch.enable_grad(), parts.meter.watching(module):
+                        out = p.forward(X)
+                        check_calls(rec, parts.names, B)
+                        sites = list(rec.sites)
+                        U = self._output_vectors(out, y, first, mc_samples, seed)
+                        K = U.shape[0]
+                        for k in range(K):
+                            grads = torch.autograd.grad(out, [s.probe for s in sites], U[k], retain_graph=k < K - 1,
+                                                        allow_unused=True)
+                            yield i, X, sites, U, k, [torch.zeros_like(s.probe) if g is None else g.detach()
+                                                      for s, g in zip(sites, grads)]
+                    parts.release()
+                    first += B
+        finally:
+            parts.release()
+            module.train(training)
+
+    def _collect(self, mc_samples: int, seed: int) -> tuple[KroneckerStats | None, Tensor | None, Any]:
+        parts = self.parts
+        stats = KroneckerStats(parts.names, {n: s.numel() for n, s in self.shapes.items()}) \
             if self.statistic == "kronecker" else None
-        pieces = torch.zeros(parts.local_dim, dtype=torch.float64, device=p.space.device) \
+        pieces = torch.zeros(parts.local_dim, dtype=torch.float64, device=self.problem.space.device) \
             if self.statistic == "diagonal" else None
         check: Any = (None, None, None)
-        first = p.sample_offset
-        with instrumented(parts.module, names) as (rec, plan):
-            if plan.exact:
-                raise MetricError(f"ZeRO-3 partitioned {self.kind} blocks need a layer rule for every parameter; "
-                                  f"{plan.exact} have none (their exact blocks need per-sample passes through the "
-                                  f"whole model). {MATRIX_FREE_HINT}, or set the monitor's zero3: gather")
-            for i, (X, y) in enumerate(p.batches()):
-                B = int(X.shape[0])
-                rec.begin(B, attention_mask(X))
-                with torch.enable_grad(), parts.meter.watching(parts.module):
-                    out = p.forward(X)
-                    check_calls(rec, names, B)
-                    sites = list(rec.sites)
-                    U = self._output_vectors(out, y, first, mc_samples, seed)
-                    if stats is not None:
-                        stats.add_inputs(sites)
-                    kept: list[list[Tensor]] = []
-                    K = U.shape[0]
-                    for k in range(K):
-                        grads = torch.autograd.grad(out, [s.probe for s in sites], U[k], retain_graph=k < K - 1,
-                                                    allow_unused=True)
-                        b = [torch.zeros_like(s.probe) if g is None else g.detach() for s, g in zip(sites, grads)]
-                        if i == 0 and k == 0:
-                            check = (sites, b, (X, U[0]))
-                        if stats is not None:
-                            stats.add_outputs(sites, b)
-                        else:
-                            kept.append(b)
-                            if len(kept) * _bytes(b) >= DIAGONAL_CHUNK_BYTES or k == K - 1:
-                                self._add_squares(sites, kept, pieces)  # type: ignore[arg-type]
-                                kept = []
-                parts.release()
-                first += B
+        kept: list[list[Tensor]] = []
+        for i, X, sites, U, k, b in self._passes(mc_samples, seed):
+            if i == 0 and k == 0:
+                check = (sites, b, (X, U[0]))
+            if stats is not None:
+                if k == 0:
+                    stats.add_inputs(sites)
+                stats.add_outputs(sites, b)
+            else:
+                kept.append(b)
+                if len(kept) * _bytes(b) >= DIAGONAL_CHUNK_BYTES or k == U.shape[0] - 1:
+                    self._add_squares(sites, kept, pieces)  # type: ignore[arg-type]
+                    kept = []
         return stats, pieces, check
 
     def _output_vectors(self, out: Tensor, y: Tensor, first: int, mc_samples: int, seed: int) -> Tensor:
@@ -229,29 +243,8 @@ class PartitionedBlockMetric(Metric):
         names = [n for n in parts.names if len(self.shapes[n]) >= 2 and self._is_kron(n)]
         bases = {n: self._broadcast_bases(n) for n in names}
         acc = EigenCorrection(bases, self.shapes)
-        module = parts.module
-        training = module.training
-        module.eval()
-        try:
-            with instrumented(module, parts.names) as (rec, _):
-                first = self.problem.sample_offset
-                for X, y in self.problem.batches():
-                    B = int(X.shape[0])
-                    rec.begin(B, attention_mask(X))
-                    with torch.enable_grad(), parts.meter.watching(module):
-                        out = self.problem.forward(X)
-                        sites = list(rec.sites)
-                        U = self._output_vectors(out, y, first, mc_samples, seed)
-                        for k in range(U.shape[0]):
-                            grads = torch.autograd.grad(out, [s.probe for s in sites], U[k],
-                                                        retain_graph=k < U.shape[0] - 1, allow_unused=True)
-                            acc.add(sites, [torch.zeros_like(s.probe) if g is None else g.detach()
-                                            for s, g in zip(sites, grads)])
-                    parts.release()
-                    first += B
-        finally:
-            parts.release()
-            module.train(training)
+        for _, _, sites, _, _, b in self._passes(mc_samples, seed):
+            acc.add(sites, b)
         del bases
         for n in names:
             E = acc.sums.get(n)

@@ -248,8 +248,7 @@ def zero3_extra(tmp_path_factory) -> list[dict]:
 def test_zero3_partitioned_kfac_flatness_and_cg_metric(zero3_extra):
     """The same MLP under ZeRO-3 on 2 ranks: the GGN's flatness in the sampled KFAC metric (the labels one process
     draws: keyed by the global sample index), the top eigenvalue of M⁻¹GGN in the sampled EKFAC metric, and the top
-    eigenvalue of M⁻¹GGN with the GGN metric solved by CG over
-    finite-difference products equal the float64 single-process estimators with the same probes to REL_ZERO3."""
+    eigenvalue of M⁻¹GGN with the GGN metric solved by CG over finite-difference products equal the float64 single-process estimators with the same probes to REL_ZERO3."""
     res = zero3_extra[0]["zero3_extra"]
     assert zero3_extra[1]["zero3_extra"]["values"] == res["values"]
     model = zoo.mlp(**S.ZERO3_MODEL).double().eval()
@@ -286,8 +285,8 @@ def zero3_gpt2(tmp_path_factory) -> list[dict]:
 def test_zero3_partitioned_monitor_on_a_tied_gpt2(zero3_gpt2):
     """A Hugging Face GPT-2 (tied head, causal LM loss) under ZeRO-3 on 2 ranks: the monitor's top Hessian and GGN
     eigenvalues, and the invariant ones in the KFLR and EKFAC metrics (the tied embedding/head from both uses'
-    statistics, owned by one rank; EKFAC's bases broadcast from their owners), equal float64 single-process values to REL_ZERO3. Its top directions are far stiffer than random
-    ones; the step chosen at the first product (not the starting u^{1/3}) is what makes this hold."""
+    statistics, owned by one rank; EKFAC's bases broadcast from their owners), equal float64 single-process values
+    to REL_ZERO3. Its top directions are far stiffer than random ones; the step chosen at the first product (not the starting u^{1/3}) is what makes this hold."""
     res = zero3_gpt2[0]["zero3_gpt2"]
     assert zero3_gpt2[1]["zero3_gpt2"]["values"] == res["values"]
     model = zoo.hf_causal_lm(**S.ZERO3_GPT2).double()
