@@ -320,6 +320,7 @@ def _cli_config(mode: str, queries: list[dict]) -> dict:
             "queries": queries, "backend": backend}
 
 
+@pytest.mark.slow  # 54 s; data and pipeline mode against local are fast tests of their own
 def test_python_backend_api_equals_cli(ray_module, tmp_path):
     """The same queries through cd.ray_backend (data and pipeline mode) and through the CLI's YAML backend give
     identical numbers; what pipeline mode cannot do is refused when asked."""
