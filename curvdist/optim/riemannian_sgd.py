@@ -310,6 +310,10 @@ class RiemannianSGD(torch.optim.Optimizer):
         return loss
 
     # ------------------------------------------------------------------ state
+    def _buffer_dim(self) -> int:
+        """The length of the state's flat buffers (momentum, Adam's v): :attr:`dim` here."""
+        return self.dim
+
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict; ``["state"][STATE_KEY]`` is a snapshot of the entry (its values are replaced at every
         step, never modified in place)."""
@@ -337,8 +341,8 @@ class RiemannianSGD(torch.optim.Optimizer):
         step = int(entry["step"])
         for key in ("momentum_buffer", "exp_avg_sq"):
             t = entry[key]
-            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (self.dim,)):
-                raise ShapeError(f"the saved {key} must be a flat tensor of length {self.dim}, got "
+            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (self._buffer_dim(),)):
+                raise ShapeError(f"the saved {key} must be a flat tensor of length {self._buffer_dim()}, got "
                                  f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         if self.metric_kind == "adam" and step > 0 and entry["exp_avg_sq"] is None:
             raise MetricError("the state holds no second moments (exp_avg_sq) for the adam metric")

@@ -89,6 +89,11 @@ class PreconditionerSpec(NamedSpecs):
     dtype: Literal["float32", "float64"] = "float32"
     params: list[str] | None = None
     batch_size: PositiveInt | None = None
+    #: the fraction f of ranks that precondition each parameter (KAISA's grad_worker_fraction): 1 every rank
+    #: everything, 1/world one owner per parameter (block-diagonal metrics; see curvdist.integrations.deepspeed.owners)
+    grad_worker_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    #: step-size control: the step's squared length in the metric lr²·gᵀd stays ≤ kl_clip (None: no clipping)
+    kl_clip: Annotated[float, Field(gt=0)] | None = None
 
 
 class CurvdistSection(Strict):

@@ -74,24 +74,28 @@ class DataParallelMetric:
         return self.build(problem.model, problem.loss, problem.data, problem.param_names, problem.reduction)
 
     def build(self, model: nn.Module, loss: str | Loss, data: Any, params: Sequence[str] | None = None,
-              reduction: str = "mean") -> Metric:
+              reduction: str = "mean", owned: Sequence[str] | None = None) -> Metric:
         """Build M for ``model`` at its current parameters on ``data`` (any form :class:`Problem` accepts, the same
         on every rank) split across the ranks. ``model`` is only read (through a clean replica): no forward pass
-        runs through it, so DeepSpeed's module hooks never fire."""
+        runs through it, so DeepSpeed's module hooks never fire. ``owned`` (``kfac``/``kflr``): the blocks this
+        rank forms and eigendecomposes (:mod:`.owners`); the metric then acts on the owned parameters' vectors
+        only, while the reduced statistics (:meth:`state_dict`) stay those of every parameter."""
         if self._replica is None or self._replica_of != id(model):
             self._replica, self._replica_of = Replica(model, self.dtype), id(model)
         X, y = concatenate(list(as_batches(data)))
         with torch_linear(), self._replica.loaded(model) as replica:
             dp = split_problem(replica, loss, X, y, self.group, params, reduction, self.batch_size)
-            return self._build(dp)
+            return self._build(dp, owned)
 
-    def _build(self, dp: ShardedProblem) -> Metric:
+    def _build(self, dp: ShardedProblem, owned: Sequence[str] | None = None) -> Metric:
         if self.kind in KRONECKER:
             exact = self.kind == "kflr"
             G, A = reduced_kronecker(dp, exact, self.options)
             self._state = {"kind": self.kind, "G": G, "A": A, "names": list(dp.param_names),
                            "shapes": [list(s) for s in dp.shapes], "scale": dp.scale,
                            "num_samples": dp.num_samples}
+            if owned is not None:
+                return self._owned_kronecker(self._state, owned)
             return kronecker_from_sums(dp, G, A, self.damping, self.kind)
         if self.kind == MetricKind.EKFAC:  # factors, bases and corrections reduced over the ranks
             M = metric(dp, self.kind, self.damping, **self.options)
@@ -109,8 +113,20 @@ class DataParallelMetric:
         """The reduced statistics of the last build (None before the first build and for matrix-free kinds)."""
         return self._state
 
-    def rebuild(self, state: dict[str, Any]) -> Metric:
-        """The metric of :meth:`state_dict`'s statistics, identical to the one built then."""
+    def _owned_kronecker(self, state: dict[str, Any], owned: Sequence[str]) -> Metric | None:
+        """The Kronecker blocks of the ``owned`` parameters from the reduced sums (None when this rank owns none)."""
+        from ...geometry.metrics.kfac import kfac_from_sums
+
+        shapes = dict(zip(state["names"], state["shapes"]))
+        names = [n for n in state["names"] if n in set(owned)]
+        if not names:
+            return None
+        return kfac_from_sums(names, [torch.Size(shapes[n]) for n in names], state["G"], state["A"], state["scale"],
+                              state["num_samples"], self.damping, self.kind)
+
+    def rebuild(self, state: dict[str, Any], owned: Sequence[str] | None = None) -> Metric | None:
+        """The metric of :meth:`state_dict`'s statistics, identical to the one built then (``owned``: as in
+        :meth:`build`)."""
         from ...geometry.metrics.base import DiagonalMetric
         from ...geometry.metrics.kfac import kfac_from_sums
 
@@ -123,6 +139,8 @@ class DataParallelMetric:
 
             return KFACMetric.from_state_dict(state["metric"])
         if kind in KRONECKER:
+            if owned is not None:
+                return self._owned_kronecker(state, owned)
             return kfac_from_sums(state["names"], [torch.Size(s) for s in state["shapes"]], state["G"], state["A"],
                                   state["scale"], state["num_samples"], self.damping, kind)
         return DiagonalMetric(state["diagonal_sum"] * state["scale"], self.damping, kind=kind)

@@ -309,12 +309,14 @@ def test_zero3_partitioned_monitor_on_a_tied_gpt2(zero3_gpt2):
 
 # --------------------------------------------------------------------------- preconditioner
 @_one_thread()
-def _plain_riemannian_sgd(adam: bool = False) -> list[float]:
-    """scenarios.preconditioner's (adam_preconditioner's) run with curvdist.optim.RiemannianSGD alone (one
-    process, no DeepSpeed)."""
+def _plain_riemannian_sgd(adam: bool = False, momentum: bool = False) -> list[float]:
+    """scenarios.preconditioner's (adam_preconditioner's; with ``momentum``, the owners-momentum run's) run with
+    curvdist.optim.RiemannianSGD alone (one process, no DeepSpeed)."""
     model = zoo.mlp(**S.MODEL)
     options = dict(metric="adam", lr=0.02, damping=1e-3) if adam else dict(metric="kflr", lr=0.3, damping=0.05,
                                                                             refresh=2)
+    if momentum:
+        options.update(momentum=0.5, kl_clip=S.MOMENTUM_KL_CLIP)
     opt = cd.optim.RiemannianSGD(model, "cross_entropy", zoo.digits(split="train", n=48), **options)
     X, y = S.train_data()
     for s in range(6):
@@ -327,7 +329,8 @@ def _plain_riemannian_sgd(adam: bool = False) -> list[float]:
 
 @pytest.fixture(scope="module")
 def plain_params() -> dict[str, np.ndarray]:
-    return {"kflr": np.array(_plain_riemannian_sgd()), "adam": np.array(_plain_riemannian_sgd(adam=True))}
+    return {"kflr": np.array(_plain_riemannian_sgd()), "adam": np.array(_plain_riemannian_sgd(adam=True)),
+            "momentum": np.array(_plain_riemannian_sgd(momentum=True))}
 
 
 def _train_loss(flat: list[float]) -> float:
@@ -342,7 +345,7 @@ def test_preconditioner_as_client_optimizer(runs, config, plain_params):
     batches, decreases the loss, and keeps the parameters identical across ranks."""
     res = runs[0]["optimizer"][config]
     params = np.array(res["params"])
-    plain_params = plain_params["adam" if "adam" in config else "kflr"]
+    plain_params = plain_params["adam" if "adam" in config else "momentum" if "momentum" in config else "kflr"]
     for other in runs[1:]:
         assert other["optimizer"][config]["params"] == res["params"]
     initial = torch.nn.utils.parameters_to_vector(zoo.mlp(**S.MODEL).parameters()).tolist()
@@ -350,6 +353,40 @@ def test_preconditioner_as_client_optimizer(runs, config, plain_params):
     deviation = np.linalg.norm(params - plain_params) / np.linalg.norm(plain_params)
     print(f"world {runs[0]['world']} {config}: relative deviation from plain RiemannianSGD {deviation:.2e}")
     assert deviation <= (0.1 if "bf16" in config else REL_PARAMS)  # bf16 weights: only close to the fp32 run
+
+
+@pytest.mark.parametrize("config", ["2-owners", "1-owners-momentum"])
+def test_preconditioner_with_one_owner_per_parameter(two, config, plain_params):
+    """ZeRO 1/2 on 2 ranks with grad_worker_fraction 0.5: each parameter has one owner (assigned by cost), which
+    alone receives its reduced gradient and forms and inverts its KFLR block; the steps equal plain RiemannianSGD's
+    (with momentum and KL clipping too), while no rank held more than one parameter's gradient in full."""
+    res = two[0]["optimizer"][config]
+    assert two[1]["optimizer"][config]["params"] == res["params"]
+    plan = res["plan"]
+    assert plan["owners_per_parameter"] == 1
+    owned = [set(plan["owned"][str(r)]) for r in range(2)]
+    names = [n for n, _ in zoo.mlp(**S.MODEL).named_parameters()]
+    assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(names) and all(owned)
+    sizes = [p.numel() for p in zoo.mlp(**S.MODEL).parameters()]
+    assert res["peak_gradient_entries"] == max(sizes) < sum(sizes)
+    expected = plain_params["momentum" if "momentum" in config else "kflr"]
+    deviation = np.linalg.norm(np.array(res["params"]) - expected) / np.linalg.norm(expected)
+    print(f"{config}: relative deviation from plain RiemannianSGD {deviation:.2e}")
+    assert deviation <= REL_PARAMS
+
+
+def test_preconditioner_under_zero3_on_the_partitions(two, plain_params):
+    """ZeRO-3 on 2 ranks, every parameter partitioned: DeepSpeedRiemannianSGD (attached to its engine) with KFLR
+    blocks formed per layer at one owner from the engine's own passes takes plain RiemannianSGD's steps, and never
+    held more parameter entries in full than a training step did (less than the model)."""
+    res = two[0]["optimizer"]["3"]
+    assert two[1]["optimizer"]["3"]["params"] == res["params"]
+    deviation = np.linalg.norm(np.array(res["params"]) - plain_params["kflr"]) / np.linalg.norm(plain_params["kflr"])
+    print(f"ZeRO-3: relative deviation {deviation:.2e}; gathered at once: preconditioner "
+          f"{res['preconditioner_peak_gathered']}, training {res['training_peak_gathered']}, model "
+          f"{res['model_parameters']}")
+    assert deviation <= REL_PARAMS
+    assert 0 < res["preconditioner_peak_gathered"] <= res["training_peak_gathered"] < res["model_parameters"]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -376,7 +413,7 @@ def test_bad_input_in_a_deepspeed_run(one):
     kind, msg = one[0]["errors"]["no_section"]
     assert kind == "ConfigError" and "no 'curvdist' section" in msg
     kind, msg = one[0]["errors"]["preconditioner_zero3"]
-    assert kind == "ConfigError" and "ZeRO-3" in msg
+    assert kind == "ConfigError" and "ZeRO-3" in msg and "attach(engine)" in msg
     for key, what in [("partitioned_metric", "empirical_fisher+0.1"), ("partitioned_grad_norm", "grad_norm"),
                       ("partitioned_curvature", "fisher curvature")]:
         kind, msg = one[0]["errors"][key]

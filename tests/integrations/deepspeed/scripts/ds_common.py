@@ -10,6 +10,8 @@ from curvdist import zoo
 MODEL = {"in_features": 64, "hidden": (8,), "out_features": 10, "seed": 0}
 GLOBAL_BATCH = 16
 HELD = 40
+#: the KL clip of the momentum runs of the preconditioner (binding at the first steps)
+MOMENTUM_KL_CLIP = 0.05
 MONITOR = {
     "every": 2,
     "seed": 0,
@@ -64,6 +66,9 @@ def sequence_data(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 # parameters under 10^5 entries whole on every rank, so the biases and the small first/last layers persist),
 # ZeRO-3 gathering one module at a time (no prefetch, release after use), and the finite-difference queries.
 ZERO3_MODEL = {"in_features": 64, "hidden": (512,) * 5, "out_features": 10, "seed": 0}
+#: the preconditioner under ZeRO-3: every parameter partitioned (no persistent small ones), one module gathered at a time
+ZERO3_OPTIMIZER_CONFIG = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0,
+                          "stage3_max_live_parameters": 1000, "stage3_max_reuse_distance": 0}
 ZERO3_CONFIG = {"stage": 3, "stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 300_000,
                 "stage3_max_reuse_distance": 0}
 ZERO3_MONITOR = {

@@ -24,10 +24,12 @@ from ds_common import (  # the script's own folder is on sys.path when it runs a
     GLOBAL_BATCH,
     HELD,
     MODEL,
+    MOMENTUM_KL_CLIP,
     MONITOR,
     TRANSFORMER,
     TRANSFORMER_MONITOR,
     ZERO3_CONFIG,
+    ZERO3_OPTIMIZER_CONFIG,
     ZERO3_EXTRA_MONITOR,
     ZERO3_GPT2,
     ZERO3_GPT2_MONITOR,
@@ -139,8 +141,25 @@ def adam_preconditioner(model: torch.nn.Module) -> DeepSpeedRiemannianSGD:
                                   lr=0.02, damping=1e-3)
 
 
+def owners_preconditioner(model: torch.nn.Module, **extra) -> DeepSpeedRiemannianSGD:
+    """One owner per parameter at world 2 (grad_worker_fraction 0.5)."""
+    return DeepSpeedRiemannianSGD(model, "cross_entropy", zoo.digits(split="train", n=48), metric="kflr",
+                                  lr=0.3, damping=0.05, refresh=2, grad_worker_fraction=0.5, **extra)
+
+
 def scenario_optimizer(stages: list[int]) -> dict:
     out = {}
+    _, world = rank_world()
+    owner_runs = [(2, "owners", {}), (1, "owners-momentum", {"momentum": 0.5, "kl_clip": MOMENTUM_KL_CLIP})]
+    for stage, key, extra in owner_runs if world > 1 else []:  # one owner per parameter: 2 ranks
+        if stage in stages:
+            engine, opt = engine_for(stage, optimizer=lambda m, extra=extra: owners_preconditioner(m, **extra))
+            res = train(engine, 6)
+            out[f"{stage}-{key}"] = {**res, "params": full_params(engine.module),
+                                     "peak_gradient_entries": opt.peak_gradient_entries,
+                                     "plan": opt._owner_plan().describe()}
+    if 3 in stages and world > 1:
+        out["3"] = zero3_preconditioned()
     if 2 in stages:
         engine, _ = engine_for(2, optimizer=adam_preconditioner)
         res = train(engine, 6)
@@ -151,6 +170,33 @@ def scenario_optimizer(stages: list[int]) -> dict:
         res["params"] = full_params(engine.module)
         out[f"{stage}{'-bf16' if bf16 else ''}"] = res
     return out
+
+
+def zero3_preconditioned() -> dict:
+    """DeepSpeedRiemannianSGD (KFLR) under ZeRO-3 with every parameter partitioned: the parameters after 6 steps,
+    and the most parameter entries held in full at once by a training step and by the preconditioner."""
+    model = zoo.mlp(**MODEL)
+    opt = preconditioner(model)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                      config=ds_config(3, zero=ZERO3_OPTIMIZER_CONFIG))
+    opt.attach(engine)
+    X, y = train_data()
+    params = list(engine.module.parameters())
+    meter = GatherMeter(params)
+    losses = []
+    for s in range(6):
+        xb, yb = local_batch(X, y, s)
+        hooks = [p.register_hook(lambda g, m=meter: (m.sample(), g)[1]) for p in params]
+        with meter.watching(engine.module):
+            loss = F.cross_entropy(engine(xb), yb)
+            engine.backward(loss)
+        for h in hooks:
+            h.remove()
+        engine.step()
+        losses.append(float(loss))
+    return {"losses": losses, "params": full_params(engine.module), "training_peak_gathered": meter.peak,
+            "preconditioner_peak_gathered": opt.peak_gathered,
+            "model_parameters": sum(int(p.ds_numel) for p in params)}
 
 
 def scenario_checkpoint(stages: list[int]) -> dict:
@@ -204,7 +250,7 @@ def scenario_errors(stages: list[int]) -> dict:
     except Exception as e:  # noqa: BLE001
         out["no_section"] = [type(e).__name__, str(e)]
     try:
-        engine, _ = engine_for(3, optimizer=preconditioner)
+        engine, _ = engine_for(3, optimizer=preconditioner)  # not attached to its engine
         train(engine, 1)
         out["preconditioner_zero3"] = None
     except Exception as e:  # noqa: BLE001
