@@ -168,8 +168,13 @@ class RiemannianSGD(torch.optim.Optimizer):
                                    f"{sorted(set(options) - allowed)}")
             if not isinstance(metric, str):
                 raise ProblemError("statistics='step' needs a metric kind (a string), not a callable")
-            self.step_statistics = StepStatistics(model, names, loss, metric, decay, **options)
+            self.step_statistics = self._make_step_statistics(model, names, loss, metric, decay, options)
             self.state[STATE_KEY]["step_statistics"] = self.step_statistics.state()
+
+    def _make_step_statistics(self, model: nn.Module, names: list[str], loss: Any, kind: str, decay: float,
+                              options: dict[str, Any]) -> StepStatistics:
+        """The moving averages of statistics='step' (data-parallel forms reduce each step's sums over ranks)."""
+        return StepStatistics(model, names, loss, kind, decay, **options)
 
     def track(self, y: Tensor, attention_mask: Tensor | None = None) -> Any:
         """``statistics='step'``: a context in which one forward pass of the model on a micro-batch with labels

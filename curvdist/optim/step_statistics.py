@@ -162,26 +162,34 @@ class StepStatistics:
         if not self.pending:
             raise ProblemError("no statistics were tracked for this step: run the forward pass inside "
                                "`with optimizer.track(y):` (statistics='step')")
-        scale = 1.0 / max(self.terms_count, 1) if self.reduction == "mean" else 1.0
+        sums = self.stats.result() if self.statistic == "kronecker" else self.diagonal
+        sums, terms, samples = self.reduce(sums, self.terms_count, self.samples)
+        scale = 1.0 / max(terms, 1) if self.reduction == "mean" else 1.0
         if self.statistic == "kronecker":
-            G, A = self.stats.result()
-            new: dict[str, Any] = normalized_terms(self.names, G, A, scale, self.samples)
+            G, A = sums
+            new: dict[str, Any] = normalized_terms(self.names, G, A, scale, samples)
         else:
-            new = {n: self.diagonal[n] * scale for n in self.names}
+            new = {n: sums[n] * scale for n in self.names}
         if self.average is None:
             return new
         return {n: _tree_ema(self.average[n], new[n], self.decay) for n in self.names}
+
+    def reduce(self, sums: Any, terms: int, samples: int) -> tuple[Any, int, int]:
+        """The step's sums, loss-term count and sample count over every process that trained on a share of the
+        step (here: this one's; data-parallel subclasses add the other ranks')."""
+        return sums, terms, samples
 
     def commit(self, average: dict[str, Any]) -> None:
         """Install ``average`` (from :meth:`averaged`) and start the next step's sums."""
         self.average = average
         self._reset()
 
-    def metric(self, average: dict[str, Any], damping: float) -> Metric:
-        """M_δ from moving averages (eigendecomposed now)."""
-        shapes = [self.shapes[n] for n in self.names]
+    def metric(self, average: dict[str, Any], damping: float, names: Sequence[str] | None = None) -> Metric:
+        """M_δ from moving averages (eigendecomposed now); ``names``: only those parameters' Kronecker blocks."""
         if self.statistic == "kronecker":
-            return KFACMetric(self.names, shapes, factors_from_terms(average), damping=damping, kind=self.kind)
+            names = self.names if names is None else [n for n in self.names if n in set(names)]
+            return KFACMetric(names, [self.shapes[n] for n in names],
+                              factors_from_terms({n: average[n] for n in names}), damping=damping, kind=self.kind)
         d = torch.cat([average[n].reshape(-1) for n in self.names])
         return DiagonalMetric(d, damping, kind=self.kind)
 

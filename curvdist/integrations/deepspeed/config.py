@@ -94,6 +94,10 @@ class PreconditionerSpec(NamedSpecs):
     grad_worker_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
     #: step-size control: the step's squared length in the metric lr²·gᵀd stays ≤ kl_clip (None: no clipping)
     kl_clip: Annotated[float, Field(gt=0)] | None = None
+    #: where the metric's statistics come from: a separate pass over the metric batch, or the training step's own
+    #: forward passes (run each micro-batch's forward inside ``with optimizer.track(y):``), averaged with ``decay``
+    statistics: Literal["separate", "step"] = "separate"
+    decay: Annotated[float, Field(ge=0, lt=1)] = 0.95
 
 
 class CurvdistSection(Strict):

@@ -56,6 +56,7 @@ from .engine import check_engine, is_partitioned, torch_linear
 from .metric import DIAGONAL, KINDS, KRONECKER, DataParallelMetric
 from .owners import Owners, owner_count
 from .replica import Replica
+from .step_statistics import ReducedStepStatistics
 
 #: metrics stepped by per-parameter owners (block-diagonal: a parameter's direction needs its own gradient only)
 BLOCK_KINDS = (*KRONECKER, "ekfac", *DIAGONAL)
@@ -148,22 +149,33 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
     (``"adam"`` stays RiemannianSGD's own, from the full gradients every rank assembles); a callable
     ``problem -> Metric`` is called on a clean replica of the model. ``group``: the data-parallel group (None: the
     default group, which is DeepSpeed's for pure data parallelism).
+
+    ``grad_worker_fraction`` f ∈ (0, 1]: block-diagonal metrics are applied by k = max(1, round(f·world)) owners per
+    parameter (:mod:`.owners`): 1 (default) every rank preconditions everything; 1/world one owner per parameter,
+    which alone forms, eigendecomposes and applies its block. ``statistics="step"`` (kinds ``kfac``, ``kflr`` and
+    the diagonals, ZeRO 0-2): the statistics come from the training forward passes — run each micro-batch's
+    ``engine(x)`` inside ``with optimizer.track(y):`` — reduced over the ranks at every step, with moving averages
+    of decay ``decay`` (:mod:`.step_statistics`); ``data`` is then not needed. Under ZeRO-3 call :meth:`attach`
+    with the engine after ``deepspeed.initialize``. ``kl_clip``: as in RiemannianSGD.
     """
 
-    def __init__(self, model: nn.Module, loss: str, data: Any, metric: str | Callable[[Problem], Metric] = "kfac",
-                 lr: float = 0.1, damping: float = 1e-3, refresh: int = 10, momentum: float = 0.0,
-                 params: Sequence[str] | None = None, batch_size: int | None = None,
-                 metric_options: dict[str, Any] | None = None, group: Any = None,
+    def __init__(self, model: nn.Module, loss: str, data: Any = None,
+                 metric: str | Callable[[Problem], Metric] = "kfac", lr: float = 0.1, damping: float = 1e-3,
+                 refresh: int = 10, momentum: float = 0.0, params: Sequence[str] | None = None,
+                 batch_size: int | None = None, metric_options: dict[str, Any] | None = None, group: Any = None,
                  dtype: torch.dtype | str = torch.float32, grad_worker_fraction: float = 1.0,
-                 kl_clip: float | None = None) -> None:
-        if isinstance(metric, str) and metric != "adam":  # adam: RiemannianSGD's own v from the (full) gradients
+                 kl_clip: float | None = None, statistics: str = "separate", decay: float = 0.95) -> None:
+        self.group = group  # read by _make_step_statistics during RiemannianSGD's construction
+        if isinstance(metric, str) and metric != "adam" and statistics == "separate":
+            # adam: RiemannianSGD's own v from the (full) gradients; step: ReducedStepStatistics
             metric = DataParallelMetric(metric, damping, group=group, dtype=dtype, batch_size=batch_size,
                                         **(metric_options or {}))
         super().__init__(model, loss, data, metric=metric, lr=lr, damping=damping, refresh=refresh,
-                         momentum=momentum, params=params, batch_size=batch_size, kl_clip=kl_clip)
+                         momentum=momentum, params=params, batch_size=batch_size, kl_clip=kl_clip,
+                         statistics=statistics, decay=decay,
+                         metric_options=metric_options if statistics == "step" else None)
         owner_count(grad_worker_fraction, 1)  # validated here, applied at the first step
         self.grad_worker_fraction = float(grad_worker_fraction)
-        self.group = group
         self.engine: Any = None
         self._owners: Owners | None = None
         self._owned_ready = False
@@ -175,6 +187,11 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
         self.peak_gathered = 0
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self._replica: Replica | None = None
+
+    def _make_step_statistics(self, model: nn.Module, names: list[str], loss: Any, kind: str, decay: float,
+                              options: dict[str, Any]) -> ReducedStepStatistics:
+        """statistics='step': each rank tracks its micro-batches; a step's sums are reduced over the group."""
+        return ReducedStepStatistics(model, names, loss, kind, decay, group=self.group, **options)
 
     def build_metric(self) -> Metric:
         """M at the current parameters, on a clean replica of the model (never through DeepSpeed's module: its
@@ -208,7 +225,8 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
         return cls(model, spec.loss, data, metric=m.kind, lr=spec.lr, damping=m.damping, refresh=spec.refresh,
                    momentum=spec.momentum, params=spec.params, batch_size=spec.batch_size,
                    metric_options=dict(m.options), group=group, dtype=spec.dtype,
-                   grad_worker_fraction=spec.grad_worker_fraction, kl_clip=spec.kl_clip)
+                   grad_worker_fraction=spec.grad_worker_fraction, kl_clip=spec.kl_clip,
+                   statistics=spec.statistics, decay=spec.decay)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -243,6 +261,8 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
     @property
     def by_owners(self) -> bool:
         """Whether steps go through per-parameter owners (:mod:`.owners`): block-diagonal metrics."""
+        if self.step_statistics is not None:
+            return True
         return isinstance(self.metric_kind, DataParallelMetric) and self.metric_kind.kind in BLOCK_KINDS
 
     def _owner_plan(self) -> Owners:
@@ -251,9 +271,17 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
             self._owners = Owners(self.names, shapes, self.group, self.grad_worker_fraction)
         return self._owners
 
-    def _build_owned_metric(self) -> Metric | None:
-        """This rank's blocks (Kronecker kinds: only the owned ones are formed; others: the whole metric)."""
+    def _build_owned_metric(self, average: dict[str, Any] | None = None) -> Metric | None:
+        """This rank's blocks (Kronecker kinds: only the owned ones are formed; others: the whole metric), from
+        the step statistics' moving ``average`` (statistics='step') or the metric batch."""
         owners = self._owner_plan()
+        stats = self.step_statistics
+        if stats is not None:
+            assert average is not None
+            if stats.statistic != "kronecker":
+                return stats.metric(average, self.damping)
+            owned = owners.owned(self.names)
+            return stats.metric(average, self.damping, names=owned) if owned else None
         kind = self.metric_kind
         assert isinstance(kind, DataParallelMetric)
         owned = owners.owned(self.names) if kind.kind in KRONECKER else None
@@ -285,8 +313,10 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
         if not nonzero.item():
             return  # DeepSpeed's optimizer-state initialization
         M, refreshed = self.metric, False
+        stats = self.step_statistics
+        average = stats.averaged() if stats is not None else None  # the step's sums reduced over the ranks
         if not self._owned_ready or step % self.refresh == 0:
-            M, refreshed = self._build_owned_metric(), True
+            M, refreshed = self._build_owned_metric(average), True
         directions: dict[int, Tensor] = {}
         sums = torch.zeros(2, dtype=torch.float64)  # Σ gᵀd over the primaries' parameters, non-finite count
         for i, name in enumerate(self.names):
@@ -329,7 +359,12 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
             layout.add(i, d, lr)
             offset += n
         self.metric, self._owned_ready = M, True
-        if refreshed:
+        if stats is not None:
+            assert average is not None
+            stats.commit(average)
+            state["step_statistics"] = stats.state()  # reduced: the same on every rank
+            state["metric"] = None  # rebuilt from the averages on load
+        elif refreshed:
             state["metric"] = None  # per-rank blocks: the checkpoint keeps the reduced statistics instead
             state["metric_statistics"] = self.metric_kind.state_dict()  # type: ignore[union-attr]
         state.update(step=step + 1, momentum_buffer=buffer if mu else None)
@@ -355,6 +390,9 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
             raise ConfigError("under ZeRO-3 call optimizer.attach(engine) after deepspeed.initialize: the metric's "
                               "statistics come from passes through the engine's partitioned module")
         kind = self.metric_kind
+        if self.step_statistics is not None:
+            raise ConfigError("under ZeRO-3 the preconditioner takes its statistics from separate passes through the "
+                              "engine (statistics='separate'); statistics='step' needs the layers' full weights")
         if not isinstance(kind, DataParallelMetric) or kind.kind not in ZERO3_KINDS:
             shown = kind.kind if isinstance(kind, DataParallelMetric) else kind
             raise ConfigError(f"under ZeRO-3 the preconditioner's metric must be one of {ZERO3_KINDS} (block metrics "
@@ -454,6 +492,14 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
         statistics (``"metric_statistics"``)."""
         entry = state_dict.get("state", {}).get(STATE_KEY)
         stats = entry.get("metric_statistics") if isinstance(entry, dict) else None
+        if self.step_statistics is not None:
+            with warnings.catch_warnings():  # the metric is rebuilt from the moving averages below
+                warnings.simplefilter("ignore")
+                super().load_state_dict(state_dict)
+            average = self.step_statistics.average
+            self.metric = self._build_owned_metric(average) if average is not None else None
+            self._owned_ready = average is not None
+            return
         if stats is None or not self.by_owners:
             super().load_state_dict(state_dict)
             return

@@ -327,6 +327,40 @@ def _plain_riemannian_sgd(adam: bool = False, momentum: bool = False) -> list[fl
     return torch.nn.utils.parameters_to_vector(model.parameters()).tolist()
 
 
+@_one_thread()
+def _plain_step_statistics() -> np.ndarray:
+    """scenarios.step_statistics_run with curvdist.optim.RiemannianSGD alone: one process, KFLR statistics tracked
+    on the two accumulated micro-batches of every global batch."""
+    model = zoo.mlp(**S.MODEL)
+    opt = cd.optim.RiemannianSGD(model, "cross_entropy", metric="kflr", lr=0.3, damping=0.05, refresh=2,
+                                 statistics="step", decay=S.STEP_DECAY)
+    X, y = S.train_data()
+    half = S.GLOBAL_BATCH // 2
+    for s in range(6):
+        opt.zero_grad()
+        for m in range(2):
+            a = s * S.GLOBAL_BATCH + m * half
+            with opt.track(y[a:a + half]):
+                loss = F.cross_entropy(model(X[a:a + half]), y[a:a + half]) / 2
+            loss.backward()
+        opt.step()
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
+
+
+def test_preconditioner_statistics_from_the_training_step(two):
+    """ZeRO-2 on 2 ranks with gradient accumulation 2: statistics='step' tracks each rank's micro-batches in the
+    training forward passes, reduces a step's sums over the ranks and keeps their moving average; one owner per
+    parameter. The steps equal one process's RiemannianSGD(statistics='step') over the same global batches."""
+    res = two[0]["optimizer"]["2-step"]
+    assert two[1]["optimizer"]["2-step"]["params"] == res["params"] and res["steps"] == 6
+    plain = _plain_step_statistics()
+    initial = torch.nn.utils.parameters_to_vector(zoo.mlp(**S.MODEL).parameters()).detach().numpy()
+    assert np.linalg.norm(plain - initial) > 1.0  # the steps moved the parameters
+    deviation = np.linalg.norm(np.array(res["params"]) - plain) / np.linalg.norm(plain)
+    print(f"step statistics, ZeRO-2 x 2 ranks, accumulation 2: relative deviation {deviation:.2e}")
+    assert deviation <= REL_PARAMS
+
+
 @pytest.fixture(scope="module")
 def plain_params() -> dict[str, np.ndarray]:
     return {"kflr": np.array(_plain_riemannian_sgd()), "adam": np.array(_plain_riemannian_sgd(adam=True)),

@@ -12,6 +12,8 @@ GLOBAL_BATCH = 16
 HELD = 40
 #: the KL clip of the momentum runs of the preconditioner (binding at the first steps)
 MOMENTUM_KL_CLIP = 0.05
+#: the moving-average decay of the preconditioner's statistics from the training step
+STEP_DECAY = 0.8
 MONITOR = {
     "every": 2,
     "seed": 0,

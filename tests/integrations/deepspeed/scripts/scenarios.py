@@ -25,6 +25,7 @@ from ds_common import (  # the script's own folder is on sys.path when it runs a
     HELD,
     MODEL,
     MOMENTUM_KL_CLIP,
+    STEP_DECAY,
     MONITOR,
     TRANSFORMER,
     TRANSFORMER_MONITOR,
@@ -160,6 +161,8 @@ def scenario_optimizer(stages: list[int]) -> dict:
                                      "plan": opt._owner_plan().describe()}
     if 3 in stages and world > 1:
         out["3"] = zero3_preconditioned()
+    if 2 in stages and world > 1:
+        out["2-step"] = step_statistics_run()
     if 2 in stages:
         engine, _ = engine_for(2, optimizer=adam_preconditioner)
         res = train(engine, 6)
@@ -170,6 +173,29 @@ def scenario_optimizer(stages: list[int]) -> dict:
         res["params"] = full_params(engine.module)
         out[f"{stage}{'-bf16' if bf16 else ''}"] = res
     return out
+
+
+def step_statistics_run() -> dict:
+    """ZeRO-2 on 2 ranks, gradient accumulation 2: KFLR statistics from the training step's own forward passes
+    (each rank tracks its micro-batches; the step's sums are reduced over the ranks), one owner per parameter."""
+    rank, world = rank_world()
+    model = zoo.mlp(**MODEL)
+    opt = DeepSpeedRiemannianSGD(model, "cross_entropy", metric="kflr", lr=0.3, damping=0.05, refresh=2,
+                                 statistics="step", decay=STEP_DECAY, grad_worker_fraction=0.5)
+    cfg = {**ds_config(2), "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (2 * world),
+           "gradient_accumulation_steps": 2}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    X, y = train_data()
+    per = GLOBAL_BATCH // (2 * world)
+    for s in range(6):
+        lo = (s * GLOBAL_BATCH) % X.shape[0]
+        for m in range(2):  # micro-batch m: rows [lo + 8m, lo + 8m + 8) of the global batch, split over the ranks
+            a = lo + m * GLOBAL_BATCH // 2 + rank * per
+            with opt.track(y[a:a + per]):
+                loss = F.cross_entropy(engine(X[a:a + per]), y[a:a + per])
+            engine.backward(loss)
+            engine.step()
+    return {"params": full_params(engine.module), "steps": opt.steps, "peak_gradient_entries": opt.peak_gradient_entries}
 
 
 def zero3_preconditioned() -> dict:
