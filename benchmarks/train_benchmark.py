@@ -167,7 +167,8 @@ def run(task: str, method: str, lr: float, args: argparse.Namespace) -> dict[str
     from curvdist.resources import peak_rss_mb, reset_peak
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(max(args.threads // world, 1))
     t = make_task(task, args)
     model = t["model"]()
     model.train()
@@ -175,6 +176,8 @@ def run(task: str, method: str, lr: float, args: argparse.Namespace) -> dict[str
         for m in model.modules():  # deterministic steps: no dropout
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
+    if world > 1:
+        return run_ranks(task, method, lr, args, t, model, world)
     opt = make_optimizer(method, lr, model, t)
     reset_peak()
     curve = [{"seconds": 0.0, "step": 0, "val": evaluate(model, t)}]
@@ -206,6 +209,67 @@ def run(task: str, method: str, lr: float, args: argparse.Namespace) -> dict[str
             "median_step_s": step_times[len(step_times) // 2], "peak_rss_mb": peak_rss_mb(),
             "parameters": sum(p.numel() for p in model.parameters()), **({"corpus": t["corpus"]} if "corpus" in t
                                                                        else {})}
+
+
+def run_ranks(task: str, method: str, lr: float, args: argparse.Namespace, t: dict[str, Any], model: Any,
+              world: int) -> dict[str, Any]:
+    """The run on ``world`` DeepSpeed ZeRO-2 ranks (torchrun, gloo): every rank takes its share of each batch;
+    ``adamw`` is torch's AdamW as DeepSpeed's client optimizer, ``rsgd_kfac`` DeepSpeedRiemannianSGD with KFAC from
+    the training step reduced over the ranks and one owner per parameter (grad_worker_fraction 1/world). Rank 0
+    evaluates (the others wait; evaluation is excluded from the wall time) and decides when the budget is spent."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from curvdist.integrations.deepspeed import DeepSpeedRiemannianSGD
+    from curvdist.problem.outputs import network_output
+    from curvdist.resources import peak_rss_mb, reset_peak
+
+    if method == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    elif method == "rsgd_kfac":
+        opt = DeepSpeedRiemannianSGD(model, t["loss_name"], metric="kfac", statistics="step", lr=lr, damping=1e-3,
+                                     refresh=10, momentum=0.9, kl_clip=1e-3, grad_worker_fraction=1.0 / world)
+    else:
+        raise SystemExit(f"{method} has no {world}-rank form here (adamw, rsgd_kfac)")
+    x0, _, _ = t["batch"](0)
+    per = int(x0.shape[0]) // world
+    config = {"train_batch_size": per * world, "train_micro_batch_size_per_gpu": per,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    rank = dist.get_rank()
+    reset_peak()
+    curve = [{"seconds": 0.0, "step": 0, "val": evaluate(model, t)}]
+    wall, step, step_times = 0.0, 0, []
+    go = torch.ones(1)
+    while True:
+        go[0] = float(wall < args.budget)
+        dist.broadcast(go, src=0)
+        if not go.item():
+            break
+        x, y, _ = t["batch"](step)
+        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        t0 = time.perf_counter()
+        if method == "rsgd_kfac":
+            with opt.track(y):
+                out = network_output(engine(x))
+        else:
+            out = network_output(engine(x))
+        loss = t["loss"].per_sample(out, y).sum() / t["loss"].count(y)
+        engine.backward(loss)
+        engine.step()
+        dt = time.perf_counter() - t0
+        wall += dt
+        step_times.append(dt)
+        step += 1
+        if step % args.every == 0 and rank == 0:
+            curve.append({"seconds": wall, "step": step, "val": evaluate(model, t)})
+    step_times.sort()
+    rss = torch.tensor([peak_rss_mb() or 0.0])
+    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+    return {"task": task, "method": f"{method}@{world}ranks", "lr": lr, "curve": curve, "steps": step,
+            "median_step_s": step_times[len(step_times) // 2], "peak_rss_mb": float(rss[0]), "ranks": world,
+            "zero_stage": 2, "parameters": sum(p.numel() for p in model.parameters()), "rank": rank}
 
 
 # ---------------------------------------------------------------------- summary
@@ -277,15 +341,20 @@ def main() -> None:
     p.add_argument("--corpus-mb", type=float, default=8.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(OUT / "train_benchmark.json"))
+    p.add_argument("--ranks", type=int, default=1,
+                   help="data-parallel DeepSpeed ZeRO-2 ranks (torchrun, gloo); adamw and rsgd_kfac only")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         task, method, lr = args.one.split(":")
-        print(json.dumps(run(task, method, float(lr), args)))
+        r = run(task, method, float(lr), args)
+        if r.get("rank", 0) == 0:
+            print(json.dumps(r))
         return
     out_path = Path(args.out)
     doc: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {"runs": []}
-    doc["setup"] = {k: v for k, v in vars(args).items() if k not in ("one", "out")}
+    doc["setup" if args.ranks == 1 else f"setup_{args.ranks}ranks"] = {k: v for k, v in vars(args).items()
+                                                                       if k not in ("one", "out")}
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for task in args.tasks:
         for method in args.methods:
@@ -293,11 +362,17 @@ def main() -> None:
                 print(f"[{time.strftime('%H:%M:%S')}] {task} {method} lr={lr:g} (load {os.getloadavg()[0]:.1f})",
                       flush=True)
                 cmd = [sys.executable, __file__, "--one", f"{task}:{method}:{lr}"] + sys.argv[1:]
+                name = method
+                if args.ranks > 1:
+                    launcher = str(Path(sys.executable).parent / "torchrun")
+                    cmd = [launcher, "--nproc_per_node", str(args.ranks), "--master_addr", "127.0.0.1",
+                           "--master_port", str(29600 + int(time.time()) % 300)] + cmd[1:]
+                    name = f"{method}@{args.ranks}ranks"
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
                 doc["runs"] = [r for r in doc["runs"]
-                               if (r.get("task"), r.get("method"), r.get("lr")) != (task, method, lr)]
+                               if (r.get("task"), r.get("method"), r.get("lr")) != (task, name, lr)]
                 if proc.returncode:
-                    doc["runs"].append({"task": task, "method": method, "lr": lr, "error": proc.stderr[-2000:]})
+                    doc["runs"].append({"task": task, "method": name, "lr": lr, "error": proc.stderr[-2000:]})
                 else:
                     r = json.loads(proc.stdout.strip().splitlines()[-1])
                     r["load"] = os.getloadavg()
