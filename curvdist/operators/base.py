@@ -7,6 +7,14 @@ accumulated over the whole data set with the problem's reduction s (1/N or 1):
 
 Vectors are flat tensors of length d, or parameter-shaped (a sequence in ``problem.param_names`` order, or a
 name→tensor dict); a product returns the same form it was given.
+
+Blocks of vectors. C V = [C v₁ … C v_k] for a (d, k) matrix V (:meth:`CurvatureOperator.apply_block`, ``op @ V``)
+is computed in one pass per batch rather than k: the per-batch product is vectorized over the k directions with
+``torch.func.vmap``, so everything that does not depend on v (the forward pass; for the Hessian also the first
+backward) is computed once per batch and the v-dependent passes run on k stacked tangents or cotangents
+(:meth:`CurvatureOperator.matmat_params`). Each column equals the single product C v_i up to rounding (the same
+operations, batched). Where ``vmap`` cannot run the product (an op without a batching rule) the block falls back
+to a loop of single products, for good (:attr:`CurvatureOperator.block_vectorized` turns False).
 """
 
 from __future__ import annotations
@@ -66,8 +74,29 @@ class CurvatureOperator(ABC):
         return self._accumulate(v, self.batch_matvec)
 
     def matmat_params(self, V: Params) -> Params:
-        """C V for a block of vectors stacked along a leading axis, vectorized with ``torch.func.vmap``."""
-        return self._accumulate(V, lambda p, v, X, y, c: vmap(lambda u: self.batch_matvec(p, u, X, y, c))(v))
+        """C V for a block of vectors stacked along a leading axis, vectorized with ``torch.func.vmap``.
+
+        ``V[j]`` has shape (k, *shape of parameter j); per batch, ``vmap`` of :meth:`batch_matvec` over the k
+        directions (the v-independent work once, the v-dependent passes on k stacked tangents/cotangents). If vmap
+        fails on the model (RuntimeError/NotImplementedError: a missing batching rule), this and every later block
+        product is a loop of :meth:`batch_matvec` instead.
+        """
+
+        def block(p: Params, v: Params, X: Inputs, y: Tensor, c: Any) -> Params:
+            if self.block_vectorized:
+                try:
+                    return vmap(lambda u: self.batch_matvec(p, u, X, y, c))(v)
+                except CurvdistError:
+                    raise
+                except (RuntimeError, NotImplementedError):
+                    self.block_vectorized = False
+            cols = [self.batch_matvec(p, tuple(t[i] for t in v), X, y, c) for i in range(v[0].shape[0])]
+            return tuple(torch.stack([col[j] for col in cols]) for j in range(len(v)))
+
+        return self._accumulate(V, block)
+
+    #: whether block products are vectorized (``vmap``); False after vmap failed on this model (then a loop)
+    block_vectorized: bool = True
 
     def _accumulate(self, v: Params, product: Any) -> Params:
         params = self.problem.params
@@ -118,7 +147,61 @@ class CurvatureOperator(ABC):
         """C v for a flat vector of :meth:`vector_space` (no validation; the solvers' entry point)."""
         return self.problem.flatten(self.matvec_params(self.problem.unflatten(v)))
 
+    def apply_block(self, V: Tensor, chunk: int | None = None) -> Tensor:
+        """C V = [C v₁ … C v_k] for a (d, k) matrix V, in one batched pass per data batch (see the module docstring).
+
+        Every column equals :meth:`matvec` of that column up to rounding. ``V`` may have any real floating dtype
+        and device; it is cast to the operator's (:attr:`dtype`, :attr:`device`), as :meth:`matvec` casts a vector,
+        and the result is a (d, k) tensor of the operator's dtype. ``chunk``: at most this many columns per
+        batched pass (the v-dependent activations of a pass grow with the number of columns; default: all k).
+
+        Raises:
+            ShapeError: V is not a 2-D tensor of shape (d, k) with k ≥ 1 (a (k, d) block must be transposed), its
+                dtype is not a real floating dtype, or ``chunk`` is not a positive integer.
+            NonFiniteError: the product is NaN or inf.
+        """
+        if not isinstance(V, Tensor):
+            raise ShapeError(f"apply_block() needs a torch.Tensor of shape ({self.dim}, k), got {type(V).__name__}")
+        if V.ndim != 2 or V.shape[0] != self.dim or V.shape[1] < 1:
+            hint = " (a block of k row vectors must be transposed: pass V.T)" if (
+                V.ndim == 2 and V.shape[1] == self.dim and V.shape[0] >= 1) else ""
+            raise ShapeError(f"the {self.kind} operator's apply_block() needs a matrix of shape ({self.dim}, k) "
+                             f"with k >= 1 columns, got shape {tuple(V.shape)}{hint}")
+        if not V.dtype.is_floating_point:
+            raise ShapeError(f"the {self.kind} operator's apply_block() needs a real floating-point matrix, got "
+                             f"dtype {V.dtype}")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ShapeError(f"chunk must be a positive integer or None, got {chunk!r}")
+        out = self._block(self._cast(V).T, chunk).T
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(f"the {self.kind} product is NaN or inf (check the data and the parameters)")
+        return out
+
+    def apply_vectors(self, vectors: Sequence[Tensor], chunk: int | None = None) -> list[Tensor]:
+        """[C x₁, …, C x_k] for flat vectors of :meth:`vector_space` (no validation; the block analogue of
+        :meth:`apply_vector` for solvers), computed as one block product (``chunk`` columns per pass at most)."""
+        if len(vectors) == 0:
+            return []
+        rows = torch.stack([torch.as_tensor(x).reshape(-1) for x in vectors]).to(self.device, self.dtype)
+        return list(self._block(rows, chunk).unbind(0))
+
+    def _block(self, rows: Tensor, chunk: int | None) -> Tensor:
+        """C applied to every row of ``rows`` (k, d), ``chunk`` rows per :meth:`matmat_params` call; (k, d)."""
+        k = rows.shape[0]
+        step = k if chunk is None else min(chunk, k)
+        sizes = [s.numel() for s in self.problem.shapes]
+        parts = []
+        for start in range(0, k, step):
+            R = rows[start:start + step]
+            n = R.shape[0]
+            stacked = tuple(t.reshape(n, *s) for t, s in zip(torch.split(R, sizes, dim=1), self.problem.shapes))
+            parts.append(torch.cat([t.reshape(n, -1) for t in self.matmat_params(stacked)], dim=1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
     def __matmul__(self, v: VectorLike) -> Any:
+        """``op @ v``: :meth:`matvec` for a vector, :meth:`apply_block` for a 2-D tensor of shape (d, k)."""
+        if isinstance(v, Tensor) and v.ndim == 2:
+            return self.apply_block(v)
         return self.matvec(v)
 
     def _cast(self, flat: Tensor) -> Tensor:

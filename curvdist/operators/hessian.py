@@ -221,9 +221,19 @@ class Hessian(CurvatureOperator):
         self._graphs.clear()
 
     def matmat_params(self, V: Params) -> Params:
-        """H V for a block of vectors stacked along a leading axis (one graph per batch for reverse-over-reverse,
-        ``vmap`` for forward-over-reverse, a loop for finite differences)."""
+        """H V = s · Σ_b ∇²ℓ_b(θ) [v₁ … v_k] for k vectors stacked along a leading axis, one batched pass per batch
+        (:func:`~curvdist.operators.hvp_modes.block_kernel`): reverse-over-reverse is one forward and one first
+        backward, ∇ℓ_b and its pullback u ↦ ∇²ℓ_b u (``torch.func.vjp`` of ``torch.func.grad``), then the pullback
+        ``vmap``-ed over the k cotangents; forward-over-reverse is ``vmap`` over the k tangents of
+        ``torch.func.jvp(torch.func.grad(ℓ_b))``; finite differences ``vmap`` each vector's own difference of
+        gradients. Where vmap fails, a loop (:attr:`block_vectorized` turns False). Block products always use
+        fresh graphs (``reuse_graph`` concerns single products) and are not compiled."""
         return self._accumulate(V, lambda p, u, X, y, c: self._block_kernel(p, u, X, y))
+
+    @property
+    def block_vectorized(self) -> bool:  # type: ignore[override]
+        """Whether block products are vectorized with ``vmap`` (False once the block kernel fell back to a loop)."""
+        return not getattr(self._block_kernel, "fell_back", False)
 
     # ----------------------------------------------------------- construction-time measurement
     def _probe(self) -> tuple[Params, Params, Any, Tensor]:

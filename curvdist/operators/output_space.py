@@ -32,7 +32,13 @@ from .base import CurvatureOperator
 
 
 class OutputSpaceCurvature(CurvatureOperator):
-    """C v = s · Σ_n J_nᵀ Λ_n J_n v; subclasses give Λ_n through :meth:`output_apply`."""
+    """C v = s · Σ_n J_nᵀ Λ_n J_n v; subclasses give Λ_n through :meth:`output_apply`.
+
+    A block C V = s · Σ_n J_nᵀ Λ_n J_n [v₁ … v_k] (:meth:`~CurvatureOperator.apply_block`,
+    :meth:`~CurvatureOperator.matmat_params`) is :meth:`batch_matvec` under ``torch.func.vmap`` over the k
+    directions: per batch the forward pass runs once (unbatched) and carries k stacked tangents (J V), Λ acts on
+    each column, and one backward pulls the k stacked cotangents Λ J V back (Jᵀ Λ J V).
+    """
 
     def output_apply(self, out: Tensor, y: Tensor, u: Tensor, ctx: Any) -> Tensor:
         """Λ_n u_n for every sample of the batch (u has the shape of the output)."""

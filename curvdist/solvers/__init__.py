@@ -1,14 +1,15 @@
 """Solvers that see vectors only through a :class:`VectorSpace`: Lanczos, trace, diagonal, SLQ."""
 
 from .diag import DIAG_METHODS, DiagEstimate, hutchinson_diag, xdiag
-from .lanczos import EigenPairs, Krylov, eigsh, lanczos
+from .lanczos import EigenPairs, Krylov, eigsh, lanczos, lanczos_lockstep
 from .orth import orthonormalize
 from .slq import Quadrature, density, logdet, quadrature, spectral_sum
-from .space import TorchSpace, VectorSpace, probe_seeds, random_flat
+from .space import BlockMap, TorchSpace, VectorSpace, probe_seeds, random_flat
 from .trace import TRACE_METHODS, Estimate, hutchinson, hutchpp, xtrace
 
 __all__ = [
-    "DIAG_METHODS", "TRACE_METHODS", "DiagEstimate", "EigenPairs", "Estimate", "Krylov", "Quadrature",
+    "DIAG_METHODS", "TRACE_METHODS", "BlockMap", "DiagEstimate", "EigenPairs", "Estimate", "Krylov", "Quadrature",
     "TorchSpace", "VectorSpace", "density", "eigsh", "hutchinson", "hutchinson_diag", "hutchpp", "lanczos",
-    "logdet", "orthonormalize", "probe_seeds", "quadrature", "random_flat", "spectral_sum", "xdiag", "xtrace",
+    "lanczos_lockstep", "logdet", "orthonormalize", "probe_seeds", "quadrature", "random_flat", "spectral_sum",
+    "xdiag", "xtrace",
 ]

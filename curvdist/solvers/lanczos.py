@@ -16,11 +16,15 @@ vectors.
 A Ritz pair (θ_i, Q_m s_i) of T_m has residual ‖A y_i − θ_i y_i‖ = β_m |e_mᵀ s_i| (Golub & Van Loan 2013, §10.1.4),
 which is the stopping test. On breakdown (β_m ≈ 0, an invariant subspace) the iteration continues from a fresh
 random vector orthogonal to the basis, so repeated eigenvalues are found with their multiplicity.
+
+The recurrence is a coroutine that yields the vector to expand and receives its product, so :func:`lanczos` drives
+one run with single products and :func:`lanczos_lockstep` several independent runs (stochastic Lanczos quadrature's
+probes) with one block product per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +32,7 @@ from scipy.linalg import eigh_tridiagonal
 
 from ..catalogue import Which, parse
 from ..errors import SolverError
-from .space import Basis, LinearMap, Vector, VectorSpace, probe_seeds
+from .space import Basis, BlockMap, LinearMap, Vector, VectorSpace, apply_all, probe_seeds
 
 WHICH = {"largest": "largest", "la": "largest", "smallest": "smallest", "sa": "smallest",
          "magnitude": "magnitude", "lm": "magnitude"}
@@ -119,19 +123,76 @@ def lanczos(
     one once).
     """
     steps = min(steps, space.dim)
+    run = _steps(space, _begin(space, start, steps, state), steps, restart_seed, restart, stop, on_step)
+    try:
+        q = next(run)
+        while True:
+            q = run.send(apply(q))
+    except StopIteration as done:
+        return done.value
+
+
+def lanczos_lockstep(
+    block_apply: BlockMap,
+    space: VectorSpace,
+    starts: Sequence[Vector],
+    steps: int,
+    *,
+    restart_seed: int = 0,
+    restart: bool = True,
+    block: int | None = None,
+) -> list[Krylov]:
+    """``len(starts)`` independent Lanczos runs advanced together, one step at a time: the vectors to expand of all
+    runs still going, [q₁ … q_p], are multiplied in one block product A [q₁ … q_p] (``block_apply``, on consecutive
+    groups of at most ``block`` vectors: :func:`~curvdist.solvers.space.apply_all`). Run i is
+    ``lanczos(apply, space, starts[i], steps, restart_seed=restart_seed, restart=restart)`` with its products taken
+    from the block: the same recurrence and stopping, its numbers equal up to the rounding by which a batched
+    product differs from a single one. Memory: the runs' bases together (``len(starts)·min(steps, d)`` vectors).
+    """
+    steps = min(steps, space.dim)
+    runs = [_steps(space, _begin(space, z, steps, None), steps, restart_seed, restart, None, None) for z in starts]
+    results: list[Krylov | None] = [None] * len(runs)
+    pending: dict[int, Vector] = {}
+    for i, run in enumerate(runs):
+        try:
+            pending[i] = next(run)
+        except StopIteration as done:
+            results[i] = done.value
+    while pending:
+        order = list(pending)
+        products = apply_all(None, [pending[i] for i in order], block_apply, block)
+        for i, w in zip(order, products):
+            try:
+                pending[i] = runs[i].send(w)
+            except StopIteration as done:
+                results[i] = done.value
+                del pending[i]
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None]
+
+
+def _begin(space: VectorSpace, start: Vector, steps: int, state: Krylov | None) -> Krylov:
+    """The state a run starts from: a new one from ``start``, or ``state`` checked and its basis made appendable."""
     if state is None:
         nrm = space.norm(start)
         if not nrm > 0:
             raise SolverError("Lanczos start vector is zero")
         basis = _new_basis(space, max(steps, 1))
         _append(space, basis, 1.0 / nrm, start)
-        state = Krylov(basis=basis)
-    else:
-        if len(state.basis) != len(state.alphas) + 1 and len(state.alphas) < steps:
-            raise SolverError(f"cannot resume Lanczos: the state has {len(state.alphas)} steps but "
-                              f"{len(state.basis)} basis vectors (expected one more than steps)")
-        if hasattr(space, "new_basis") and not (isinstance(state.basis, Basis) and not state.basis.read_only):
-            state.basis = _new_basis(space, max(steps, len(state.basis)), state.basis)  # a list or a view: copied
+        return Krylov(basis=basis)
+    if len(state.basis) != len(state.alphas) + 1 and len(state.alphas) < steps:
+        raise SolverError(f"cannot resume Lanczos: the state has {len(state.alphas)} steps but "
+                          f"{len(state.basis)} basis vectors (expected one more than steps)")
+    if hasattr(space, "new_basis") and not (isinstance(state.basis, Basis) and not state.basis.read_only):
+        state.basis = _new_basis(space, max(steps, len(state.basis)), state.basis)  # a list or a view: copied
+    return state
+
+
+def _steps(space: VectorSpace, state: Krylov, steps: int, restart_seed: int, restart: bool,
+           stop: Callable[[Krylov], bool] | None, on_step: Callable[[Krylov], None] | None,
+           ) -> Generator[Vector, Vector, Krylov]:
+    """The Lanczos recurrence as a coroutine: yields the vector q_j to expand, receives A q_j, and returns the
+    final state (so one run, or several in lockstep, can be driven by whoever computes the products)."""
     # the seeds of the restart vectors: a prefix of one fixed sequence (SeedSequence output is prefix-stable), so
     # only as many as this run can use are drawn — not one per dimension
     restarts = iter(probe_seeds(restart_seed, min(space.dim, state.restarts + steps) + 1)[state.restarts:])
@@ -139,7 +200,7 @@ def lanczos(
     work: Vector | None = None  # reused for every step's orthogonalized vector (its contents end up in the basis)
     for j in range(len(state.alphas), steps):
         q = state.basis[j]
-        w = apply(q)
+        w = yield q
         state.matvecs += 1
         alpha = space.dot(q, w)
         state.alphas.append(alpha)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import NotPositiveDefiniteError, SolverError
-from .lanczos import lanczos
-from .space import LinearMap, VectorSpace, probe_seeds
+from .lanczos import lanczos, lanczos_lockstep
+from .space import BlockMap, LinearMap, VectorSpace, check_block, probe_seeds
 
 
 @dataclass
@@ -28,21 +28,37 @@ class Quadrature:
 
 
 def quadrature(apply: LinearMap, space: VectorSpace, probes: int, steps: int, seed: int = 0,
-               probe: str = "rademacher") -> Quadrature:
-    """Run ``probes`` Lanczos processes of ``steps`` steps (full reorthogonalization) from random probes."""
+               probe: str = "rademacher", *, block_apply: BlockMap | None = None, block: int | None = None,
+               ) -> Quadrature:
+    """Run ``probes`` Lanczos processes of ``steps`` steps (full reorthogonalization) from random probes.
+
+    Default: one process after the other, one product ``apply(q)`` per step. Opt-in block products:
+    with ``block_apply`` ([x₁ … x_p] ↦ [A x₁ … A x_p] in one call, e.g. ``op.apply_vectors``) the processes run in
+    groups of ``block`` (default: all ``probes``) advanced in lockstep
+    (:func:`~curvdist.solvers.lanczos.lanczos_lockstep`): each step multiplies the current vectors of the group's
+    processes as one block. The probes and the quadrature are the same; the numbers differ only by the rounding of
+    the batched products. Memory: a group holds its processes' Krylov bases together (``block · steps`` vectors).
+    """
     if not isinstance(probes, (int, np.integer)) or probes < 1:
         raise SolverError(f"probes must be a positive integer, got {probes!r}")
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise SolverError(f"lanczos steps must be a positive integer, got {steps!r}")
+    check_block(block_apply, block)
     nodes, weights, norms2, used = [], [], [], 0
-    for s in probe_seeds(seed, probes):
-        z = space.random(s, probe)
-        state = lanczos(apply, space, z, steps, restart=False)
-        theta, U = state.tridiagonal_eigh()
-        nodes.append(theta)
-        weights.append(U[0, :] ** 2)
-        norms2.append(space.dot(z, z))
-        used += state.matvecs
+    seeds = probe_seeds(seed, probes)
+    group = 1 if block_apply is None else (probes if block is None else int(block))
+    for first in range(0, probes, group):
+        zs = [space.random(s, probe) for s in seeds[first:first + group]]
+        if block_apply is None:
+            states = [lanczos(apply, space, z, steps, restart=False) for z in zs]
+        else:
+            states = lanczos_lockstep(block_apply, space, zs, steps, restart=False)
+        for z, state in zip(zs, states):
+            theta, U = state.tridiagonal_eigh()
+            nodes.append(theta)
+            weights.append(U[0, :] ** 2)
+            norms2.append(space.dot(z, z))
+            used += state.matvecs
     return Quadrature(nodes, weights, np.asarray(norms2), used)
 
 

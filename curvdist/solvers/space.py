@@ -13,7 +13,7 @@ into a given output vector). :class:`TorchSpace` has both, with :class:`Basis`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol, overload, runtime_checkable
 
@@ -25,6 +25,8 @@ from ..errors import SolverError
 
 Vector = Any
 LinearMap = Callable[[Vector], Vector]
+#: a block product: [x₁, …, x_k] ↦ [A x₁, …, A x_k] in one call (e.g. ``CurvatureOperator.apply_vectors``)
+BlockMap = Callable[[Sequence[Vector]], Sequence[Vector]]
 
 PROBE_KINDS = ("rademacher", "gaussian")
 
@@ -69,6 +71,43 @@ class VectorSpace(Protocol):
     def lincomb(self, coeffs: np.ndarray, xs: Sequence[Vector]) -> Vector: ...  # Σ_i c_i x_i
     def to_tensor(self, x: Vector) -> Tensor: ...  # gather into one flat tensor
     def from_tensor(self, t: Tensor) -> Vector: ...  # scatter a flat tensor (checkpoint restore)
+
+
+def check_block(block_apply: BlockMap | None, block: int | None) -> None:
+    """Validate a solver's opt-in block products: ``block`` (vectors per call) needs ``block_apply``."""
+    if block is not None and (isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1):
+        raise SolverError(f"block must be a positive integer or None, got {block!r}")
+    if block is not None and block_apply is None:
+        raise SolverError("block= sets the vectors per block product: pass block_apply too")
+    if block_apply is not None and not callable(block_apply):
+        raise SolverError(f"block_apply must be callable, got {type(block_apply).__name__}")
+
+
+def products(apply: LinearMap | None, vectors: Iterable[Vector], block_apply: BlockMap | None = None,
+             block: int | None = None) -> Iterator[tuple[Vector, Vector]]:
+    """(x, A x) for every x of ``vectors``, consumed lazily: one ``apply(x)`` at a time when ``block_apply`` is None
+    (the solvers' default: single products, in order), else ``block_apply`` on consecutive groups of at most
+    ``block`` vectors (default: all of them in one call)."""
+    if block_apply is None:
+        assert apply is not None
+        for x in vectors:
+            yield x, apply(x)
+        return
+    it = iter(vectors)
+    while True:
+        group = list(itertools.islice(it, block)) if block is not None else list(it)
+        if not group:
+            return
+        out = list(block_apply(group))
+        if len(out) != len(group):
+            raise SolverError(f"block_apply returned {len(out)} vectors for {len(group)}")
+        yield from zip(group, out)
+
+
+def apply_all(apply: LinearMap | None, vectors: Sequence[Vector], block_apply: BlockMap | None = None,
+              block: int | None = None) -> list[Vector]:
+    """[A x for x in vectors] by :func:`products`."""
+    return [ax for _, ax in products(apply, vectors, block_apply, block)]
 
 
 def random_flat(dim: int, seed: int, kind: str, dtype: torch.dtype) -> Tensor:
