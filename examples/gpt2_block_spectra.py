@@ -5,8 +5,9 @@ briefly on a seeded synthetic Markov-chain corpus. `cd.block_spectra` then compu
 transformer block (and the embeddings and final norm), the top eigenvalues and the trace of the block's GGN
 C_b (dense for small blocks; Lanczos for the top three and Hutch++ for the trace of a transformer
 block) — once in the Euclidean metric, once as the generalized spectrum of (C_b, M_b) with the block's damped
-Kronecker-factored (KFAC) metric. The Euclidean spectra rank the blocks by the scale of their parameters; the
-metric-relative ones are invariant to a per-tensor rescaling of each block.
+Kronecker-factored (KFAC) metric. The Euclidean spectra depend on how each block happens to be parametrized; the
+metric-relative ones do not change under a per-tensor rescaling (KFAC is a tensor under per-tensor scalar
+Jacobians, such as the NTK parametrization).
 """
 
 import sys

@@ -67,6 +67,24 @@ def walk(root: type[BaseModel]) -> list[type[BaseModel]]:
     return seen
 
 
+def key_paths(root: type[BaseModel], prefix: str) -> dict[type[BaseModel], list[str]]:
+    """Where each model sits in a config: dotted key paths from ``root`` (``[]`` marks a list item)."""
+    out: dict[type[BaseModel], list[str]] = {root: [prefix or "(top level)"]}
+    todo = [(root, prefix)]
+    while todo:
+        model, path = todo.pop(0)
+        for name, field in model.model_fields.items():
+            item = typing.get_origin(field.annotation) is list or any(
+                typing.get_origin(a) is list for a in typing.get_args(field.annotation))
+            here = f"{path}.{name}" if path else name
+            here += "[]" if item or name == "queries" else ""
+            for m in nested_models(field.annotation):
+                if here not in out.setdefault(m, []):
+                    out[m].append(here)
+                    todo.append((m, here))
+    return out
+
+
 def all_models() -> list[type[BaseModel]]:
     out: list[type[BaseModel]] = []
     for _, root, _ in ROOTS:
@@ -201,6 +219,10 @@ def render() -> str:
            "for an annotated config and [the DeepSpeed guide](../guides/deepspeed.md) for the DeepSpeed section.",
            ""]
     done: set[type[BaseModel]] = set()
+    where: dict[type[BaseModel], list[str]] = {}
+    for _, root, prefix in ROOTS:
+        for model, paths in key_paths(root, prefix).items():
+            where.setdefault(model, []).extend(paths)
     for title, root, prefix in ROOTS:
         out += [f"## {title}", ""]
         for model in walk(root):
@@ -210,6 +232,9 @@ def render() -> str:
             kind = _query_kind(model)
             heading = f"query `kind: {kind}`" if kind else f"`{model.__name__}`"
             out += [f"### {heading} {{#{anchor(model)}}}", ""]
+            paths = where.get(model, [])
+            if paths:
+                out += ["At: " + ", ".join(f"`{p}`" for p in paths[:6]) + (", …" if len(paths) > 6 else ""), ""]
             doc = describe(model)
             if doc:
                 out += [rst_to_md(doc), ""]
