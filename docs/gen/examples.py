@@ -29,14 +29,21 @@ def describe(name: str) -> tuple[str, str]:
     return title.strip().rstrip("."), body.strip()
 
 
-def run(name: str, out: Path) -> tuple[str, float]:
+def run(name: str, out: Path, tries: int = 2) -> tuple[str, float]:
+    """Run one example; a failure is retried once (an embedded Ray instance can fail to start on a loaded machine),
+    and a second failure fails the build with the example's stderr."""
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"example {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    for attempt in range(1, tries + 1):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), str(out)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+        seconds = time.perf_counter() - t0
+        if proc.returncode == 0:
+            break
+        message = f"example {name} failed (exit {proc.returncode}, try {attempt} of {tries}):\n{proc.stderr[-4000:]}"
+        if attempt == tries:
+            raise RuntimeError(message)
+        print(message, file=sys.stderr)
     if not (out / f"{name}.png").is_file():
         raise RuntimeError(f"example {name} wrote no {name}.png")
     return proc.stdout, seconds
