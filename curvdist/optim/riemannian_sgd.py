@@ -29,6 +29,7 @@ matrix-free metric is rebuilt at the first resumed step (with a warning when tha
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -98,6 +99,12 @@ class RiemannianSGD(torch.optim.Optimizer):
             :mod:`curvdist.optim.step_statistics`). The preconditioner always sees the accumulated gradient of all
             tracked micro-batches.
         decay: β of the step statistics' moving averages (T ← βT + (1 − β)T_step).
+        statistics_every: ``statistics="step"``: record statistics on every this-many-th step only (``track()`` is a
+            no-op on the others, and the averages carry over), as kfac-pytorch's ``factor_update_steps``.
+        basis_update: ``statistics="step"``, Kronecker kinds: at a refresh, ``"eigh"`` eigendecomposes every factor
+            (float64); ``"subspace"`` updates the previous eigenbases by one step of subspace iteration in the
+            factors' precision (:func:`~curvdist.optim.step_statistics.subspace_eigh`, SOAP's update; the first
+            refresh eigendecomposes).
         kl_clip: step-size control (Ba, Grosse & Martens 2017; kfac-pytorch's ``kl_clip``): the direction d = M⁻¹g
             is scaled by ν = min(1, √(κ / (lr² |gᵀd|))), so that the step's squared length in the metric,
             lr² dᵀMd ≈ lr² gᵀd (the KL divergence it causes, to second order, for a Fisher metric), stays ≤ κ —
@@ -112,7 +119,8 @@ class RiemannianSGD(torch.optim.Optimizer):
                  refresh: int = 10, momentum: float = 0.0, params: Sequence[str] | None = None,
                  batch_size: int | None = None, metric_options: dict[str, Any] | None = None,
                  problem: Problem | None = None, beta2: float = 0.999, statistics: str = "separate",
-                 decay: float = 0.95, kl_clip: float | None = None) -> None:
+                 decay: float = 0.95, kl_clip: float | None = None, statistics_every: int = 1,
+                 basis_update: str = "eigh") -> None:
         if not lr > 0:
             raise ProblemError(f"lr must be positive, got {lr!r}")
         if not isinstance(refresh, int) or refresh < 1:
@@ -123,6 +131,13 @@ class RiemannianSGD(torch.optim.Optimizer):
             raise ProblemError(f"beta2 must lie in [0, 1), got {beta2!r}")
         if kl_clip is not None and not kl_clip > 0:
             raise ProblemError(f"kl_clip must be positive (or None), got {kl_clip!r}")
+        if not isinstance(statistics_every, int) or statistics_every < 1:
+            raise ProblemError(f"statistics_every must be a positive integer, got {statistics_every!r}")
+        if basis_update not in ("eigh", "subspace"):
+            raise ProblemError(f"basis_update must be 'eigh' or 'subspace', got {basis_update!r}")
+        if (statistics_every != 1 or basis_update != "eigh") and statistics != "step":
+            raise ProblemError("statistics_every and basis_update belong to statistics='step'")
+        self.statistics_every, self.basis_update = statistics_every, basis_update
         self.kl_clip = kl_clip
         if problem is not None and not isinstance(problem, BaseProblem):
             raise ProblemError(f"RiemannianSGD needs a problem whose parameters this process holds (local or "
@@ -183,6 +198,8 @@ class RiemannianSGD(torch.optim.Optimizer):
         if self.step_statistics is None:
             raise ProblemError("track() belongs to statistics='step'; this optimizer builds its metric from "
                                "separate passes over its data")
+        if self.steps % self.statistics_every:
+            return contextlib.nullcontext()
         return self.step_statistics.track(y, attention_mask)
 
     @property
@@ -259,10 +276,11 @@ class RiemannianSGD(torch.optim.Optimizer):
         step, v, M = int(state["step"]), state["exp_avg_sq"], self.metric
         refreshed = False
         stats = self.step_statistics
-        average = stats.averaged() if stats is not None else None
+        average = stats.averaged(carry=self.statistics_every > 1) if stats is not None else None
         if stats is not None:
             if M is None or step % self.refresh == 0:
-                M = self._checked(stats.metric(average, self.damping))  # type: ignore[arg-type]
+                previous = M if self.basis_update == "subspace" else None
+                M = self._checked(stats.metric(average, self.damping, previous=previous))  # type: ignore[arg-type]
                 refreshed = True
         elif self.metric_kind == "adam":  # v ← β₂ v + (1 − β₂) g², from v = 0
             v = self.beta2 * (torch.zeros_like(g) if v is None else v) + (1 - self.beta2) * g * g

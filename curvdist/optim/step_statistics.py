@@ -156,9 +156,11 @@ class StepStatistics:
         """Whether micro-batches were tracked since the last :meth:`end_step`."""
         return self.samples > 0
 
-    def averaged(self) -> dict[str, Any]:
+    def averaged(self, carry: bool = False) -> dict[str, Any]:
         """The moving averages with the tracked micro-batches' statistics folded in (not yet committed:
-        :meth:`commit`)."""
+        :meth:`commit`); with ``carry``, a step that tracked nothing keeps the current averages."""
+        if carry and not self.pending and self.average is not None:
+            return self.average
         if not self.pending:
             raise ProblemError("no statistics were tracked for this step: run the forward pass inside "
                                "`with optimizer.track(y):` (statistics='step')")
@@ -184,12 +186,17 @@ class StepStatistics:
         self.average = average
         self._reset()
 
-    def metric(self, average: dict[str, Any], damping: float, names: Sequence[str] | None = None) -> Metric:
-        """M_δ from moving averages (eigendecomposed now); ``names``: only those parameters' Kronecker blocks."""
+    def metric(self, average: dict[str, Any], damping: float, names: Sequence[str] | None = None,
+               previous: Metric | None = None) -> Metric:
+        """M_δ from moving averages, eigendecomposed now; ``names``: only those parameters' Kronecker blocks.
+        ``previous`` (a :class:`KFACMetric` of the same parameters): its eigenbases are updated by one step of
+        subspace iteration (:func:`subspace_eigh`) instead of full eigendecompositions."""
         if self.statistic == "kronecker":
             names = self.names if names is None else [n for n in self.names if n in set(names)]
-            return KFACMetric(names, [self.shapes[n] for n in names],
-                              factors_from_terms({n: average[n] for n in names}), damping=damping, kind=self.kind)
+            factors = factors_from_terms({n: average[n] for n in names})
+            eigh = _subspace_updates(factors, previous) if isinstance(previous, KFACMetric) else None
+            return KFACMetric(names, [self.shapes[n] for n in names], factors, damping=damping, kind=self.kind,
+                              eigh=eigh)
         d = torch.cat([average[n].reshape(-1) for n in self.names])
         return DiagonalMetric(d, damping, kind=self.kind)
 
@@ -202,6 +209,37 @@ class StepStatistics:
         self.seen = int(state["seen"])
         self.average = None if state["average"] is None else _tree_map(_structured, state["average"])
         self._reset()
+
+
+def subspace_eigh(F: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+    """An eigendecomposition of the symmetric PSD factor F updated from a previous eigenbasis Q by one step of
+    subspace iteration: Q' = qr(F Q P), λ = diag(Q'ᵀ F Q') clipped at 0, with P ordering Q's columns by their
+    Rayleigh quotients, largest first — the eigenbasis update of SOAP (Vyas et al.
+    2024, "SOAP: Improving and Stabilizing Shampoo using Adam", after Shampoo's preconditioner updates). Exact when
+    Q is an eigenbasis of F; for a slowly changing F (a moving average) it tracks the eigenbasis at the cost of two
+    matrix products and a QR instead of an eigendecomposition, in F's own precision."""
+    Q = Q.to(F.dtype)
+    order = ((F @ Q) * Q).sum(0).argsort(descending=True)  # large directions first: QR keeps them, and the
+    Qn, _ = torch.linalg.qr(F @ Q[:, order])  # rounding-level ones (zero eigenvalues) are orthogonalized last
+    lam = ((F @ Qn) * Qn).sum(0).clamp_min(0)
+    return lam, Qn
+
+
+def _subspace_updates(factors: dict[str, tuple[Any, ...]], previous: KFACMetric) -> dict[str, list[Any]]:
+    """Per parameter, the (λ, Q) of its dense Kronecker factors from :func:`subspace_eigh` on the previous
+    metric's eigenbases (parameters whose previous block is not a plain dense Kronecker block are left out: they
+    are eigendecomposed)."""
+    blocks = {b.name: b for b in previous.blocks}
+    out: dict[str, list[Any]] = {}
+    for name, fs in factors.items():
+        b = blocks.get(name)
+        if (b is None or b.structured is not None or b.corrected is not None or len(b.evecs) != len(fs)
+                or not all(isinstance(F, Tensor) and F.ndim == 2 for F in fs)):
+            continue
+        if any(U is None or tuple(U.shape) != tuple(F.shape) for U, F in zip(b.evecs, fs)):
+            continue
+        out[name] = [subspace_eigh(F, U) for F, U in zip(fs, b.evecs)]
+    return out
 
 
 def _plain(x: Any) -> Any:

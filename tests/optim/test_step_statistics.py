@@ -130,3 +130,93 @@ def test_refusals_name_the_cause() -> None:
     separate = RiemannianSGD(model, "cross_entropy", (case.X, case.y), metric="kflr")
     with pytest.raises(ProblemError, match="track\\(\\) belongs to statistics='step'"):
         separate.track(case.y)
+
+
+def _train(opt: RiemannianSGD, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> None:
+    for X, y in batches:
+        opt.zero_grad()
+        with opt.track(y):
+            loss = _loss(model, X, y, len(y))
+        loss.backward()
+        opt.step()
+
+
+def test_statistics_every_k_steps_average_only_those_steps() -> None:
+    """statistics_every=2 over batches b0, b1, b2: the averages are those of an optimizer that tracks b0 and b2 only
+    (at the same parameters: b1's step moves them, so the second run replays the same parameters by copying)."""
+    case = CASES["mlp"]()
+    X, y = case.X, case.y
+    halves = [(X[i::3], y[i::3]) for i in range(3)]
+    model = case.model()
+    every = RiemannianSGD(model, "cross_entropy", metric="kflr", lr=0.2, damping=0.1, statistics="step",
+                          refresh=1, decay=0.6, statistics_every=2)
+    seen: list[nn.Module] = []
+    for b in halves:
+        seen.append(copy.deepcopy(model))
+        _train(every, model, [b])
+    # the reference tracks b0 at the parameters of step 0 and b2 at those of step 2
+    ref_model = seen[0]
+    ref = RiemannianSGD(ref_model, "cross_entropy", metric="kflr", lr=0.2, damping=0.1, statistics="step",
+                        refresh=1, decay=0.6)
+    _train(ref, ref_model, [halves[0]])
+    ref_model.load_state_dict(seen[2].state_dict())
+    _train(ref, ref_model, [halves[2]])
+    for name in every.step_statistics.names:
+        for a, b in zip(every.step_statistics.average[name], ref.step_statistics.average[name]):
+            for x, z in zip(a, b):
+                torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-14)
+    assert every.steps == 3
+
+
+def test_subspace_eigh_is_exact_in_an_eigenbasis_and_converges() -> None:
+    """One step from an exact eigenbasis reproduces F = QΛQᵀ; repeated steps from a random basis converge to F's
+    eigendecomposition (distinct eigenvalues, float64)."""
+    from curvdist.optim.step_statistics import subspace_eigh
+
+    g = torch.Generator().manual_seed(0)
+    Q0, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    lam0 = torch.linspace(0.1, 5.0, 12, dtype=torch.float64) ** 2
+    F = (Q0 * lam0) @ Q0.T
+    lam, Q = subspace_eigh(F, Q0)
+    torch.testing.assert_close((Q * lam) @ Q.T, F, rtol=1e-12, atol=1e-12)
+    Q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    for _ in range(400):
+        lam, Q = subspace_eigh(F, Q)
+    torch.testing.assert_close((Q * lam) @ Q.T, F, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(lam.sort().values, lam0, rtol=1e-8, atol=1e-10)
+
+
+def test_subspace_basis_update_refreshes_from_the_previous_basis() -> None:
+    """basis_update='subspace': the first refresh eigendecomposes (the metric equals basis_update='eigh'); a refresh
+    on unchanged averages (statistics_every=2, refresh=1: step 1 tracks nothing) reproduces the same metric; after a
+    change of the averages it approximates the eigendecomposed metric (one subspace step: M⁻¹g within 10 %)."""
+    case = CASES["mlp"]()
+    X, y = case.X, case.y
+    batches = [(X[i::3], y[i::3]) for i in range(3)]
+    runs = {}
+    for basis in ("eigh", "subspace"):
+        model = case.model()
+        opt = RiemannianSGD(model, "cross_entropy", metric="kflr", lr=0.05, damping=0.1, statistics="step",
+                            refresh=1, decay=0.9, statistics_every=2, basis_update=basis)
+        metrics = []
+        for b in batches:
+            _train(opt, model, [b])
+            metrics.append(opt.metric.to_dense())
+        runs[basis] = metrics
+    torch.testing.assert_close(runs["subspace"][0], runs["eigh"][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(runs["subspace"][1], runs["eigh"][1], rtol=1e-9, atol=1e-11)
+    v = torch.randn(runs["eigh"][2].shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact, approx = torch.linalg.solve(runs["eigh"][2], v), torch.linalg.solve(runs["subspace"][2], v)
+    assert not torch.allclose(exact, approx, rtol=1e-9)  # one subspace step is not the eigendecomposition
+    assert float((approx - exact).norm() / exact.norm()) < 0.1
+
+
+def test_statistics_every_and_basis_update_refusals() -> None:
+    case = CASES["mlp"]()
+    model = case.model()
+    with pytest.raises(ProblemError, match="statistics_every must be a positive integer"):
+        RiemannianSGD(model, "cross_entropy", metric="kflr", statistics="step", statistics_every=0)
+    with pytest.raises(ProblemError, match="basis_update must be 'eigh' or 'subspace'"):
+        RiemannianSGD(model, "cross_entropy", metric="kflr", statistics="step", basis_update="qr")
+    with pytest.raises(ProblemError, match="belong to statistics='step'"):
+        RiemannianSGD(model, "cross_entropy", (case.X, case.y), metric="kflr", basis_update="subspace")
