@@ -14,7 +14,8 @@ Tasks (real data on every machine, nothing downloaded):
 Methods, each with a small learning-rate grid (every run is in the JSON): ``adamw`` (torch, weight decay 0.01);
 ``rsgd_kfac`` (``RiemannianSGD``, KFAC from the training step's own forward pass, ``statistics="step"``, decay
 0.95, refresh 10, momentum 0.9, damping 1e-3, ``kl_clip`` 1e-3); ``rsgd_ekfac`` (EKFAC built every 10 steps on a
-fixed metric batch, a separate pass); ``rsgd_diag`` (the sampled-Fisher diagonal from the step); ``soap`` and
+fixed metric batch, a separate pass); ``rsgd_kfac_sub`` (as rsgd_kfac, statistics on every 2nd step,
+``basis_update="subspace"``); ``rsgd_diag`` (the sampled-Fisher diagonal from the step); ``soap`` and
 ``shampoo`` (``pytorch_optimizer.SOAP``/``Shampoo``, their defaults besides the learning rate). One process,
 ``--threads`` torch threads. Each run trains for ``--budget`` seconds of wall time (evaluation excluded) and
 evaluates every ``--every`` steps. The target is the best validation loss AdamW reaches over its grid; a method's
@@ -48,11 +49,13 @@ DECODER = {"model_type": "gpt2", "vocab_size": 256, "n_positions": 128, "n_embd"
 CONTEXT = 128
 GRIDS = {  # learning rates per method; --grid small: the middle one(s), for a run that fits a short session
     "decoder": {"adamw": [3e-4, 1e-3, 3e-3], "rsgd_kfac": [0.03, 0.1, 0.3], "rsgd_ekfac": [0.1, 0.3],
-                "rsgd_diag": [0.01, 0.03], "soap": [1e-3, 3e-3], "shampoo": [1e-3, 3e-3]},
+                "rsgd_diag": [0.01, 0.03], "soap": [1e-3, 3e-3], "shampoo": [1e-3, 3e-3],
+                "rsgd_kfac_sub": [0.1, 0.3]},
     "cnn": {"adamw": [1e-3, 3e-3, 1e-2], "rsgd_kfac": [0.03, 0.1, 0.3], "rsgd_ekfac": [0.1, 0.3],
-            "rsgd_diag": [0.01, 0.03], "soap": [1e-3, 3e-3], "shampoo": [1e-3, 3e-3]},
+            "rsgd_diag": [0.01, 0.03], "soap": [1e-3, 3e-3], "shampoo": [1e-3, 3e-3], "rsgd_kfac_sub": [0.1, 0.3]},
 }
-SMALL = {"adamw": [1e-3, 3e-3], "rsgd_kfac": [0.1, 0.3], "rsgd_ekfac": [0.3], "rsgd_diag": [0.03],
+SMALL = {"adamw": [1e-3, 3e-3], "rsgd_kfac": [0.1, 0.3], "rsgd_kfac_sub": [0.1, 0.3], "rsgd_ekfac": [0.3],
+         "rsgd_diag": [0.03],
          "soap": [3e-3], "shampoo": [1e-3]}
 
 
@@ -129,6 +132,9 @@ def make_optimizer(method: str, lr: float, model: Any, t: dict[str, Any]) -> Any
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     if method == "rsgd_kfac":
         return RiemannianSGD(model, t["loss_name"], metric="kfac", statistics="step", **common)
+    if method == "rsgd_kfac_sub":  # cheaper refreshes: statistics every 2nd step, subspace basis updates
+        return RiemannianSGD(model, t["loss_name"], metric="kfac", statistics="step", statistics_every=2,
+                             basis_update="subspace", **common)
     if method == "rsgd_diag":
         return RiemannianSGD(model, t["loss_name"], metric="diag_fisher_mc", statistics="step", **common)
     if method == "rsgd_ekfac":
