@@ -117,6 +117,7 @@ class CurvatureOperator(ABC):
                 ) from e
             for a, part in zip(acc, parts):
                 a.add_(part.to(a.dtype))
+            del parts  # not held while the next batch's product runs
         s = self.problem.scale
         return tuple(a.mul_(s) for a in acc)
 
@@ -172,7 +173,8 @@ class CurvatureOperator(ABC):
                              f"dtype {V.dtype}")
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ShapeError(f"chunk must be a positive integer or None, got {chunk!r}")
-        out = self._block(self._cast(V).T, chunk).T
+        rows = self._cast(V).T  # (k, d), a view when V already has the operator's dtype and device
+        out = self._block(rows.shape[0], lambda a, b, o, n: rows[a:b, o:o + n], chunk).T
         if not bool(torch.isfinite(out).all()):
             raise NonFiniteError(f"the {self.kind} product is NaN or inf (check the data and the parameters)")
         return out
@@ -182,21 +184,37 @@ class CurvatureOperator(ABC):
         :meth:`apply_vector` for solvers), computed as one block product (``chunk`` columns per pass at most)."""
         if len(vectors) == 0:
             return []
-        rows = torch.stack([torch.as_tensor(x).reshape(-1) for x in vectors]).to(self.device, self.dtype)
-        return list(self._block(rows, chunk).unbind(0))
 
-    def _block(self, rows: Tensor, chunk: int | None) -> Tensor:
-        """C applied to every row of ``rows`` (k, d), ``chunk`` rows per :meth:`matmat_params` call; (k, d)."""
-        k = rows.shape[0]
+        def piece(a: int, b: int, o: int, n: int) -> Tensor:
+            return torch.stack([x[o:o + n] for x in vectors[a:b]]).to(self.device, self.dtype)
+
+        return list(self._block(len(vectors), piece, chunk).unbind(0))
+
+    def _block(self, k: int, piece: Any, chunk: int | None) -> Tensor:
+        """C applied to k vectors, ``chunk`` at a time (default all) per :meth:`matmat_params` call; returns (k, d).
+
+        ``piece(a, b, o, n)`` gives the entries [o, o + n) of vectors a … b−1 as a (b − a, n) tensor: each parameter's
+        block of k directions is copied once, straight from the caller's vectors, and each result once into the
+        (k, d) output."""
         step = k if chunk is None else min(chunk, k)
-        sizes = [s.numel() for s in self.problem.shapes]
-        parts = []
-        for start in range(0, k, step):
-            R = rows[start:start + step]
-            n = R.shape[0]
-            stacked = tuple(t.reshape(n, *s) for t, s in zip(torch.split(R, sizes, dim=1), self.problem.shapes))
-            parts.append(torch.cat([t.reshape(n, -1) for t in self.matmat_params(stacked)], dim=1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        out = torch.empty(k, self.dim, dtype=self.dtype, device=self.device)
+        for a in range(0, k, step):
+            b = min(a + step, k)
+            offsets, stacked, o = [], [], 0
+            for s in self.problem.shapes:
+                n = s.numel()
+                stacked.append(piece(a, b, o, n).reshape(b - a, *s))
+                offsets.append((o, n))
+                o += n
+            CV = self._block_params(tuple(stacked))
+            del stacked
+            for (o, n), t in zip(offsets, CV):
+                out[a:b, o:o + n].copy_(t.reshape(b - a, n))
+        return out
+
+    def _block_params(self, V: Params) -> Params:
+        """The block product behind :meth:`apply_block` and :meth:`apply_vectors`: :meth:`matmat_params`."""
+        return self.matmat_params(V)
 
     def __matmul__(self, v: VectorLike) -> Any:
         """``op @ v``: :meth:`matvec` for a vector, :meth:`apply_block` for a 2-D tensor of shape (d, k)."""

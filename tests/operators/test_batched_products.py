@@ -79,6 +79,22 @@ def test_batched_product_equals_single_products_column_by_column(name: str, vari
     assert torch.equal(op.apply_block(V, chunk=k), CV)
 
 
+def test_a_hessian_with_kept_graphs_applies_its_block_through_them() -> None:
+    """One batch: reverse-over-reverse keeps the graph of ∇ℓ (``reuse_graph``), and the block product is one second
+    backward per vector through it — the single products' own arithmetic."""
+    case = CASES["transformer"]()
+    problem = cd.Problem(case.model(), case.loss, (case.X, case.y), batch_size=len(case.X))
+    op = cd.operator(problem, "hessian", mode="reverse_over_reverse", check_determinism=False)
+    assert op.reuse_graph
+    V = _block(op.dim, 5)
+    CV = op.apply_block(V)
+    assert len(op._graphs) == 1
+    single = torch.stack([op.matvec(V[:, i]) for i in range(5)], dim=1)
+    assert _columnwise(CV, single) <= RTOL
+    fresh = cd.operator(problem, "hessian", mode="reverse_over_reverse", reuse_graph=False, check_determinism=False)
+    assert _columnwise(fresh.apply_block(V), single) <= RTOL
+
+
 def test_chunks_and_solver_vectors_give_the_same_block() -> None:
     op = _op("cnn", "ggn")
     V = _block(op.dim, 7)
