@@ -248,7 +248,8 @@ class Hessian(CurvatureOperator):
     @property
     def block_vectorized(self) -> bool:  # type: ignore[override]
         """Whether the block kernel of :meth:`matmat_params` is vectorized with ``vmap`` (False once it fell back to a
-        loop). Under ``reuse_graph``, :meth:`apply_block` goes through the kept graphs one vector at a time by design."""
+        loop). Under ``reuse_graph``, :meth:`apply_block` goes through the kept graphs one vector at a time by
+        design."""
         return not getattr(self._block_kernel, "fell_back", False)
 
     # ----------------------------------------------------------- construction-time measurement
