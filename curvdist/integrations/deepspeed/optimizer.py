@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ...errors import ConfigError, MetricError, NonFiniteError, ProblemError
+from ...errors import ConfigError, MetricError, NonFiniteError
 from ...geometry.metrics import Metric
 from ...optim import RiemannianSGD
 from ...optim.riemannian_sgd import STATE_KEY, metric_state
@@ -53,6 +53,7 @@ from ...geometry.metrics.kfac import KFACMetric
 from ...problem.data import as_batches
 from .data_parallel import concatenate, group_rank_and_size, shard
 from .engine import check_engine, is_partitioned, torch_linear
+from .layout import HeldLayout
 from .metric import DIAGONAL, KINDS, KRONECKER, DataParallelMetric
 from .owners import Owners, owner_count
 from .replica import Replica
@@ -62,83 +63,6 @@ from .step_statistics import ReducedStepStatistics
 BLOCK_KINDS = (*KRONECKER, "ekfac", *DIAGONAL)
 #: metrics of the ZeRO-3 preconditioner (block metrics on the partitions)
 ZERO3_KINDS = BLOCK_KINDS
-
-
-class HeldLayout:
-    """What DeepSpeed handed the optimizer under ZeRO 0-2, per module parameter i: its gradient (the reduced
-    gradient, or this rank's fragment of it, zero elsewhere) and where an update goes.
-
-    * ZeRO 0, fp32: the module's own parameters (``replicated``: every rank holds the whole reduced gradient);
-    * ZeRO 0, bf16: fp32 master copies, one per parameter (``replicated``);
-    * ZeRO 1/2: flat fp32 partitions; parameter i's fragment is located by DeepSpeed's ``_hp_mapping``.
-    """
-
-    def __init__(self, opt: DeepSpeedRiemannianSGD, module_params: list[nn.Parameter]) -> None:
-        self.params = module_params
-        self.held = list(opt.param_groups[0]["params"])
-        self.sizes = [p.numel() for p in module_params]
-        self.group = opt.group
-        self.device = module_params[0].device
-        if opt._holds_module_params():
-            self.mode, self.replicated = "module", True
-        elif hasattr(module_params[0], "_hp_mapping"):
-            self.mode, self.replicated = "fragments", False
-            for p in module_params:
-                if p._hp_mapping is not None:
-                    self.group = getattr(p, "_dp_group", self.group)
-        elif len(self.held) == len(module_params) and all(h.shape == p.shape
-                                                          for h, p in zip(self.held, module_params)):
-            self.mode, self.replicated = "masters", True
-        else:
-            raise ConfigError(f"unrecognized DeepSpeed optimizer layout: {len(self.held)} tensors for "
-                              f"{len(module_params)} parameters")
-        names = opt.names
-        grads = {"module": [p.grad for p in module_params], "masters": [h.grad for h in self.held]}.get(self.mode)
-        if grads is not None:
-            missing = [n for n, g in zip(names, grads) if g is None]
-            if missing:
-                raise ProblemError(f"no gradient for {missing}: call engine.backward(loss) before engine.step()")
-
-    def _partition_of(self, fragment: Tensor) -> Tensor:
-        ptr = fragment.untyped_storage().data_ptr()
-        for h in self.held:
-            if h.untyped_storage().data_ptr() == ptr:
-                return h
-        raise ConfigError("a parameter's ZeRO fragment lies outside the partitions DeepSpeed passed to step()")
-
-    def gradient(self, i: int) -> Tensor:
-        """Parameter i's fp32 gradient as this rank holds it (flat; zero outside this rank's fragment)."""
-        p = self.params[i]
-        if self.mode == "module":
-            return p.grad.reshape(-1).float()
-        if self.mode == "masters":
-            return self.held[i].grad.reshape(-1).float()
-        out = torch.zeros(self.sizes[i], dtype=torch.float32, device=self.device)
-        m = p._hp_mapping
-        if m is not None:
-            part = self._partition_of(m.hp_fragment)
-            if part.grad is None:
-                raise MetricError("DeepSpeed passed a partition without gradient to step()")
-            src = part.grad.narrow(0, m.hp_fragment_address.start, m.hp_fragment_address.numel)
-            out.narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel).copy_(src)
-        return out
-
-    def add(self, i: int, d: Tensor, lr: float) -> None:
-        """Add −lr·d (d: parameter i's direction, flat, full length) to what this rank holds of it."""
-        p = self.params[i]
-        if self.mode == "module":
-            p.add_(d.view_as(p).to(p.dtype), alpha=-lr)
-            return
-        update = d * -lr
-        if self.mode == "masters":
-            h = self.held[i]
-            h.add_(update.view(h.shape).to(h.dtype))
-        else:
-            m = p._hp_mapping
-            if m is None:
-                return
-            piece = update.reshape(-1).narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel)
-            m.hp_fragment.add_(piece.to(m.hp_fragment.dtype))
 
 
 class DeepSpeedRiemannianSGD(RiemannianSGD):

@@ -198,6 +198,19 @@ def step_statistics_run() -> dict:
     return {"params": full_params(engine.module), "steps": opt.steps, "peak_gradient_entries": opt.peak_gradient_entries}
 
 
+def metered_step(engine, meter: GatherMeter, xb: torch.Tensor, yb: torch.Tensor) -> float:
+    """One training step of a ZeRO-3 engine, the meter sampling the parameter entries held in full before every
+    module's forward and whenever backward hands over a gradient; returns the loss."""
+    hooks = [p.register_hook(lambda g, m=meter: (m.sample(), g)[1]) for p in meter.params]
+    with meter.watching(engine.module):
+        loss = F.cross_entropy(engine(xb), yb)
+        engine.backward(loss)
+    for h in hooks:
+        h.remove()
+    engine.step()
+    return float(loss)
+
+
 def zero3_preconditioned() -> dict:
     """DeepSpeedRiemannianSGD (KFLR) under ZeRO-3 with every parameter partitioned: the parameters after 6 steps,
     and the most parameter entries held in full at once by a training step and by the preconditioner."""
@@ -211,15 +224,7 @@ def zero3_preconditioned() -> dict:
     meter = GatherMeter(params)
     losses = []
     for s in range(6):
-        xb, yb = local_batch(X, y, s)
-        hooks = [p.register_hook(lambda g, m=meter: (m.sample(), g)[1]) for p in params]
-        with meter.watching(engine.module):
-            loss = F.cross_entropy(engine(xb), yb)
-            engine.backward(loss)
-        for h in hooks:
-            h.remove()
-        engine.step()
-        losses.append(float(loss))
+        losses.append(metered_step(engine, meter, *local_batch(X, y, s)))
     return {"losses": losses, "params": full_params(engine.module), "training_peak_gathered": meter.peak,
             "preconditioner_peak_gathered": opt.peak_gathered,
             "model_parameters": sum(int(p.ds_numel) for p in params)}
@@ -323,15 +328,7 @@ def scenario_zero3(stages: list[int]) -> dict:
         meter = GatherMeter(params)
         losses, measured = [], []
         for s in range(3):
-            xb, yb = local_batch(X, y, s)
-            hooks = [p.register_hook(lambda g, m=meter: (m.sample(), g)[1]) for p in params]
-            with meter.watching(engine.module):
-                loss = F.cross_entropy(engine(xb), yb)
-                engine.backward(loss)
-            for h in hooks:
-                h.remove()
-            engine.step()
-            losses.append(float(loss))
+            losses.append(metered_step(engine, meter, *local_batch(X, y, s)))
             values = monitor.step() if monitor is not None else None
             if values is not None:
                 flat = torch.tensor(full_params(engine.module))
