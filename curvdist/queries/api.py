@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,31 @@ class _Target:
         if self.bar is not None:
             self.bar.update(1)
         return out
+
+    def block(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+        """The target applied to several vectors with one block product of C (``op.apply_vectors``: the
+        v-independent work of each batch done once); the metric's factors act per vector."""
+        xs = [self.metric.inv_factor_apply(v) for v in vectors] if self.mode == "symmetric" else list(vectors)
+        outs = list(self.op.apply_vectors(xs))
+        if not all(bool(torch.isfinite(o).all()) for o in outs):
+            raise SolverError(f"the {self.op.kind} product returned NaN or inf during the solve")
+        self.count += len(xs)
+        if self.bar is not None:
+            self.bar.update(len(xs))
+        if self.mode == "symmetric":
+            return [self.metric.inv_factor_t_apply(o) for o in outs]
+        if self.mode == "generalized":
+            return [self.metric.solve(o) for o in outs]
+        return outs
+
+    def block_options(self, block: int | None) -> dict[str, Any]:
+        """The solvers' opt-in block products for ``block`` vectors per product (None: single products)."""
+        if block is None:
+            return {}
+        if not hasattr(self.op, "apply_vectors"):
+            raise SolverError(f"block products (block={block!r}) need an operator with apply_vectors (local or "
+                              f"data-parallel), not {type(self.op).__name__}; leave block=None")
+        return {"block_apply": self.block, "block": block}
 
     def __call__(self, v: Tensor) -> Tensor:
         if self.mode == "plain":
@@ -222,11 +247,13 @@ def _load_krylov(path: Path, space: Any) -> Krylov:
 
 
 def trace(op: CurvatureOperator, method: str = "hutchpp", matvecs: int = 100, *, metric: Metric | None = None,
-          seed: int = 0, probe: str = "rademacher", progress: bool = False) -> Result:
+          seed: int = 0, probe: str = "rademacher", progress: bool = False, block: int | None = None) -> Result:
     """tr(M⁻¹C) (tr C without a metric) by ``method`` ∈ {hutchinson (1989), hutchpp (Meyer et al. 2021), xtrace
     (Epperly et al. 2024)} with a budget of ``matvecs`` products of C; ``stderr`` is the estimator's standard
     error. ``method="exact"`` sums the diagonal of the dense matrix (tiny models only). A CG-solved metric
-    supports only Hutchinson (zᵀM⁻¹Cz is unbiased for any square matrix)."""
+    supports only Hutchinson (zᵀM⁻¹Cz is unbiased for any square matrix). ``block``: take the products of up to
+    this many probes as one batched product (``op.apply_vectors``; same estimate up to rounding; default: one
+    product at a time)."""
     method = parse(TraceMethod, method, "trace method").value
     if method == "exact":
         def exact(t: _Target) -> dict[str, Any]:
@@ -237,7 +264,7 @@ def trace(op: CurvatureOperator, method: str = "hutchpp", matvecs: int = 100, *,
     def solve(t: _Target) -> dict[str, Any]:
         if method != "hutchinson":
             t.need_factor(f"trace(method={method!r})")
-        e = TRACE_METHODS[method](t, t.euclidean, matvecs, seed=seed, probe=probe)
+        e = TRACE_METHODS[method](t, t.euclidean, matvecs, seed=seed, probe=probe, **t.block_options(block))
         return dict(value=e.value, stderr=e.stderr, info={"method": method, "budget": matvecs, "probe": probe})
 
     return _run(op, "trace", seed, progress, matvecs, solve, metric)
@@ -260,11 +287,12 @@ def diag(op: CurvatureOperator, method: str = "xdiag", matvecs: int = 100, *, se
 
 def logdet(op: CurvatureOperator, damping: float = 0.0, *, metric: Metric | None = None, method: str = "slq",
            probes: int = 20, steps: int = 50, seed: int = 0, probe: str = "rademacher",
-           progress: bool = False) -> Result:
+           progress: bool = False, block: int | None = None) -> Result:
     """log det(M⁻¹C + δI) = Σ_i log(λ_i + δ) over the eigenvalues λ_i of M⁻¹C (of C without a metric) by stochastic
     Lanczos quadrature (Ubaru, Chen, Saad 2017), ``probes`` probes of ``steps`` steps; δ = ``damping`` ≥ 0 shifts
     the invariant spectrum, so the result stays invariant. Raises NotPositiveDefiniteError when a Ritz value
-    of M⁻¹C + δI is ≤ 0. ``method="exact"`` uses the eigenvalues of the dense matrix (tiny models only)."""
+    of M⁻¹C + δI is ≤ 0. ``method="exact"`` uses the eigenvalues of the dense matrix (tiny models only).
+    ``block``: run up to this many probes' Lanczos processes in lockstep, each step one batched product."""
     if not damping >= 0:
         raise SolverError(f"damping must be ≥ 0, got {damping!r}")
     method = parse(LogdetMethod, method, "logdet method").value
@@ -281,7 +309,7 @@ def logdet(op: CurvatureOperator, damping: float = 0.0, *, metric: Metric | None
 
     def solve(t: _Target) -> dict[str, Any]:
         t.need_factor("logdet")
-        q = slq.quadrature(t, t.space, probes, steps, seed=seed, probe=probe)
+        q = slq.quadrature(t, t.space, probes, steps, seed=seed, probe=probe, **t.block_options(block))
         value, err, _ = slq.logdet(q, damping)
         return dict(value=value, stderr=err, info={"damping": damping, "probes": probes, "steps": steps})
 
@@ -290,14 +318,14 @@ def logdet(op: CurvatureOperator, damping: float = 0.0, *, metric: Metric | None
 
 def density(op: CurvatureOperator, *, metric: Metric | None = None, probes: int = 5, steps: int = 80,
             grid: int | np.ndarray = 1000, sigma: float | None = None, seed: int = 0, probe: str = "rademacher",
-            progress: bool = False) -> Result:
+            progress: bool = False, block: int | None = None) -> Result:
     """Spectral density of M⁻¹C (of C without a metric) by stochastic Lanczos quadrature with Gaussian smoothing
     of width ``sigma`` (Ghorbani, Krishnan, Xiao 2019). ``value`` = {"grid", "density", "nodes", "weights"}; the
-    density integrates to 1."""
+    density integrates to 1. ``block``: as in :func:`logdet`."""
 
     def solve(t: _Target) -> dict[str, Any]:
         t.need_factor("density")
-        q = slq.quadrature(t, t.space, probes, steps, seed=seed, probe=probe)
+        q = slq.quadrature(t, t.space, probes, steps, seed=seed, probe=probe, **t.block_options(block))
         grid_, phi, s = slq.density(q, grid, sigma)
         value = {"grid": grid_, "density": phi, "nodes": q.nodes, "weights": q.weights}
         return dict(value=value, info={"probes": probes, "steps": steps, "sigma": s,
