@@ -394,8 +394,18 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
     def curvdist_state_dict(self) -> dict[str, Any]:
         """The optimizer's own state entry, ``state_dict()["state"][STATE_KEY]``: step count, momentum buffer,
         Adam's v and the metric's statistics (plain values and tensors), the same whichever tensors DeepSpeed
-        passes to the optimizer (so it survives a change of ZeRO stage)."""
-        return self.state_dict()["state"][STATE_KEY]
+        passes to the optimizer (so it survives a change of ZeRO stage).
+
+        Raises:
+            ConfigError: under ZeRO-3 with momentum: the buffer is this rank's pieces, different on every rank, and
+                DeepSpeed's ``client_state`` keeps one rank's copy (a resumed run would go on from wrong momenta).
+        """
+        entry = self.state_dict()["state"][STATE_KEY]
+        if self._parts is not None and entry.get("momentum_buffer") is not None:
+            raise ConfigError("under ZeRO-3 the preconditioner's momentum buffer lives on each rank's partitions, "
+                              "and DeepSpeed's client_state keeps one rank's copy: checkpointing it is not "
+                              "supported (use momentum=0 under ZeRO-3, or ZeRO 0-2, to checkpoint the preconditioner)")
+        return entry
 
     def load_curvdist_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`curvdist_state_dict` through :meth:`load_state_dict` (the resumed run takes the same steps

@@ -575,3 +575,22 @@ def test_partitioned_curvature_refuses_low_precision_partitions():
     for dtype in (torch.bfloat16, torch.float16):
         with pytest.raises(cd.ConfigError, match=r"float32 or float64 parameters.*partitions.*zero3: gather"):
             check_dtype(dtype)
+
+
+def test_preconditioner_refuses_what_it_cannot_do_correctly():
+    """A grad_worker_fraction outside (0, 1] is refused at construction; under ZeRO-3 with momentum the per-rank
+    momentum pieces cannot go through DeepSpeed's client_state (one rank's copy): checkpointing is refused."""
+    from curvdist.integrations.deepspeed import DeepSpeedRiemannianSGD
+    from curvdist.optim.riemannian_sgd import STATE_KEY
+
+    data = zoo.digits(split="train", n=16)
+    for f in (0.0, 1.5):
+        with pytest.raises(cd.ConfigError, match="grad_worker_fraction must lie in"):
+            DeepSpeedRiemannianSGD(zoo.mlp(**S.MODEL), "cross_entropy", data, metric="kflr", grad_worker_fraction=f)
+    opt = DeepSpeedRiemannianSGD(zoo.mlp(**S.MODEL), "cross_entropy", data, metric="kflr", momentum=0.5)
+    assert opt.curvdist_state_dict()["momentum_buffer"] is None
+    opt._parts = object()  # as after a ZeRO-3 step: the state lives on this rank's partitions
+    assert opt.curvdist_state_dict()["step"] == 0  # no momentum yet: the state is the same on every rank
+    opt.state[STATE_KEY]["momentum_buffer"] = torch.zeros(5)
+    with pytest.raises(cd.ConfigError, match="ZeRO-3.*momentum.*not supported"):
+        opt.curvdist_state_dict()
