@@ -136,12 +136,18 @@ class Problem(BaseProblem):
     def gradient(self, params: Params | None = None) -> Params:
         """∇L(θ) as parameter-shaped tensors (summed in ``accumulate_dtype``, returned in the parameters' dtype)."""
         params = self.params if params is None else params
-        acc = [torch.zeros_like(p, dtype=self.accumulate_dtype) for p in params]
+        acc: list[Tensor] | None = None
         for X, y in self.batches():
-            g = torch.func.grad(self.batch_loss)(params, X, y)
-            for a, gi in zip(acc, g):
-                a.add_(gi)
-        out = tuple((a * self.scale).to(p.dtype) for a, p in zip(acc, params))
+            g = list(torch.func.grad(self.batch_loss)(params, X, y))
+            if acc is None:  # the first batch's gradient is the accumulator (converted in place of a zero start)
+                acc = [gi.to(self.accumulate_dtype) for gi in g]
+            else:
+                for a, gi in zip(acc, g):
+                    a.add_(gi)
+            del g  # one gradient-sized buffer besides the accumulator, and only while a batch's gradient exists
+        if acc is None:
+            acc = [torch.zeros_like(p, dtype=self.accumulate_dtype) for p in params]
+        out = tuple(a.mul_(self.scale).to(p.dtype) for a, p in zip(acc, params))
         if not all(bool(torch.isfinite(t).all()) for t in out):
             raise NonFiniteError("the gradient is NaN or inf")
         return out
