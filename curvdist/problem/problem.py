@@ -133,12 +133,23 @@ class Problem(BaseProblem):
             total = sum(float(self.batch_loss(params, X, y)) for X, y in self.batches())
         return self.scale * total
 
+    def _batch_gradient(self, params: Params, X: Inputs, y: Tensor) -> list[Tensor]:
+        """∇ of one batch's summed loss: reverse mode by ``torch.autograd.grad`` on leaf views of the parameters
+        (no copies; about half the peak memory of ``torch.func.grad`` on a GPT-2 decoder here), or
+        ``torch.func.grad`` when the parameters are inside a functorch transform. Unused parameters get zeros."""
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(p) for p in params):
+            return list(torch.func.grad(self.batch_loss)(params, X, y))
+        with torch.enable_grad():
+            leaves = tuple(p.detach().requires_grad_(True) for p in params)
+            grads = torch.autograd.grad(self.batch_loss(leaves, X, y), leaves, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
     def gradient(self, params: Params | None = None) -> Params:
         """∇L(θ) as parameter-shaped tensors (summed in ``accumulate_dtype``, returned in the parameters' dtype)."""
         params = self.params if params is None else params
         acc: list[Tensor] | None = None
         for X, y in self.batches():
-            g = list(torch.func.grad(self.batch_loss)(params, X, y))
+            g = self._batch_gradient(params, X, y)
             if acc is None:  # the first batch's gradient is the accumulator (converted in place of a zero start)
                 acc = [gi.to(self.accumulate_dtype) for gi in g]
             else:
