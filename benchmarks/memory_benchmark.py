@@ -8,7 +8,8 @@ measured call runs once, and the peak above the resident size before the call is
 * ``plain_gradient``: ``loss.backward()`` (the parameters' ``.grad``);
 * ``curvdist_gradient``: ``cd.Problem(...).gradient()``;
 * ``plain_hvp``: double backward, ∇(∇L·v);
-* ``curvdist_hvp_default``: ``cd.operator(problem, "hessian")`` with default options, then one product.
+* ``curvdist_hvp_default``: ``cd.operator(problem, "hessian")`` with default options, then one product;
+* ``curvdist_hvp_reverse_over_reverse``, ``curvdist_hvp_forward_over_reverse``: the same with that ``mode``.
 
 Goals (issue 20): curvdist's gradient ≤ 1.15× the plain gradient's peak; operator + one product ≤ 2× the plain
 gradient's. Writes benchmarks/results/memory_benchmark.json.
@@ -30,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "memory_benchmark.json"
 CONFIG = {"model_type": "gpt2", "vocab_size": 8192, "n_positions": 64, "n_embd": 512, "n_layer": 6, "n_head": 8,
           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-MODES = ("plain_gradient", "curvdist_gradient", "plain_hvp", "curvdist_hvp_default")
+MODES = ("plain_gradient", "curvdist_gradient", "plain_hvp", "curvdist_hvp_default",
+         "curvdist_hvp_reverse_over_reverse", "curvdist_hvp_forward_over_reverse")
 
 
 def measure(mode: str, threads: int) -> dict[str, Any]:
@@ -64,7 +66,9 @@ def measure(mode: str, threads: int) -> dict[str, Any]:
         grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
         torch.autograd.grad(grads, params, grad_outputs=v)
     else:
-        op = cd.operator(problem, "hessian")  # type: ignore[arg-type]
+        mode_option = mode.removeprefix("curvdist_hvp_")
+        options = {} if mode_option == "default" else {"mode": mode_option}
+        op = cd.operator(problem, "hessian", **options)  # type: ignore[arg-type]
         op.apply_vector(torch.cat([t.reshape(-1) for t in v]))
     return {"mode": mode, "peak_above_mb": peak_rss_mb() - before, "rss_before_mb": before,
             "parameters": sum(p.numel() for p in model.parameters())}
