@@ -33,7 +33,6 @@ product, each in a fresh process (``--child``) after ``malloc_trim``, with the r
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -127,11 +126,9 @@ def time_variant(variant: str, device: torch.device, k: int, rounds: int) -> dic
 
 
 def _trim() -> None:
+    """Collect garbage and return the allocator's free memory to the system before a measurement."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    resources.release_free_memory()
 
 
 def child(variant: str, what: str, device: torch.device, k: int) -> None:
