@@ -32,6 +32,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import ConfigError, NonFiniteError, ProblemError
+from ..optim.riemannian_sgd import NONFINITE_DIRECTION
 from .pipeline import PipelineProblem, ShardedVector
 
 #: the optimizers the stages run themselves (elementwise)
@@ -144,8 +145,7 @@ class PipelineTrainer:
             self.metric = metric(self.problem, self.metric_kind, self.damping, **self.metric_options)
         d = self.metric.solve(g)
         if not np.isfinite(space.dot(d, d)):
-            raise NonFiniteError("the preconditioned direction (M + δI)⁻¹g is NaN or inf; the parameters were not "
-                                 "changed (raise damping)")
+            raise NonFiniteError(NONFINITE_DIRECTION)
         if self.momentum:
             self.buffer = d if self.buffer is None else space.axpy(self.momentum, self.buffer, d)
             d = self.buffer

@@ -45,6 +45,9 @@ from .step_statistics import StepStatistics
 from ..problem.base import BaseProblem
 from ..problem.problem import Problem
 
+#: the error of a step whose direction is NaN or inf (raised before anything changes)
+NONFINITE_DIRECTION = ("the preconditioned direction (M + δI)⁻¹g is NaN or inf; the parameters were not changed "
+                       "(raise damping)")
 #: the key of the optimizer's state entry in ``self.state`` (and in ``state_dict()["state"]``)
 STATE_KEY = "riemannian_sgd"
 #: metric classes whose state is saved (exact types: a subclass may hold more than its parent's state)
@@ -254,6 +257,11 @@ class RiemannianSGD(torch.optim.Optimizer):
         return DiagonalMetric(v_hat.sqrt(), self.damping, kind="adam")
 
     # ------------------------------------------------------------------ the step
+    def kl_scale(self, g_dot_d: float) -> float:
+        """ν = min(1, √(κ / (lr² |gᵀd|))) for ``kl_clip`` κ and gᵀd = ``g_dot_d`` (1 without clipping)."""
+        vg = self.param_groups[0]["lr"] ** 2 * abs(g_dot_d)
+        return (self.kl_clip / vg) ** 0.5 if self.kl_clip is not None and vg > self.kl_clip else 1.0
+
     @torch.no_grad()
     def precondition(self, grad: Tensor) -> Tensor:
         """The direction the step moves along, d with θ ← θ − lr·d, for the flat gradient ``grad`` (length
@@ -292,12 +300,11 @@ class RiemannianSGD(torch.optim.Optimizer):
         with torch.enable_grad():  # matrix-free solves too
             d = M.solve(g).detach()
         if not bool(torch.isfinite(d).all()):
-            raise NonFiniteError("the preconditioned direction (M + δI)⁻¹g is NaN or inf; the parameters were not "
-                                 "changed (raise damping)")
+            raise NonFiniteError(NONFINITE_DIRECTION)
         if self.kl_clip is not None:
-            vg = self.param_groups[0]["lr"] ** 2 * abs(float(torch.dot(g.to(d.dtype), d)))
-            if vg > self.kl_clip:
-                d = d * (self.kl_clip / vg) ** 0.5
+            nu = self.kl_scale(float(torch.dot(g.to(d.dtype), d)))
+            if nu != 1.0:
+                d = d * nu
         mu = self.param_groups[0]["momentum"]
         buffer = state["momentum_buffer"]
         if mu:

@@ -52,6 +52,12 @@ class HeldLayout:
                 return h
         raise ConfigError("a parameter's ZeRO fragment lies outside the partitions DeepSpeed passed to step()")
 
+    def any_gradient(self) -> bool:
+        """Whether any gradient entry this rank holds is nonzero (read in place, nothing assembled)."""
+        if self.mode == "module":
+            return any(bool(p.grad.any()) for p in self.params)
+        return any(h.grad is not None and bool(h.grad.any()) for h in self.held)
+
     def gradient(self, i: int) -> Tensor:
         """Parameter i's fp32 gradient as this rank holds it (flat; zero outside this rank's fragment)."""
         p = self.params[i]

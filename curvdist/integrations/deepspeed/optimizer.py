@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ...errors import ConfigError, MetricError, NonFiniteError
 from ...geometry.metrics import Metric
 from ...optim import RiemannianSGD
-from ...optim.riemannian_sgd import STATE_KEY, metric_state
+from ...optim.riemannian_sgd import NONFINITE_DIRECTION, STATE_KEY, metric_state
 from ...problem.problem import Problem
 from .config import PreconditionerSpec, preconditioner_spec
 from ...geometry.metrics.base import DiagonalMetric
@@ -231,7 +231,7 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
         owners = self._owner_plan()
         state = self.state[STATE_KEY]
         step = int(state["step"])
-        nonzero = torch.tensor([float(any(bool(layout.gradient(i).any()) for i in range(len(self.names))))])
+        nonzero = torch.tensor([float(layout.any_gradient())])
         if not layout.replicated:
             dist.all_reduce(nonzero, op=dist.ReduceOp.MAX, group=layout.group)
         if not nonzero.item():
@@ -257,14 +257,9 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
         if owners.world > 1:
             dist.all_reduce(sums, group=layout.group)
         if sums[1] > 0 or not bool(torch.isfinite(sums[0])):
-            raise NonFiniteError("the preconditioned direction (M + δI)⁻¹g is NaN or inf; the parameters were not "
-                                 "changed (raise damping)")
+            raise NonFiniteError(NONFINITE_DIRECTION)
         lr, mu = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
-        nu = 1.0
-        if self.kl_clip is not None:
-            vg = lr ** 2 * abs(float(sums[0]))
-            if vg > self.kl_clip:
-                nu = (self.kl_clip / vg) ** 0.5
+        nu = self.kl_scale(float(sums[0]))
         old = state["momentum_buffer"]
         buffer = torch.empty(self.dim, dtype=torch.float32, device=layout.device) if mu else None
         offset = 0
@@ -337,11 +332,11 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
                             dtype=torch.float64)
         dist.all_reduce(sums, group=parts.group)
         if sums[1] > 0 or not bool(torch.isfinite(sums[0])):
-            raise NonFiniteError("the preconditioned direction (M + δI)⁻¹g is NaN or inf; the parameters were not "
-                                 "changed (raise damping)")
+            raise NonFiniteError(NONFINITE_DIRECTION)
         lr, mu = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
-        if self.kl_clip is not None and lr ** 2 * abs(float(sums[0])) > self.kl_clip:
-            d = d * (self.kl_clip / (lr ** 2 * abs(float(sums[0])))) ** 0.5
+        nu = self.kl_scale(float(sums[0]))
+        if nu != 1.0:
+            d = d * nu
         buffer = state["momentum_buffer"]
         if mu:
             buffer = d if buffer is None else mu * buffer + d
