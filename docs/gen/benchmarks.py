@@ -197,19 +197,24 @@ def _hvp_section(p: Page, name: str, figname: str) -> None:
     p.figure(figname, fig, f"{name}: each product's median time relative to a gradient.")
 
 
+def results_of(p: Page, script: str) -> list[str]:
+    """Add the benchmark script's docstring and its result files' provenance to ``p``; the files
+    (``benchmarks/results/<script stem>*.json``), sorted."""
+    p.add(script_doc(script) + "\n")
+    files = sorted(f.name for f in RESULTS.glob(f"{Path(script).stem}*.json"))
+    p.add(source(files, script))
+    return files
+
+
 def scale_page() -> Page:
     p = Page("benchmarks/scale.md", "Products and Lanczos at scale")
     p.add("## Hessian-vector product modes\n")
-    p.add(script_doc("hvp_benchmark.py") + "\n")
-    files = sorted(f.name for f in RESULTS.glob("hvp_benchmark*.json"))
-    p.add(source(files, "hvp_benchmark.py"))
+    files = results_of(p, "hvp_benchmark.py")
     for i, name in enumerate(files):
         _hvp_section(p, name, f"hvp_{i}.png")
 
     p.add("## GPT-2 small: products against curvlinops and hessian-eigenthings\n")
-    p.add(script_doc("lm_benchmark.py") + "\n")
-    files = sorted(f.name for f in RESULTS.glob("lm_benchmark*.json"))
-    p.add(source(files, "lm_benchmark.py"))
+    files = results_of(p, "lm_benchmark.py")
     for i, name in enumerate(files):
         d = load(name)
         args = d.get("args", {})
@@ -257,9 +262,7 @@ def scale_page() -> Page:
 
 def sharded_page() -> Page:
     p = Page("benchmarks/sharded.md", "Sharded: pipeline stages and ZeRO-3 partitions")
-    p.add(script_doc("sharded_benchmark.py") + "\n")
-    files = sorted(f.name for f in RESULTS.glob("sharded_benchmark*.json"))
-    p.add(source(files, "sharded_benchmark.py"))
+    files = results_of(p, "sharded_benchmark.py")
     for i, name in enumerate(files):
         d = load(name)
         setup = d.get("setup", {})
