@@ -21,6 +21,19 @@ class ClusterError(CurvdistError, RuntimeError):
     """Ray could not be started or reached."""
 
 
+class StageRestarted(ClusterError):
+    """A call reached a pipeline stage that Ray restarted and the coordinator has not yet recovered (its shards
+    are those of the last snapshot): the coordinator recovers it and runs the call again."""
+
+
+def is_lost(ray: Any, error: BaseException) -> bool:
+    """Whether ``error`` (from ``ray.get``) means an actor was lost: it died, or a call reached its new life
+    before the coordinator recovered it."""
+    if isinstance(error, (ray.exceptions.RayActorError, StageRestarted)):
+        return True
+    return isinstance(getattr(error, "cause", None), StageRestarted)
+
+
 def resources_per_worker() -> dict[str, float]:
     """One GPU per actor when the cluster has GPUs (a CPU-only head with GPU workers included), else one CPU."""
     import ray

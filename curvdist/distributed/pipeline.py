@@ -1,8 +1,7 @@
-"""Pipeline mode, coordinator side: stage actors, the sharded vector space, and the pipelined operator.
+"""Pipeline mode, coordinator side: stage actors, the pipelined operator and the stage metrics.
 
-Vectors are :class:`ShardedVector` handles; their shards stay on the stage actors and every vector-space
-operation is one round of remote calls returning at most a few scalars, so Lanczos, Hutch++, XTrace, SLQ and CG
-run unchanged (DESIGN §4). Freed handles release their shards.
+Vectors are :class:`~.sharded_space.ShardedVector` handles whose shards stay on the stage actors
+(:mod:`curvdist.distributed.sharded_space`); solvers run unchanged on them (DESIGN §4).
 """
 
 from __future__ import annotations
@@ -19,14 +18,18 @@ import torch
 from torch import Tensor
 
 from ..catalogue import Curvature, MetricKind, names
-from ..errors import NonFiniteError, ProblemError, ShapeError
+from ..errors import NonFiniteError, ProblemError
 from ..geometry.metrics.base import Metric
 from ..geometry.metrics.curvature import SolvedMetric
 from ..geometry.metrics.staged import check_staged_metric
 from ..problem.base import StagedProblem
 from ..problem.spec import ProblemSpec
-from ..solvers.space import assemble, select
-from .cluster import ClusterError, resources_per_worker, wait_alive, wait_scheduled
+from ..solvers.space import assemble
+from .cluster import ClusterError, is_lost, resources_per_worker, wait_scheduled
+from .sharded_space import ShardedBasis, ShardedSpace, ShardedVector
+
+__all__ = ["StagePool", "PipelineProblem", "PipelineOperator", "PipelineMetric", "PipelineBlockMetric",
+           "ShardedSpace", "ShardedVector", "ShardedBasis"]
 from .stages import StageWorker
 
 #: how often a product is run again after a stage was lost
@@ -34,121 +37,24 @@ RETRIES = 2
 #: what the stages compute: curvature products, and the metrics built from them or from the stages' own blocks
 KINDS = (Curvature.HESSIAN.value, Curvature.GGN.value, Curvature.FISHER.value)
 
-class ShardedVector:
-    """A handle to a vector whose shards live on the stage actors."""
-
-    __slots__ = ("id", "space", "__weakref__")
-
-    def __init__(self, space: ShardedSpace, vid: int) -> None:
-        self.id, self.space = vid, space
-        weakref.finalize(self, space._release, vid)
-
-
-class ShardedSpace:
-    """The :class:`~curvdist.solvers.space.VectorSpace` of stage-sharded vectors."""
-
-    def __init__(self, actors: list[Any], dims: list[int], dtype: torch.dtype,
-                 segments: list[list[tuple[int, int]]] | None = None) -> None:
-        import ray
-
-        self.ray, self.actors, self.dims, self.dtype = ray, actors, dims, dtype
-        self.dim = sum(dims)
-        if segments is None:  # stage after stage
-            offsets = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(int).tolist()
-            segments = [[(o, d)] for o, d in zip(offsets, dims)]
-        #: per stage, the (offset, length) pieces of the problem's flat layout it owns, in its own order
-        self.segments = segments
-        self._ids = itertools.count(1)
-        self._garbage: list[int] = []
-
-    # ------------------------------------------------------------ plumbing
-    def _new(self) -> ShardedVector:
-        return ShardedVector(self, next(self._ids))
-
-    def _release(self, vid: int) -> None:
-        self._garbage.append(vid)
-
-    def flush(self) -> None:
-        """Free the shards of dropped handles on every stage now (one asynchronous call each; an actor runs it
-        before any later call). Shards of a 100M-parameter model are hundreds of MB, so nothing is batched."""
-        if self._garbage:
-            ids, self._garbage = self._garbage, []
-            for a in self.actors:
-                a.free.remote(ids)
-
-    def _all(self, method: str, *args: Any) -> list[Any]:
-        self.flush()
-        try:
-            return self.ray.get([getattr(a, method).remote(*args) for a in self.actors])
-        except self.ray.exceptions.RayActorError as e:
-            raise ClusterError(f"a stage actor died during '{method}': pipeline vectors live on the actors, so the "
-                               "solve must restart from its last checkpoint") from e
-
-    # ------------------------------------------------------------ the interface
-    def dot(self, x: ShardedVector, y: ShardedVector) -> float:
-        return float(sum(self._all("dot", x.id, y.id)))
-
-    def dots(self, xs: list[ShardedVector], y: ShardedVector) -> np.ndarray:
-        if not xs:
-            return np.zeros(0)
-        return np.sum(np.array(self._all("dots", [x.id for x in xs], y.id)), axis=0)
-
-    def norm(self, x: ShardedVector) -> float:
-        return float(np.sqrt(max(self.dot(x, x), 0.0)))
-
-    def axpy(self, a: float, x: ShardedVector, y: ShardedVector) -> ShardedVector:
-        out = self._new()
-        self._all("axpy", out.id, float(a), x.id, y.id)
-        return out
-
-    def scale(self, a: float, x: ShardedVector) -> ShardedVector:
-        out = self._new()
-        self._all("scale", out.id, float(a), x.id)
-        return out
-
-    def mul(self, x: ShardedVector, y: ShardedVector) -> ShardedVector:
-        out = self._new()
-        self._all("mul", out.id, x.id, y.id)
-        return out
-
-    def zeros(self) -> ShardedVector:
-        out = self._new()
-        self._all("zeros", out.id)
-        return out
-
-    def random(self, seed: int, kind: str = "rademacher") -> ShardedVector:
-        out = self._new()
-        self._all("random", out.id, int(seed), kind)
-        return out
-
-    def lincomb(self, coeffs: np.ndarray, xs: list[ShardedVector]) -> ShardedVector:
-        out = self._new()
-        self._all("lincomb", out.id, [float(c) for c in coeffs], [x.id for x in xs])
-        return out
-
-    def to_tensor(self, x: ShardedVector) -> Tensor:
-        return assemble(self.dim, list(zip(self.segments, self._all("get", x.id))))
-
-    def from_tensor(self, t: Tensor) -> ShardedVector:
-        if t.ndim != 1 or t.numel() != self.dim:
-            raise ShapeError(f"expected a flat vector of length {self.dim}, got {tuple(t.shape)}")
-        out = self._new()
-        t = t.cpu()
-        self.ray.get([a.put.remote(out.id, select(t, segs)) for a, segs in zip(self.actors, self.segments)])
-        return out
-
-
 class StagePool:
-    """S :class:`StageWorker` actors built from a spec, with restarts."""
+    """S :class:`StageWorker` actors built from a spec, with restarts.
+
+    ``snapshots``: the stages write their vector shards to ``snapshot_dir`` (default: a temporary directory) at the
+    start of every ``snapshot_every``-th product, so a lost stage is restarted and recovered
+    (:mod:`.sharded_space`); off, a lost stage ends the solve."""
 
     def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None,
-                 snapshot_dir: str | None = None, snapshots: bool = True) -> None:
+                 snapshot_dir: str | None = None, snapshots: bool = True, snapshot_every: int = 1) -> None:
         import ray
 
         from .stacks import split_points
 
         if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
             raise ProblemError(f"micro_batches must be a positive integer, got {micro_batches!r}")
+        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
+            raise ProblemError(f"snapshot_every must be a positive integer (products between stage snapshots), "
+                               f"got {snapshot_every!r}")
         with torch.random.fork_rng(devices=[]):
             split_points(spec.build_model(), stages)  # validate on the coordinator: a clear error, early
         cls = ray.remote(max_restarts=max_restarts, max_task_retries=0, **resources_per_worker())(StageWorker)
@@ -169,7 +75,8 @@ class StagePool:
         if owned != self.infos[0]["total"]:
             raise ProblemError(f"the stages own {owned} of the problem's {self.infos[0]['total']} parameters")
         self.space = ShardedSpace(self.actors, [i["dim"] for i in self.infos], getattr(torch, spec.dtype),
-                                  [[tuple(seg) for seg in i["segments"]] for i in self.infos])
+                                  [[tuple(seg) for seg in i["segments"]] for i in self.infos],
+                                  snapshot_every if self.snapshot_dir is not None else None)
         self.num_samples = self.infos[-1]["samples"]
         self.num_batches = self.infos[-1]["batches"]  # micro-batches, in order
         #: tied parameters: (name, owner stage, user stage)
@@ -229,11 +136,6 @@ class StagePool:
                 "product_wall_s": wall,
                 "utilization": [round(x["busy_s"] / wall, 4) if wall else None for x in m],
                 "memory": [x["memory"] for x in m]}
-
-    def wait_alive(self) -> None:
-        """Block until Ray has restarted every stage that died (each rebuilds itself and reloads its shards)."""
-        for i, a in enumerate(self.actors):
-            wait_alive(self.ray, a, f"stage {i}")
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -323,41 +225,55 @@ class PipelineOperator:
         return self.pool.space
 
     def apply_vector(self, v: ShardedVector) -> ShardedVector:
-        """C v; a stage lost during the product (restarted by Ray, its shards reloaded from the snapshots) is
-        waited for and the product is run again, up to ``RETRIES`` times."""
-        pool = self.pool
+        """C v; a stage lost during the product (restarted by Ray, recovered from its snapshot and the log since:
+        :meth:`~.sharded_space.ShardedSpace.recover`) is waited for and the product is run again, up to
+        ``RETRIES`` times."""
+        pool, space = self.pool, self.pool.space
         pool.check_versions()
         t0 = time.perf_counter()
+        space.flush()  # before the stages write their snapshots: dropped vectors are not written
+        epoch = space.snapshot_point()
+        out = space._new()
         for attempt in range(RETRIES + 1):
             try:
-                out = self._product(v)
+                self._product(v, out, epoch)
                 break
-            except pool.ray.exceptions.RayActorError as e:
+            except Exception as e:  # noqa: BLE001 - a lost stage is recovered, anything else raised as it is
+                if not is_lost(pool.ray, e):
+                    raise
                 if pool.snapshot_dir is None or attempt == RETRIES:
                     raise ClusterError("a stage actor died during a pipelined product"
                                        + (" and stage snapshots are off" if pool.snapshot_dir is None else
                                           f" {RETRIES + 1} times") + "; restart the solve from its last checkpoint"
                                        ) from e
-                pool.wait_alive()
+                space.recover(e)
                 pool.check_versions()
                 pool.retries += 1
+        space.record_product(lambda restarted: self._replay(v, out, restarted), [v])
         if not np.isfinite(pool.space.dot(out, out)):
             raise NonFiniteError(f"the pipelined {self.kind} product is NaN or inf")
         pool.products += 1
         pool.product_s += time.perf_counter() - t0
         return out
 
-    def _product(self, v: ShardedVector) -> ShardedVector:
+    def _replay(self, v: ShardedVector, out: ShardedVector, restarted: set[int]) -> None:
+        """The product again, its output written on the ``restarted`` stages only (the others into scratch)."""
+        scratch = self.pool.space._new()
+        self._product(v, out, None, [out.id if s in restarted else scratch.id for s in range(len(self.pool.actors))])
+
+    def _product(self, v: ShardedVector, out: ShardedVector, epoch: int | None,
+                 outs: list[int] | None = None) -> None:
         """GPipe: every micro-batch's forward pass is submitted, then every backward pass. A Ray actor runs its
         calls in submission order, so stage s works on micro-batch m while stage s+1 works on m−1 (and the
-        other way round in the backward pass); each call passes one object to the next stage."""
-        ray, actors, space, pool = self.pool.ray, self.pool.actors, self.pool.space, self.pool
-        space.flush()  # before the stages write their snapshots: dropped vectors are not written
-        out = space._new()
+        other way round in the backward pass); each call passes one object to the next stage. ``epoch``: the
+        stages first write that snapshot; ``outs``: per stage the vector its shard of C v goes to (default
+        ``out``)."""
+        ray, actors, pool = self.pool.ray, self.pool.actors, self.pool
+        outs = outs or [out.id] * len(actors)
         tied: list[dict[str, Any]] = [{} for _ in actors]
         for name, owner, user in pool.ties:
             tied[user][name] = actors[owner].tied_part.remote(v.id, name)
-        started = [a.begin.remote(v.id, out.id, t) for a, t in zip(actors, tied)]
+        started = [a.begin.remote(v.id, o, t, epoch) for a, o, t in zip(actors, outs, tied)]
         mode = "hessian" if self.kind == "hessian" else "ggn"
         M = pool.num_batches
         for b in range(M):
@@ -367,19 +283,20 @@ class PipelineOperator:
         pending = []
         for b in range(M):
             cot = None
-            for a in reversed(actors):
-                cot = a.backward.remote(b, cot, mode, out.id)
+            for s in reversed(range(len(actors))):
+                cot = actors[s].backward.remote(b, cot, mode, outs[s])
             pending.append(cot)
-        done = [a.finish.remote(out.id, self.scale, p) for a, p in zip(actors, pool.tied_parts())]
+        done = [a.finish.remote(o, self.scale, p) for a, o, p in zip(actors, outs, pool.tied_parts())]
         try:
             ray.get(started)
+            if epoch is not None:
+                pool.space.confirm_snapshot()
             ray.get(pending)
             ray.get(done)
         except ray.exceptions.RayActorError:
             raise
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
-        return out
 
     def product_info(self) -> dict[str, Any]:
         """The schedule, the stage utilization and the per-stage memory of the products since the pool's meters

@@ -102,8 +102,9 @@ class PipelineTrainer:
         count = max(sum(self.counts[b] for b in micro), 1)
         pool.check_versions()
         space.flush()
+        epoch = space.snapshot_point(force=True)  # gradients are not replayed: each starts a snapshot
         out = space._new()
-        started = [a.grad_begin.remote(out.id) for a in actors]
+        started = [a.grad_begin.remote(out.id, epoch) for a in actors]
         losses = []
         for b in micro:
             carry = None
@@ -117,7 +118,10 @@ class PipelineTrainer:
                 cot = a.grad_backward.remote(b, cot, out.id)
             pending.append(cot)
         done = [a.finish.remote(out.id, 1.0 / count, p) for a, p in zip(actors, pool.tied_parts())]
-        total = pool.get([*started, *losses, *pending, *done])[len(started):len(started) + len(losses)]
+        pool.get(started)
+        space.confirm_snapshot()
+        total = pool.get([*losses, *pending, *done])[:len(losses)]
+        space.record_product(None)
         return float(sum(total)) / count, out
 
     def step(self, batch: int) -> float:

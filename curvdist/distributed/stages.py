@@ -19,10 +19,10 @@ crosses a stage boundary per micro-batch and direction; vectors live on the stag
 coordinator sees only scalars (:class:`~curvdist.distributed.pipeline.ShardedSpace`). Every stage times its calls
 (for the stage utilization) and measures its peak resident memory (:mod:`curvdist.resources`).
 
-Faults: at the start of every product a stage writes the shards it has not written yet to its snapshot directory
-(vectors are never modified once made, so each is written once, and deleted when freed). A stage lost during a
-product is restarted by Ray, rebuilds its piece of the model from the spec, reloads its shards, and the
-coordinator runs the product again, so the solve continues to the numbers of an uninterrupted run.
+Faults: vectors are shards in the stage's :class:`~.shard_store.ShardStore`, written to its snapshot directory at
+the start of every K-th product. A stage lost during a product is restarted by Ray, rebuilds its piece of the model
+from the spec and loads the last snapshot; the coordinator replays the operations logged since on it and runs the
+product again, so the solve continues to the numbers of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from ..problem.data import as_batches, inputs_to, slice_inputs, unpack
 from ..problem.losses import make_loss
 from ..problem.spec import ProblemSpec
 from ..resources import memory_record, release_free_memory, reset_peak
-from ..solvers.space import random_segments
+from .shard_store import ShardStore, guard_restarts
 from .stacks import (SequentialProgram, StageProgram, TracedProgram, split_floats, split_points, stage_modules,
                      stage_program)
 
@@ -64,18 +64,6 @@ def micro_batch_bounds(n: int, micro_batches: int | None, size: int | None) -> l
     return [(0, n)]
 
 
-#: entries per float64 chunk of a dot product of lower-precision shards
-_DOT_CHUNK = 1 << 22
-
-
-def _dot64(x: Tensor, y: Tensor) -> float:
-    """xᵀy accumulated in float64, without a float64 copy of either (chunks of ``_DOT_CHUNK`` entries)."""
-    if x.dtype == torch.float64 and y.dtype == torch.float64:
-        return float(torch.dot(x, y))
-    return float(sum(torch.dot(x[i:i + _DOT_CHUNK].double(), y[i:i + _DOT_CHUNK].double())
-                     for i in range(0, x.numel(), _DOT_CHUNK)))
-
-
 def _uses_by_stage(model: Any, stages: int, program: StageProgram) -> list[list[str]]:
     """The problem names of the parameters each stage uses (to find each parameter's owner)."""
     if isinstance(program, TracedProgram):
@@ -83,7 +71,8 @@ def _uses_by_stage(model: Any, stages: int, program: StageProgram) -> list[list[
     return [SequentialProgram(model, bounds).uses for bounds in split_points(model, stages)]
 
 
-class StageWorker:
+@guard_restarts
+class StageWorker(ShardStore):
     """Stage ``stage`` of ``stages``: its program, its parameters, the micro-batches (inputs for the first stage,
     labels for the last), and a store of vector shards keyed by integer ids."""
 
@@ -97,7 +86,6 @@ class StageWorker:
         self.dtype, self.device = getattr(torch, spec.dtype), torch.device(device)
         self.loss = make_loss(spec.loss)
         self.spec, self.micro_batches = spec, micro_batches
-        self.vectors: dict[int, Tensor] = {}
         self.saved: dict[int, Any] = {}
         self.pending: dict[int, Any] = {}  # the last stage's (g, ġ) between its forward and backward
         self.grad_saved: dict[int, Any] = {}  # what a gradient's backward pass needs, per micro-batch
@@ -109,16 +97,10 @@ class StageWorker:
         self.calls = 0
         self.busy = 0.0
         self.restarted = bool(getattr(ray.get_runtime_context(), "was_current_actor_reconstructed", False))
-        self.snapshots = None if snapshot_dir is None else Path(snapshot_dir) / f"stage{stage}"
-        self.persisted: set[int] = set()
+        self._open_store(None if snapshot_dir is None else Path(snapshot_dir) / f"stage{stage}")
         if self.restarted:  # a lone restart: build now (a new pool builds its stages one by one, see build)
             self.build()
-        if self.snapshots is not None:
-            self.snapshots.mkdir(parents=True, exist_ok=True)
-            if self.restarted:  # a new life: the shards persisted by the previous one
-                for f in self.snapshots.glob("*.pt"):
-                    self.vectors[int(f.stem)] = torch.load(f, map_location=self.device, weights_only=True)
-                    self.persisted.add(int(f.stem))
+            self._load_snapshot()
 
     def build(self) -> None:
         """Build the model, keep this stage's part and its micro-batches, drop the rest and return the memory to
@@ -201,14 +183,15 @@ class StageWorker:
         return f
 
     # ------------------------------------------------------------------ products
-    def begin(self, vid: int, out_id: int, tied: dict[str, Any]) -> None:
+    def begin(self, vid: int, out_id: int, tied: dict[str, Any], epoch: int | None = None) -> None:
         """Start a product of v = vectors[vid] into vectors[out_id]; ``tied`` holds (refs to) the owners' parts of
-        v for the tied parameters this stage uses."""
+        v for the tied parameters this stage uses; ``epoch``: write snapshot ``epoch`` first."""
         import ray
 
-        self._persist()
+        if epoch is not None:
+            self._snapshot(epoch)
         self._current_v = vid
-        self.vectors[out_id] = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        self._set(out_id, torch.zeros(self.dim, dtype=self.dtype, device=self.device))
         self.tied_v = {n: (ray.get(r) if isinstance(r, ray.ObjectRef) else r).to(self.device) for n, r in tied.items()}
         self.tied_out = {n: torch.zeros_like(t) for n, t in self.tied_v.items()}
 
@@ -285,10 +268,11 @@ class StageWorker:
             self.tied_out[n].add_(gp[n].detach())
 
     # ------------------------------------------------------------------ loss and gradient (training)
-    def grad_begin(self, out_id: int) -> None:
-        """Start a gradient into vectors[out_id]."""
-        self._persist()
-        self.vectors[out_id] = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+    def grad_begin(self, out_id: int, epoch: int | None = None) -> None:
+        """Start a gradient into vectors[out_id]; ``epoch``: write snapshot ``epoch`` first."""
+        if epoch is not None:
+            self._snapshot(epoch)
+        self._set(out_id, torch.zeros(self.dim, dtype=self.dtype, device=self.device))
         self.tied_out = {n: torch.zeros_like(self.values[n]) for n in self.foreign}
 
     def grad_forward(self, b: int, incoming: Any, keep: bool = True) -> Any:
@@ -454,67 +438,7 @@ class StageWorker:
         if mid not in self.metrics:
             raise MetricError(f"stage {self.stage} holds no blocks of this metric: the stage was restarted after "
                               f"the metric was built, or the metric was released; build the metric again")
-        self.vectors[out] = getattr(self.metrics[mid], method)(self.vectors[vid])
+        self._set(out, getattr(self.metrics[mid], method)(self.vectors[vid]))
 
     def metric_release(self, mid: int) -> None:
         self.metrics.pop(mid, None)
-
-    # ------------------------------------------------------------------ vector shards
-    def put(self, i: int, t: Tensor) -> None:
-        self.vectors[i] = t.to(self.device, self.dtype)
-
-    def get(self, i: int) -> Tensor:
-        return self.vectors[i].cpu()
-
-    def free(self, ids: list[int]) -> None:
-        for i in ids:
-            self.vectors.pop(i, None)
-            if i in self.persisted:
-                self.persisted.discard(i)
-                (self.snapshots / f"{i}.pt").unlink(missing_ok=True)  # type: ignore[operator]
-
-    def _persist(self) -> None:
-        """Write the shards not yet on disk (vectors never change once made, so each is written once): a
-        restarted stage reloads them and the coordinator retries the product that was interrupted."""
-        if self.snapshots is None:
-            return
-        for i, t in self.vectors.items():
-            if i not in self.persisted:
-                tmp = self.snapshots / f"{i}.tmp"
-                torch.save(t.cpu(), tmp)
-                tmp.replace(self.snapshots / f"{i}.pt")  # atomic: a crash leaves no half-written shard
-                self.persisted.add(i)
-
-    def dot(self, a: int, b: int) -> float:
-        return _dot64(self.vectors[a], self.vectors[b])
-
-    def dots(self, ids: list[int], b: int) -> list[float]:
-        y = self.vectors[b]
-        return [_dot64(self.vectors[i], y) for i in ids]
-
-    def axpy(self, out: int, a: float, x: int, y: int) -> None:
-        self.vectors[out] = torch.add(self.vectors[y], self.vectors[x], alpha=a)
-
-    def scale(self, out: int, a: float, x: int) -> None:
-        self.vectors[out] = self.vectors[x] * a
-
-    def mul(self, out: int, x: int, y: int) -> None:
-        self.vectors[out] = self.vectors[x] * self.vectors[y]
-
-    def zeros(self, out: int) -> None:
-        self.vectors[out] = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-
-    def random(self, out: int, seed: int, kind: str) -> None:
-        """This stage's entries of the layout-independent random vector of ``seed`` (same numbers as locally)."""
-        self.vectors[out] = random_segments(self.total, seed, kind, self.dtype, self.segments).to(self.device)
-
-    def lincomb(self, out: int, coeffs: list[float], ids: list[int]) -> None:
-        """Σ c_i x_i, summed in float64 ``_DOT_CHUNK`` entries at a time (no full-length float64 accumulator: at
-        355M parameters in 2 stages that is 1.4 GB a stage)."""
-        res = torch.empty(self.dim, dtype=self.dtype, device=self.device)
-        for s in range(0, self.dim, _DOT_CHUNK):
-            acc = torch.zeros(min(_DOT_CHUNK, self.dim - s), dtype=torch.float64, device=self.device)
-            for c, i in zip(coeffs, ids):
-                acc.add_(self.vectors[i][s:s + _DOT_CHUNK], alpha=c)  # cast on the fly
-            res[s:s + _DOT_CHUNK] = acc
-        self.vectors[out] = res

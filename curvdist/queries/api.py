@@ -43,7 +43,9 @@ class MetricSpace:
     def norm(self, x: Tensor) -> float:
         return float(np.sqrt(max(self.dot(x, x), 0.0)))
 
-    def __getattr__(self, name: str) -> Any:  # axpy, scale, zeros, random, mul, lincomb, to_tensor
+    def __getattr__(self, name: str) -> Any:  # axpy, scale, zeros, random, mul, lincomb, to_tensor, new_basis
+        if name == "expand":  # a base space's fused Lanczos step takes Euclidean inner products: not this space's
+            raise AttributeError(name)
         return getattr(self.base, name)
 
 

@@ -10,8 +10,9 @@ basis is a preallocated :class:`~curvdist.solvers.space.Basis` in the operator's
 reorthogonalization passes is one product c = Qᵀw over the basis and one update w ← w − Q c in place, with no
 per-step stacking or float64 copies of the basis. The second pass accumulates c in float64 (a float32 product over
 d ~ 10⁷ coordinates would cost orthogonality); the first, which only removes the bulk, takes it in the working dtype.
-α and β are computed in float64. Other spaces (the pipeline's sharded vectors) keep the basis as a list of their
-vectors.
+α and β are computed in float64. The pipeline's sharded space makes a
+:class:`~curvdist.distributed.sharded_space.ShardedBasis` (a Basis on every stage) and fuses a step's vector work
+(its ``expand``); other spaces keep the basis as a list of their vectors.
 
 A Ritz pair (θ_i, Q_m s_i) of T_m has residual ‖A y_i − θ_i y_i‖ = β_m |e_mᵀ s_i| (Golub & Van Loan 2013, §10.1.4),
 which is the stopping test. On breakdown (β_m ≈ 0, an invariant subspace) the iteration continues from a fresh
@@ -90,13 +91,26 @@ def _orthogonalize(space: VectorSpace, basis: list[Vector] | Basis, w: Vector, o
     """
     sub = getattr(space, "sub_lincomb", None)
     for i in range(2):
-        xs = basis.coarse() if i == 0 and isinstance(basis, Basis) else basis
+        xs = basis.coarse() if i == 0 and not isinstance(basis, list) else basis
         c = space.dots(xs, w)
         if sub is None:
             w = space.axpy(-1.0, space.lincomb(c, basis), w)
         else:
             w = out = sub(c, basis, w, out=out)
     return w
+
+
+def _expand(space: VectorSpace, basis: list[Vector] | Basis, q: Vector, w: Vector, out: Vector | None
+            ) -> tuple[float, Vector, float]:
+    """One step's vector work for w = A q: (α, w orthogonalized against the basis, β) with α = qᵀw and β = ‖w‖.
+    A space with a fused ``expand`` (the pipeline's sharded space: fewer rounds of remote calls) does it in one
+    call with the same numbers."""
+    fused = getattr(space, "expand", None)
+    if fused is not None and not isinstance(basis, list):
+        return fused(basis, q, w, out)
+    alpha = space.dot(q, w)
+    w = _orthogonalize(space, basis, w, out=out)
+    return alpha, w, space.norm(w)
 
 
 def lanczos(
@@ -183,7 +197,7 @@ def _begin(space: VectorSpace, start: Vector, steps: int, state: Krylov | None) 
     if len(state.basis) != len(state.alphas) + 1 and len(state.alphas) < steps:
         raise SolverError(f"cannot resume Lanczos: the state has {len(state.alphas)} steps but "
                           f"{len(state.basis)} basis vectors (expected one more than steps)")
-    if hasattr(space, "new_basis") and not (isinstance(state.basis, Basis) and not state.basis.read_only):
+    if hasattr(space, "new_basis") and (isinstance(state.basis, list) or state.basis.read_only):
         state.basis = _new_basis(space, max(steps, len(state.basis)), state.basis)  # a list or a view: copied
     return state
 
@@ -202,13 +216,11 @@ def _steps(space: VectorSpace, state: Krylov, steps: int, restart_seed: int, res
         q = state.basis[j]
         w = yield q
         state.matvecs += 1
-        alpha = space.dot(q, w)
-        state.alphas.append(alpha)
         # w may be the operator's own tensor (or q itself): the result goes to the run's work vector instead
-        w = _orthogonalize(space, state.basis, w, out=work)
+        alpha, w, beta = _expand(space, state.basis, q, w, work)
+        state.alphas.append(alpha)
         if work is None and hasattr(space, "sub_lincomb"):
             work = w
-        beta = space.norm(w)
         scale = max(scale, abs(alpha), beta)
         broke = beta <= 1e-12 * max(scale, np.finfo(np.float64).tiny)
         state.betas.append(0.0 if broke else beta)

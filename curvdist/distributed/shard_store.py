@@ -1,0 +1,282 @@
+"""Pipeline mode, stage side: the vector shards a stage holds, their kernels, and their snapshots on disk.
+
+A stage holds its coordinates of every live vector (keyed by integer ids the coordinator hands out) and of every
+Lanczos basis (a :class:`~curvdist.solvers.space.Basis`: preallocated rows, products with the whole basis as
+matrix-vector products — the local kernels on the stage's slice). The coordinator's
+:class:`~curvdist.distributed.sharded_space.ShardedSpace` calls these methods; the fused ones
+(:meth:`ShardStore.basis_project`, :meth:`~ShardStore.basis_subtract_dots`, :meth:`~ShardStore.basis_subtract_norm2`)
+do a Lanczos step's vector work in three calls that return scalars only.
+
+Snapshots: at a snapshot (the start of every K-th product) a stage writes what changed since the previous one —
+new or rewritten vectors, new basis rows — and then the snapshot's number (its *epoch*). Files of vectors freed
+since are deleted at the next snapshot, not at once: a stage restarted by Ray loads the last snapshot, and the
+coordinator replays the operations logged since on it (the operations that used those vectors included).
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..solvers.space import Basis, random_segments
+from .cluster import StageRestarted
+
+#: entries per float64 chunk of a dot product of lower-precision shards
+DOT_CHUNK = 1 << 22
+
+#: a basis as the coordinator names it: (basis id, number of rows used, precise dots)
+BasisRef = tuple[int, int, bool]
+
+
+def dot64(x: Tensor, y: Tensor) -> float:
+    """xᵀy accumulated in float64, without a float64 copy of either (chunks of ``DOT_CHUNK`` entries)."""
+    if x.dtype == torch.float64 and y.dtype == torch.float64:
+        return float(torch.dot(x, y))
+    return float(sum(torch.dot(x[i:i + DOT_CHUNK].double(), y[i:i + DOT_CHUNK].double())
+                     for i in range(0, x.numel(), DOT_CHUNK)))
+
+
+def _own_storage(t: Tensor) -> Tensor:
+    """``t`` on the CPU with storage of its own size (``torch.save`` of a view writes the whole storage)."""
+    t = t.detach().cpu()
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
+def _save(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # atomic: a crash leaves no half-written file
+
+
+#: actor methods a restarted stage answers before it is recovered (they report on it or recover it)
+UNGUARDED = frozenset({"life", "resume", "info", "meters", "reset_meters", "param_version", "build"})
+
+
+def guard_restarts(cls: type) -> type:
+    """Make every public method of an actor class raise :class:`StageRestarted` in a restarted life until the
+    coordinator calls ``resume`` (calls queued before it noticed the loss must not compute with the last snapshot's
+    shards, which may be stale: a prefix view of a basis missing its newer rows would silently be shorter)."""
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.awaiting_recovery:
+                raise StageRestarted(f"{name} reached a restarted stage before its recovery")
+            return fn(self, *args, **kwargs)
+
+        return guarded
+
+    for name in dir(cls):
+        fn = getattr(cls, name)
+        if not name.startswith("_") and name not in UNGUARDED and callable(fn):
+            setattr(cls, name, wrap(name, fn))
+    return cls
+
+
+class ShardStore:
+    """Vector and basis shards of one stage (a mixin of :class:`~curvdist.distributed.stages.StageWorker`, which
+    sets ``dim``, ``dtype``, ``device``, ``total`` and ``segments`` when it builds)."""
+
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+    total: int
+    segments: list[tuple[int, int]]
+
+    def _open_store(self, snapshots: Path | None) -> None:
+        self.vectors: dict[int, Tensor] = {}
+        self.bases: dict[int, Basis] = {}
+        self.row_of: dict[int, tuple[int, int]] = {}  # vectors that are views of basis rows: id → (basis, row)
+        self.snapshots = snapshots
+        self.persisted: set[int] = set()  # vectors whose current value is on disk
+        self.persisted_rows: dict[int, int] = {}  # basis id → rows on disk
+        self.doomed: set[str] = set()  # files of freed vectors and bases, deleted at the next snapshot
+        self.epoch = -1  # the last snapshot written (or loaded)
+        self.token = uuid.uuid4().hex  # this life of the actor
+        self.awaiting_recovery = False  # a restarted life, until the coordinator replayed the log on it
+        if snapshots is not None:
+            snapshots.mkdir(parents=True, exist_ok=True)
+
+    def life(self) -> tuple[str, int]:
+        """(this life's token, the snapshot it holds): a new token means Ray restarted the actor."""
+        return self.token, self.epoch
+
+    def resume(self) -> None:
+        """The coordinator recovers this life: the calls it sends from now on replay the log, then go on."""
+        self.awaiting_recovery = False
+
+    # ------------------------------------------------------------------ snapshots
+    def _snapshot(self, epoch: int) -> None:
+        """Write what changed since the last snapshot, then the epoch (last: a stage that died while writing
+        reports the previous epoch, and the coordinator refuses to replay onto it)."""
+        if self.snapshots is None:
+            return
+        for name in self.doomed:
+            (self.snapshots / name).unlink(missing_ok=True)
+        self.doomed.clear()
+        for vid, t in self.vectors.items():
+            if vid in self.persisted:
+                continue
+            if vid in self.row_of:
+                _save(self.snapshots / f"r{vid}.pt", torch.tensor(self.row_of[vid]))
+            else:
+                _save(self.snapshots / f"v{vid}.pt", _own_storage(t))
+            self.persisted.add(vid)
+        for bid, basis in self.bases.items():
+            if bid not in self.persisted_rows:
+                _save(self.snapshots / f"B{bid}.pt", torch.tensor([basis.capacity or 0]))
+                self.persisted_rows[bid] = 0
+            for j in range(self.persisted_rows[bid], len(basis)):
+                _save(self.snapshots / f"b{bid}_{j}.pt", _own_storage(basis[j]))
+            self.persisted_rows[bid] = len(basis)
+        _save(self.snapshots / "epoch.pt", torch.tensor(epoch))
+        self.epoch = epoch
+
+    def _load_snapshot(self) -> None:
+        """A restarted stage: load the last snapshot its previous life wrote (vectors freed since included — the
+        coordinator's replay frees them again in order)."""
+        self.awaiting_recovery = True
+        d = self.snapshots
+        if d is None or not (d / "epoch.pt").is_file():
+            return
+        load = lambda f: torch.load(f, map_location=self.device, weights_only=True)  # noqa: E731
+        self.epoch = int(load(d / "epoch.pt"))
+        for f in sorted(d.glob("B*.pt")):
+            bid = int(f.stem[1:])
+            cap = int(load(f)[0])
+            basis = self.bases[bid] = Basis(self.dim, self.dtype, self.device, cap or None)
+            j = 0
+            while (d / f"b{bid}_{j}.pt").is_file():
+                basis.append(load(d / f"b{bid}_{j}.pt"))
+                j += 1
+            self.persisted_rows[bid] = j
+        for f in d.glob("v*.pt"):
+            self.vectors[int(f.stem[1:])] = load(f)
+            self.persisted.add(int(f.stem[1:]))
+        for f in d.glob("r*.pt"):
+            bid, j = (int(x) for x in load(f))
+            vid = int(f.stem[1:])
+            self._set(vid, self.bases[bid][j])
+            self.row_of[vid] = (bid, j)
+            self.persisted.add(vid)
+
+    def _set(self, vid: int, t: Tensor) -> Tensor:
+        """vectors[vid] = t (a new value: written at the next snapshot)."""
+        self.vectors[vid] = t
+        self.persisted.discard(vid)
+        self.row_of.pop(vid, None)
+        return t
+
+    def _out(self, vid: int) -> Tensor:
+        """vectors[vid] to be overwritten in place (a new one if it does not exist)."""
+        t = self.vectors.get(vid)
+        if t is None or vid in self.row_of:
+            t = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        return self._set(vid, t)
+
+    # ------------------------------------------------------------------ vectors
+    def put(self, i: int, t: Tensor) -> None:
+        self._set(i, t.to(self.device, self.dtype))
+
+    def get(self, i: int) -> Tensor:
+        return self.vectors[i].cpu()
+
+    def free(self, ids: list[int]) -> None:
+        for i in ids:
+            self.vectors.pop(i, None)
+            self.row_of.pop(i, None)
+            if i in self.persisted:
+                self.persisted.discard(i)
+                self.doomed.update((f"v{i}.pt", f"r{i}.pt"))
+
+    def dot(self, a: int, b: int) -> float:
+        return dot64(self.vectors[a], self.vectors[b])
+
+    def dots(self, ids: list[int], b: int) -> list[float]:
+        y = self.vectors[b]
+        return [dot64(self.vectors[i], y) for i in ids]
+
+    def axpy(self, out: int, a: float, x: int, y: int) -> None:
+        self._set(out, torch.add(self.vectors[y], self.vectors[x], alpha=a))
+
+    def scale(self, out: int, a: float, x: int) -> None:
+        self._set(out, self.vectors[x] * a)
+
+    def mul(self, out: int, x: int, y: int) -> None:
+        self._set(out, self.vectors[x] * self.vectors[y])
+
+    def zeros(self, out: int) -> None:
+        self._set(out, torch.zeros(self.dim, dtype=self.dtype, device=self.device))
+
+    def random(self, out: int, seed: int, kind: str) -> None:
+        """This stage's entries of the layout-independent random vector of ``seed`` (same numbers as locally)."""
+        self._set(out, random_segments(self.total, seed, kind, self.dtype, self.segments).to(self.device))
+
+    def lincomb(self, out: int, coeffs: list[float], ids: list[int]) -> None:
+        """Σ c_i x_i, summed in float64 ``DOT_CHUNK`` entries at a time (no full-length float64 accumulator: at
+        355M parameters in 2 stages that is 1.4 GB a stage)."""
+        res = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        for s in range(0, self.dim, DOT_CHUNK):
+            acc = torch.zeros(min(DOT_CHUNK, self.dim - s), dtype=torch.float64, device=self.device)
+            for c, i in zip(coeffs, ids):
+                acc.add_(self.vectors[i][s:s + DOT_CHUNK], alpha=c)  # cast on the fly
+            res[s:s + DOT_CHUNK] = acc
+        self._set(out, res)
+
+    # ------------------------------------------------------------------ bases
+    def _basis(self, ref: BasisRef) -> Basis:
+        bid, length, precise = ref
+        view = self.bases[bid][:length]
+        return view if precise else view.coarse()
+
+    def basis_new(self, bid: int, capacity: int | None) -> None:
+        self.bases[bid] = Basis(self.dim, self.dtype, self.device, capacity)
+
+    def basis_free(self, bids: list[int]) -> None:
+        for bid in bids:
+            self.bases.pop(bid, None)
+            rows = self.persisted_rows.pop(bid, None)
+            if rows is not None:
+                self.doomed.update([f"B{bid}.pt"] + [f"b{bid}_{j}.pt" for j in range(rows)])
+
+    def basis_append(self, bid: int, vid: int, a: float) -> None:
+        self.bases[bid].append(self.vectors[vid], a)
+
+    def basis_row(self, bid: int, j: int, out: int) -> None:
+        """vectors[out] = row j of basis ``bid`` (a view; rows never change once appended)."""
+        self._set(out, self.bases[bid][j])
+        self.row_of[out] = (bid, j)
+
+    def basis_dots(self, ref: BasisRef, y: int) -> np.ndarray:
+        return self._basis(ref).dots(self.vectors[y])
+
+    def basis_lincomb(self, out: int, coeffs: list[float], ref: BasisRef) -> None:
+        self._set(out, self._basis(ref).lincomb(coeffs))
+
+    def basis_subtract(self, ref: BasisRef, coeffs: list[float], y: int, out: int) -> None:
+        """vectors[out] = vectors[y] − Σ c_i x_i (out may be y: in place)."""
+        src = self.vectors[y]
+        self._basis(ref).subtract(coeffs, src, out=self._out(out) if out != y else src)
+        self.persisted.discard(out)
+
+    # ------------------------------------------------------------------ a Lanczos step's vector work, fused
+    def basis_project(self, ref: BasisRef, q: int, w: int) -> np.ndarray:
+        """[qᵀw, Qᵀw] of this stage's coordinates (Q the basis ``ref``): α's and the first pass's coefficients."""
+        return np.concatenate([[dot64(self.vectors[q], self.vectors[w])], self.basis_dots(ref, w)])
+
+    def basis_subtract_dots(self, ref: BasisRef, coeffs: list[float], y: int, out: int,
+                            dots_ref: BasisRef) -> np.ndarray:
+        """out = y − Q c, then the next pass's coefficients Qᵀout (basis ``dots_ref``)."""
+        self.basis_subtract(ref, coeffs, y, out)
+        return self.basis_dots(dots_ref, out)
+
+    def basis_subtract_norm2(self, ref: BasisRef, coeffs: list[float], y: int, out: int) -> float:
+        """out = y − Q c, then this stage's part of ‖out‖²."""
+        self.basis_subtract(ref, coeffs, y, out)
+        return self.dot(out, out)
