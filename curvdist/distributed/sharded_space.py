@@ -135,6 +135,7 @@ class ShardedSpace:
         self.epoch = -1  # the last snapshot asked of the stages (-1: none yet; a restart then starts empty)
         self.products = 0
         self.recoveries = 0
+        self.replayed_products = 0  # products run again onto restarted stages
         self.lives = [token for token, _ in ray.get([a.life.remote() for a in actors])]
 
     # ------------------------------------------------------------ plumbing
@@ -235,6 +236,7 @@ class ShardedSpace:
                                    "replayed: restart the run from its checkpoint") from error
             else:
                 entry[1](restarted)
+                self.replayed_products += 1
         self.lives = [token for token, _ in lives]
         self.recoveries += 1
         return restarted
