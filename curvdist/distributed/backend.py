@@ -48,19 +48,21 @@ class RayBackend:
                               spec.reduction)
 
     def pipeline(self, spec: ProblemSpec, stages: int = 2, micro_batches: int | None = None,
-                 snapshots: bool = True) -> Any:
+                 snapshots: bool = True, snapshot_every: int = 1) -> Any:
         """``spec``'s problem with its model split into ``stages`` consecutive stages balanced by the parameters
         each holds, stage i on actor i with only its parameters: an ``nn.Sequential``, a model with a
         ``stages()`` method, or a block stack such as a Hugging Face decoder (traced and cut at its blocks).
         ``micro_batches``: each batch is split into this many micro-batches that flow through the stages
         GPipe-style (default: ``spec.micro_batch_size``, else whole batches). ``snapshots``: each stage writes
-        every new vector shard once to a temporary directory, so a lost stage is restarted and the interrupted
-        product run again (off: a lost stage ends the solve, which restarts from its checkpoint)."""
+        its new vector shards to a temporary directory at the start of every ``snapshot_every``-th product, so a
+        lost stage is restarted, the operations since replayed on it and the interrupted call run again (off: a
+        lost stage ends the solve, which restarts from its checkpoint). A larger ``snapshot_every`` writes less
+        (at 124M parameters a shard takes seconds to write) and keeps up to that many product inputs alive."""
         from .pipeline import PipelineProblem, StagePool
 
         _check_spec(spec)
         pool = StagePool(spec, stages, max_restarts=self.max_restarts, micro_batches=micro_batches,
-                         snapshots=snapshots)
+                         snapshots=snapshots, snapshot_every=snapshot_every)
         self._pools.append(pool)
         return PipelineProblem(pool)
 
