@@ -26,6 +26,7 @@ from ..problem.base import StagedProblem
 from ..problem.spec import ProblemSpec
 from ..solvers.space import assemble
 from .cluster import ClusterError, is_lost, resources_per_worker, wait_scheduled
+from .materialize import publish
 from .sharded_space import ShardedBasis, ShardedSpace, ShardedVector
 
 __all__ = ["StagePool", "PipelineProblem", "PipelineOperator", "PipelineMetric", "PipelineBlockMetric",
@@ -42,10 +43,13 @@ class StagePool:
 
     ``snapshots``: the stages write their vector shards to ``snapshot_dir`` (default: a temporary directory) at the
     start of every ``snapshot_every``-th product, so a lost stage is restarted and recovered
-    (:mod:`.sharded_space`); off, a lost stage ends the solve."""
+    (:mod:`.sharded_space`); off, a lost stage ends the solve. ``skeletons``: stages build the model on the
+    ``meta`` device and fetch only their own parameters from the object store (:mod:`.materialize`); off, each
+    builds the whole model and drops the rest."""
 
     def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None,
-                 snapshot_dir: str | None = None, snapshots: bool = True, snapshot_every: int = 1) -> None:
+                 snapshot_dir: str | None = None, snapshots: bool = True, snapshot_every: int = 1,
+                 skeletons: bool = True) -> None:
         import ray
 
         from .stacks import split_points
@@ -56,18 +60,26 @@ class StagePool:
             raise ProblemError(f"snapshot_every must be a positive integer (products between stage snapshots), "
                                f"got {snapshot_every!r}")
         with torch.random.fork_rng(devices=[]):
-            split_points(spec.build_model(), stages)  # validate on the coordinator: a clear error, early
+            model = spec.build_model()
+        split_points(model, stages)  # validate on the coordinator: a clear error, early
+        # the model's tensors in the object store: each stage fetches only what it uses (:mod:`.materialize`)
+        self.weights = publish(ray, model) if skeletons else None
+        del model
         cls = ray.remote(max_restarts=max_restarts, max_task_retries=0, **resources_per_worker())(StageWorker)
         self.ray, self.spec, self.micro_batches = ray, spec, micro_batches
         self._own_dir = snapshots and snapshot_dir is None
         self.snapshot_dir = (tempfile.mkdtemp(prefix="curvdist-stages-") if self._own_dir else
                              snapshot_dir if snapshots else None)
         self.retries = 0
-        self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir) for i in range(stages)]
+        self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, self.weights)
+                       for i in range(stages)]
         wait_scheduled(ray, self.actors, "pipeline stages")
         try:
-            for a in self.actors:  # one at a time: a stage holds the whole model while it builds
-                ray.get(a.build.remote())
+            if skeletons:  # each stage holds its own parameters only: build them together
+                ray.get([a.build.remote() for a in self.actors])
+            else:  # one at a time: a stage holds the whole model while it builds
+                for a in self.actors:
+                    ray.get(a.build.remote())
             self.infos = ray.get([a.info.remote() for a in self.actors])
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
@@ -140,6 +152,7 @@ class StagePool:
     def shutdown(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
+        self.weights = None  # the model's tensors leave the object store
         if self._own_dir and self.snapshot_dir:
             shutil.rmtree(self.snapshot_dir, ignore_errors=True)
 

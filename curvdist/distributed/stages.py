@@ -77,7 +77,7 @@ class StageWorker(ShardStore):
     labels for the last), and a store of vector shards keyed by integer ids."""
 
     def __init__(self, spec: ProblemSpec, stage: int, stages: int, micro_batches: int | None = None,
-                 snapshot_dir: str | None = None) -> None:
+                 snapshot_dir: str | None = None, weights: dict[str, Any] | None = None) -> None:
         import ray
 
         self.stage, self.stages = stage, stages
@@ -86,6 +86,7 @@ class StageWorker(ShardStore):
         self.dtype, self.device = getattr(torch, spec.dtype), torch.device(device)
         self.loss = make_loss(spec.loss)
         self.spec, self.micro_batches = spec, micro_batches
+        self.weights = weights  # object refs of the model's tensors (:mod:`.materialize`), or None: build it whole
         self.saved: dict[int, Any] = {}
         self.pending: dict[int, Any] = {}  # the last stage's (g, ġ) between its forward and backward
         self.grad_saved: dict[int, Any] = {}  # what a gradient's backward pass needs, per micro-batch
@@ -103,9 +104,10 @@ class StageWorker(ShardStore):
             self._load_snapshot()
 
     def build(self) -> None:
-        """Build the model, keep this stage's part and its micro-batches, drop the rest and return the memory to
-        the system. The whole model exists while a stage builds, so :class:`~.pipeline.StagePool` builds its
-        stages one after another (at 355M parameters four concurrent builds were OOM-killed on 24 GB)."""
+        """Build the model's structure, keep this stage's part and its micro-batches. With the pool's ``weights``
+        the model is a ``meta`` skeleton and only this stage's parameters are fetched (:mod:`.materialize`);
+        without them (or when the factory cannot build on ``meta``) the whole model is built and the rest dropped,
+        so :class:`~.pipeline.StagePool` builds its stages one after another."""
         self.batches: list[tuple[Any, Tensor]] = []
         self.firsts: list[int] = []  # global index of each micro-batch's first sample (Monte-Carlo label keys)
         self.batch_of: list[int] = []  # the batch each micro-batch belongs to
@@ -120,7 +122,7 @@ class StageWorker(ShardStore):
                                      (yb.to(self.device, self.dtype) if yb.is_floating_point() else
                                       yb.to(self.device))))
             seen += y.shape[0]
-        model = self.spec.build_model(self.device.type)
+        model = self._skeleton()
         self.program = stage_program(model, self.stage, self.stages, [X for X, _ in self.batches])
         named = dict(model.named_parameters())
         order = list(self.spec.params) if self.spec.params else [n for n, p in named.items() if p.requires_grad]
@@ -141,7 +143,14 @@ class StageWorker(ShardStore):
         self.foreign = {n: owner[n] for n in mine if n in index and owner[n] != self.stage}  # tied: name → owner
         self.tied_users = sorted({(n, s) for s, names in enumerate(uses) for n in names
                                   if n in index and owner[n] == self.stage and s != self.stage})
-        self.values = {n: named[n].detach() for n in mine}  # owned, tied copies and frozen ones
+        if self.built == "skeleton":
+            from .materialize import materialize_parameters
+
+            import ray
+
+            self.values = materialize_parameters(ray, model, mine, self.weights, self.device)  # type: ignore[arg-type]
+        else:
+            self.values = {n: named[n].detach() for n in mine}  # owned, tied copies and frozen ones
         offsets = np.concatenate([[0], np.cumsum([named[n].numel() for n in order])]).astype(int)
         del model, named
         self.shapes = [self.values[n].shape for n in self.names]
@@ -150,13 +159,37 @@ class StageWorker(ShardStore):
         self.total = int(offsets[-1])
         release_free_memory()
 
+    def _skeleton(self) -> Any:
+        """The model to trace and cut: a skeleton (built on ``meta``, then given uninitialized storage) with real
+        buffers when the pool published the model's tensors, else (or when the factory fails on ``meta``) the whole
+        model. Sets ``built``."""
+        if self.weights is not None:
+            import ray
+
+            from .materialize import materialize_buffers, to_empty
+
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    model = self.spec.build_skeleton()
+            except Exception:  # noqa: BLE001 - a factory that computes with its tensors: build it whole
+                model = None
+            if model is not None:
+                # uninitialized storage on the stage's device, so that tracing sees real devices (a graph traced
+                # on meta keeps meta device arguments); on the CPU its pages are never touched, so never resident
+                to_empty(model, self.device)
+                materialize_buffers(ray, model, self.weights, self.device)
+                self.built = "skeleton"
+                return model
+        self.built = "whole"
+        return self.spec.build_model(self.device.type)
+
     # ------------------------------------------------------------------ layout
     def info(self) -> dict[str, Any]:
         return {"dim": self.dim, "names": self.names, "segments": self.segments, "total": self.total,
                 "samples": sum(self.loss.count(y) for _, y in self.batches), "batches": len(self.batches),
                 "foreign": self.foreign, "tied_users": self.tied_users, "batch_of": self.batch_of,
                 "counts": [self.loss.count(y) for _, y in self.batches],
-                "held": sum(v.numel() for v in self.values.values())}
+                "held": sum(v.numel() for v in self.values.values()), "built": self.built}
 
     def _tangents(self, vid: int) -> dict[str, Tensor]:
         """The tangent of every parameter the stage differentiates: its shard of v and the tied parts."""

@@ -93,6 +93,18 @@ class ProblemSpec:
             model.load_state_dict(self.state)
         return model.to(device=device, dtype=dtype).eval()
 
+    def build_skeleton(self) -> nn.Module:
+        """The model's structure on the ``meta`` device (no memory for its tensors), in the spec's dtype: what a
+        pipeline stage traces and cuts before it materializes only its own parameters
+        (:mod:`curvdist.distributed.materialize`). The values come from elsewhere: checkpoint and state are not
+        loaded."""
+        with torch.device("meta"):
+            model = call_factory(self.model_factory, self.model_kwargs, "model.factory")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.factory '{self.model_factory}' returned {type(model).__name__}, "
+                              "not a torch.nn.Module")
+        return model.to(getattr(torch, self.dtype)).eval()
+
     def build_data(self) -> Any:
         """What ``data.factory`` returns: an ``(X, y)`` tuple, a mapping of equal-length tensors with ``labels``
         (tokenized batches), a ``Dataset`` (with ``batch_size``) or a list of ``(X, y)`` / mapping batches."""

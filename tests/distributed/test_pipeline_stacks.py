@@ -101,6 +101,28 @@ def test_schedule_memory_and_refusals(ray_module):
         assert all(m["window"] == "query" for m in memory)
 
 
+@pytest.mark.parametrize("name", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+def test_skeleton_stages_equal_stages_built_from_the_whole_model(ray_module, name):
+    """Stages built as meta skeletons that fetch only their own parameters from the object store compute the same
+    products, bit for bit, as stages that built the whole model; a stage's held parameters are its own (and the
+    tied weight)."""
+    pools = {k: StagePool(spec(name), 2, micro_batches=2, skeletons=k) for k in (True, False)}
+    try:
+        out = {}
+        for k, pool in pools.items():
+            assert [i["built"] for i in pool.infos] == (["skeleton"] * 2 if k else ["whole"] * 2)
+            v = pool.space.random(3, "gaussian")
+            out[k] = [pool.space.to_tensor(PipelineOperator(pool, kind).apply_vector(v)) for kind in ("ggn", "hessian")]
+        for a, b in zip(out[True], out[False]):
+            assert torch.equal(a, b)
+        infos = pools[True].infos
+        assert [i["held"] for i in infos] == [i["held"] for i in pools[False].infos]
+        assert all(i["held"] < i["total"] for i in infos)
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+
+
 BLOCK_METRICS = ("kfac", "kflr", "diag_ggn", "diag_fisher_mc", "empirical_fisher_diag")
 
 
