@@ -214,6 +214,7 @@ def zero3_rank(args: argparse.Namespace) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
                                       config=config, dist_init_required=True)
     del model
+    ids, labels = ids.to(engine.device), labels.to(engine.device)  # the engine's device (a GPU under NCCL)
     res: dict[str, Any] = {"ranks": world, "init_s": time.perf_counter() - t0}
     loss = make_loss("causal_lm")
 
