@@ -23,7 +23,7 @@ from ..faults import maybe_stop
 from ..geometry.metrics.base import Metric
 from ..operators.base import CurvatureOperator
 from ..problem.base import BaseProblem, StagedProblem
-from ..solvers import DIAG_METHODS, TRACE_METHODS, Krylov, TorchSpace, eigsh, slq
+from ..solvers import DIAG_METHODS, TRACE_METHODS, Krylov, TorchSpace, eigsh, eigsh_restarted, slq
 from .result import Result
 
 
@@ -191,7 +191,8 @@ def _default_tol(dtype: torch.dtype) -> float:
 
 def eigs(op: CurvatureOperator, k: int = 1, which: str = "largest", *, metric: Metric | None = None,
          tol: float | None = None, maxiter: int | None = None, seed: int = 0, return_vectors: bool = False,
-         progress: bool = False, checkpoint: str | Path | None = None, checkpoint_every: int = 10) -> Result:
+         progress: bool = False, checkpoint: str | Path | None = None, checkpoint_every: int = 10,
+         max_basis: int | None = None) -> Result:
     """The k extreme eigenvalues of M⁻¹C (of C without a metric); ``which``: largest | smallest | magnitude.
 
     Lanczos with full reorthogonalization on S = W⁻ᵀCW⁻¹ when the metric has a cheap factor M = WᵀW, otherwise in
@@ -201,10 +202,26 @@ def eigs(op: CurvatureOperator, k: int = 1, which: str = "largest", *, metric: M
 
     ``checkpoint``: a file to which the Lanczos state (tridiagonal, basis, restart count) is saved every
     ``checkpoint_every`` steps; if it exists, the solve resumes from it and gives the uninterrupted result.
+
+    ``max_basis``: hold at most this many Lanczos vectors (thick restart, Wu & Simon 2000:
+    :func:`~curvdist.solvers.eigsh_restarted`), a memory budget of ``max_basis`` · d · itemsize for models whose
+    basis would not fit; ``maxiter`` then counts products across restarts. Default: plain Lanczos, every vector kept.
     """
     tol = _default_tol(_check_op(op).dtype) if tol is None else tol
+    if max_basis is not None and checkpoint is not None:
+        raise SolverError("eigs: checkpoint saves a plain Lanczos state; it cannot be combined with max_basis")
 
     def solve(t: _Target) -> dict[str, Any]:
+        if max_basis is not None:
+            r = eigsh_restarted(t, t.space, k, which, max_basis=max_basis, tol=tol, maxiter=maxiter, seed=seed,
+                                return_vectors=return_vectors)
+            if not r.converged:
+                warnings.warn(f"eigs: {k} {which} eigenvalues not converged to tol={tol:g} in {r.matvecs} products "
+                              f"with at most {max_basis} basis vectors (largest residual {r.residuals.max():.2e}); "
+                              f"raise maxiter or max_basis", stacklevel=4)
+            return dict(value=[float(x) for x in r.values], converged=r.converged, vectors=r.vectors,
+                        info={"which": which, "k": k, "tol": tol, "iterations": r.iterations, "mode": t.mode,
+                              "residuals": r.residuals.tolist(), "max_basis": max_basis})
         state, on_step = None, None
         if checkpoint is not None:
             path = Path(checkpoint)

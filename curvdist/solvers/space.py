@@ -372,6 +372,26 @@ class Basis(Sequence[Tensor]):
             out.copy_(src)
         return out
 
+    def rotate_(self, C: np.ndarray, chunk: int = 1 << 16) -> None:
+        """Replace the basis X = [x_1 … x_n] by its first p combinations X C (C of shape (n, p), p ≤ n) in place,
+        a slice of ``chunk`` coordinates at a time (combinations in float64; scratch O(n · chunk)): the Ritz vectors
+        a thick restart keeps, with no second basis."""
+        if self._view:
+            raise SolverError("cannot rotate a view of a Basis")
+        C = np.asarray(C, dtype=np.float64)
+        n, p = C.shape
+        if n != self._len or p > n:
+            raise SolverError(f"rotation of shape {C.shape} for a basis of {self._len} vectors")
+        Ct = torch.as_tensor(C.T.copy(), device=self.device)
+        rows = [self._row(j) for j in range(n)]
+        for s in range(0, self.dim, chunk):
+            e = min(s + chunk, self.dim)
+            X = torch.stack([r[s:e] for r in rows]).double()
+            Y = (Ct @ X).to(self.dtype)
+            for j in range(p):
+                rows[j][s:e] = Y[j]
+        self._len = p
+
     def lincomb(self, coeffs: np.ndarray | Sequence[float]) -> Tensor:
         """Σ_i c_i x_i over the first len(coeffs) vectors (a new vector)."""
         z = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
