@@ -361,8 +361,10 @@ def run_eig(name: str, s: Setup, args: argparse.Namespace, baseline: int) -> dic
     with Peak(s.device) as pk:
         t0 = time.perf_counter()
         if name == "eig_curvdist":
-            r = cd.eigs(op, k=1, tol=args.tol, maxiter=args.max_steps, seed=0)
+            r = cd.eigs(op, k=1, tol=args.tol, maxiter=args.max_steps, seed=0,
+                        max_basis=args.max_basis or None)
             value, matvecs = float(r.value[0]), r.matvecs
+            record["max_basis"] = args.max_basis or None
             residual = float(r.info["residuals"][0]) if "residuals" in r.info else None
             record.update(converged=bool(r.converged), solver_seconds_reported=r.seconds,
                           stopping_test="Ritz residual <= tol * max|theta| (Lanczos, full reorthogonalization)")
@@ -597,12 +599,13 @@ def child_args(args: argparse.Namespace, out: dict[str, Any]) -> list[str]:
         hvp_mode = res.get("curvdist_hvp_auto", {}).get("product_info", {}).get("mode", "auto")
     cd_steps = res.get("eig_curvdist", {}).get("matvecs")
     he_steps = args.he_steps or cd_steps or args.max_steps
-    ncv = args.ncv or max(min(16, (cd_steps or 10) + 1), 4)  # ARPACK's basis ~ curvdist's (memory: ncv vectors)
+    # ARPACK's basis ~ curvdist's (memory: ncv vectors): the same budget when curvdist restarts
+    ncv = args.ncv or args.max_basis or max(min(16, (cd_steps or 10) + 1), 4)
     return ["--device", args.device, "--batch", str(args.batch), "--tokens", str(args.tokens),
             "--min-tokens", str(args.min_tokens or args.tokens), "--threads", str(args.threads),
             "--repeats", str(args.repeats), "--tol", str(args.tol), "--max-steps", str(args.max_steps),
             "--hvp-mode", hvp_mode, "--he-steps", str(he_steps), "--power-steps", str(args.power_steps),
-            "--ncv", str(ncv), "--model-config", args.model_config]
+            "--ncv", str(ncv), "--max-basis", str(args.max_basis), "--model-config", args.model_config]
 
 
 NOTES = [
@@ -651,6 +654,8 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-steps", type=int, default=30, help="cap on Lanczos steps (curvdist maxiter, ARPACK budget)")
     p.add_argument("--hvp-mode", default="from_auto", help="Hessian mode of eig_curvdist (default: auto's choice)")
+    p.add_argument("--max-basis", type=int, default=0,
+                   help="eig_curvdist: at most this many Lanczos vectors (thick restart; 0: plain Lanczos)")
     p.add_argument("--he-steps", type=int, default=0, help="hessian-eigenthings lanczos max_iter (0: curvdist's)")
     p.add_argument("--power-steps", type=int, default=15)
     p.add_argument("--ncv", type=int, default=0, help="ARPACK ncv (0: curvdist's steps + 1, within [4, 16])")

@@ -248,6 +248,13 @@ class ShardStore:
     def basis_append(self, bid: int, vid: int, a: float) -> None:
         self.bases[bid].append(self.vectors[vid], a)
 
+    def basis_rotate(self, bid: int, C: list[list[float]]) -> None:
+        """Basis ``bid`` ← its first p combinations (a thick restart); its rows are written again at the next
+        snapshot, and views of its old rows are stale (the solver drops them)."""
+        self.bases[bid].rotate_(np.asarray(C, dtype=np.float64))
+        if bid in self.persisted_rows:
+            self.persisted_rows[bid] = 0
+
     def basis_row(self, bid: int, j: int, out: int) -> None:
         """vectors[out] = row j of basis ``bid`` (a view; rows never change once appended)."""
         self._set(out, self.bases[bid][j])

@@ -35,7 +35,7 @@ from .cluster import ClusterError, is_lost, wait_alive
 #: the stage methods that change what a stage holds (logged for replay after a restart)
 CHANGES = frozenset({"put", "free", "axpy", "scale", "mul", "zeros", "random", "lincomb", "basis_new",
                      "basis_free", "basis_append", "basis_row", "basis_lincomb", "basis_subtract",
-                     "basis_subtract_dots", "basis_subtract_norm2", "metric_apply"})
+                     "basis_subtract_dots", "basis_subtract_norm2", "basis_rotate", "metric_apply"})
 
 
 class ShardedVector:
@@ -98,6 +98,14 @@ class ShardedBasis(Sequence[ShardedVector]):
         """A read-only view whose dots are plain products in the working dtype (the first reorthogonalization
         pass: :meth:`~curvdist.solvers.space.Basis.coarse`)."""
         return ShardedBasis(self.space, None, self.root, len(self), precise=False)
+
+    def rotate_(self, C: np.ndarray) -> None:
+        """Rows ← the first p combinations Q C (C of shape (n, p)) in place on every stage (a thick restart)."""
+        if self.read_only:
+            raise SolverError("cannot rotate a view of a basis")
+        C = np.asarray(C, dtype=np.float64)
+        self.space._all("basis_rotate", self.id, C.tolist())
+        self._len = C.shape[1]
 
     def append(self, v: ShardedVector, scale: float = 1.0) -> None:
         """Copy ``scale · v`` into the next row on every stage."""

@@ -11,7 +11,8 @@ projected matrix is kept dense (arrowhead after a restart, tridiagonal between):
 Gram-Schmidt coefficients of A q_j, so the restart needs no special case. A Ritz pair's residual is
 β |e_nᵀ s_i| as in plain Lanczos (the relation A Q_n = Q_n T_n + β q_{n+1} e_nᵀ holds after a restart too).
 
-With a :class:`~curvdist.solvers.space.Basis` the restart rotates the basis in place
+With a :class:`~curvdist.solvers.space.Basis` (or the pipeline's stage-held
+:class:`~curvdist.distributed.sharded_space.ShardedBasis`) the restart rotates the basis in place
 (:meth:`~curvdist.solvers.space.Basis.rotate_`), so at most ``max_basis`` vectors are ever held; other spaces form
 the kept Ritz vectors as new vectors first (up to ``max_basis`` + p for a moment).
 """
@@ -119,7 +120,7 @@ def eigsh_restarted(
             continue
         kept = _select(theta, p, which)  # thick restart: the p best Ritz vectors and the residual direction
         s = beta * S[n - 1, kept]
-        if isinstance(basis, Basis):
+        if hasattr(basis, "rotate_"):
             basis.rotate_(S[:, kept])
             basis.append(w, 1.0 / beta)
         else:

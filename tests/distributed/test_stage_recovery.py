@@ -79,6 +79,11 @@ def test_fused_lanczos_step_equals_the_step_by_step_operations(ray_module):
         ref = lanczos(local.apply_vector, local.vector_space(), local.vector_space().random(5, "gaussian"), 12)
         for got, want in zip(runs[0], (ref.alphas, ref.betas)):  # and the local recurrence to rounding
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * max(map(abs, want)))
+        # thick restarts rotate the stage-held bases in place, to the local restarted values
+        staged = cd.eigs(op, k=2, tol=1e-10, max_basis=6, maxiter=500)
+        here = cd.eigs(local, k=2, tol=1e-10, max_basis=6, maxiter=500)
+        assert staged.converged and staged.matvecs > 6
+        np.testing.assert_allclose(staged.value, here.value, rtol=1e-9)
     finally:
         pool.shutdown()
 
