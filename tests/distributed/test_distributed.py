@@ -159,6 +159,7 @@ def _values(path: Path) -> list:
     return [r["value"] for r in json.loads(path.read_text())["results"]]
 
 
+@pytest.mark.slow  # two CLI runs through Ray (37 s); stage recovery is in the fast suite (test_stage_recovery.py)
 def test_killed_worker_mid_lanczos_gives_the_uninterrupted_result(tmp_path):
     """CURVDIST_FAULT makes worker 1 exit at its 6th product (mid-Lanczos); Ray restarts it from its spec and
     shard, the coordinator retries the product, and the numbers equal the uninterrupted run's."""
