@@ -99,7 +99,7 @@ class StageWorker(ShardStore):
         self.busy = 0.0
         self.restarted = bool(getattr(ray.get_runtime_context(), "was_current_actor_reconstructed", False))
         self._open_store(None if snapshot_dir is None else Path(snapshot_dir) / f"stage{stage}")
-        if self.restarted:  # a lone restart: build now (a new pool builds its stages one by one, see build)
+        if self.restarted:  # a lone restart: build now (a new pool calls build itself, see StagePool)
             self.build()
             self._load_snapshot()
 
