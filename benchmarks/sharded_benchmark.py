@@ -9,7 +9,7 @@ parameters), random seeded weights, float32. Data: ``curvdist.zoo.markov_corpus`
 Each configuration runs in a fresh process (``--one NAME``): ``local`` (``spec.build()``, torch with ``--threads``
 threads), or ``pipeline_SxM`` (``cd.ray_backend`` with an embedded Ray instance; ``backend.pipeline(spec, S, M)``,
 with stage snapshots on as by default; ``pipeline_SxM_nosnap`` with them off; ``pipeline_SxM_everyK`` with a
-snapshot every K products;
+snapshot every K products; ``pipeline_SxM_compute`` with stages cut by compute instead of held parameters;
 every stage actor has one CPU and one torch thread, so S = 2 uses the same two cores as local). For each: build
 time; GGN- and Hessian-vector product time (one warm-up, then ``--repeats`` timed, best reported); the top GGN
 eigenvalue by ``cd.eigs`` (k = 1, ``--tol``, at most ``--max-steps`` products) with its wall time; and
@@ -143,7 +143,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         with cd.ray_backend(workers=stages, num_cpus=max(stages, 2)) as backend:
             every = int(option[len("every"):]) if option.startswith("every") else 1
             staged = backend.pipeline(spec, stages=stages, micro_batches=micro, snapshots=option != "nosnap",
-                                      snapshot_every=every)
+                                      snapshot_every=every, balance="compute" if option == "compute" else "parameters")
             res["build_s"] = time.perf_counter() - t0
             pool = staged.pool
             res["parameters"] = staged.dim

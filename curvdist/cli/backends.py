@@ -32,7 +32,8 @@ def theta_coordinates(cfg: Config, problem: Problem, spec: ProblemSpec, optimize
     actors = b.workers if b.mode == "data" else b.stages
     with ray_backend(b.workers, b.address, b.max_restarts, num_cpus=max(os.cpu_count() or 1, actors)) as backend:
         remote = (backend.data_parallel(spec) if b.mode == "data" else
-                  backend.pipeline(spec, b.stages, b.micro_batches, snapshot_every=b.snapshot_every))
+                  backend.pipeline(spec, b.stages, b.micro_batches, snapshot_every=b.snapshot_every,
+                                   balance=b.balance))
         yield Coordinates("theta", remote, cfg.seed, optimizer=optimizer if b.mode == "data" else None)
 
 

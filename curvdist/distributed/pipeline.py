@@ -45,11 +45,13 @@ class StagePool:
     start of every ``snapshot_every``-th product, so a lost stage is restarted and recovered
     (:mod:`.sharded_space`); off, a lost stage ends the solve. ``skeletons``: stages build the model on the
     ``meta`` device and fetch only their own parameters from the object store (:mod:`.materialize`); off, each
-    builds the whole model and drops the rest."""
+    builds the whole model and drops the rest. ``balance``: cut where the stages hold near-equal ``parameters``
+    (memory), or do near-equal ``compute`` (parameters multiplied with per token; embedding tables left out, a
+    tied head counted): faster products where a model's embedding and head are large, less even memory."""
 
     def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None,
                  snapshot_dir: str | None = None, snapshots: bool = True, snapshot_every: int = 1,
-                 skeletons: bool = True) -> None:
+                 skeletons: bool = True, balance: str = "parameters") -> None:
         import ray
 
         from .stacks import split_points
@@ -61,7 +63,7 @@ class StagePool:
                                f"got {snapshot_every!r}")
         with torch.random.fork_rng(devices=[]):
             model = spec.build_model()
-        split_points(model, stages)  # validate on the coordinator: a clear error, early
+        split_points(model, stages, balance)  # validate on the coordinator: a clear error, early
         # the model's tensors in the object store: each stage fetches only what it uses (:mod:`.materialize`)
         self.weights = publish(ray, model) if skeletons else None
         del model
@@ -71,7 +73,7 @@ class StagePool:
         self.snapshot_dir = (tempfile.mkdtemp(prefix="curvdist-stages-") if self._own_dir else
                              snapshot_dir if snapshots else None)
         self.retries = 0
-        self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, self.weights)
+        self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, self.weights, balance)
                        for i in range(stages)]
         wait_scheduled(ray, self.actors, "pipeline stages")
         try:

@@ -114,12 +114,32 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return None if best is None else (best[1], best[2])
 
 
-def block_units(model: nn.Module, prefix: str, blocks: int) -> list[int]:
+#: how pipeline cuts balance the stages: the parameters each holds, or an estimate of the work each does
+BALANCE = ("parameters", "compute")
+
+
+def _weights(model: nn.Module, balance: str) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter slot (tied ones under each name) that counts for ``balance``: all of them
+    for ``parameters``; for ``compute`` those whose module multiplies with them — an embedding table is looked up,
+    not multiplied, so it is left out where it is an ``nn.Embedding``'s weight and counted where a head uses it."""
+    if balance not in BALANCE:
+        raise ProblemError(f"balance must be one of {BALANCE}, got {balance!r}")
+    out = []
+    for mname, m in model.named_modules(remove_duplicate=False):
+        if balance == "compute" and isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        for leaf, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            out.append((f"{mname}.{leaf}" if mname else leaf, p))
+    return out
+
+
+def block_units(model: nn.Module, prefix: str, blocks: int, balance: str = "parameters") -> list[int]:
     """Parameters held by each unit of a block stack: [before the blocks, block 0, …, block L−1, after them]
-    (a parameter listed both before and after the blocks, like a tied embedding and head, counts for both)."""
+    (a parameter listed both before and after the blocks, like a tied embedding and head, counts for both);
+    with ``balance="compute"`` only those multiplied with (:func:`_weights`): a proxy of each unit's work per token."""
     units = [0] * (blocks + 2)
     seen_block, counted = False, [set() for _ in units]
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in _weights(model, balance):
         if name.startswith(prefix + "."):
             u, seen_block = 1 + int(name[len(prefix) + 1:].split(".", 1)[0]), True
         else:
@@ -135,17 +155,17 @@ def describe_stack(model: nn.Module) -> str:
             f"consecutive modules, nor a stack with an nn.ModuleList of repeated blocks (a transformer's layers)")
 
 
-def split_points(model: nn.Module, stages: int) -> list[tuple[int, int]]:
+def split_points(model: nn.Module, stages: int, balance: str = "parameters") -> list[tuple[int, int]]:
     """[start, stop) unit ranges of a balanced split: modules of a sequential stack, or units [before, block 0,
-    …, block L−1, after] of a block stack (see :func:`block_units`)."""
+    …, block L−1, after] of a block stack (see :func:`block_units`), balanced by ``balance``."""
     mods = stage_modules(model)
     if mods is not None:
-        return balanced_cuts([sum(p.numel() for p in m.parameters()) for m in mods], stages)
+        return balanced_cuts([sum(p.numel() for _, p in _weights(m, balance)) for m in mods], stages)
     found = find_blocks(model)
     if found is None:
         raise ProblemError(f"pipeline mode cannot split the model: {describe_stack(model)}")
     prefix, blocks = found
-    return balanced_cuts(block_units(model, prefix, len(blocks)), stages, what="blocks and end pieces")
+    return balanced_cuts(block_units(model, prefix, len(blocks), balance), stages, what="blocks and end pieces")
 
 
 # ---------------------------------------------------------------------------------------------------- programs
@@ -251,13 +271,15 @@ class TracedProgram(StageProgram):
     chosen block boundaries; the stage keeps its own submodule and the list of values that cross its outgoing
     boundary (its outputs and anything an earlier stage produced that a later one reads)."""
 
-    def __init__(self, model: nn.Module, stage: int, stages: int, examples: Sequence[Inputs]) -> None:
+    def __init__(self, model: nn.Module, stage: int, stages: int, examples: Sequence[Inputs],
+                 balance: str = "parameters") -> None:
         found = find_blocks(model)
         if found is None:
             raise ProblemError(f"pipeline mode cannot split the model: {describe_stack(model)}")
         self.prefix, blocks = found
         self.stage, self.stages = stage, stages
-        cuts = balanced_cuts(block_units(model, self.prefix, len(blocks)), stages, what="blocks and end pieces")
+        cuts = balanced_cuts(block_units(model, self.prefix, len(blocks), balance), stages,
+                             what="blocks and end pieces")
         self.split_spec = _split_spec(self.prefix, len(blocks), [a for a, _ in cuts[1:]])
         self.names = canonical_names(model)
         self.graphs: dict[Any, _Traced] = {}
@@ -389,9 +411,10 @@ def _drop_parameters(module: nn.Module) -> None:
         sub._parameters[leaf] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device), requires_grad=False)
 
 
-def stage_program(model: nn.Module, stage: int, stages: int, examples: Sequence[Inputs]) -> StageProgram:
-    """Stage ``stage`` of ``stages`` of ``model``'s balanced split, traced on the example micro-batch inputs
-    when the model is a block stack."""
+def stage_program(model: nn.Module, stage: int, stages: int, examples: Sequence[Inputs],
+                  balance: str = "parameters") -> StageProgram:
+    """Stage ``stage`` of ``stages`` of ``model``'s split balanced by ``balance``, traced on the example micro-batch
+    inputs when the model is a block stack."""
     if stage_modules(model) is not None:
-        return SequentialProgram(model, split_points(model, stages)[stage])
-    return TracedProgram(model, stage, stages, examples)
+        return SequentialProgram(model, split_points(model, stages, balance)[stage])
+    return TracedProgram(model, stage, stages, examples, balance)

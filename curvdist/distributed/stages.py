@@ -64,11 +64,11 @@ def micro_batch_bounds(n: int, micro_batches: int | None, size: int | None) -> l
     return [(0, n)]
 
 
-def _uses_by_stage(model: Any, stages: int, program: StageProgram) -> list[list[str]]:
+def _uses_by_stage(model: Any, stages: int, program: StageProgram, balance: str) -> list[list[str]]:
     """The problem names of the parameters each stage uses (to find each parameter's owner)."""
     if isinstance(program, TracedProgram):
         return program.uses_by_stage
-    return [SequentialProgram(model, bounds).uses for bounds in split_points(model, stages)]
+    return [SequentialProgram(model, bounds).uses for bounds in split_points(model, stages, balance)]
 
 
 @guard_restarts
@@ -77,7 +77,8 @@ class StageWorker(ShardStore):
     labels for the last), and a store of vector shards keyed by integer ids."""
 
     def __init__(self, spec: ProblemSpec, stage: int, stages: int, micro_batches: int | None = None,
-                 snapshot_dir: str | None = None, weights: dict[str, Any] | None = None) -> None:
+                 snapshot_dir: str | None = None, weights: dict[str, Any] | None = None,
+                 balance: str = "parameters") -> None:
         import ray
 
         self.stage, self.stages = stage, stages
@@ -86,6 +87,7 @@ class StageWorker(ShardStore):
         self.dtype, self.device = getattr(torch, spec.dtype), torch.device(device)
         self.loss = make_loss(spec.loss)
         self.spec, self.micro_batches = spec, micro_batches
+        self.balance = balance
         self.weights = weights  # object refs of the model's tensors (:mod:`.materialize`), or None: build it whole
         self.saved: dict[int, Any] = {}
         self.pending: dict[int, Any] = {}  # the last stage's (g, ġ) between its forward and backward
@@ -123,13 +125,13 @@ class StageWorker(ShardStore):
                                       yb.to(self.device))))
             seen += y.shape[0]
         model = self._skeleton()
-        self.program = stage_program(model, self.stage, self.stages, [X for X, _ in self.batches])
+        self.program = stage_program(model, self.stage, self.stages, [X for X, _ in self.batches], self.balance)
         named = dict(model.named_parameters())
         order = list(self.spec.params) if self.spec.params else [n for n, p in named.items() if p.requires_grad]
         unknown = [n for n in order if n not in named]
         if unknown:
             raise ProblemError(f"unknown parameter names {unknown}; the model has {list(named)}")
-        uses = _uses_by_stage(model, self.stages, self.program)
+        uses = _uses_by_stage(model, self.stages, self.program, self.balance)
         owner = {}
         for s, names in enumerate(uses):
             for n in names:

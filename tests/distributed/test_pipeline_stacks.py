@@ -209,6 +209,28 @@ def test_block_stack_cuts_balance_what_each_stage_holds():
     assert balanced_cuts([96, 496, 496, 496, 104], 3) == [(0, 2), (2, 3), (3, 5)]
     with pytest.raises(cd.ProblemError, match="only 5 blocks and end pieces with parameters"):
         split_points(model, 6)
+    # by compute: the embedding tables are looked up (no work counted), the tied head multiplies (counted)
+    assert block_units(model, prefix, 3, "compute") == [0, per_block, per_block, per_block, ln_f + wte]
+    with pytest.raises(cd.ProblemError, match="balance must be one of"):
+        split_points(model, 2, "flops")
+
+
+def test_stages_cut_by_compute_equal_local(ray_module):
+    """GPT-2 (vocab 12 × 8, blocks of 8 wide) cut by compute in 2 stages: the cut moves, the numbers do not."""
+    s = spec("gpt2")
+    model = s.build_model()
+    prefix, blocks = find_blocks(model)
+    by_compute = split_points(model, 2, "compute")
+    assert by_compute != split_points(model, 2)
+    pool = StagePool(s, 2, micro_batches=2, balance="compute")
+    try:
+        held = block_units(model, prefix, len(blocks))
+        assert pool.infos[0]["dim"] == sum(held[by_compute[0][0]:by_compute[0][1]])  # stage 0 owns its units
+        local = s.build()
+        _close(cd.eigs(cd.operator(local, "ggn"), k=1, tol=1e-10).value,
+               cd.eigs(PipelineOperator(pool, "ggn"), k=1, tol=1e-10).value)
+    finally:
+        pool.shutdown()
 
 
 def test_memory_records_of_a_local_problem():
