@@ -103,9 +103,10 @@ def measure(problem: Any, args: argparse.Namespace, space: Any = None) -> dict[s
     op = cd.operator(problem, "ggn")
     problem.memory_reset()
     t0 = time.perf_counter()
-    r = cd.eigs(op, k=1, tol=args.tol, maxiter=args.max_steps, seed=0)
+    r = cd.eigs(op, k=1, tol=args.tol, maxiter=args.max_steps, seed=0, max_basis=args.max_basis or None)
     out["eig"] = {"value": float(r.value[0]), "matvecs": r.matvecs, "seconds": time.perf_counter() - t0,
-                  "converged": bool(r.info.get("converged", True)), "tol": args.tol}
+                  "converged": bool(r.info.get("converged", True)), "tol": args.tol,
+                  "max_basis": args.max_basis or None}
     out["memory"] = problem.memory_records()
     info = getattr(op, "product_info", None)
     if callable(info):
@@ -383,6 +384,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--tol", type=float, default=1e-2)
     p.add_argument("--max-steps", type=int, default=12)
+    p.add_argument("--max-basis", type=int, default=0,
+                   help="local and pipeline eigenvalues: at most this many Lanczos vectors (thick restart; 0: all)")
     p.add_argument("--configs", type=lambda s: s.split(","),
                    default=["local", "pipeline_2x1", "pipeline_2x4", "pipeline_2x4_nosnap", "pipeline_4x1",
                             "pipeline_4x4", "zero3_2ranks"])
