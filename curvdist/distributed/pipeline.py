@@ -26,6 +26,7 @@ from ..problem.base import StagedProblem
 from ..problem.spec import ProblemSpec
 from ..solvers.space import assemble
 from .cluster import ClusterError, is_lost, resources_per_worker, wait_scheduled
+from ..resources import release_free_memory
 from .materialize import publish
 from .sharded_space import ShardedBasis, ShardedSpace, ShardedVector
 
@@ -65,20 +66,22 @@ class StagePool:
             model = spec.build_model()
         split_points(model, stages, balance)  # validate on the coordinator: a clear error, early
         # the model's tensors in the object store: each stage fetches only what it uses (:mod:`.materialize`)
-        self.weights = publish(ray, model) if skeletons else None
+        weights = publish(ray, model) if skeletons else None
         del model
+        release_free_memory()
         cls = ray.remote(max_restarts=max_restarts, max_task_retries=0, **resources_per_worker())(StageWorker)
         self.ray, self.spec, self.micro_batches = ray, spec, micro_batches
         self._own_dir = snapshots and snapshot_dir is None
         self.snapshot_dir = (tempfile.mkdtemp(prefix="curvdist-stages-") if self._own_dir else
                              snapshot_dir if snapshots else None)
         self.retries = 0
-        self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, self.weights, balance)
+        self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, balance)
                        for i in range(stages)]
         wait_scheduled(ray, self.actors, "pipeline stages")
         try:
             if skeletons:  # each stage holds its own parameters only: build them together
-                ray.get([a.build.remote() for a in self.actors])
+                ray.get([a.build.remote(weights) for a in self.actors])
+                del weights  # the object store drops the model (a stage Ray restarts builds it whole)
             else:  # one at a time: a stage holds the whole model while it builds
                 for a in self.actors:
                     ray.get(a.build.remote())
@@ -154,7 +157,6 @@ class StagePool:
     def shutdown(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
-        self.weights = None  # the model's tensors leave the object store
         if self._own_dir and self.snapshot_dir:
             shutil.rmtree(self.snapshot_dir, ignore_errors=True)
 

@@ -77,8 +77,7 @@ class StageWorker(ShardStore):
     labels for the last), and a store of vector shards keyed by integer ids."""
 
     def __init__(self, spec: ProblemSpec, stage: int, stages: int, micro_batches: int | None = None,
-                 snapshot_dir: str | None = None, weights: dict[str, Any] | None = None,
-                 balance: str = "parameters") -> None:
+                 snapshot_dir: str | None = None, balance: str = "parameters") -> None:
         import ray
 
         self.stage, self.stages = stage, stages
@@ -88,7 +87,6 @@ class StageWorker(ShardStore):
         self.loss = make_loss(spec.loss)
         self.spec, self.micro_batches = spec, micro_batches
         self.balance = balance
-        self.weights = weights  # object refs of the model's tensors (:mod:`.materialize`), or None: build it whole
         self.saved: dict[int, Any] = {}
         self.pending: dict[int, Any] = {}  # the last stage's (g, ġ) between its forward and backward
         self.grad_saved: dict[int, Any] = {}  # what a gradient's backward pass needs, per micro-batch
@@ -105,11 +103,13 @@ class StageWorker(ShardStore):
             self.build()
             self._load_snapshot()
 
-    def build(self) -> None:
+    def build(self, weights: dict[str, Any] | None = None) -> None:
         """Build the model's structure, keep this stage's part and its micro-batches. With the pool's ``weights``
-        the model is a ``meta`` skeleton and only this stage's parameters are fetched (:mod:`.materialize`);
-        without them (or when the factory cannot build on ``meta``) the whole model is built and the rest dropped,
-        so :class:`~.pipeline.StagePool` builds its stages one after another."""
+        (object refs of the model's tensors, :mod:`.materialize`) the model is a ``meta`` skeleton and only this
+        stage's parameters are fetched; without them (a stage Ray restarted, or a factory that cannot build on
+        ``meta``) the whole model is built and the rest dropped, so :class:`~.pipeline.StagePool` builds such
+        stages one after another."""
+        self.weights = weights
         self.batches: list[tuple[Any, Tensor]] = []
         self.firsts: list[int] = []  # global index of each micro-batch's first sample (Monte-Carlo label keys)
         self.batch_of: list[int] = []  # the batch each micro-batch belongs to
@@ -159,6 +159,7 @@ class StageWorker(ShardStore):
         self.dim = sum(int(np.prod(s)) for s in self.shapes)
         self.segments = [(int(offsets[index[n]]), self.values[n].numel()) for n in self.names]
         self.total = int(offsets[-1])
+        self.weights = None  # drop the refs: the object store frees the model once every stage has built
         release_free_memory()
 
     def _skeleton(self) -> Any:

@@ -59,7 +59,7 @@ def eigsh_restarted(
     on_restart: Callable[[int], None] | None = None,
 ) -> EigenPairs:
     """k extreme eigenpairs (``which``: largest | smallest | magnitude) by thick-restart Lanczos holding at most
-    ``max_basis`` vectors; ``keep`` Ritz vectors survive a restart (default max(k + 1, (max_basis − 1) // 2)).
+    ``max_basis`` vectors; ``keep`` Ritz vectors survive a restart (default max(k + 1, (max_basis − 1) // 2), at most max_basis − 2).
     Stops when every wanted residual ≤ ``tol`` · max|θ| or after ``maxiter`` products (default
     max(300, 20k)); ``iterations`` counts the products too. ``on_restart(restarts)`` sees each restart."""
     which_key = WHICH.get(str(which).lower())
@@ -77,7 +77,7 @@ def eigsh_restarted(
     if m < k + 1:
         raise SolverError(f"max_basis={max_basis} leaves no room for a restart with k={k}: give at least k + 2 "
                           f"(or max_basis=None for plain Lanczos)")
-    p = max(k + 1, m // 2) if keep is None else int(keep)
+    p = min(max(k + 1, m // 2), m - 1) if keep is None else int(keep)
     if not k <= p < m:
         raise SolverError(f"keep={keep} must be at least k={k} and below max_basis − 1 = {m}")
     seeds = probe_seeds(seed, 2)
