@@ -11,9 +11,13 @@ window), in this order:
 
 1. a training step through the stages (``PipelineTrainer``, SGD with learning rate 1e-30, so the parameters stay
    those of the queries): the reference peak;
-2. the top Hessian eigenvalue, ``cd.eigs(k=1, tol=--tol, max_basis=--max-basis)`` (thick restart: at most that many
-   Lanczos vectors on the stages);
-3. a Hutch++ trace of the Hessian with ``--trace-matvecs`` products.
+2. the top eigenvalue of the Hessian (``--curvature ggn``: of the GGN), ``cd.eigs(k=1, tol=--tol,
+   max_basis=--max-basis)`` (thick restart: at most that many Lanczos vectors on the stages);
+3. a Hutch++ trace of the same curvature with ``--trace-matvecs`` products.
+
+A pipelined Hessian product holds, per stage, the parameters, v, the output, and the primal and tangent parameter
+gradients of the stage's forward-over-reverse pass: at 774M in 4 stages that peaked at 5.6 GB a stage and Ray's
+memory monitor killed a stage on 24 GB, so the stored run is ``--curvature ggn``.
 
 The goal: each stage's peak during a query ≤ 1.5× its peak during the training step. Writes
 benchmarks/results/largest_model.json.
@@ -50,6 +54,8 @@ def main() -> None:
     p.add_argument("--max-basis", type=int, default=4)
     p.add_argument("--maxiter", type=int, default=40)
     p.add_argument("--trace-matvecs", type=int, default=6)
+    p.add_argument("--curvature", default="hessian", choices=["hessian", "ggn"],
+                   help="the curvature of the eigenvalue and the trace")
     p.add_argument("--model-config", default="", help="JSON overriding GPT-2 large's sizes (smoke tests)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
@@ -82,7 +88,7 @@ def main() -> None:
                              "memory": staged.memory_records()}
         print(f"training step {res['train_step']['seconds']:.0f} s", flush=True)
 
-        H = cd.operator(staged, "hessian")
+        H = cd.operator(staged, args.curvature)
         staged.memory_reset()
         t0 = time.perf_counter()
         eig = cd.eigs(H, k=1, tol=args.tol, maxiter=args.maxiter, max_basis=args.max_basis, seed=0)
@@ -93,7 +99,7 @@ def main() -> None:
 
         staged.memory_reset()
         t0 = time.perf_counter()
-        tr = cd.trace(cd.operator(staged, "hessian"), method="hutchpp", matvecs=args.trace_matvecs, seed=0)
+        tr = cd.trace(cd.operator(staged, args.curvature), method="hutchpp", matvecs=args.trace_matvecs, seed=0)
         res["trace"] = {"value": tr.value, "stderr": tr.stderr, "matvecs": args.trace_matvecs,
                         "seconds": time.perf_counter() - t0, "memory": staged.memory_records()}
         print(f"trace {tr.value:.4g} in {res['trace']['seconds']:.0f} s", flush=True)
