@@ -397,6 +397,7 @@ KNOWN = {
     "hvp_benchmark_compile.json": "scale.md", "hvp_benchmark_resnet224.json": "scale.md",
     "lm_benchmark.json": "scale.md", "lm_benchmark_2x64.json": "scale.md", "distributed_benchmark.json": "scale.md",
     "sharded_benchmark_gpt2_small.json": "sharded.md", "sharded_benchmark_gpt2_medium.json": "sharded.md",
+    "sharded_benchmark_gpt2_small_b8.json": "sharded.md", "lm_benchmark_budget.json": "scale.md",
     "optimizer_benchmark.json": "training.md", "train_benchmark.json": "training.md",
 }
 
