@@ -88,33 +88,37 @@ def main() -> None:
                              "memory": staged.memory_records()}
         print(f"training step {res['train_step']['seconds']:.0f} s", flush=True)
 
-        H = cd.operator(staged, args.curvature)
-        staged.memory_reset()
-        t0 = time.perf_counter()
-        eig = cd.eigs(H, k=1, tol=args.tol, maxiter=args.maxiter, max_basis=args.max_basis, seed=0)
-        res["eig"] = {"value": eig.value[0], "converged": eig.converged, "matvecs": eig.matvecs,
-                      "residual": eig.info["residuals"][0], "seconds": time.perf_counter() - t0,
-                      "memory": staged.memory_records()}
-        print(f"eig {res['eig']['value']:.4g} in {res['eig']['seconds']:.0f} s ({eig.matvecs} products)", flush=True)
+        try:
+            H = cd.operator(staged, args.curvature)
+            staged.memory_reset()
+            t0 = time.perf_counter()
+            eig = cd.eigs(H, k=1, tol=args.tol, maxiter=args.maxiter, max_basis=args.max_basis, seed=0)
+            res["eig"] = {"value": eig.value[0], "converged": eig.converged, "matvecs": eig.matvecs,
+                          "residual": eig.info["residuals"][0], "seconds": time.perf_counter() - t0,
+                          "memory": staged.memory_records()}
+            print(f"eig {res['eig']['value']:.4g} in {res['eig']['seconds']:.0f} s ({eig.matvecs} products)", flush=True)
 
-        staged.memory_reset()
-        t0 = time.perf_counter()
-        tr = cd.trace(cd.operator(staged, args.curvature), method="hutchpp", matvecs=args.trace_matvecs, seed=0)
-        res["trace"] = {"value": tr.value, "stderr": tr.stderr, "matvecs": args.trace_matvecs,
-                        "seconds": time.perf_counter() - t0, "memory": staged.memory_records()}
-        print(f"trace {tr.value:.4g} in {res['trace']['seconds']:.0f} s", flush=True)
+            staged.memory_reset()
+            t0 = time.perf_counter()
+            tr = cd.trace(cd.operator(staged, args.curvature), method="hutchpp", matvecs=args.trace_matvecs, seed=0)
+            res["trace"] = {"value": tr.value, "stderr": tr.stderr, "matvecs": args.trace_matvecs,
+                            "seconds": time.perf_counter() - t0, "memory": staged.memory_records()}
+            print(f"trace {tr.value:.4g} in {res['trace']['seconds']:.0f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - a stage killed for memory: what was measured is kept
+            res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:500]}"
+            print(res["error"], flush=True)
 
     train = peaks(res["train_step"]["memory"])
     ratios = {}
-    for query in ("eig", "trace"):
+    for query in [q for q in ("eig", "trace") if q in res]:
         q = peaks(res[query]["memory"])
         ratios[query] = {role: q[role] / train[role] for role in q if role.startswith("stage") and role in train}
     res["peak_over_train_step"] = ratios
-    res["goal_peak_le_1.5x_train_step"] = all(v <= 1.5 for r in ratios.values() for v in r.values())
+    res["goal_peak_le_1.5x_train_step"] = bool(ratios) and all(v <= 1.5 for r in ratios.values() for v in r.values())
     res["load_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(res, indent=1, default=float))
-    print(json.dumps({k: res[k] for k in ("parameters", "held_over_model", "peak_over_train_step",
-                                          "goal_peak_le_1.5x_train_step")}, indent=1))
+    print(json.dumps({k: res.get(k) for k in ("parameters", "held_over_model", "peak_over_train_step",
+                                              "goal_peak_le_1.5x_train_step", "error")}, indent=1))
 
 
 if __name__ == "__main__":
