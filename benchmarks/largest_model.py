@@ -96,7 +96,8 @@ def main() -> None:
             res["eig"] = {"value": eig.value[0], "converged": eig.converged, "matvecs": eig.matvecs,
                           "residual": eig.info["residuals"][0], "seconds": time.perf_counter() - t0,
                           "memory": staged.memory_records()}
-            print(f"eig {res['eig']['value']:.4g} in {res['eig']['seconds']:.0f} s ({eig.matvecs} products)", flush=True)
+            print(f"eig {res['eig']['value']:.4g} in {res['eig']['seconds']:.0f} s ({eig.matvecs} products)",
+                  flush=True)
 
             staged.memory_reset()
             t0 = time.perf_counter()

@@ -146,9 +146,9 @@ class StageWorker(ShardStore):
         self.tied_users = sorted({(n, s) for s, names in enumerate(uses) for n in names
                                   if n in index and owner[n] == self.stage and s != self.stage})
         if self.built == "skeleton":
-            from .materialize import materialize_parameters
-
             import ray
+
+            from .materialize import materialize_parameters
 
             self.values = materialize_parameters(ray, model, mine, self.weights, self.device)  # type: ignore[arg-type]
         else:

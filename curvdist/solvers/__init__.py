@@ -10,7 +10,7 @@ from .trace import TRACE_METHODS, Estimate, hutchinson, hutchpp, xtrace
 
 __all__ = [
     "DIAG_METHODS", "TRACE_METHODS", "BlockMap", "DiagEstimate", "EigenPairs", "Estimate", "Krylov", "Quadrature",
-    "TorchSpace", "VectorSpace", "density", "eigsh", "eigsh_restarted", "hutchinson", "hutchinson_diag", "hutchpp", "lanczos",
-    "lanczos_lockstep", "logdet", "orthonormalize", "probe_seeds", "quadrature", "random_flat", "spectral_sum",
-    "xdiag", "xtrace",
+    "TorchSpace", "VectorSpace", "density", "eigsh", "eigsh_restarted", "hutchinson", "hutchinson_diag", "hutchpp",
+    "lanczos", "lanczos_lockstep", "logdet", "orthonormalize", "probe_seeds", "quadrature", "random_flat",
+    "spectral_sum", "xdiag", "xtrace",
 ]

@@ -59,8 +59,8 @@ def eigsh_restarted(
     on_restart: Callable[[int], None] | None = None,
 ) -> EigenPairs:
     """k extreme eigenpairs (``which``: largest | smallest | magnitude) by thick-restart Lanczos holding at most
-    ``max_basis`` vectors; ``keep`` Ritz vectors survive a restart (default max(k + 1, (max_basis − 1) // 2), at most max_basis − 2).
-    Stops when every wanted residual ≤ ``tol`` · max|θ| or after ``maxiter`` products (default
+    ``max_basis`` vectors; ``keep`` Ritz vectors survive a restart (default max(k + 1, (max_basis − 1) // 2), at
+    most max_basis − 2). Stops when every wanted residual ≤ ``tol`` · max|θ| or after ``maxiter`` products (default
     max(300, 20k)); ``iterations`` counts the products too. ``on_restart(restarts)`` sees each restart."""
     which_key = WHICH.get(str(which).lower())
     if which_key is None:

@@ -77,7 +77,7 @@ def test_restarted_lanczos_finds_the_wanted_eigenvalues_within_its_basis(cluster
 
 
 def test_restart_without_preallocated_bases_and_with_vectors(clustered):
-    A, lam = clustered
+    A, _ = clustered
     r = eigsh_restarted(lambda v: A @ v, _ListSpace(), k=2, max_basis=8, tol=1e-10, maxiter=3000,
                         return_vectors=True)
     assert r.converged
