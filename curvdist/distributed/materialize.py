@@ -4,10 +4,9 @@ gives it uninitialized storage (``to_empty``: on the CPU, address space whose pa
 resident), fetches its buffers, traces and cuts it, and then fetches only the parameters it uses (DESIGN §7).
 
 Peak resident memory of a stage's build is its own parameters plus the model's buffers, instead of the whole model
-(on a GPU the uninitialized storage is allocated for the build); the object
-store holds one copy of the model for the pool's life (Ray spills it to disk under memory pressure), so a stage
-that Ray restarts rebuilds itself the same way. Factories that cannot run on the ``meta`` device (they compute with
-their tensors while building) fall back to the whole model in the stage.
+(on a GPU the uninitialized storage is allocated for the build). The refs are dropped once every stage has built, so
+the object store lets the model go; a stage that Ray restarts later builds the whole model instead. Factories that
+cannot run on the ``meta`` device (they compute with their tensors while building) fall back to the whole model.
 """
 
 from __future__ import annotations

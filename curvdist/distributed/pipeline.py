@@ -248,8 +248,7 @@ class PipelineOperator:
         pool, space = self.pool, self.pool.space
         pool.check_versions()
         t0 = time.perf_counter()
-        space.flush()  # before the stages write their snapshots: dropped vectors are not written
-        epoch = space.snapshot_point()
+        epoch = space.snapshot_point()  # frees dropped vectors first: they are not written
         out = space._new()
         for attempt in range(RETRIES + 1):
             try:

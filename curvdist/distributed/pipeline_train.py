@@ -101,7 +101,6 @@ class PipelineTrainer:
         micro = self.batches[batch]
         count = max(sum(self.counts[b] for b in micro), 1)
         pool.check_versions()
-        space.flush()
         epoch = space.snapshot_point(force=True)  # gradients are not replayed: each starts a snapshot
         out = space._new()
         started = [a.grad_begin.remote(out.id, epoch) for a in actors]

@@ -137,7 +137,7 @@ class ShardedSpace:
         self._ids = itertools.count(1)
         self._garbage: list[int] = []
         self._garbage_bases: list[int] = []
-        #: since the last snapshot: ("call", method, args) and ("product", replay, inputs) entries
+        #: since the last snapshot: ("call", method, args, stages — None: all) and ("product", replay, inputs) entries
         self.log: list[tuple[Any, ...]] = []
         self._previous: tuple[int, list[tuple[Any, ...]]] | None = None  # (epoch, log) until a snapshot is written
         self.epoch = -1  # the last snapshot asked of the stages (-1: none yet; a restart then starts empty)
@@ -164,14 +164,14 @@ class ShardedSpace:
                 ids = list(garbage)
                 garbage.clear()
                 if self.snapshot_every is not None:
-                    self.log.append(("call", method, (ids,)))
+                    self.log.append(("call", method, (ids,), None))
                 for a in self.actors:
                     getattr(a, method).remote(ids)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every stage; a stage Ray restarted meanwhile is recovered and the call completed."""
         self.flush()
-        entry = ("call", method, args)
+        entry = ("call", method, args, None)
         if method in CHANGES and self.snapshot_every is not None:
             self.log.append(entry)
         refs = [getattr(a, method).remote(*args) for a in self.actors]
@@ -187,20 +187,19 @@ class ShardedSpace:
 
     # ------------------------------------------------------------ snapshots and recovery
     def snapshot_point(self, force: bool = False) -> int | None:
-        """Called at the start of a product: the epoch the stages should snapshot at its start (every
-        ``snapshot_every``-th product, or ``force``), or None. A snapshot ends the log: dropped vectors are freed
-        first, then the log restarts empty."""
+        """Called at the start of a product: frees the dropped vectors (before the stages could write them), and
+        returns the epoch the stages should snapshot at its start (every ``snapshot_every``-th product, or
+        ``force``), or None. A snapshot starts a new log; the previous one is kept until every stage has written
+        the snapshot (:meth:`confirm_snapshot`)."""
+        self.flush()
         if self.snapshot_every is None:
             return None
         due = force or self.products % self.snapshot_every == 0
         self.products += 1
         if not due:
             return None
-        # the log since the previous snapshot is kept until every stage has written this one (confirm_snapshot)
         self._previous = (self.epoch, self.log)
         self.log = []
-        self.flush()  # dropped vectors are freed before the stages write the snapshot
-        self.log.clear()
         self.epoch += 1
         return self.epoch
 
@@ -237,8 +236,9 @@ class ShardedSpace:
             if entry is skip:
                 continue
             if entry[0] == "call":
-                _, method, args = entry
-                self.ray.get([getattr(self.actors[s], method).remote(*args) for s in sorted(restarted)])
+                _, method, args, stages = entry
+                on = sorted(restarted if stages is None else restarted & stages)
+                self.ray.get([getattr(self.actors[s], method).remote(*args) for s in on])
             elif entry[1] is None:
                 raise ClusterError("a stage was lost after a gradient step since the last snapshot, which cannot be "
                                    "replayed: restart the run from its checkpoint") from error
@@ -338,20 +338,8 @@ class ShardedSpace:
             raise ShapeError(f"expected a flat vector of length {self.dim}, got {tuple(t.shape)}")
         out = self._new()
         t = t.cpu()
-        for s, (a, segs) in enumerate(zip(self.actors, self.segments)):  # each stage its own piece: logged per stage
-            piece = select(t, segs)
-            if self.snapshot_every is not None:
-                self.log.append(("product", _put_on(self.actors, s, out.id, piece), ()))
-        self.ray.get([a.put.remote(out.id, select(t, segs)) for a, segs in zip(self.actors, self.segments)])
+        pieces = [select(t, segs) for segs in self.segments]
+        if self.snapshot_every is not None:  # each stage its own piece: one logged call per stage
+            self.log.extend(("call", "put", (out.id, piece), {s}) for s, piece in enumerate(pieces))
+        self.ray.get([a.put.remote(out.id, piece) for a, piece in zip(self.actors, pieces)])
         return out
-
-
-def _put_on(actors: list[Any], stage: int, vid: int, piece: Tensor) -> Callable[[set[int]], None]:
-    """The replay of one stage's ``put`` (each stage receives a different piece)."""
-    import ray
-
-    def replay(restarted: set[int]) -> None:
-        if stage in restarted:
-            ray.get(actors[stage].put.remote(vid, piece))
-
-    return replay

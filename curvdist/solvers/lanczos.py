@@ -80,24 +80,27 @@ def _append(space: VectorSpace, basis: list[Vector] | Basis, a: float, v: Vector
         basis.append(v, a)
 
 
-def _orthogonalize(space: VectorSpace, basis: list[Vector] | Basis, w: Vector, out: Vector | None = None) -> Vector:
-    """w − Q Qᵀw in the space's inner product, applied twice.
+def _orthogonalize(space: VectorSpace, basis: list[Vector] | Basis, w: Vector, out: Vector | None = None
+                   ) -> tuple[np.ndarray, Vector]:
+    """(Qᵀw summed over both passes, w − Q Qᵀw) in the space's inner product, classical Gram-Schmidt applied twice.
 
     ``out``: where a space with ``sub_lincomb`` may write the result (w itself when w may be overwritten, or a work
-    vector of the run; default: a new vector) — w is left alone unless it is ``out``. With a
-    :class:`~curvdist.solvers.space.Basis` the first pass takes its coefficients in the working dtype (a
-    :meth:`~curvdist.solvers.space.Basis.coarse` view: it only has to remove the bulk) and the second, which
-    decides how orthogonal the result is, accumulates them in float64.
+    vector of the run; default: a new vector) — w is left alone unless it is ``out``. With a preallocated basis
+    (:class:`~curvdist.solvers.space.Basis`, or one on the stages) the first pass takes its coefficients in the
+    working dtype (a ``coarse`` view: it only has to remove the bulk) and the second, which decides how orthogonal
+    the result is, accumulates them in float64; their sum is the projection (thick restart's matrix column).
     """
     sub = getattr(space, "sub_lincomb", None)
+    total = np.zeros(len(basis))
     for i in range(2):
         xs = basis.coarse() if i == 0 and not isinstance(basis, list) else basis
         c = space.dots(xs, w)
+        total += c
         if sub is None:
             w = space.axpy(-1.0, space.lincomb(c, basis), w)
         else:
             w = out = sub(c, basis, w, out=out)
-    return w
+    return total, w
 
 
 def _expand(space: VectorSpace, basis: list[Vector] | Basis, q: Vector, w: Vector, out: Vector | None
@@ -109,7 +112,7 @@ def _expand(space: VectorSpace, basis: list[Vector] | Basis, q: Vector, w: Vecto
     if fused is not None and not isinstance(basis, list):
         return fused(basis, q, w, out)
     alpha = space.dot(q, w)
-    w = _orthogonalize(space, basis, w, out=out)
+    _, w = _orthogonalize(space, basis, w, out=out)
     return alpha, w, space.norm(w)
 
 
@@ -230,7 +233,7 @@ def _steps(space: VectorSpace, state: Krylov, steps: int, restart_seed: int, res
             if not restart:
                 break
             w = space.random(next(restarts), "gaussian")
-            w = _orthogonalize(space, state.basis, w, out=w)
+            _, w = _orthogonalize(space, state.basis, w, out=w)
             state.restarts += 1
             beta = space.norm(w)
         elif stop is not None and stop(state):

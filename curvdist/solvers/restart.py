@@ -25,23 +25,8 @@ import numpy as np
 
 from ..catalogue import Which, parse
 from ..errors import SolverError
-from .lanczos import WHICH, EigenPairs, _new_basis, _select
+from .lanczos import WHICH, EigenPairs, _new_basis, _orthogonalize, _select
 from .space import Basis, LinearMap, Vector, VectorSpace, probe_seeds
-
-
-def _orthogonalize(space: VectorSpace, basis: list[Vector] | Basis, w: Vector, out: Vector | None
-                   ) -> tuple[np.ndarray, Vector]:
-    """(Qᵀw accumulated over two passes, w − Q Qᵀw), classical Gram-Schmidt applied twice."""
-    total = np.zeros(len(basis))
-    sub = getattr(space, "sub_lincomb", None)
-    for _ in range(2):
-        c = space.dots(basis, w)
-        total += c
-        if sub is None:
-            w = space.axpy(-1.0, space.lincomb(c, basis), w)
-        else:
-            w = out = sub(c, basis, w, out=out)
-    return total, w
 
 
 def eigsh_restarted(
