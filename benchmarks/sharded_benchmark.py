@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -105,7 +106,7 @@ def measure(problem: Any, args: argparse.Namespace, space: Any = None) -> dict[s
     t0 = time.perf_counter()
     r = cd.eigs(op, k=1, tol=args.tol, maxiter=args.max_steps, seed=0, max_basis=args.max_basis or None)
     out["eig"] = {"value": float(r.value[0]), "matvecs": r.matvecs, "seconds": time.perf_counter() - t0,
-                  "converged": bool(r.info.get("converged", True)), "tol": args.tol,
+                  "converged": bool(r.converged), "tol": args.tol,
                   "max_basis": args.max_basis or None}
     out["memory"] = problem.memory_records()
     info = getattr(op, "product_info", None)
@@ -151,7 +152,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             res["stages"] = [{"owned": i["dim"], "held": i["held"], "tied_from": i["foreign"]} for i in pool.infos]
             res["held_over_model"] = [i["held"] / staged.dim for i in pool.infos]
             res.update(measure(staged, args, pool.space))
-    elif name == "zero3_2ranks":
+    elif re.fullmatch(r"zero3_\d+ranks", name):
         import shutil
         import socket
         import tempfile
@@ -161,7 +162,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             port = sock.getsockname()[1]
         out = Path(tempfile.mkdtemp(prefix="curvdist-zero3-")) / "rank0.json"
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-        cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+        ranks = name[len("zero3_"):-len("ranks")]
+        cmd = [torchrun, "--nproc_per_node", ranks, "--master_addr", "127.0.0.1", "--master_port", str(port),
                __file__, "--zero3-rank", str(out)] + _without_one(sys.argv[1:])
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT,
@@ -196,7 +198,7 @@ def zero3_rank(args: argparse.Namespace) -> None:
 
     import curvdist as cd
     from curvdist.integrations.deepspeed.finite_difference import PartitionedProblem
-    from curvdist.resources import release_free_memory
+    from curvdist.resources import memory_record, release_free_memory, reset_peak
     from curvdist.problem.losses import make_loss
 
     torch.set_num_threads(1)
@@ -224,7 +226,13 @@ def zero3_rank(args: argparse.Namespace) -> None:
         engine.backward(loss.per_sample(out, labels[mine]).sum() / max(loss.count(labels[mine]), 1))
         engine.step()
 
+    windowed = reset_peak(engine.device)
     res["train_step_s"], res["train_step_times_s"] = timed(train_step, args.repeats)
+    line = memory_record(f"rank {rank}", sum(p.ds_tensor.numel() for p in engine.module.parameters()), windowed,
+                         engine.device)
+    lines: list[Any] = [None] * world
+    dist.all_gather_object(lines, line)
+    res["train_step_memory"] = lines  # each rank's peak over the warm-up and timed training steps
     problem = PartitionedProblem(engine, "causal_lm", ids[mine], labels[mine], None)
     res["parameters"] = problem.dim
     v = problem.space.random(0, "gaussian").float().double()
@@ -240,9 +248,10 @@ def zero3_rank(args: argparse.Namespace) -> None:
     op = problem.curvature_operator("ggn")
     problem.memory_reset()
     t0 = time.perf_counter()
-    r = cd.eigs(op, k=1, tol=args.tol, maxiter=args.max_steps, seed=0)
+    r = cd.eigs(op, k=1, tol=args.tol, maxiter=args.max_steps, seed=0, max_basis=args.max_basis or None)
     res["eig"] = {"value": float(r.value[0]), "matvecs": r.matvecs, "seconds": time.perf_counter() - t0,
-                  "converged": bool(r.info.get("converged", True)), "tol": args.tol, "schedule": op.product_info()}
+                  "converged": bool(r.converged), "tol": args.tol, "max_basis": args.max_basis,
+                  "schedule": op.product_info()}
     res["memory"] = problem.memory_records()
     t0 = time.perf_counter()
     tr = cd.trace(problem.curvature_operator("ggn"), "hutchpp", args.trace_matvecs, seed=0)

@@ -433,6 +433,26 @@ class TorchSpace:
             return float(torch.linalg.vector_norm(x))
         return float(np.sqrt(max(self.dot(x, x), 0.0)))
 
+    def distance(self, x: Tensor, y: Tensor) -> float:
+        """‖x − y‖, equal to :meth:`norm` of ``x - y``; on the CPU in lower precision without the temporary x − y
+        (see :meth:`squared_distance_local`)."""
+        if x.dtype == torch.float64 or x.device.type != "cpu":
+            return self.norm(x - y)
+        return float(np.sqrt(max(self.squared_distance_local(x, y), 0.0)))
+
+    def squared_distance_local(self, x: Tensor, y: Tensor) -> float:
+        """(x − y)ᵀ(x − y) as :meth:`dot` takes it (bitwise), of the vectors held here; on the CPU in lower precision
+        the difference is formed a slice at a time."""
+        if x.dtype == torch.float64 or x.device.type != "cpu":
+            d = x - y
+            return TorchSpace.dot(self, d, d)
+        acc = torch.zeros((), dtype=torch.float64)
+        with serial():
+            for s in range(0, x.numel(), CHUNK):
+                d = (x[s : s + CHUNK] - y[s : s + CHUNK]).double()
+                acc += torch.dot(d, d)
+        return float(acc)
+
     def zeros(self) -> Tensor:
         return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
 

@@ -161,6 +161,20 @@ def test_basis_float32_dots_are_accumulated_in_float64():
     assert TorchSpace(d, torch.float32).dot(X[0], y) == pytest.approx(exact[0], rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_distance_equals_the_norm_of_the_difference(dtype):
+    """‖x − y‖ without the temporary (float32: a slice at a time) is bitwise the norm of x − y, and agrees with the
+    float64 difference of the same numbers to float64 rounding of the float32 differences."""
+    d = 200_003  # not a multiple of the slice length
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(d, generator=g, dtype=dtype), torch.randn(d, generator=g, dtype=dtype)
+    sp = TorchSpace(d, dtype)
+    assert sp.distance(x, y) == sp.norm(x - y)
+    exact = float(torch.linalg.vector_norm(x.double() - y.double()))
+    assert sp.distance(x, y) == pytest.approx(exact, rel=1e-7 if dtype == torch.float32 else 1e-14)
+    assert sp.distance(x, x) == 0.0
+
+
 def _run(space, A, steps, **kw):
     return lanczos(lambda v: A @ v, space, space.random(11, "gaussian"), steps, **kw)
 

@@ -93,6 +93,10 @@ class PartitionSpace(TorchSpace):
     def norm(self, x: Tensor) -> float:
         return float(np.sqrt(max(self.dot(x, x), 0.0)))
 
+    def distance(self, x: Tensor, y: Tensor) -> float:
+        """‖x − y‖ over all ranks, without the temporary x − y on the CPU."""
+        return float(np.sqrt(max(self.reduce_sum(np.array([self.squared_distance_local(x, y)]))[0], 0.0)))
+
     def zeros(self) -> Tensor:
         return torch.zeros(self.local_dim, dtype=self.dtype, device=self.device)
 
@@ -233,10 +237,13 @@ class PartitionedProblem(StagedProblem):
         self.parts.release()
         return outs
 
-    def gradient_pieces(self, jvps: list[Tensor] | None = None) -> Tensor:
+    def gradient_pieces(self, jvps: list[Tensor] | None = None, accumulate: Tensor | None = None,
+                        sign: float = 1.0) -> Tensor:
         """This rank's pieces of Σ_ranks Σ_n ∇ℓ_n (``jvps`` None), or of Σ_ranks Σ_n J_nᵀ Λ_n w_n for output
-        directions w (one tensor per batch, Λ_n at f_n(θ)), unscaled, in float64."""
-        acc = torch.zeros(self.parts.local_dim, dtype=torch.float64, device=self.space.device)
+        directions w (one tensor per batch, Λ_n at f_n(θ)), unscaled, in float64: a new vector, or ``sign`` times
+        them added into ``accumulate`` (float64), which is returned."""
+        acc = accumulate if accumulate is not None else torch.zeros(self.parts.local_dim, dtype=torch.float64,
+                                                                     device=self.space.device)
         for b, (X, y) in enumerate(self.batches()):
             def run(X: Tensor = X, y: Tensor = y, b: int = b) -> tuple[Tensor, Tensor | None]:
                 out = self.forward(X)
@@ -245,7 +252,7 @@ class PartitionedProblem(StagedProblem):
                 with torch.no_grad():
                     u = self.loss.output_hessian_apply(out.detach().double(), y, jvps[b])
                 return out, u.to(out.dtype)
-            self.parts.gradient(run, acc)
+            self.parts.gradient(run, acc, sign)
         return acc
 
 
@@ -318,14 +325,14 @@ class FiniteDifference:
             n += 1
             fac = RIDDERS_C ** 2
             for j in range(1, min(i, RIDDERS_DEPTH) + 1):  # prev holds min(i − 1, depth) + 1 ≥ j entries
-                cur.append((cur[j - 1] * fac - prev[j - 1]) / (fac - 1))
+                cur.append(torch.mul(cur[j - 1], fac).sub_(prev[j - 1]).div_(fac - 1))
                 fac *= RIDDERS_C ** 2
                 scale = max(space.norm(cur[j]), 1e-300)
-                err = max(space.norm(cur[j] - cur[j - 1]), space.norm(cur[j] - prev[j - 1])) / scale
+                err = max(space.distance(cur[j], cur[j - 1]), space.distance(cur[j], prev[j - 1])) / scale
                 if err <= best[0]:
                     best = (err, cur[j], h)
             top = min(len(cur), len(prev)) - 1
-            diverging = top >= 1 and space.norm(cur[top] - prev[top]) / max(space.norm(cur[top]), 1e-300) \
+            diverging = top >= 1 and space.distance(cur[top], prev[top]) / max(space.norm(cur[top]), 1e-300) \
                 >= RIDDERS_SAFE * best[0]
             if best[0] <= self.tol or diverging:
                 break
@@ -350,11 +357,11 @@ class FiniteDifference:
     def _difference(self, v: Tensor, eps: float) -> Tensor:
         p = self.problem
         if self.kind == Curvature.HESSIAN:
-            with p.parts.shifted(v, eps):
-                plus = p.gradient_pieces()
+            with p.parts.shifted(v, eps):  # one float64 vector: ∇L(θ + εv) − ∇L(θ − εv) accumulated in place
+                diff = p.gradient_pieces()
             with p.parts.shifted(v, -eps):
-                minus = p.gradient_pieces()
-            return plus.sub_(minus).mul_(p.scale / (2 * eps)).to(p.dtype)
+                p.gradient_pieces(accumulate=diff, sign=-1.0)
+            return diff.mul_(p.scale / (2 * eps)).to(p.dtype)
         with p.parts.shifted(v, eps):
             plus = p.outputs()
         with p.parts.shifted(v, -eps):
@@ -380,4 +387,4 @@ PARTITIONED_CG_TOL = 1e-6
 
 def _relative_change(space: PartitionSpace, a: Tensor, b: Tensor) -> float:
     """‖a − b‖ / ‖b‖ over all ranks."""
-    return space.norm(a - b) / max(space.norm(b), 1e-300)
+    return space.distance(a, b) / max(space.norm(b), 1e-300)

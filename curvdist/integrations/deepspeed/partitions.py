@@ -148,17 +148,18 @@ class ZeroPartitions:
         dist.all_reduce(flat, group=self.group)
         return flat[s:s + k].clone()
 
-    def gradient(self, run: Callable[[], tuple[Tensor, Tensor | None]], accumulate: Tensor) -> None:
-        """``accumulate`` += this rank's piece of Σ_ranks ∂⟨u, t⟩/∂θ, where ``run()`` runs the engine's module
-        forward on this rank's data and returns (t, u): a loss with u None (its gradient), or outputs and output
-        cotangents (a vector-Jacobian product). Each parameter's gradient is reduced in a hook the moment backward
-        produces it and replaced by a zero-stride zero, so no full gradient outlives its layer."""
+    def gradient(self, run: Callable[[], tuple[Tensor, Tensor | None]], accumulate: Tensor,
+                 sign: float = 1.0) -> None:
+        """``accumulate`` += ``sign`` · this rank's piece of Σ_ranks ∂⟨u, t⟩/∂θ, where ``run()`` runs the engine's
+        module forward on this rank's data and returns (t, u): a loss with u None (its gradient), or outputs and
+        output cotangents (a vector-Jacobian product). Each parameter's gradient is reduced in a hook the moment
+        backward produces it and replaced by a zero-stride zero, so no full gradient outlives its layer."""
         pieces = self.split(accumulate)
 
         def hook(i: int) -> Callable[[Tensor], Tensor]:
             def reduce(g: Tensor) -> Tensor:
                 self.meter.sample()
-                pieces[i].add_(self._piece(g, i).to(pieces[i].dtype))
+                pieces[i].add_(self._piece(g, i).to(pieces[i].dtype), alpha=sign)
                 return g.new_zeros(()).expand(g.shape)
             return reduce
 
