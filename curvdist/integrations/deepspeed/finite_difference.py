@@ -23,6 +23,11 @@ the error estimated once from one extra difference at 2ε. θ ± εv is formed o
 own slices (:meth:`~.partitions.ZeroPartitions.shifted`), gradients are reduced straight into partitions
 (:meth:`~.partitions.ZeroPartitions.gradient`), and inner products are ``all_reduce``-d scalars
 (:class:`PartitionSpace`): every rank runs the same solver on its pieces and gets the same numbers.
+
+Memory, in vectors of this rank's share: a product holds the tableau (at most two rows of three entries, rows
+freed entry by entry as they are used up), the kept entry, the copy :meth:`~.partitions.ZeroPartitions.shifted`
+restores θ from, and one accumulator — float64 (two) for the Hessian, whose difference of two gradients cancels,
+the parameters' dtype for the GGN, whose single vector-Jacobian product does not.
 (Granziol & Juarev 2026 use the same shard-local finite differences under FSDP.)
 """
 
@@ -238,11 +243,11 @@ class PartitionedProblem(StagedProblem):
         return outs
 
     def gradient_pieces(self, jvps: list[Tensor] | None = None, accumulate: Tensor | None = None,
-                        sign: float = 1.0) -> Tensor:
+                        sign: float = 1.0, dtype: torch.dtype = torch.float64) -> Tensor:
         """This rank's pieces of Σ_ranks Σ_n ∇ℓ_n (``jvps`` None), or of Σ_ranks Σ_n J_nᵀ Λ_n w_n for output
-        directions w (one tensor per batch, Λ_n at f_n(θ)), unscaled, in float64: a new vector, or ``sign`` times
-        them added into ``accumulate`` (float64), which is returned."""
-        acc = accumulate if accumulate is not None else torch.zeros(self.parts.local_dim, dtype=torch.float64,
+        directions w (one tensor per batch, Λ_n at f_n(θ)), unscaled: a new vector in ``dtype``, or ``sign`` times
+        them added into ``accumulate``, which is returned."""
+        acc = accumulate if accumulate is not None else torch.zeros(self.parts.local_dim, dtype=dtype,
                                                                      device=self.space.device)
         for b, (X, y) in enumerate(self.batches()):
             def run(X: Tensor = X, y: Tensor = y, b: int = b) -> tuple[Tensor, Tensor | None]:
@@ -258,7 +263,7 @@ class PartitionedProblem(StagedProblem):
 
 class FiniteDifference:
     """C v for C ∈ {hessian, ggn} of a :class:`PartitionedProblem` by central differences; v and C v are this
-    rank's pieces, in the parameters' dtype (the differences are accumulated in float64)."""
+    rank's pieces, in the parameters' dtype (the Hessian's difference of gradients is accumulated in float64)."""
 
     def __init__(self, problem: PartitionedProblem, kind: str) -> None:
         self.problem, self.kind = problem, kind
@@ -316,22 +321,24 @@ class FiniteDifference:
         """Ridders' extrapolation of central differences (see the module docstring)."""
         space = self.problem.space
         h = H_MAX if self.h_last is None else min(H_MAX, self.h_last * RIDDERS_C ** START_LEVELS)
-        prev = [self._difference(v, self._eps(h, norm))]
+        prev: list[Any] = [self._difference(v, self._eps(h, norm))]  # a row of the tableau (None: used up)
         best = (float("inf"), prev[0], h)
         n = 1
         for i in range(1, RIDDERS_LEVELS):
             h /= RIDDERS_C
-            cur = [self._difference(v, self._eps(h, norm))]
+            cur: list[Any] = [self._difference(v, self._eps(h, norm))]
             n += 1
             fac = RIDDERS_C ** 2
-            for j in range(1, min(i, RIDDERS_DEPTH) + 1):  # prev holds min(i − 1, depth) + 1 ≥ j entries
+            top = min(i - 1, RIDDERS_DEPTH)  # prev holds top + 1 ≥ j entries; prev[top] is compared last
+            for j in range(1, min(i, RIDDERS_DEPTH) + 1):
                 cur.append(torch.mul(cur[j - 1], fac).sub_(prev[j - 1]).div_(fac - 1))
                 fac *= RIDDERS_C ** 2
                 scale = max(space.norm(cur[j]), 1e-300)
                 err = max(space.distance(cur[j], cur[j - 1]), space.distance(cur[j], prev[j - 1])) / scale
                 if err <= best[0]:
                     best = (err, cur[j], h)
-            top = min(len(cur), len(prev)) - 1
+                if j - 1 < top:
+                    prev[j - 1] = None  # used up: one vector less at the next entry (memory, not numbers)
             diverging = top >= 1 and space.distance(cur[top], prev[top]) / max(space.norm(cur[top]), 1e-300) \
                 >= RIDDERS_SAFE * best[0]
             if best[0] <= self.tol or diverging:
@@ -367,7 +374,9 @@ class FiniteDifference:
         with p.parts.shifted(v, -eps):
             minus = p.outputs()
         jvps = [(a.double() - b.double()) / (2 * eps) for a, b in zip(plus, minus)]
-        return p.gradient_pieces(jvps).mul_(p.scale).to(p.dtype)
+        # Jᵀ Λ w is one vector-Jacobian product, with no cancellation for a wider accumulator to protect (unlike
+        # the Hessian's difference of gradients): accumulated in the parameters' dtype, one vector instead of three
+        return p.gradient_pieces(jvps, dtype=p.dtype).mul_(p.scale)
 
 
 
