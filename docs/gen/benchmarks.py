@@ -273,17 +273,17 @@ def sharded_page() -> Page:
         rows, mem = [], {}
         for key, r in d["results"].items():
             if "error" in r and "memory" not in r:
-                rows.append([key, None, None, None, None, None, f"not run: {str(r['error'])[:120]}"])
+                rows.append([key, None, None, None, None, None, None, None, f"not run: {str(r['error'])[:120]}"])
                 continue
-            eig = r.get("eig") or {}
+            eig = r.get("eig") if isinstance(r.get("eig"), dict) else {}
+            value = eig.get("value")
             rows.append([key, r.get("parameters"), r.get("ggn_product_s"), r.get("hessian_product_s"),
-                         eig.get("seconds") if isinstance(eig, dict) else None,
-                         eig.get("value", [None])[0] if isinstance(eig, dict) and isinstance(eig.get("value"), list)
-                         else (eig.get("value") if isinstance(eig, dict) else None), ""])
+                         eig.get("seconds"), value[0] if isinstance(value, list) else value, eig.get("matvecs"),
+                         {True: "yes", False: "no"}.get(eig.get("converged"), "not recorded") if eig else None, ""])
             if r.get("memory"):
                 mem[key] = [(m["role"], m.get("parameters", 0), m.get("peak_rss_mb")) for m in r["memory"]]
         p.add(table(["configuration", "parameters", "GGN product s", "Hessian product s", "top eigenvalue s",
-                     "top eigenvalue", "note"], rows))
+                     "top eigenvalue", "products", "converged", "note"], rows))
         if mem:
             fig, ax = plt.subplots(figsize=(11, 3.8))
             pos, ticks, labels = 0, [], []
