@@ -17,19 +17,22 @@ eigenvalue by ``cd.eigs`` (k = 1, ``--tol``, at most ``--max-steps`` products) w
 resident memory (the kernel's high-water mark, reset through ``/proc/self/clear_refs`` at the start of the
 window). Pipeline runs also report the stage utilization (busy time / product wall time) and the tied weight.
 
-``zero3_2ranks``: DeepSpeed ZeRO-3 on 2 ranks (``torchrun``; gloo on the CPU, NCCL with ``--device cuda``), the
-model built by the spec and partitioned by ``deepspeed.initialize`` (DeepSpeed's default ZeRO-3 settings), SGD,
-each rank one torch thread and half the batch; SGD with learning rate 0, so the timed training steps leave
-the parameters those of the other configurations. Reported: the time of one training step (forward, backward,
-step; best of ``--repeats`` after one), the partitioned finite-difference GGN and Hessian products
-(:mod:`curvdist.integrations.deepspeed.finite_difference`) in time and in training-step equivalents, the Lanczos
-solve, each rank's memory line (owned parameters, most parameters held in full at once, peak RSS), and — after
-the timed part, on a full copy gathered for the check only and checked in the parent process once the ranks
-exited — the relative error of both products against curvdist's exact float32 products on one process. Products
-take each its own step (Ridders' extrapolation); the top GGN eigenvalue and a Hutch++ trace (``--trace-matvecs``, same probes) are compared with the exact float32
-values too. With ``--invariant`` every configuration also measures the top eigenvalue of M⁻¹GGN with the KFAC
-metric (damping ``--kfac-damping``): built locally, on the pipeline stages (each stage its own blocks), or on the
-ZeRO-3 partitions (statistics from the engine's own passes, one owner per layer), with its build time, solve time,
+``zero3_Nranks`` (e.g. ``zero3_2ranks``): DeepSpeed ZeRO-3 on N ranks (``torchrun``; gloo on the CPU, NCCL with
+``--device cuda``), the model built by the spec and partitioned by ``deepspeed.initialize`` (DeepSpeed's
+default ZeRO-3 settings, or ``--zero3-config``: the buckets that fit GPT-2 medium on 24 GB are in
+docs/guides/deepspeed.md), SGD, each rank one torch thread and its share of the batch; SGD with learning rate 0,
+so the timed training steps leave the parameters those of the other configurations. Reported: the time of one
+training step (forward, backward, step; best of ``--repeats`` after one; each rank's peak RSS over them), the
+partitioned finite-difference GGN and Hessian products (:mod:`curvdist.integrations.deepspeed.finite_difference`)
+in time and in training-step equivalents, the Lanczos solve, each rank's memory line (owned parameters, most
+parameters held in full at once, peak RSS), and — after the timed part, on a full copy gathered for the check only
+and checked in the parent process once the ranks exited — the relative error of both products against curvdist's
+exact float32 products on one process (``--skip-exact``: no check, and no vectors kept for it). Products take
+each its own step (Ridders' extrapolation); the top GGN eigenvalue (``--max-basis`` vectors at most) and a
+Hutch++ trace (``--trace-matvecs``, same probes) are compared with the exact float32 values too. With
+``--invariant`` every configuration also measures the top eigenvalue of M⁻¹GGN with the KFAC metric (damping
+``--kfac-damping``): built locally, on the pipeline stages (each stage its own blocks), or on the ZeRO-3
+partitions (statistics from the engine's own passes, one owner per layer), with its build time, solve time,
 memory per process, and its agreement with local (or, for ZeRO-3, with exact float32 on a gathered copy).
 
     python benchmarks/sharded_benchmark.py [--model gpt2_small|gpt2_medium] [--batch 2] [--tokens 64]
@@ -198,8 +201,8 @@ def zero3_rank(args: argparse.Namespace) -> None:
 
     import curvdist as cd
     from curvdist.integrations.deepspeed.finite_difference import PartitionedProblem
-    from curvdist.resources import memory_record, release_free_memory, reset_peak
     from curvdist.problem.losses import make_loss
+    from curvdist.resources import memory_record, release_free_memory, reset_peak
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -398,7 +401,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-2)
     p.add_argument("--max-steps", type=int, default=12)
     p.add_argument("--max-basis", type=int, default=0,
-                   help="local and pipeline eigenvalues: at most this many Lanczos vectors (thick restart; 0: all)")
+                   help="every eigenvalue: at most this many Lanczos vectors (thick restart; 0: all)")
     p.add_argument("--configs", type=lambda s: s.split(","),
                    default=["local", "pipeline_2x1", "pipeline_2x4", "pipeline_2x4_nosnap", "pipeline_4x1",
                             "pipeline_4x4", "zero3_2ranks"])
