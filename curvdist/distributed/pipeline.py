@@ -45,8 +45,8 @@ class StagePool:
     ``snapshots``: the stages write their vector shards to ``snapshot_dir`` (default: a temporary directory) at the
     start of every ``snapshot_every``-th product, so a lost stage is restarted and recovered
     (:mod:`.sharded_space`); off, a lost stage ends the solve. ``skeletons``: stages build the model on the
-    ``meta`` device and fetch only their own parameters from the object store (:mod:`.materialize`); off, each
-    builds the whole model and drops the rest. ``balance``: cut where the stages hold near-equal ``parameters``
+    ``meta`` device and fetch only their own parameters (files on one node, else Ray's object store:
+    :mod:`.materialize`); off, each builds the whole model and drops the rest. ``balance``: cut where the stages hold near-equal ``parameters``
     (memory), or do near-equal ``compute`` (parameters multiplied with per token; embedding tables left out, a
     tied head counted): faster products where a model's embedding and head are large, less even memory."""
 
@@ -65,7 +65,8 @@ class StagePool:
         with torch.random.fork_rng(devices=[]):
             model = spec.build_model()
         split_points(model, stages, balance)  # validate on the coordinator: a clear error, early
-        # the model's tensors in the object store: each stage fetches only what it uses (:mod:`.materialize`)
+        # the model's tensors published (files on one node, else the object store): each stage fetches only what it
+        # uses (:mod:`.materialize`)
         weights = publish(ray, model) if skeletons else None
         del model
         release_free_memory()
@@ -75,19 +76,22 @@ class StagePool:
         self.snapshot_dir = (tempfile.mkdtemp(prefix="curvdist-stages-") if self._own_dir else
                              snapshot_dir if snapshots else None)
         self.retries = 0
-        self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, balance)
-                       for i in range(stages)]
-        wait_scheduled(ray, self.actors, "pipeline stages")
         try:
+            self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, balance)
+                           for i in range(stages)]
+            wait_scheduled(ray, self.actors, "pipeline stages")
             if skeletons:  # each stage holds its own parameters only: build them together
                 ray.get([a.build.remote(weights) for a in self.actors])
-                del weights  # the object store drops the model (a stage Ray restarts builds it whole)
             else:  # one at a time: a stage holds the whole model while it builds
                 for a in self.actors:
                     ray.get(a.build.remote())
             self.infos = ray.get([a.info.remote() for a in self.actors])
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
+        finally:
+            if weights is not None:  # the published model goes (a stage Ray restarts builds it whole)
+                weights.close()
+            del weights
         owned = sum(i["dim"] for i in self.infos)
         if owned != self.infos[0]["total"]:
             raise ProblemError(f"the stages own {owned} of the problem's {self.infos[0]['total']} parameters")

@@ -43,6 +43,7 @@ from ..problem.data import as_batches, inputs_to, slice_inputs, unpack
 from ..problem.losses import make_loss
 from ..problem.spec import ProblemSpec
 from ..resources import memory_record, release_free_memory, reset_peak
+from .materialize import Weights
 from .shard_store import ShardStore, guard_restarts
 from .stacks import (SequentialProgram, StageProgram, TracedProgram, split_floats, split_points, stage_modules,
                      stage_program)
@@ -103,9 +104,9 @@ class StageWorker(ShardStore):
             self.build()
             self._load_snapshot()
 
-    def build(self, weights: dict[str, Any] | None = None) -> None:
+    def build(self, weights: Weights | None = None) -> None:
         """Build the model's structure, keep this stage's part and its micro-batches. With the pool's ``weights``
-        (object refs of the model's tensors, :mod:`.materialize`) the model is a ``meta`` skeleton and only this
+        (the model's published tensors, :mod:`.materialize`) the model is a ``meta`` skeleton and only this
         stage's parameters are fetched; without them (a stage Ray restarted, or a factory that cannot build on
         ``meta``) the whole model is built and the rest dropped, so :class:`~.pipeline.StagePool` builds such
         stages one after another."""
@@ -146,11 +147,9 @@ class StageWorker(ShardStore):
         self.tied_users = sorted({(n, s) for s, names in enumerate(uses) for n in names
                                   if n in index and owner[n] == self.stage and s != self.stage})
         if self.built == "skeleton":
-            import ray
-
             from .materialize import materialize_parameters
 
-            self.values = materialize_parameters(ray, model, mine, self.weights, self.device)  # type: ignore[arg-type]
+            self.values = materialize_parameters(model, mine, self.weights, self.device)  # type: ignore[arg-type]
         else:
             self.values = {n: named[n].detach() for n in mine}  # owned, tied copies and frozen ones
         offsets = np.concatenate([[0], np.cumsum([named[n].numel() for n in order])]).astype(int)
@@ -159,7 +158,7 @@ class StageWorker(ShardStore):
         self.dim = sum(int(np.prod(s)) for s in self.shapes)
         self.segments = [(int(offsets[index[n]]), self.values[n].numel()) for n in self.names]
         self.total = int(offsets[-1])
-        self.weights = None  # drop the refs: the object store frees the model once every stage has built
+        self.weights = None  # drop the source: the pool frees the published model once every stage has built
         release_free_memory()
 
     def _skeleton(self) -> Any:
@@ -167,8 +166,6 @@ class StageWorker(ShardStore):
         buffers when the pool published the model's tensors, else (or when the factory fails on ``meta``) the whole
         model. Sets ``built``."""
         if self.weights is not None:
-            import ray
-
             from .materialize import materialize_buffers, to_empty
 
             try:
@@ -180,7 +177,7 @@ class StageWorker(ShardStore):
                 # uninitialized storage on the stage's device, so that tracing sees real devices (a graph traced
                 # on meta keeps meta device arguments); on the CPU its pages are never touched, so never resident
                 to_empty(model, self.device)
-                materialize_buffers(ray, model, self.weights, self.device)
+                materialize_buffers(model, self.weights, self.device)
                 self.built = "skeleton"
                 return model
         self.built = "whole"

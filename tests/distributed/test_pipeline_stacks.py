@@ -103,7 +103,7 @@ def test_schedule_memory_and_refusals(ray_module):
 
 @pytest.mark.parametrize("name", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_skeleton_stages_equal_stages_built_from_the_whole_model(ray_module, name):
-    """Stages built as meta skeletons that fetch only their own parameters from the object store compute the same
+    """Stages built as meta skeletons that fetch only their own parameters (here from files: one node) compute the same
     products, bit for bit, as stages that built the whole model; a stage's held parameters are its own (and the
     tied weight)."""
     pools = {k: StagePool(spec(name), 2, micro_batches=2, skeletons=k) for k in (True, False)}
@@ -121,6 +121,34 @@ def test_skeleton_stages_equal_stages_built_from_the_whole_model(ray_module, nam
     finally:
         for pool in pools.values():
             pool.shutdown()
+
+
+@pytest.mark.parametrize("via", ["files", "object_store"])
+def test_published_weights_fill_a_skeleton_bit_for_bit(ray_module, via):
+    """Either way of publishing a model (files on one node, the object store across nodes), a meta skeleton given
+    storage and filled from it equals the model, the tied head still tied; closing deletes the files."""
+    import os
+
+    import ray
+
+    from curvdist.distributed.materialize import materialize_buffers, materialize_parameters, publish, to_empty
+
+    s = spec("gpt2")
+    model = s.build_model()
+    weights = publish(ray, model, via)
+    skeleton = s.build_skeleton()
+    to_empty(skeleton, torch.device("cpu"))
+    materialize_buffers(skeleton, weights, torch.device("cpu"))
+    values = materialize_parameters(skeleton, [n for n, _ in model.named_parameters()], weights, torch.device("cpu"))
+    weights.close()
+    assert skeleton.lm_head.weight is skeleton.transformer.wte.weight
+    assert set(values) == {n for n, _ in model.named_parameters()}
+    for (n, a), (m, b) in zip(model.state_dict().items(), skeleton.state_dict().items(), strict=True):
+        assert n == m and torch.equal(a, b), n
+    if via == "files":
+        assert not os.path.exists(weights.directory)
+    with pytest.raises(ValueError, match="publish via"):
+        publish(ray, model, "disk")
 
 
 BLOCK_METRICS = ("kfac", "kflr", "diag_ggn", "diag_fisher_mc", "empirical_fisher_diag")
