@@ -26,6 +26,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 
 class Weights(Protocol):
     """The published tensors of a model, by name (deduplicated parameter names, every buffer name)."""
@@ -79,7 +81,7 @@ def publish(ray: Any, model: nn.Module, via: str = "auto") -> StoredWeights | Fi
     if via == "object_store":
         return StoredWeights({name: ray.put(t) for name, t in _tensors(model)})
     if via != "files":
-        raise ValueError(f"publish via 'auto', 'files' or 'object_store', got {via!r}")
+        raise ConfigError(f"publish via 'auto', 'files' or 'object_store', got {via!r}")
     directory = tempfile.mkdtemp(prefix="curvdist-weights-")
     files = {}
     try:

@@ -46,9 +46,10 @@ class StagePool:
     start of every ``snapshot_every``-th product, so a lost stage is restarted and recovered
     (:mod:`.sharded_space`); off, a lost stage ends the solve. ``skeletons``: stages build the model on the
     ``meta`` device and fetch only their own parameters (files on one node, else Ray's object store:
-    :mod:`.materialize`); off, each builds the whole model and drops the rest. ``balance``: cut where the stages hold near-equal ``parameters``
-    (memory), or do near-equal ``compute`` (parameters multiplied with per token; embedding tables left out, a
-    tied head counted): faster products where a model's embedding and head are large, less even memory."""
+    :mod:`.materialize`); off, each builds the whole model and drops the rest. ``balance``: cut where the stages
+    hold near-equal ``parameters`` (memory), or do near-equal ``compute`` (parameters multiplied with per token;
+    embedding tables left out, a tied head counted): faster products where a model's embedding and head are large,
+    less even memory."""
 
     def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None,
                  snapshot_dir: str | None = None, snapshots: bool = True, snapshot_every: int = 1,

@@ -147,7 +147,7 @@ def test_published_weights_fill_a_skeleton_bit_for_bit(ray_module, via):
         assert n == m and torch.equal(a, b), n
     if via == "files":
         assert not os.path.exists(weights.directory)
-    with pytest.raises(ValueError, match="publish via"):
+    with pytest.raises(cd.errors.ConfigError, match="publish via"):
         publish(ray, model, "disk")
 
 

@@ -23,12 +23,13 @@ the error estimated once from one extra difference at 2ε. θ ± εv is formed o
 own slices (:meth:`~.partitions.ZeroPartitions.shifted`), gradients are reduced straight into partitions
 (:meth:`~.partitions.ZeroPartitions.gradient`), and inner products are ``all_reduce``-d scalars
 (:class:`PartitionSpace`): every rank runs the same solver on its pieces and gets the same numbers.
-
-Memory, in vectors of this rank's share: a product holds the tableau (at most two rows of three entries, rows
-freed entry by entry as they are used up), the kept entry, the copy :meth:`~.partitions.ZeroPartitions.shifted`
-restores θ from, and one accumulator — float64 (two) for the Hessian, whose difference of two gradients cancels,
-the parameters' dtype for the GGN, whose single vector-Jacobian product does not.
 (Granziol & Juarev 2026 use the same shard-local finite differences under FSDP.)
+
+Memory, in vectors of this rank's share: a product holds the tableau (at most two rows of three entries, the
+previous row freed entry by entry as it is used up), the kept entry, the copy
+:meth:`~.partitions.ZeroPartitions.shifted` restores θ from, and one accumulator — float64 (two vectors' worth)
+for the Hessian, whose difference of two gradients cancels, the parameters' dtype for the GGN, whose single
+vector-Jacobian product does not.
 """
 
 from __future__ import annotations
