@@ -155,7 +155,10 @@ class StageWorker(ShardStore):
         offsets = np.concatenate([[0], np.cumsum([named[n].numel() for n in order])]).astype(int)
         del model, named
         self.shapes = [self.values[n].shape for n in self.names]
-        self.dim = sum(int(np.prod(s)) for s in self.shapes)
+        sizes = [int(np.prod(s)) for s in self.shapes]
+        #: where each owned parameter's entries lie in this stage's shard: (start, size)
+        self.spans = list(zip(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist(), sizes))
+        self.dim = sum(sizes)
         self.segments = [(int(offsets[index[n]]), self.values[n].numel()) for n in self.names]
         self.total = int(offsets[-1])
         self.weights = None  # drop the source: the pool frees the published model once every stage has built
@@ -230,9 +233,8 @@ class StageWorker(ShardStore):
 
     def _part(self, vid: int, name: str) -> Tensor:
         """The entries of vectors[vid] of the owned parameter ``name`` (a view)."""
-        i = self.names.index(name)
-        a = sum(int(np.prod(s)) for s in self.shapes[:i])
-        return self.vectors[vid][a:a + self.values[name].numel()]
+        a, k = self.spans[self.names.index(name)]
+        return self.vectors[vid][a:a + k]
 
     def tied_part(self, vid: int, name: str) -> Tensor:
         """The part of vectors[vid] of a parameter this stage owns (for a later stage that uses it too)."""
@@ -294,9 +296,11 @@ class StageWorker(ShardStore):
                 {k: t.detach() for k, t in gcdot.items()})
 
     def _accumulate(self, out_id: int, gp: dict[str, Tensor]) -> None:
-        """Add the parameter cotangents: the owned ones to vectors[out_id], the tied ones to their parts."""
-        part = torch.cat([gp[n].reshape(-1) for n in self.names]) if self.names else self.vectors[out_id][:0]
-        self.vectors[out_id].add_(part.detach())
+        """Add the parameter cotangents: the owned ones to vectors[out_id] parameter by parameter (no concatenated
+        copy: a shard's worth of memory less at the peak), the tied ones to their parts."""
+        out = self.vectors[out_id]
+        for n, (a, k) in zip(self.names, self.spans):
+            out[a:a + k].add_(gp[n].detach().reshape(-1))
         for n in self.foreign:
             self.tied_out[n].add_(gp[n].detach())
 
