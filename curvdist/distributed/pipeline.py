@@ -24,9 +24,9 @@ from ..geometry.metrics.curvature import SolvedMetric
 from ..geometry.metrics.staged import check_staged_metric
 from ..problem.base import StagedProblem
 from ..problem.spec import ProblemSpec
+from ..resources import release_free_memory
 from ..solvers.space import assemble
 from .cluster import ClusterError, is_lost, resources_per_worker, wait_scheduled
-from ..resources import release_free_memory
 from .materialize import publish
 from .sharded_space import ShardedBasis, ShardedSpace, ShardedVector
 

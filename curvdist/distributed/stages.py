@@ -196,9 +196,7 @@ class StageWorker(ShardStore):
 
     def _tangents(self, vid: int) -> dict[str, Tensor]:
         """The tangent of every parameter the stage differentiates: its shard of v and the tied parts."""
-        flat = self.vectors[vid]
-        parts = torch.split(flat, [int(np.prod(s)) for s in self.shapes])
-        t = {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes)}
+        t = self._pieces(vid)
         t.update({n: self.tied_v[n] for n in self.foreign})
         return t
 
@@ -235,6 +233,11 @@ class StageWorker(ShardStore):
         """The entries of vectors[vid] of the owned parameter ``name`` (a view)."""
         a, k = self.spans[self.names.index(name)]
         return self.vectors[vid][a:a + k]
+
+    def _pieces(self, vid: int) -> dict[str, Tensor]:
+        """vectors[vid] as one view per owned parameter, in its shape."""
+        flat = self.vectors[vid]
+        return {n: flat[a:a + k].view(s) for n, (a, k), s in zip(self.names, self.spans, self.shapes)}
 
     def tied_part(self, vid: int, name: str) -> Tensor:
         """The part of vectors[vid] of a parameter this stage owns (for a later stage that uses it too)."""
@@ -298,9 +301,8 @@ class StageWorker(ShardStore):
     def _accumulate(self, out_id: int, gp: dict[str, Tensor]) -> None:
         """Add the parameter cotangents: the owned ones to vectors[out_id] parameter by parameter (no concatenated
         copy: a shard's worth of memory less at the peak), the tied ones to their parts."""
-        out = self.vectors[out_id]
-        for n, (a, k) in zip(self.names, self.spans):
-            out[a:a + k].add_(gp[n].detach().reshape(-1))
+        for n, piece in self._pieces(out_id).items():
+            piece.add_(gp[n].detach())
         for n in self.foreign:
             self.tied_out[n].add_(gp[n].detach())
 
@@ -359,8 +361,8 @@ class StageWorker(ShardStore):
         if self.optimizer is None:
             cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
             self.optimizer = cls([self.values[n] for n in self.names], **options)
-        for n, g in zip(self.names, torch.split(self.vectors[gid], [int(np.prod(s)) for s in self.shapes])):
-            self.values[n].grad = g.view(self.values[n].shape).clone()
+        for n, g in self._pieces(gid).items():
+            self.values[n].grad = g.clone()
         self.optimizer.step()
         for n in self.names:
             self.values[n].grad = None
@@ -370,8 +372,8 @@ class StageWorker(ShardStore):
         """θ_s ← θ_s + α·vectors[vid] on the owned parameters."""
         self._check_version(version)
         self.version += 1
-        for n, d in zip(self.names, torch.split(self.vectors[vid], [int(np.prod(s)) for s in self.shapes])):
-            self.values[n].add_(d.view(self.values[n].shape), alpha=alpha)
+        for n, d in self._pieces(vid).items():
+            self.values[n].add_(d, alpha=alpha)
 
     def param_version(self) -> int:
         """The number of parameter updates this stage has made (0 after a restart: it rebuilt the initial

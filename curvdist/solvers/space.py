@@ -398,6 +398,15 @@ class Basis(Sequence[Tensor]):
         return self.subtract(-np.asarray(coeffs, dtype=np.float64), z, out=z)
 
 
+def _sliced_sum(n: int, term: Callable[[int, int], Tensor]) -> float:
+    """Σ over the slices [s, s + ``CHUNK``) of [0, n) of ``term(s, e)``, accumulated in float64 on one thread."""
+    acc = torch.zeros((), dtype=torch.float64)
+    with serial():
+        for s in range(0, n, CHUNK):
+            acc += term(s, min(s + CHUNK, n))
+    return float(acc)
+
+
 class TorchSpace:
     """Flat torch tensors on one device. Inner products are taken in float64.
 
@@ -416,11 +425,7 @@ class TorchSpace:
         thread), never whole."""
         if (x.dtype == torch.float64 and y.dtype == torch.float64) or x.device.type != "cpu":
             return float(torch.dot(x.double(), y.double()))
-        acc = torch.zeros((), dtype=torch.float64)
-        with serial():
-            for s in range(0, x.numel(), CHUNK):
-                acc += torch.dot(x[s : s + CHUNK].double(), y[s : s + CHUNK].double())
-        return float(acc)
+        return _sliced_sum(x.numel(), lambda s, e: torch.dot(x[s:e].double(), y[s:e].double()))
 
     def axpy(self, a: float, x: Tensor, y: Tensor) -> Tensor:
         return torch.add(y, x, alpha=float(a))
@@ -446,12 +451,12 @@ class TorchSpace:
         if x.dtype == torch.float64 or x.device.type != "cpu":
             d = x - y
             return TorchSpace.dot(self, d, d)
-        acc = torch.zeros((), dtype=torch.float64)
-        with serial():
-            for s in range(0, x.numel(), CHUNK):
-                d = (x[s : s + CHUNK] - y[s : s + CHUNK]).double()
-                acc += torch.dot(d, d)
-        return float(acc)
+
+        def term(s: int, e: int) -> Tensor:
+            d = (x[s:e] - y[s:e]).double()
+            return torch.dot(d, d)
+
+        return _sliced_sum(x.numel(), term)
 
     def zeros(self) -> Tensor:
         return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
