@@ -19,8 +19,9 @@ to a loop of single products, for good (:attr:`CurvatureOperator.block_vectorize
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..errors import AutodiffError, CurvdistError, NonDeterministicError, NonFiniteError, ShapeError, SolverError
-from ..problem.data import Inputs, shuffles
+from ..problem.data import Batch, Inputs, shuffles
 from ..problem.problem import Params, Problem
 
 if TYPE_CHECKING:
@@ -37,6 +38,13 @@ if TYPE_CHECKING:
 VectorLike = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
 DENSE_LIMIT = 8192
+
+
+def relative_difference(a: Params, b: Params) -> float:
+    """‖a − b‖ / ‖a‖ over parameter-shaped tensors, summed in float64 a tensor at a time (no flat copies)."""
+    num = math.sqrt(sum(float((x - y).double().pow(2).sum()) for x, y in zip(a, b)))
+    den = max(math.sqrt(sum(float(x.double().pow(2).sum()) for x in a)), 1e-300)
+    return num / den
 
 
 class CurvatureOperator(ABC):
@@ -98,11 +106,19 @@ class CurvatureOperator(ABC):
     #: whether block products are vectorized (``vmap``); False after vmap failed on this model (then a loop)
     block_vectorized: bool = True
 
+    #: whether :meth:`batch_matvec`'s results are fresh tensors that nothing else references: then the first batch's
+    #: result is the accumulator (one parameter-sized buffer less; 0 + x = x, so the sums are the same)
+    fresh_parts: bool = False
+
+    def product_batches(self) -> Iterator[Batch]:
+        """The (micro-)batches one product sums over: the problem's."""
+        return self.problem.batches()
+
     def _accumulate(self, v: Params, product: Any) -> Params:
         params = self.problem.params
-        acc = [torch.zeros_like(t, dtype=self.dtype) for t in v]
+        acc: list[Tensor] | None = None if self.fresh_parts else [torch.zeros_like(t, dtype=self.dtype) for t in v]
         v = tuple(t.to(self.problem.dtype) for t in v)
-        for b, (X, y) in enumerate(self.problem.batches()):
+        for b, (X, y) in enumerate(self.product_batches()):
             try:
                 ctx = self.batch_context(params, X, y, b)
                 parts = product(params, v, X, y, ctx)
@@ -115,9 +131,14 @@ class CurvatureOperator(ABC):
                     "must be a pure function of its parameters (no in-place updates of module state) built from "
                     "ops with forward- and reverse-mode derivatives"
                 ) from e
-            for a, part in zip(acc, parts):
-                a.add_(part.to(a.dtype))
+            if acc is None:
+                acc = [part.to(self.dtype) for part in parts]
+            else:
+                for a, part in zip(acc, parts):
+                    a.add_(part.to(a.dtype))
             del parts  # not held while the next batch's product runs
+        if acc is None:  # no batches (a problem always has one; kept for operators over other data)
+            acc = [torch.zeros_like(t, dtype=self.dtype) for t in v]
         s = self.problem.scale
         return tuple(a.mul_(s) for a in acc)
 
@@ -235,11 +256,10 @@ class CurvatureOperator(ABC):
         g = torch.Generator(device="cpu").manual_seed(seed)
         v = torch.randn(self.dim, generator=g, dtype=torch.float64).to(self.device, self.dtype)
         v = self.problem.unflatten(v)
-        a = self.problem.flatten(self.matvec_params(v))
-        b = self.problem.flatten(self.matvec_params(v))
+        a = self.matvec_params(v)  # parameter-shaped: no flat copies beside the two products
+        b = self.matvec_params(v)
         tol = 1e-10 if self.dtype == torch.float64 else 1e-4
-        scale = max(float(a.norm()), float(b.norm()), torch.finfo(self.dtype).tiny)
-        diff = float((a - b).norm()) / scale
+        diff = relative_difference(a, b)
         if not diff <= tol:  # also catches NaN
             raise NonDeterministicError(
                 f"two identical {self.kind}-vector products differ (relative difference {diff:.2e} > {tol:.0e}); "

@@ -8,7 +8,9 @@ central difference of two gradients (Nocedal & Wright 2006, §8.1) for engines w
 ``mode="auto"`` (the default) times the exact modes on the first batch when the operator is built and keeps the
 fastest; the choice and the timings are recorded on the operator (:meth:`Hessian.product_info`). Reverse-over-reverse
 products at an unchanged θ share the forward pass and the first backward (``reuse_graph``): each product is then
-one backward through the kept graph of the gradient.
+one backward through the kept graph of the gradient. A memory budget (``memory_budget``) bounds the graph a product
+holds: where a product on a whole batch would keep more than the budget, every batch is split into micro-batches
+whose graphs fit (the sum is the same to rounding), and a graph is kept between products only where it fits.
 """
 
 from __future__ import annotations
@@ -25,8 +27,18 @@ from torch import Tensor
 
 from ..catalogue import HVPMode, parse
 from ..errors import AutodiffError, CurvdistError, ProblemError
+from ..problem.data import batch_len, micro_batches
 from ..problem.problem import Params
-from .base import CurvatureOperator
+from ..resources import release_free_memory
+from .base import CurvatureOperator, relative_difference
+from .graph_memory import (
+    MIN_SPLIT_BYTES,
+    GraphSize,
+    batch_tensors,
+    fitting_micro_batch,
+    measure_graph,
+    saved_bytes,
+)
 from .hvp_modes import (
     EXACT_MODES,
     Kernel,
@@ -35,6 +47,7 @@ from .hvp_modes import (
     default_fd_step,
     eager_kernel,
     gradient_graph,
+    leaves_of,
     through_graph,
     warn_compile_failed,
 )
@@ -44,6 +57,11 @@ from .hvp_modes import (
 _BUDGET_S = 1.0
 _MAX_ROUNDS = 7
 _CLOSE = 0.85
+
+#: a product's graph is taken to be at most this many times the forward graph of the same batch when deciding
+#: whether measuring the products' graphs is needed at all (measured on a GPT-2 decoder: 2.1× for reverse-over-
+#: reverse's kept graph, 3.5× for forward-over-reverse with its tangents)
+_PRODUCT_OVER_FORWARD = 8
 
 
 @dataclass
@@ -71,12 +89,6 @@ def clear_mode_cache() -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
-def _relative_difference(a: Params, b: Params) -> float:
-    num = math.sqrt(sum(float((x - y).double().pow(2).sum()) for x, y in zip(a, b)))
-    den = max(math.sqrt(sum(float(x.double().pow(2).sum()) for x in a)), 1e-300)
-    return num / den
 
 
 class Hessian(CurvatureOperator):
@@ -112,6 +124,20 @@ class Hessian(CurvatureOperator):
             reverse-over-reverse timing is then that of a product through the kept graph.
         check_determinism: apply H twice to one vector at construction and compare (skipped when ``auto`` has
             already compared two products of the chosen kernel on the only batch); always with fresh graphs.
+        memory_budget: the bytes one product's autograd graph may hold (the tensors saved for backward: activations,
+            tangents; measured exactly by :mod:`~curvdist.operators.graph_memory`). ``"auto"`` (default): what the
+            forward pass of a gradient on the first batch saves, but at least 64 MiB (smaller graphs are never
+            split) — a product holds no more graph than the gradient of the same data; an ``int``: that many bytes;
+            ``None``: no limit. Where a mode's graph on a whole batch exceeds the budget, its products run on
+            micro-batches of the largest size that fits (:attr:`product_micro_batch`), and a reverse-over-reverse
+            graph is kept between products (``reuse_graph``'s default) only where the whole batch's graph fits.
+            ``reuse_graph=True`` keeps whole graphs regardless. Where the budget splits reverse-over-reverse's
+            batches, ``auto`` takes that mode without timing the others (:attr:`mode_source` ``"budget"``):
+            forward-over-reverse carries a tangent beside every saved activation (its graph measured 1.4× as
+            large on a GPT-2 decoder, and its parameter-sized work larger too), and timing both would hold two
+            modes' results at once. The graph of a mode on n samples is measured on one and two samples of the
+            first batch (affine in n); the measurement is skipped when the forward graph is under 1/8 of the
+            budget.
 
     Attributes:
         mode: the :class:`~curvdist.catalogue.HVPMode` in use (never ``auto``).
@@ -121,16 +147,22 @@ class Hessian(CurvatureOperator):
             ``forward_over_reverse``, ``reverse_over_reverse`` and, with ``compile``, ``…+compile``); empty for
             an explicit mode.
         mode_failures: the error of every candidate that failed.
-        mode_source: ``"user"``, ``"measured"`` or ``"cached"``.
+        mode_source: ``"user"``, ``"measured"``, ``"cached"`` or ``"budget"`` (see ``memory_budget``).
         reuse_graph: whether products run through a kept graph of the gradient.
         fd_error_estimate: for ``finite_difference``, ‖P(h) − P(2h)‖/(3‖P(h)‖) on the first batch (the Richardson
             estimate of the O(h²) truncation error, relative); ``None`` otherwise.
+        memory_budget_bytes: the budget in bytes (``None``: no limit).
+        forward_graph_bytes: the bytes the forward pass saves on the first batch (``None`` without a budget).
+        graph_sizes: per measured mode, its graph G(n) = fixed + per_sample·n in bytes.
+        product_micro_batch: the micro-batch size the products of :attr:`mode` run on (``None``: whole batches).
     """
 
     kind = "hessian"
+    fresh_parts = True  # every kernel returns new tensors (autograd results, tangents, differences)
 
     def __init__(self, problem: Any, mode: str = "auto", compile: bool | str = False, fd_step: float | None = None,
-                 reuse_graph: bool | None = None, check_determinism: bool = True) -> None:
+                 reuse_graph: bool | None = None, check_determinism: bool = True,
+                 memory_budget: int | str | None = "auto") -> None:
         requested = parse(HVPMode, mode, "Hessian-vector product mode")
         if isinstance(compile, bool):
             backend: str | None = "inductor" if compile else None
@@ -146,6 +178,10 @@ class Hessian(CurvatureOperator):
         if reuse_graph and requested not in (HVPMode.AUTO, HVPMode.REVERSE_OVER_REVERSE):
             raise ProblemError(f"reuse_graph=True keeps the graph of a reverse-over-reverse product; mode "
                                f"{requested.value} has none to keep")
+        if not (memory_budget is None or memory_budget == "auto" or (
+                isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget > 0)):
+            raise ProblemError(f"memory_budget must be 'auto', a positive number of bytes or None, got "
+                               f"{memory_budget!r}")
         super().__init__(problem, check_determinism=False)
         self.requested_mode: HVPMode = requested
         self.compile_backend = backend
@@ -157,8 +193,17 @@ class Hessian(CurvatureOperator):
         self._repeat_ok = False
         self.reuse_graph = False  # products use fresh graphs until construction (and its checks) are done
         self._graphs: dict[int, tuple[tuple[tuple[int, int], ...], tuple[Params, Params]]] = {}
-        self._may_reuse = (getattr(problem, "num_batches", None) == 1) if reuse_graph is None else reuse_graph
-        if requested == HVPMode.AUTO:
+        self.graph_sizes: dict[str, GraphSize] = {}
+        self._micro: dict[HVPMode, int | None] = {}
+        self._whole_graphs = bool(reuse_graph)
+        self._plan_budget(memory_budget)
+        self._may_reuse = (getattr(problem, "num_batches", None) == 1
+                           and self._micro_batch(HVPMode.REVERSE_OVER_REVERSE) is None
+                           ) if reuse_graph is None else reuse_graph
+        if requested == HVPMode.AUTO and self._micro_batch(HVPMode.REVERSE_OVER_REVERSE) is not None:
+            self.mode_source = "budget"  # memory binds: the mode with no tangents to carry, without a timing race
+            self._use(HVPMode.REVERSE_OVER_REVERSE, False)
+        elif requested == HVPMode.AUTO:
             self._choose()
         else:
             self.mode_source = "user"
@@ -173,6 +218,92 @@ class Hessian(CurvatureOperator):
         if not self.reuse_graph:
             self._graphs.clear()
 
+    # ----------------------------------------------------------- memory budget
+    def _plan_budget(self, memory_budget: int | str | None) -> None:
+        """The budget in bytes, from the forward graph of the first batch under ``"auto"``."""
+        self.memory_budget_bytes: int | None = None
+        self.forward_graph_bytes: int | None = None
+        self._measure_products = False
+        if memory_budget is None:
+            return
+        params, X, y = self.problem.params, *next(iter(self.problem.batches()))
+        self._first_len = batch_len(X)
+
+        def forward() -> None:
+            with torch.enable_grad():
+                self.problem.batch_loss(leaves_of(params), X, y)
+
+        self.forward_graph_bytes = saved_bytes(forward, [*params, *batch_tensors(X, y)])
+        release_free_memory()
+        budget = max(self.forward_graph_bytes, MIN_SPLIT_BYTES) if memory_budget == "auto" else int(memory_budget)
+        self.memory_budget_bytes = budget
+        self._measure_products = self.forward_graph_bytes * _PRODUCT_OVER_FORWARD > budget
+
+    def _micro_batch(self, mode: HVPMode) -> int | None:
+        """The micro-batch size that keeps ``mode``'s graph within the budget (``None``: whole batches)."""
+        if mode in self._micro:
+            return self._micro[mode]
+        size: int | None = None
+        if self._measure_products and not (self._whole_graphs and mode == HVPMode.REVERSE_OVER_REVERSE):
+            params, X, y = self.problem.params, *next(iter(self.problem.batches()))
+            v = tuple(torch.ones_like(p) for p in params)  # any tangent: the graph's size does not depend on it
+            loss = self.problem.batch_loss
+            build: Any = {
+                HVPMode.REVERSE_OVER_REVERSE: lambda Xn, yn: gradient_graph(loss, params, Xn, yn),
+                HVPMode.FORWARD_OVER_REVERSE: lambda Xn, yn: eager_kernel(mode, loss)(params, v, Xn, yn),
+                HVPMode.FINITE_DIFFERENCE: lambda Xn, yn: eager_kernel(mode, loss, self.fd_step)(params, v, Xn, yn),
+            }[mode]
+            try:
+                graph = measure_graph(build, X, y, [*params, *v])
+            except CurvdistError:
+                raise
+            except (RuntimeError, NotImplementedError):  # the mode fails on this model; auto finds that itself
+                graph = None
+            self._trim()
+            if graph is not None:
+                self.graph_sizes[mode.value] = graph
+                size = fitting_micro_batch(graph, self.memory_budget_bytes, self._first_len)
+        self._micro[mode] = size
+        return size
+
+    def _trim(self) -> None:
+        """Between the construction's passes, when memory is what the budget guards: hand the allocator's free
+        memory back, so that the next pass starts from the live memory rather than the last pass's heap."""
+        if self._measure_products:
+            release_free_memory()
+
+    def product_batches(self) -> Any:
+        """The problem's batches, each split into micro-batches of :attr:`product_micro_batch` samples where the
+        memory budget asks for it."""
+        size = self.product_micro_batch
+        for batch in self.problem.batches():
+            yield from micro_batches(batch, size)
+
+    def _split(self, kernel: Kernel, size: int | None) -> Kernel:
+        """``kernel`` summed over micro-batches of at most ``size`` samples of a batch (``kernel`` if None): a
+        candidate of ``auto`` timed as its products would run."""
+        if size is None:
+            return kernel
+
+        def split(params: Params, v: Params, X: Any, y: Tensor) -> Params:
+            total: list[Tensor] | None = None
+            for Xi, yi in micro_batches((X, y), size):
+                part = kernel(params, v, Xi, yi)
+                if total is None:
+                    total = [t.to(self.dtype) for t in part]
+                else:
+                    for a, t in zip(total, part):
+                        a.add_(t.to(a.dtype))
+                del part
+            assert total is not None
+            return tuple(total)
+
+        return split
+
+    @property
+    def product_micro_batch(self) -> int | None:
+        return self._micro.get(self.mode)
+
     # ----------------------------------------------------------- kernels
     def _kernel(self, mode: HVPMode, compiled: bool) -> Kernel:
         loss = self.problem.batch_loss
@@ -186,6 +317,7 @@ class Hessian(CurvatureOperator):
         self.mode: HVPMode = mode
         self.compiled = compiled
         self._matvec_kernel = kernel if kernel is not None else self._kernel(mode, compiled)
+        self._micro_batch(mode)  # the products' micro-batch size (product_batches)
         self._block_kernel = block_kernel(mode, self.problem.batch_loss,
                                           self.fd_step if mode == HVPMode.FINITE_DIFFERENCE else None)
 
@@ -262,7 +394,7 @@ class Hessian(CurvatureOperator):
 
     def _choose(self) -> None:
         key = (self.problem.param_names, str(self.problem.dtype), str(self.device), self.compile_backend,
-               bool(self._may_reuse))
+               bool(self._may_reuse), tuple(self._micro_batch(m) for m in EXACT_MODES))
         model = getattr(self.problem, "model", None)
         try:
             cached = _CHOICES.get(model, {}).get(key) if model is not None else None
@@ -287,11 +419,13 @@ class Hessian(CurvatureOperator):
         if self.compile_backend is not None:
             candidates += [(m, True) for m in EXACT_MODES]
         kernels: dict[str, Kernel] = {}
+        raw: dict[str, Kernel] = {}
         first: dict[str, Params] = {}
         failures: dict[str, str] = {}
         for mode, compiled in candidates:  # warm-up: also compiles, and finds the modes that fail
             name = mode.value + ("+compile" if compiled else "")
-            kernel = self._kernel(mode, compiled)
+            raw[name] = self._kernel(mode, compiled)
+            kernel = self._split(raw[name], self._micro_batch(mode))  # timed as its products will run
             try:
                 first[name] = kernel(params, v, X, y)
                 if self._may_reuse and mode == HVPMode.REVERSE_OVER_REVERSE and not compiled:
@@ -306,6 +440,7 @@ class Hessian(CurvatureOperator):
                     warn_compile_failed(mode, e)
                 continue
             kernels[name] = kernel
+            self._trim()
         self.mode_failures = failures
         if not kernels:
             return self._fall_back_to_fd(failures)
@@ -322,8 +457,9 @@ class Hessian(CurvatureOperator):
                 out = kernel(params, v, X, y)
                 timings[name] = min(timings[name], time.perf_counter() - t0)
                 self._graphs.clear()
+                self._trim()
                 if round_ == 0:
-                    repeat_ok[name] = _relative_difference(out, first[name]) <= tol
+                    repeat_ok[name] = relative_difference(out, first[name]) <= tol
             ranked = sorted(timings.values())
             if len(ranked) < 2:
                 break
@@ -334,7 +470,7 @@ class Hessian(CurvatureOperator):
         best = min(timings, key=timings.__getitem__)
         reference = next(iter(first))
         agree = math.sqrt(float(torch.finfo(self.problem.dtype).eps))
-        spread = max(_relative_difference(first[n], first[reference]) for n in kernels)
+        spread = max(relative_difference(first[n], first[reference]) for n in kernels)
         if spread > agree:
             fallback = HVPMode.REVERSE_OVER_REVERSE.value
             warnings.warn(f"the exact Hessian-vector product modes disagree on this model (relative difference "
@@ -343,7 +479,7 @@ class Hessian(CurvatureOperator):
             best = fallback if fallback in kernels else best
         mode_name, _, suffix = best.partition("+")
         mode, compiled = HVPMode(mode_name), bool(suffix)
-        self._use(mode, compiled, kernels[best] if compiled else None)
+        self._use(mode, compiled, raw[best] if compiled else None)
         self._repeat_ok = repeat_ok[best]
         return ModeChoice(mode, compiled, dict(timings), dict(failures))
 
@@ -391,7 +527,7 @@ class Hessian(CurvatureOperator):
         h = self.fd_step
         a = eager_kernel(HVPMode.FINITE_DIFFERENCE, self.problem.batch_loss, h)(params, v, X, y)
         b = eager_kernel(HVPMode.FINITE_DIFFERENCE, self.problem.batch_loss, 2 * h)(params, v, X, y)
-        self.fd_error_estimate = _relative_difference(a, b) / 3.0
+        self.fd_error_estimate = relative_difference(a, b) / 3.0
 
     # ----------------------------------------------------------- report
     def product_info(self) -> dict[str, Any]:
@@ -406,6 +542,13 @@ class Hessian(CurvatureOperator):
         if self.mode == HVPMode.FINITE_DIFFERENCE:
             info["fd_step"] = self.fd_step
             info["fd_error_estimate"] = self.fd_error_estimate
+        if self.memory_budget_bytes is not None:
+            info["memory_budget_bytes"] = self.memory_budget_bytes
+            info["forward_graph_bytes"] = self.forward_graph_bytes
+            info["product_micro_batch"] = self.product_micro_batch
+            if self.graph_sizes:
+                info["graph_bytes"] = {k: {"fixed": g.fixed, "per_sample": g.per_sample}
+                                       for k, g in self.graph_sizes.items()}
         return info
 
     def __repr__(self) -> str:

@@ -78,7 +78,8 @@ def fd_epsilon(params: Params, v: Params, step: float) -> Tensor:
 
 
 # ---------------------------------------------------------------- eager kernels (plain autograd)
-def _leaves(params: Params) -> Params:
+def leaves_of(params: Params) -> Params:
+    """Leaf views of the parameters that require gradients (no copies)."""
     return tuple(p.detach().requires_grad_(True) for p in params)
 
 
@@ -89,7 +90,7 @@ def _gradient(loss: Tensor, leaves: Params, create_graph: bool = False) -> Param
 def forward_over_reverse(batch_loss: BatchLoss, params: Params, v: Params, X: Any, y: Tensor) -> Params:
     """H_b v as the tangent of ∇ℓ_b at dual parameters θ + v·δ (core forward-mode AD over one backward)."""
     with torch.enable_grad(), fwAD.dual_level():
-        leaves = _leaves(params)
+        leaves = leaves_of(params)
         duals = tuple(fwAD.make_dual(p, t) for p, t in zip(leaves, v))
         g = _gradient(batch_loss(duals, X, y), leaves)
         out = []
@@ -130,7 +131,7 @@ def reverse_over_reverse(batch_loss: BatchLoss, params: Params, v: Params, X: An
     """H_b v = ∇_θ ⟨∇ℓ_b(θ), v⟩ by double backward (plain ``torch.autograd``); ``check``: first verify that the
     graph of ∇ℓ_b can be differentiated again (a walk over its nodes)."""
     with torch.enable_grad():
-        leaves = _leaves(params)
+        leaves = leaves_of(params)
         g = _gradient(batch_loss(leaves, X, y), leaves, create_graph=True)
         if check:
             _check_twice_differentiable(g)
@@ -140,7 +141,7 @@ def reverse_over_reverse(batch_loss: BatchLoss, params: Params, v: Params, X: An
 def gradient_graph(batch_loss: BatchLoss, params: Params, X: Any, y: Tensor) -> tuple[Params, Params]:
     """(leaves, ∇ℓ_b) with the graph of ∇ℓ_b kept, for products through it (:func:`through_graph`)."""
     with torch.enable_grad():
-        leaves = _leaves(params)
+        leaves = leaves_of(params)
         g = _gradient(batch_loss(leaves, X, y), leaves, create_graph=True)
     _check_twice_differentiable(g)
     return leaves, g
@@ -157,7 +158,7 @@ def reverse_over_reverse_block(batch_loss: BatchLoss, params: Params, V: Params,
     the kept graph of ∇ℓ_b."""
     k = V[0].shape[0]
     with torch.enable_grad():
-        leaves = _leaves(params)
+        leaves = leaves_of(params)
         g = _gradient(batch_loss(leaves, X, y), leaves, create_graph=True)
         _check_twice_differentiable(g)
         cols = [_double_backward(g, leaves, tuple(t[i] for t in V), retain_graph=i < k - 1) for i in range(k)]
@@ -166,7 +167,7 @@ def reverse_over_reverse_block(batch_loss: BatchLoss, params: Params, V: Params,
 
 def _gradient_at(batch_loss: BatchLoss, params: Params, X: Any, y: Tensor) -> Params:
     with torch.enable_grad():
-        leaves = _leaves(params)
+        leaves = leaves_of(params)
         return tuple(t.detach() for t in _gradient(batch_loss(leaves, X, y), leaves))
 
 
@@ -326,4 +327,4 @@ def warn_compile_failed(mode: HVPMode, error: BaseException) -> None:
 
 __all__ = ["EXACT_MODES", "BatchLoss", "Kernel", "block_kernel", "compile_kernel", "default_fd_step",
            "eager_kernel", "fd_epsilon", "finite_difference", "forward_over_reverse", "func_kernel", "gradient_graph",
-           "reverse_over_reverse", "reverse_over_reverse_block", "through_graph", "unit_roundoff"]
+           "leaves_of", "reverse_over_reverse", "reverse_over_reverse_block", "through_graph", "unit_roundoff"]
