@@ -8,12 +8,16 @@ measured call runs once, and the peak above the resident size before the call is
 * ``plain_gradient``: ``loss.backward()`` (the parameters' ``.grad``);
 * ``curvdist_gradient``: ``cd.Problem(...).gradient()``;
 * ``plain_hvp``: double backward, ∇(∇L·v);
-* ``curvdist_hvp_default``: ``cd.operator(problem, "hessian")`` with default options, then one product;
+* ``curvdist_hvp_default``: ``cd.operator(problem, "hessian")`` with default options, then one product (the default
+  memory budget splits the batch where a product's graph would exceed the gradient's forward graph);
+* ``curvdist_hvp_no_budget``: the same with ``memory_budget=None`` (the whole batch, its graph kept);
 * ``curvdist_hvp_reverse_over_reverse``, ``curvdist_hvp_forward_over_reverse``: the same with that ``mode``;
 * ``curvdist_ggn_default``: ``cd.operator(problem, "ggn")``, then one product.
 
 Goals (issue 20): curvdist's gradient ≤ 1.15× the plain gradient's peak; operator + one product ≤ 2× the plain
-gradient's. Writes benchmarks/results/memory_benchmark.json.
+gradient's. Each row also records the measured call's wall time (``seconds``: construction and one product for the
+operators) and, for the operators, how the products are computed (``product_info``). Writes
+benchmarks/results/memory_benchmark.json.
 
     python benchmarks/memory_benchmark.py [--threads 2]
 """
@@ -25,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "memory_benchmark.json"
 CONFIG = {"model_type": "gpt2", "vocab_size": 8192, "n_positions": 64, "n_embd": 512, "n_layer": 6, "n_head": 8,
           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-MODES = ("plain_gradient", "curvdist_gradient", "plain_hvp", "curvdist_hvp_default",
+MODES = ("plain_gradient", "curvdist_gradient", "plain_hvp", "curvdist_hvp_default", "curvdist_hvp_no_budget",
          "curvdist_hvp_reverse_over_reverse", "curvdist_hvp_forward_over_reverse", "curvdist_ggn_default")
 
 
@@ -58,6 +63,8 @@ def measure(mode: str, threads: int) -> dict[str, Any]:
     problem = cd.Problem(model, "causal_lm", [batch]) if mode.startswith("curvdist") else None
     before = rss_mb()
     reset_peak()
+    info: dict[str, Any] = {}
+    t0 = time.perf_counter()
     if mode == "plain_gradient":
         loss_fn().backward()
     elif mode == "curvdist_gradient":
@@ -70,11 +77,13 @@ def measure(mode: str, threads: int) -> dict[str, Any]:
         cd.operator(problem, "ggn").apply_vector(torch.cat([t.reshape(-1) for t in v]))
     else:
         mode_option = mode.removeprefix("curvdist_hvp_")
-        options = {} if mode_option == "default" else {"mode": mode_option}
+        options = {"default": {}, "no_budget": {"memory_budget": None}}.get(mode_option, {"mode": mode_option})
         op = cd.operator(problem, "hessian", **options)  # type: ignore[arg-type]
         op.apply_vector(torch.cat([t.reshape(-1) for t in v]))
+        info = op.product_info()
     return {"mode": mode, "peak_above_mb": peak_rss_mb() - before, "rss_before_mb": before,
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "seconds": time.perf_counter() - t0, "parameters": sum(p.numel() for p in model.parameters()),
+            **({"product_info": info} if info else {})}
 
 
 def main() -> None:

@@ -107,7 +107,8 @@ class CurvatureOperator(ABC):
     block_vectorized: bool = True
 
     #: whether :meth:`batch_matvec`'s results are fresh tensors that nothing else references: then the first batch's
-    #: result is the accumulator (one parameter-sized buffer less; 0 + x = x, so the sums are the same)
+    #: result is the accumulator where it is contiguous (one parameter-sized buffer less; 0 + x = x, so the sums
+    #: are the same; an expanded autograd result, stride 0, is copied)
     fresh_parts: bool = False
 
     def product_batches(self) -> Iterator[Batch]:
@@ -132,7 +133,8 @@ class CurvatureOperator(ABC):
                     "ops with forward- and reverse-mode derivatives"
                 ) from e
             if acc is None:
-                acc = [part.to(self.dtype) for part in parts]
+                acc = [part.to(self.dtype) if part.is_contiguous() else part.to(self.dtype, copy=True)
+                       for part in parts]
             else:
                 for a, part in zip(acc, parts):
                     a.add_(part.to(a.dtype))

@@ -40,6 +40,8 @@ class OutputSpaceCurvature(CurvatureOperator):
     each column, and one backward pulls the k stacked cotangents Λ J V back (Jᵀ Λ J V).
     """
 
+    fresh_parts = True  # the pullback's results are new tensors
+
     def output_apply(self, out: Tensor, y: Tensor, u: Tensor, ctx: Any) -> Tensor:
         """Λ_n u_n for every sample of the batch (u has the shape of the output)."""
         raise NotImplementedError

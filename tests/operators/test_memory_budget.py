@@ -185,3 +185,28 @@ def test_a_bad_budget_is_refused(bad: object) -> None:
     problem, _ = _truth("mlp")
     with pytest.raises(ProblemError, match="memory_budget"):
         Hessian(problem, memory_budget=bad)  # type: ignore[arg-type]
+
+
+class _SummedScale(torch.nn.Module):
+    """f(x) = (x W) · Σ_i s_i: the gradient of s is an expanded (stride-0) tensor, which the accumulation must not
+    add into in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.W = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64, generator=g))
+        self.s = torch.nn.Parameter(torch.randn(4, dtype=torch.float64, generator=g))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.W) * self.s.sum()
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_the_first_batch_result_is_the_accumulator_even_when_expanded(kind: str) -> None:
+    model = _SummedScale()
+    g = torch.Generator().manual_seed(8)
+    X, y = torch.randn(6, 3, dtype=torch.float64, generator=g), torch.randn(6, 2, dtype=torch.float64, generator=g)
+    problem = cd.Problem(model, "mse", (X, y), batch_size=2)  # three batches: the first result is added into
+    truth = (dense.dense_hessian if kind == "hessian" else dense.dense_ggn)(model, "mse", X, y, "mean")
+    v = _vector(problem.dim, seed=9)
+    assert _rel(cd.operator(problem, kind).apply_vector(v), truth @ v) <= 1e-10
