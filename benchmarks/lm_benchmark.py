@@ -21,7 +21,10 @@ Measurements (the products act on one fixed Gaussian v, flat float32 in and out)
     second ``grad`` with v as output gradient), flat vector in and out;
   * ``curvdist_hvp_<mode>``: ``cd.operator(problem, "hessian", mode=...)`` for auto (its choice and timings
     recorded), forward_over_reverse, reverse_over_reverse (kept graph: one batch), reverse_over_reverse_fresh
-    (``reuse_graph=False``) and finite_difference; ``curvdist_ggn``;
+    (``reuse_graph=False``) and finite_difference; ``curvdist_ggn``. curvdist's Hessian operators are built with
+    ``--memory-budget`` (default ``none``: the whole batch per product, as every peer runs it; ``auto`` is the
+    library's default, which splits the batch where a product's graph would exceed the gradient's forward graph
+    less the parameters — slower, in about half the memory);
   * ``curvlinops_hessian`` / ``curvlinops_ggn``: curvlinops 3 ``HessianLinearOperator`` / ``GGNLinearOperator``
     ``@ v`` on a wrapper module taking X = stack(input_ids, attention_mask) and returning the shifted logits
     flattened to (B·(T−1), V), y = labels[:, 1:] flattened, ``CrossEntropyLoss(ignore_index=-100,
@@ -232,7 +235,7 @@ def _curvlinops_parts(s: Setup) -> tuple[Any, Any, list[Any]]:
     return ShiftedLogits(s.model), torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="mean"), [(X, y)]
 
 
-def build_product(name: str, s: Setup) -> tuple[Callable[[], Any], dict[str, Any]]:
+def build_product(name: str, s: Setup, memory_budget: str = "none") -> tuple[Callable[[], Any], dict[str, Any]]:
     """The callable of one product (output: a flat tensor, or parameter-shaped tensors) and its build info."""
     import torch
 
@@ -253,7 +256,8 @@ def build_product(name: str, s: Setup) -> tuple[Callable[[], Any], dict[str, Any
         opts: dict[str, Any] = {}
         if mode.endswith("_fresh"):
             mode, opts["reuse_graph"] = mode[: -len("_fresh")], False
-        op = cd.operator(s.problem, "hessian", mode=mode, check_determinism=False, **opts)
+        op = cd.operator(s.problem, "hessian", mode=mode, check_determinism=False,
+                         memory_budget=_budget(memory_budget), **opts)
         info["product_info"] = op.product_info()
         return lambda: op.apply_vector(v), info
     if name == "curvdist_ggn":
@@ -287,7 +291,7 @@ def sync(device: Any) -> None:
 def run_product(name: str, s: Setup, args: argparse.Namespace, baseline: int) -> dict[str, Any]:
     with Peak(s.device) as pk:
         t0 = time.perf_counter()
-        fn, info = build_product(name, s)
+        fn, info = build_product(name, s, args.memory_budget)
         sync(s.device)
         build_s = time.perf_counter() - t0
     record: dict[str, Any] = {"build_s": build_s, "build_peak_above_baseline_mb": (pk.peak - baseline) / MB, **info}
@@ -333,6 +337,11 @@ class Counted:
         return self.fn(x)
 
 
+def _budget(text: str) -> int | str | None:
+    """``--memory-budget`` as the operator option: ``none`` → None, ``auto``, or a number of bytes."""
+    return None if text == "none" else text if text == "auto" else int(text)
+
+
 def run_eig(name: str, s: Setup, args: argparse.Namespace, baseline: int) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -343,7 +352,8 @@ def run_eig(name: str, s: Setup, args: argparse.Namespace, baseline: int) -> dic
     with Peak(s.device) as pk:
         t0 = time.perf_counter()
         if name == "eig_curvdist":
-            op = cd.operator(s.problem, "hessian", mode=args.hvp_mode, check_determinism=False)
+            op = cd.operator(s.problem, "hessian", mode=args.hvp_mode, check_determinism=False,
+                             memory_budget=_budget(args.memory_budget))
             record["product_info"] = op.product_info()
         elif name == "eig_curvlinops_scipy":
             import curvlinops
@@ -605,7 +615,8 @@ def child_args(args: argparse.Namespace, out: dict[str, Any]) -> list[str]:
             "--min-tokens", str(args.min_tokens or args.tokens), "--threads", str(args.threads),
             "--repeats", str(args.repeats), "--tol", str(args.tol), "--max-steps", str(args.max_steps),
             "--hvp-mode", hvp_mode, "--he-steps", str(he_steps), "--power-steps", str(args.power_steps),
-            "--ncv", str(ncv), "--max-basis", str(args.max_basis), "--model-config", args.model_config]
+            "--ncv", str(ncv), "--max-basis", str(args.max_basis), "--model-config", args.model_config,
+            "--memory-budget", args.memory_budget]
 
 
 NOTES = [
@@ -654,6 +665,8 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-steps", type=int, default=30, help="cap on Lanczos steps (curvdist maxiter, ARPACK budget)")
     p.add_argument("--hvp-mode", default="from_auto", help="Hessian mode of eig_curvdist (default: auto's choice)")
+    p.add_argument("--memory-budget", default="none",
+                   help="memory_budget of curvdist's Hessian operators: none (default), auto, or bytes")
     p.add_argument("--max-basis", type=int, default=0,
                    help="eig_curvdist: at most this many Lanczos vectors (thick restart; 0: plain Lanczos)")
     p.add_argument("--he-steps", type=int, default=0, help="hessian-eigenthings lanczos max_iter (0: curvdist's)")
