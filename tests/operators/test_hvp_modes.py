@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -32,14 +31,7 @@ MODES = [*EXACT, "finite_difference"]
 FD_RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: with a second thread contending for a busy core, OpenMP's waits make them 10-100x
-    slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

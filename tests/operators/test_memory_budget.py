@@ -9,9 +9,7 @@ exact modes are checked to 1e-10, as in test_hvp_modes.py.
 
 from __future__ import annotations
 
-import functools
 import weakref
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,30 +20,10 @@ from curvdist.errors import ProblemError
 from curvdist.operators.graph_memory import MIN_SPLIT_BYTES, GraphSize, fitting_micro_batch, measure_graph, saved_bytes
 from curvdist.operators.hessian import Hessian, clear_mode_cache
 from tests import dense
-from tests.cases import CASES, make_problem
+from tests.cases import CASES
+from tests.operators.test_hvp_modes import _rel, _truth, _vector
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@functools.cache
-def _truth(name: str) -> tuple[cd.Problem, Tensor]:
-    case = CASES[name]()
-    model = case.model()
-    return make_problem(case, "mean", model), dense.dense_hessian(model, case.loss, case.X, case.y, "mean")
-
-
-def _rel(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def _vector(d: int, seed: int = 1) -> Tensor:
-    return torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- the measurement
