@@ -127,13 +127,14 @@ class Hessian(CurvatureOperator):
         memory_budget: the bytes one product's autograd graph may hold (the tensors saved for backward: activations,
             tangents; measured exactly by :mod:`~curvdist.operators.graph_memory`). ``"auto"`` (default): what the
             forward pass of a gradient on the first batch saves, less the parameters' bytes, but at least 64 MiB
-            (smaller graphs are never split) — a product's graph together with the gradient ∇ℓ_b it holds beside
-            it (a gradient's own result) takes no more than the gradient of the same data keeps for its backward;
-            on a 23M-parameter GPT-2 decoder, 8 × 64 tokens, operator construction and one product peaked at 2.08×
-            a plain gradient with the forward graph alone as the budget, 1.77× with this one
-            (``benchmarks/memory_benchmark.py``); an ``int``: that many bytes; ``None``: no limit. Where a mode's graph on a whole batch exceeds the budget, its products run on
-            micro-batches of the largest size that fits (:attr:`product_micro_batch`), and a reverse-over-reverse
-            graph is kept between products (``reuse_graph``'s default) only where the whole batch's graph fits.
+            (smaller graphs are never split): a product's graph and the gradient ∇ℓ_b it holds beside it take no
+            more than a gradient of the same data keeps for its backward. On a 23M-parameter GPT-2 decoder (8 × 64
+            tokens) construction and one product peaked at 1.65–1.8× a plain gradient (2.1× with the forward
+            graph alone as the budget, 4.3× without a budget; ``benchmarks/memory_benchmark.py``), each product
+            2.0× slower than through a kept graph. An ``int``: that many bytes; ``None``: no limit (the fastest
+            products). Where a mode's graph on a whole batch exceeds the budget, its products run on micro-batches
+            of the largest size that fits (:attr:`product_micro_batch`), and a reverse-over-reverse graph is kept
+            between products (``reuse_graph``'s default) only where the whole batch's graph fits.
             ``reuse_graph=True`` keeps whole graphs regardless. Where the budget splits reverse-over-reverse's
             batches, ``auto`` takes that mode without timing the others (:attr:`mode_source` ``"budget"``):
             forward-over-reverse carries a tangent beside every saved activation (its graph measured 1.4× as
@@ -237,12 +238,12 @@ class Hessian(CurvatureOperator):
                 self.problem.batch_loss(leaves_of(params), X, y)
 
         self.forward_graph_bytes = saved_bytes(forward, [*params, *batch_tensors(X, y)])
-        release_free_memory()
         parameter_bytes = sum(p.numel() * p.element_size() for p in params)
         budget = (max(self.forward_graph_bytes - parameter_bytes, MIN_SPLIT_BYTES) if memory_budget == "auto"
                   else int(memory_budget))
         self.memory_budget_bytes = budget
         self._measure_products = self.forward_graph_bytes * _PRODUCT_OVER_FORWARD > budget
+        self._trim()
 
     def _micro_batch(self, mode: HVPMode) -> int | None:
         """The micro-batch size that keeps ``mode``'s graph within the budget (``None``: whole batches)."""
