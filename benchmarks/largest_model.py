@@ -17,7 +17,8 @@ window), in this order:
 
 A pipelined Hessian product holds, per stage, the parameters, v, the output, and the primal and tangent parameter
 gradients of the stage's forward-over-reverse pass: at 774M in 4 stages that peaked at 5.6 GB a stage and Ray's
-memory monitor killed a stage on 24 GB, so the stored run is ``--curvature ggn``.
+memory monitor killed a stage on 24 GB, so the stored run is ``--curvature ggn``. ``--basis-on-disk``: the stages
+keep their Lanczos basis rows in memory-mapped files (``basis_on_disk``), page cache the system can reclaim.
 
 The goal: each stage's peak during a query ≤ 1.5× its peak during the training step. Writes
 benchmarks/results/largest_model.json.
@@ -56,6 +57,8 @@ def main() -> None:
     p.add_argument("--trace-matvecs", type=int, default=6)
     p.add_argument("--curvature", default="hessian", choices=["hessian", "ggn"],
                    help="the curvature of the eigenvalue and the trace")
+    p.add_argument("--basis-on-disk", action="store_true",
+                   help="the stages keep their Lanczos basis rows in memory-mapped files (page cache)")
     p.add_argument("--model-config", default="", help="JSON overriding GPT-2 large's sizes (smoke tests)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
@@ -72,7 +75,8 @@ def main() -> None:
     res: dict[str, Any] = {"args": vars(args), "load_start": os.getloadavg(), "model": config}
     t0 = time.perf_counter()
     with cd.ray_backend(workers=args.stages, num_cpus=max(args.stages, 2)) as backend:
-        staged = backend.pipeline(spec, stages=args.stages, micro_batches=args.micro, snapshots=False)
+        staged = backend.pipeline(spec, stages=args.stages, micro_batches=args.micro, snapshots=False,
+                                  basis_on_disk=args.basis_on_disk)
         pool = staged.pool
         res["build_s"] = time.perf_counter() - t0
         res["parameters"] = staged.dim

@@ -49,11 +49,14 @@ class StagePool:
     :mod:`.materialize`); off, each builds the whole model and drops the rest. ``balance``: cut where the stages
     hold near-equal ``parameters`` (memory), or do near-equal ``compute`` (parameters multiplied with per token;
     embedding tables left out, a tied head counted): faster products where a model's embedding and head are large,
-    less even memory."""
+    less even memory. ``basis_on_disk``: the stages keep their rows of every Lanczos basis in memory-mapped files
+    of a temporary directory (unlinked at once, so they go with the stage) instead of their working memory: the
+    rows live in the page cache, which the system can write back and reclaim (CPU stages; for the largest models,
+    whose basis would not fit beside the stage's products)."""
 
     def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None,
                  snapshot_dir: str | None = None, snapshots: bool = True, snapshot_every: int = 1,
-                 skeletons: bool = True, balance: str = "parameters") -> None:
+                 skeletons: bool = True, balance: str = "parameters", basis_on_disk: bool = False) -> None:
         import ray
 
         from .stacks import split_points
@@ -76,9 +79,12 @@ class StagePool:
         self._own_dir = snapshots and snapshot_dir is None
         self.snapshot_dir = (tempfile.mkdtemp(prefix="curvdist-stages-") if self._own_dir else
                              snapshot_dir if snapshots else None)
+        if not isinstance(basis_on_disk, bool):
+            raise ProblemError(f"basis_on_disk must be True or False, got {basis_on_disk!r}")
+        self.basis_dir = tempfile.mkdtemp(prefix="curvdist-basis-") if basis_on_disk else None
         self.retries = 0
         try:
-            self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, balance)
+            self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, balance, self.basis_dir)
                            for i in range(stages)]
             wait_scheduled(ray, self.actors, "pipeline stages")
             if skeletons:  # each stage holds its own parameters only: build them together
@@ -164,6 +170,8 @@ class StagePool:
             self.ray.kill(a)
         if self._own_dir and self.snapshot_dir:
             shutil.rmtree(self.snapshot_dir, ignore_errors=True)
+        if self.basis_dir:
+            shutil.rmtree(self.basis_dir, ignore_errors=True)
 
 
 class PipelineProblem(StagedProblem):

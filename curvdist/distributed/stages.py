@@ -78,7 +78,7 @@ class StageWorker(ShardStore):
     labels for the last), and a store of vector shards keyed by integer ids."""
 
     def __init__(self, spec: ProblemSpec, stage: int, stages: int, micro_batches: int | None = None,
-                 snapshot_dir: str | None = None, balance: str = "parameters") -> None:
+                 snapshot_dir: str | None = None, balance: str = "parameters", basis_dir: str | None = None) -> None:
         import ray
 
         self.stage, self.stages = stage, stages
@@ -99,7 +99,8 @@ class StageWorker(ShardStore):
         self.calls = 0
         self.busy = 0.0
         self.restarted = bool(getattr(ray.get_runtime_context(), "was_current_actor_reconstructed", False))
-        self._open_store(None if snapshot_dir is None else Path(snapshot_dir) / f"stage{stage}")
+        self._open_store(None if snapshot_dir is None else Path(snapshot_dir) / f"stage{stage}",
+                         None if basis_dir is None else Path(basis_dir) / f"stage{stage}")
         if self.restarted:  # a lone restart: build now (a new pool calls build itself, see StagePool)
             self.build()
             self._load_snapshot()

@@ -13,6 +13,8 @@ into a given output vector). :class:`TorchSpace` has both, with :class:`Basis`.
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol, overload, runtime_checkable
@@ -200,6 +202,23 @@ def probe_seeds(seed: int, count: int) -> list[int]:
     return [int(s >> np.uint64(1)) for s in state]
 
 
+def file_block(directory: str | os.PathLike[str], dtype: torch.dtype) -> Callable[[int, int], Tensor]:
+    """An ``allocate`` for :class:`Basis` that keeps the rows out of the process's working memory: each block is a
+    CPU tensor mapped from a new file in ``directory`` (``torch.from_file``, shared), unlinked at once — the kernel
+    keeps the file while the mapping lives and frees it with the tensor, so nothing is left behind, not even after a
+    crash. The rows live in the page cache: reclaimable memory, written back to disk under pressure and read again
+    when used."""
+    def allocate(rows: int, dim: int) -> Tensor:
+        fd, path = tempfile.mkstemp(dir=directory, suffix=".basis")
+        os.close(fd)
+        try:
+            return torch.from_file(path, shared=True, size=rows * dim, dtype=dtype).view(rows, dim)
+        finally:
+            os.unlink(path)
+
+    return allocate
+
+
 class Basis(Sequence[Tensor]):
     """An append-only sequence of vectors of ℝ^d held as the rows of preallocated (rows, d) blocks.
 
@@ -209,12 +228,14 @@ class Basis(Sequence[Tensor]):
     :meth:`subtract` and :meth:`lincomb` form y − Σ c_i x_i and Σ c_i x_i in the working dtype.
 
     Blocks are allocated as needed, ``block_rows`` rows at a time (the first one ``min(capacity, block_rows)``), and
-    uninitialized, so rows never written cost no physical memory on the CPU. ``basis[:m]`` is a read-only view of
-    the first m vectors; ``basis[j]`` a view of row j (do not modify it).
+    uninitialized, so rows never written cost no physical memory on the CPU. ``allocate(rows, dim)`` replaces
+    ``torch.empty`` for the blocks (e.g. :func:`file_block`: rows in a memory-mapped file, out of the working
+    memory). ``basis[:m]`` is a read-only view of the first m vectors; ``basis[j]`` a view of row j (do not modify
+    it).
     """
 
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu", capacity: int | None = None,
-                 block_rows: int = 32) -> None:
+                 block_rows: int = 32, allocate: Callable[[int, int], Tensor] | None = None) -> None:
         if block_rows < 1:
             raise SolverError(f"block_rows must be positive, got {block_rows!r}")
         self.dim, self.dtype, self.device = int(dim), dtype, torch.device(device)
@@ -226,6 +247,7 @@ class Basis(Sequence[Tensor]):
         self._precise = True
         self._root = self  # views share the root's blocks and scratch
         self._scratch_buffer: Tensor | None = None
+        self._allocate = allocate
 
     # ------------------------------------------------------------ the sequence
     def __len__(self) -> int:
@@ -290,7 +312,8 @@ class Basis(Sequence[Tensor]):
             rows = self.block_rows
             if self.capacity is not None and self.capacity > allocated:
                 rows = min(rows, self.capacity - allocated)
-            self._blocks.append(torch.empty(rows, self.dim, dtype=self.dtype, device=self.device))
+            self._blocks.append(torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
+                                if self._allocate is None else self._allocate(rows, self.dim))
         row = self._row(self._len)
         if scale == 1.0:
             row.copy_(v)

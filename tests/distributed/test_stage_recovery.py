@@ -106,6 +106,29 @@ def test_snapshots_every_k_products_and_a_stage_killed_between_calls(ray_module)
     assert epochs[3] < epochs[1] / 2
 
 
+def test_basis_rows_in_files_give_the_same_numbers_through_a_recovery(ray_module):
+    """basis_on_disk: the stages' Lanczos rows in memory-mapped, already unlinked files give the in-memory numbers
+    bit for bit — also when stage 1 is killed after the 5th product and recovered from a snapshot into a new
+    file-backed basis — and leave no file behind."""
+    import os
+
+    results = {}
+    for on_disk in (False, True):
+        pool = StagePool(SPEC, 2, micro_batches=MICRO, snapshot_every=3, basis_on_disk=on_disk)
+        try:
+            results[on_disk] = _solve(pool, _KillAfter(pool, "ggn", 5))
+            assert pool.space.recoveries == 1
+            if on_disk:
+                stage_dirs = sorted(os.listdir(pool.basis_dir))
+                assert stage_dirs == ["stage0", "stage1"]
+                assert all(os.listdir(os.path.join(pool.basis_dir, d)) == [] for d in stage_dirs)
+                basis_dir = pool.basis_dir
+        finally:
+            pool.shutdown()
+    assert results[True] == results[False]  # bitwise
+    assert not os.path.exists(basis_dir)
+
+
 @pytest.mark.slow  # two fresh Ray sessions, four pools (about 70 s on 2 cores)
 def test_stage_lost_inside_a_product_is_recovered_to_the_uninterrupted_numbers(monkeypatch):
     """CURVDIST_FAULT makes stage 1 exit inside the 5th product; with snapshots every product the product is run

@@ -146,6 +146,26 @@ def test_basis_products_match_dense():
         B[7]
 
 
+def test_basis_rows_in_files_equal_rows_in_memory(tmp_path):
+    """file_block: blocks mapped from files (unlinked at once, so the directory stays empty) hold the same rows and
+    give the same products, bit for bit, as blocks in memory."""
+    from curvdist.solvers.space import file_block
+
+    d, dtype = 50, torch.float64
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(7, d, generator=g, dtype=dtype), torch.randn(d, generator=g, dtype=dtype)
+    memory, files = Basis(d, dtype, block_rows=3), Basis(d, dtype, block_rows=3, allocate=file_block(tmp_path, dtype))
+    for x in X:
+        memory.append(x, 0.5)
+        files.append(x, 0.5)
+    assert [b.shape for b in files._blocks] == [b.shape for b in memory._blocks]
+    assert list(tmp_path.iterdir()) == []
+    assert torch.equal(torch.stack(list(files)), torch.stack(list(memory)))
+    assert np.array_equal(files.dots(y), memory.dots(y))
+    c = np.linspace(-1.0, 1.0, 7)
+    assert torch.equal(files.subtract(c, y), memory.subtract(c, y))
+
+
 def test_basis_float32_dots_are_accumulated_in_float64():
     """float32 rows and vector: dots equal the float64 products of the same float32 numbers (to float64 rounding),
     which a float32 matrix-vector product over 10⁶ coordinates misses by orders of magnitude more."""
