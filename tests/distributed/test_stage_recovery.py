@@ -5,6 +5,7 @@ snapshot and the log replayed on it, to the numbers of the uninterrupted run."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -91,41 +92,26 @@ def test_fused_lanczos_step_equals_the_step_by_step_operations(ray_module):
 def test_snapshots_every_k_products_and_a_stage_killed_between_calls(ray_module):
     """Snapshots every 3 products give the numbers of snapshots at every product, from fewer snapshots; stage 1
     killed right after the 5th product is recovered by the next vector operation: Ray restarts it, it loads the
-    snapshot taken at the 4th product, and the 4th and 5th products and the operations after them are replayed."""
+    snapshot taken at the 4th product, and the 4th and 5th products and the operations after them are replayed.
+    The killed run keeps its Lanczos rows in memory-mapped, already unlinked files (``basis_on_disk``; the restarted
+    stage loads them into a new file-backed basis): the same numbers, and no file left behind."""
     clean, epochs = {}, {}
     for k in (1, 3):
-        pool = _pool(k)
+        pool = StagePool(SPEC, 2, micro_batches=MICRO, snapshot_every=k, basis_on_disk=k == 3)
         try:
             clean[k] = _solve(pool) if k == 1 else _solve(pool, _KillAfter(pool, "ggn", 5))
             epochs[k] = pool.space.epoch
             if k == 3:
                 assert pool.space.recoveries == 1 and pool.space.replayed_products == 2
+                basis_dir = pool.basis_dir
+                assert sorted(os.listdir(basis_dir)) == ["stage0", "stage1"]
+                assert all(os.listdir(os.path.join(basis_dir, d)) == [] for d in ("stage0", "stage1"))
+            else:
+                assert pool.basis_dir is None
         finally:
             pool.shutdown()
     assert clean[3] == clean[1]  # bitwise
     assert epochs[3] < epochs[1] / 2
-
-
-def test_basis_rows_in_files_give_the_same_numbers_through_a_recovery(ray_module):
-    """basis_on_disk: the stages' Lanczos rows in memory-mapped, already unlinked files give the in-memory numbers
-    bit for bit — also when stage 1 is killed after the 5th product and recovered from a snapshot into a new
-    file-backed basis — and leave no file behind."""
-    import os
-
-    results = {}
-    for on_disk in (False, True):
-        pool = StagePool(SPEC, 2, micro_batches=MICRO, snapshot_every=3, basis_on_disk=on_disk)
-        try:
-            results[on_disk] = _solve(pool, _KillAfter(pool, "ggn", 5))
-            assert pool.space.recoveries == 1
-            if on_disk:
-                stage_dirs = sorted(os.listdir(pool.basis_dir))
-                assert stage_dirs == ["stage0", "stage1"]
-                assert all(os.listdir(os.path.join(pool.basis_dir, d)) == [] for d in stage_dirs)
-                basis_dir = pool.basis_dir
-        finally:
-            pool.shutdown()
-    assert results[True] == results[False]  # bitwise
     assert not os.path.exists(basis_dir)
 
 
