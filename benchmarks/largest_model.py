@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--trace-matvecs", type=int, default=6)
     p.add_argument("--curvature", default="hessian", choices=["hessian", "ggn"],
                    help="the curvature of the eigenvalue and the trace")
+    p.add_argument("--queries", type=lambda t: t.split(","), default=["eig", "trace"],
+                   help="which of eig,trace to run after the training step (default both, in that order)")
     p.add_argument("--basis-on-disk", action="store_true",
                    help="the stages keep their Lanczos basis rows in memory-mapped files (page cache)")
     p.add_argument("--model-config", default="", help="JSON overriding GPT-2 large's sizes (smoke tests)")
@@ -93,22 +95,24 @@ def main() -> None:
         print(f"training step {res['train_step']['seconds']:.0f} s", flush=True)
 
         try:
-            H = cd.operator(staged, args.curvature)
-            staged.memory_reset()
-            t0 = time.perf_counter()
-            eig = cd.eigs(H, k=1, tol=args.tol, maxiter=args.maxiter, max_basis=args.max_basis, seed=0)
-            res["eig"] = {"value": eig.value[0], "converged": eig.converged, "matvecs": eig.matvecs,
-                          "residual": eig.info["residuals"][0], "seconds": time.perf_counter() - t0,
-                          "memory": staged.memory_records()}
-            print(f"eig {res['eig']['value']:.4g} in {res['eig']['seconds']:.0f} s ({eig.matvecs} products)",
-                  flush=True)
-
-            staged.memory_reset()
-            t0 = time.perf_counter()
-            tr = cd.trace(cd.operator(staged, args.curvature), method="hutchpp", matvecs=args.trace_matvecs, seed=0)
-            res["trace"] = {"value": tr.value, "stderr": tr.stderr, "matvecs": args.trace_matvecs,
-                            "seconds": time.perf_counter() - t0, "memory": staged.memory_records()}
-            print(f"trace {tr.value:.4g} in {res['trace']['seconds']:.0f} s", flush=True)
+            if "eig" in args.queries:
+                H = cd.operator(staged, args.curvature)
+                staged.memory_reset()
+                t0 = time.perf_counter()
+                eig = cd.eigs(H, k=1, tol=args.tol, maxiter=args.maxiter, max_basis=args.max_basis, seed=0)
+                res["eig"] = {"value": eig.value[0], "converged": eig.converged, "matvecs": eig.matvecs,
+                              "residual": eig.info["residuals"][0], "seconds": time.perf_counter() - t0,
+                              "memory": staged.memory_records()}
+                print(f"eig {res['eig']['value']:.4g} in {res['eig']['seconds']:.0f} s ({eig.matvecs} products)",
+                      flush=True)
+            if "trace" in args.queries:
+                staged.memory_reset()
+                t0 = time.perf_counter()
+                tr = cd.trace(cd.operator(staged, args.curvature), method="hutchpp", matvecs=args.trace_matvecs,
+                              seed=0)
+                res["trace"] = {"value": tr.value, "stderr": tr.stderr, "matvecs": args.trace_matvecs,
+                                "seconds": time.perf_counter() - t0, "memory": staged.memory_records()}
+                print(f"trace {tr.value:.4g} in {res['trace']['seconds']:.0f} s", flush=True)
         except Exception as e:  # noqa: BLE001 - a stage killed for memory: what was measured is kept
             res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:500]}"
             print(res["error"], flush=True)
