@@ -93,12 +93,13 @@ class ShardStore:
     def _open_store(self, snapshots: Path | None, basis_dir: Path | None = None) -> None:
         """``basis_dir``: keep basis rows in memory-mapped files there (:func:`~curvdist.solvers.space.file_block`;
         CPU stages only) instead of the working memory."""
-        if basis_dir is not None and self.device.type != "cpu":
-            raise ProblemError(f"basis_on_disk maps basis rows from files on the CPU; this stage runs on "
-                               f"{self.device}, where the rows stay in device memory (turn basis_on_disk off)")
+        self._basis_allocate = None
         if basis_dir is not None:
+            if self.device.type != "cpu":
+                raise ProblemError(f"basis_on_disk maps basis rows from files on the CPU; this stage runs on "
+                                   f"{self.device}, where the rows stay in device memory (turn basis_on_disk off)")
             basis_dir.mkdir(parents=True, exist_ok=True)
-        self._allocate = None if basis_dir is None else file_block(basis_dir, self.dtype)
+            self._basis_allocate = file_block(basis_dir, self.dtype)
         self.vectors: dict[int, Tensor] = {}
         self.bases: dict[int, Basis] = {}
         self.row_of: dict[int, tuple[int, int]] = {}  # vectors that are views of basis rows: id → (basis, row)
@@ -159,7 +160,8 @@ class ShardStore:
         for f in sorted(d.glob("B*.pt")):
             bid = int(f.stem[1:])
             cap = int(load(f)[0])
-            basis = self.bases[bid] = Basis(self.dim, self.dtype, self.device, cap or None, allocate=self._allocate)
+            basis = self.bases[bid] = Basis(self.dim, self.dtype, self.device, cap or None,
+                                            allocate=self._basis_allocate)
             j = 0
             while (d / f"b{bid}_{j}.pt").is_file():
                 basis.append(load(d / f"b{bid}_{j}.pt"))
@@ -245,7 +247,7 @@ class ShardStore:
         return view if precise else view.coarse()
 
     def basis_new(self, bid: int, capacity: int | None) -> None:
-        self.bases[bid] = Basis(self.dim, self.dtype, self.device, capacity, allocate=self._allocate)
+        self.bases[bid] = Basis(self.dim, self.dtype, self.device, capacity, allocate=self._basis_allocate)
 
     def basis_free(self, bids: list[int]) -> None:
         for bid in bids:

@@ -47,6 +47,16 @@ def relative_difference(a: Params, b: Params) -> float:
     return num / den
 
 
+def add_parts(acc: list[Tensor] | None, parts: Params, dtype: torch.dtype) -> list[Tensor]:
+    """``acc`` + ``parts`` in place, in ``dtype``; with ``acc`` None the parts (fresh tensors) become the accumulator —
+    cast, or copied where they are not contiguous (an expanded autograd result, stride 0, cannot be added into)."""
+    if acc is None:
+        return [p.to(dtype) if p.is_contiguous() else p.to(dtype, copy=True) for p in parts]
+    for a, p in zip(acc, parts):
+        a.add_(p.to(a.dtype))
+    return acc
+
+
 class CurvatureOperator(ABC):
     """A symmetric curvature matrix applied matrix-free with ``torch.func``.
 
@@ -132,12 +142,7 @@ class CurvatureOperator(ABC):
                     "must be a pure function of its parameters (no in-place updates of module state) built from "
                     "ops with forward- and reverse-mode derivatives"
                 ) from e
-            if acc is None:
-                acc = [part.to(self.dtype) if part.is_contiguous() else part.to(self.dtype, copy=True)
-                       for part in parts]
-            else:
-                for a, part in zip(acc, parts):
-                    a.add_(part.to(a.dtype))
+            acc = add_parts(acc, parts, self.dtype)
             del parts  # not held while the next batch's product runs
         if acc is None:  # no batches (a problem always has one; kept for operators over other data)
             acc = [torch.zeros_like(t, dtype=self.dtype) for t in v]

@@ -30,7 +30,7 @@ from ..errors import AutodiffError, CurvdistError, ProblemError
 from ..problem.data import batch_len, micro_batches
 from ..problem.problem import Params
 from ..resources import release_free_memory
-from .base import CurvatureOperator, relative_difference
+from .base import CurvatureOperator, add_parts, relative_difference
 from .graph_memory import (
     MIN_SPLIT_BYTES,
     GraphSize,
@@ -201,10 +201,11 @@ class Hessian(CurvatureOperator):
         self._micro: dict[HVPMode, int | None] = {}
         self._whole_graphs = bool(reuse_graph)
         self._plan_budget(memory_budget)
-        self._may_reuse = (getattr(problem, "num_batches", None) == 1
-                           and self._micro_batch(HVPMode.REVERSE_OVER_REVERSE) is None
+        ror_split = (self._micro_batch(HVPMode.REVERSE_OVER_REVERSE)
+                     if requested in (HVPMode.AUTO, HVPMode.REVERSE_OVER_REVERSE) else None)
+        self._may_reuse = (getattr(problem, "num_batches", None) == 1 and ror_split is None
                            ) if reuse_graph is None else reuse_graph
-        if requested == HVPMode.AUTO and self._micro_batch(HVPMode.REVERSE_OVER_REVERSE) is not None:
+        if requested == HVPMode.AUTO and ror_split is not None:
             self.mode_source = "budget"  # memory binds: the mode with no tangents to carry, without a timing race
             self._use(HVPMode.REVERSE_OVER_REVERSE, False)
         elif requested == HVPMode.AUTO:
@@ -230,7 +231,7 @@ class Hessian(CurvatureOperator):
         self._measure_products = False
         if memory_budget is None:
             return
-        params, X, y = self.problem.params, *next(iter(self.problem.batches()))
+        params, (X, y) = self.problem.params, self._first_batch()
         self._first_len = batch_len(X)
 
         def forward() -> None:
@@ -251,7 +252,7 @@ class Hessian(CurvatureOperator):
             return self._micro[mode]
         size: int | None = None
         if self._measure_products and not (self._whole_graphs and mode == HVPMode.REVERSE_OVER_REVERSE):
-            params, X, y = self.problem.params, *next(iter(self.problem.batches()))
+            params, (X, y) = self.problem.params, self._first_batch()
             v = tuple(torch.ones_like(p) for p in params)  # any tangent: the graph's size does not depend on it
             loss = self.problem.batch_loss
             build: Any = {
@@ -294,13 +295,7 @@ class Hessian(CurvatureOperator):
         def split(params: Params, v: Params, X: Any, y: Tensor) -> Params:
             total: list[Tensor] | None = None
             for Xi, yi in micro_batches((X, y), size):
-                part = kernel(params, v, Xi, yi)
-                if total is None:
-                    total = [t.to(self.dtype) for t in part]
-                else:
-                    for a, t in zip(total, part):
-                        a.add_(t.to(a.dtype))
-                del part
+                total = add_parts(total, kernel(params, v, Xi, yi), self.dtype)
             assert total is not None
             return tuple(total)
 
@@ -395,8 +390,12 @@ class Hessian(CurvatureOperator):
         """The parameters, the seed-0 vector of :meth:`check_determinism` and the first batch."""
         g = torch.Generator(device="cpu").manual_seed(0)
         flat = torch.randn(self.dim, generator=g, dtype=torch.float64).to(self.device, self.problem.dtype)
-        X, y = next(iter(self.problem.batches()))
+        X, y = self._first_batch()
         return self.problem.params, self.problem.unflatten(flat), X, y
+
+    def _first_batch(self) -> tuple[Any, Tensor]:
+        """The problem's first (micro-)batch: where ``auto`` and the memory budget measure."""
+        return next(iter(self.problem.batches()))
 
     def _choose(self) -> None:
         key = (self.problem.param_names, str(self.problem.dtype), str(self.device), self.compile_backend,

@@ -66,7 +66,8 @@ def test_graph_size_is_affine_in_the_samples() -> None:
     """G(n) from one and two samples predicts the forward graph of three to seven samples of the MLP exactly (its
     saved activations are per sample)."""
     problem, _ = _truth("mlp")
-    X, y = next(iter(cd.Problem(problem.model, "cross_entropy", (CASES["mlp"]().X, CASES["mlp"]().y)).batches()))
+    case = CASES["mlp"]()
+    X, y = case.X, case.y
 
     def forward(Xn: Tensor, yn: Tensor) -> None:
         with torch.enable_grad():
