@@ -265,7 +265,7 @@ class PipelineOperator:
         out = space._new()
         for attempt in range(RETRIES + 1):
             try:
-                self._product(v, out, epoch)
+                norm2 = self._product(v, out, epoch)
                 break
             except Exception as e:  # noqa: BLE001 - a lost stage is recovered, anything else raised as it is
                 if not is_lost(pool.ray, e):
@@ -279,7 +279,7 @@ class PipelineOperator:
                 pool.check_versions()
                 pool.retries += 1
         space.record_product(lambda restarted: self._replay(v, out, restarted), [v])
-        if not np.isfinite(pool.space.dot(out, out)):
+        if not np.isfinite(norm2):
             raise NonFiniteError(f"the pipelined {self.kind} product is NaN or inf")
         pool.products += 1
         pool.product_s += time.perf_counter() - t0
@@ -291,12 +291,12 @@ class PipelineOperator:
         self._product(v, out, None, [out.id if s in restarted else scratch.id for s in range(len(self.pool.actors))])
 
     def _product(self, v: ShardedVector, out: ShardedVector, epoch: int | None,
-                 outs: list[int] | None = None) -> None:
+                 outs: list[int] | None = None) -> float:
         """GPipe: every micro-batch's forward pass is submitted, then every backward pass. A Ray actor runs its
         calls in submission order, so stage s works on micro-batch m while stage s+1 works on m−1 (and the
         other way round in the backward pass); each call passes one object to the next stage. ``epoch``: the
         stages first write that snapshot; ``outs``: per stage the vector its shard of C v goes to (default
-        ``out``)."""
+        ``out``). Returns ‖C v‖² (from the stages' ``finish``; with ``outs``, of what they wrote)."""
         ray, actors, pool = self.pool.ray, self.pool.actors, self.pool
         outs = outs or [out.id] * len(actors)
         tied: list[dict[str, Any]] = [{} for _ in actors]
@@ -321,7 +321,7 @@ class PipelineOperator:
             if epoch is not None:
                 pool.space.confirm_snapshot()
             ray.get(pending)
-            ray.get(done)
+            return float(sum(ray.get(done)))
         except ray.exceptions.RayActorError:
             raise
         except ray.exceptions.RayTaskError as e:

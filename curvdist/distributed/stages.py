@@ -426,8 +426,9 @@ class StageWorker(ShardStore):
         """This stage's parts of C v for the tied parameters it uses but does not own."""
         return self.tied_out
 
-    def finish(self, out_id: int, scale: float, parts: list[Any]) -> None:
-        """Add the later stages' parts of the tied parameters this stage owns, then scale (1/N for the mean)."""
+    def finish(self, out_id: int, scale: float, parts: list[Any]) -> float:
+        """Add the later stages' parts of the tied parameters this stage owns, then scale (1/N for the mean);
+        returns this stage's part of ‖out‖² (the coordinator's finiteness check, without another round of calls)."""
         import ray
 
         out = self.vectors[out_id]
@@ -436,6 +437,7 @@ class StageWorker(ShardStore):
             self._part(out_id, name).add_(contribution[name].reshape(-1).to(out.dtype))
         out.mul_(scale)
         release_free_memory()
+        return self.dot(out_id, out_id)
 
     def _maybe_fail(self) -> None:
         self.calls += 1

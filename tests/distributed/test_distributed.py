@@ -103,6 +103,9 @@ def test_pipeline_mode_equals_local(ray_module, name, stages):
             b = cd.eigs(PipelineOperator(pool, "hessian"), k=1, tol=1e-10,
                         metric=PipelineMetric(PipelineOperator(pool, "ggn"), damping=0.5)).value
             _close(a, b, rel=1e-8)  # CG solves to 1e-12 bound the agreement
+            nan = pool.space.from_tensor(torch.full((local.dim,), float("nan"), dtype=torch.float64))
+            with pytest.raises(cd.NonFiniteError, match="the pipelined ggn product is NaN or inf"):
+                PipelineOperator(pool, "ggn").apply_vector(nan)  # checked with the stages' parts of ‖C v‖²
     finally:
         pool.shutdown()
 
