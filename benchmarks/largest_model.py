@@ -13,7 +13,8 @@ window), in this order:
    those of the queries): the reference peak;
 2. the top eigenvalue of the Hessian (``--curvature ggn``: of the GGN), ``cd.eigs(k=1, tol=--tol,
    max_basis=--max-basis)`` (thick restart: at most that many Lanczos vectors on the stages);
-3. a Hutch++ trace of the same curvature with ``--trace-matvecs`` products.
+3. a Hutch++ trace of the same curvature with ``--trace-matvecs`` products (default 4: one sketch direction, two
+   residual probes, so the trace has a standard error).
 
 A pipelined Hessian product holds, per stage, the parameters, v, the output, and the primal and tangent parameter
 gradients of the stage's forward-over-reverse pass: at 774M in 4 stages that peaked at 5.6 GB a stage and Ray's
@@ -24,6 +25,9 @@ The goal: each stage's peak during a query ≤ 1.5× its peak during the trainin
 benchmarks/results/largest_model.json.
 
     python benchmarks/largest_model.py [--stages 4] [--batch 2] [--tokens 64] [--max-basis 4] [--tol 1e-2]
+
+The stored run: ``--curvature ggn --queries eig,trace --basis-on-disk --max-basis 3 --maxiter 12``
+(``largest_model.json``) and the trace alone, ``--curvature ggn --queries trace`` (``largest_model_trace.json``).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-2)
     p.add_argument("--max-basis", type=int, default=4)
     p.add_argument("--maxiter", type=int, default=40)
-    p.add_argument("--trace-matvecs", type=int, default=6)
+    p.add_argument("--trace-matvecs", type=int, default=4)
     p.add_argument("--curvature", default="hessian", choices=["hessian", "ggn"],
                    help="the curvature of the eigenvalue and the trace")
     p.add_argument("--queries", type=lambda t: t.split(","), default=["eig", "trace"],
