@@ -25,7 +25,7 @@ def orthonormalize(
     scale = max((space.norm(y) for y in vectors), default=0.0)
     for j, y in enumerate(vectors):
         w = y
-        for _ in range(2):
+        for _ in range(2 if Q else 0):  # nothing to subtract yet: no zero vector and no copy of y
             c = space.dots(Q, w)
             R[: len(Q), j] += c
             w = space.axpy(-1.0, space.lincomb(c, Q), w)

@@ -89,11 +89,13 @@ def products(apply: LinearMap | None, vectors: Iterable[Vector], block_apply: Bl
              block: int | None = None) -> Iterator[tuple[Vector, Vector]]:
     """(x, A x) for every x of ``vectors``, consumed lazily: one ``apply(x)`` at a time when ``block_apply`` is None
     (the solvers' default: single products, in order), else ``block_apply`` on consecutive groups of at most
-    ``block`` vectors (default: all of them in one call)."""
+    ``block`` vectors (default: all of them in one call). A pair (or group) the consumer let go of is not held
+    here while the next vector is made."""
     if block_apply is None:
         assert apply is not None
         for x in vectors:
             yield x, apply(x)
+            del x  # not alive while the next vector is made
         return
     it = iter(vectors)
     while True:
@@ -104,6 +106,7 @@ def products(apply: LinearMap | None, vectors: Iterable[Vector], block_apply: Bl
         if len(out) != len(group):
             raise SolverError(f"block_apply returned {len(out)} vectors for {len(group)}")
         yield from zip(group, out)
+        del group, out
 
 
 def apply_all(apply: LinearMap | None, vectors: Sequence[Vector], block_apply: BlockMap | None = None,
