@@ -18,10 +18,10 @@ results are unchanged) only by the rounding of the batched products.
 
 Memory. The estimators hold only the vectors they still use. Hutch++ (k sketch probes): the sketch A S and its
 orthonormal basis Q side by side while orthonormalizing (2k + 2 vectors at most), then Q and one probe with its
-product (each A q is dropped once qᵀAq is taken), and Q and three vectors while a residual probe is made. XTrace (m probes): Ω, AΩ and Q while orthonormalizing, then Ω, Q
-and one product (AQ enters QᵀAQ a column at a time). Hutchinson: one probe and its product. Every probe and its
-product are let go before the next product is taken. That counts at scale: at 774M parameters in 4 pipeline stages
-a vector is 0.9 GB a stage.
+product (each A q is dropped once qᵀAq is taken), and Q and three vectors while a residual probe is made. XTrace
+(m probes): Ω, AΩ and Q while orthonormalizing, then Ω, Q and one product (AQ enters QᵀAQ a column at a time).
+Hutchinson: one probe and its product. Every probe and its product are let go before the next product is taken.
+That counts at scale: at 774M parameters in 4 pipeline stages a vector is 0.9 GB a stage.
 """
 
 from __future__ import annotations
