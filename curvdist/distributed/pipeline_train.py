@@ -96,6 +96,11 @@ class PipelineTrainer:
 
     def loss_and_gradient(self, batch: int) -> tuple[float, ShardedVector]:
         """(L_i, ∂L_i/∂θ) of batch i, the gradient sharded over the stages."""
+        loss, g, _ = self._loss_gradient_norm2(batch)
+        return loss, g
+
+    def _loss_gradient_norm2(self, batch: int) -> tuple[float, ShardedVector, float]:
+        """(L_i, ∂L_i/∂θ, ‖∂L_i/∂θ‖²): the squared norm from the stages' ``finish``, no further round of calls."""
         pool = self.pool
         actors, space = pool.actors, pool.space
         micro = self.batches[batch]
@@ -119,15 +124,15 @@ class PipelineTrainer:
         done = [a.finish.remote(out.id, 1.0 / count, p) for a, p in zip(actors, pool.tied_parts())]
         pool.get(started)
         space.confirm_snapshot()
-        total = pool.get([*losses, *pending, *done])[:len(losses)]
+        results = pool.get([*losses, *pending, *done])
         space.record_product(None)
-        return float(sum(total)) / count, out
+        return float(sum(results[:len(losses)])) / count, out, float(sum(results[-len(done):]))
 
     def step(self, batch: int) -> float:
         """One step on batch i; returns the loss before it."""
-        pool, space = self.pool, self.pool.space
-        loss, g = self.loss_and_gradient(batch)
-        if not np.isfinite(loss) or not np.isfinite(space.dot(g, g)):
+        pool = self.pool
+        loss, g, g_norm2 = self._loss_gradient_norm2(batch)
+        if not np.isfinite(loss) or not np.isfinite(g_norm2):
             raise NonFiniteError(f"the loss or the gradient of batch {batch} is NaN or inf at step {self.steps}")
         if self.kind in STAGE_OPTIMIZERS:
             pool.get([a.optimizer_step.remote(g.id, self.kind, self.options, pool.version) for a in pool.actors])

@@ -307,7 +307,7 @@ class StageWorker(ShardStore):
         output. Returns the carry's cotangents (zeros where the outputs do not depend on it; None on stage 0)."""
         c = carry if self.stage == 0 else {k: t.detach().requires_grad_() for k, t in carry.items()}
         q = {n: t.detach().requires_grad_() for n, t in p.items()}
-        targets = {**self._pieces(out_id), **{n: self.tied_out[n] for n in self.foreign}}
+        targets = self._cotangent_targets(out_id)
         for n, leaf in q.items():
             leaf.grad = targets[n]
         with torch.enable_grad():
@@ -324,13 +324,15 @@ class StageWorker(ShardStore):
             return None
         return {k: torch.zeros_like(t) if t.grad is None else t.grad for k, t in c.items()}
 
+    def _cotangent_targets(self, out_id: int) -> dict[str, Tensor]:
+        """Where each differentiated parameter's cotangent goes: the owned ones to their views of vectors[out_id],
+        the tied ones to their parts in ``tied_out``."""
+        return {**self._pieces(out_id), **{n: self.tied_out[n] for n in self.foreign}}
+
     def _accumulate(self, out_id: int, gp: dict[str, Tensor]) -> None:
-        """Add the parameter cotangents: the owned ones to vectors[out_id] parameter by parameter (no concatenated
-        copy: a shard's worth of memory less at the peak), the tied ones to their parts."""
-        for n, piece in self._pieces(out_id).items():
-            piece.add_(gp[n].detach())
-        for n in self.foreign:
-            self.tied_out[n].add_(gp[n].detach())
+        """Add the parameter cotangents to their targets parameter by parameter (no concatenated copy)."""
+        for n, target in self._cotangent_targets(out_id).items():
+            target.add_(gp[n].detach())
 
     # ------------------------------------------------------------------ loss and gradient (training)
     def grad_begin(self, out_id: int, epoch: int | None = None) -> None:

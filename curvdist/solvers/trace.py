@@ -125,7 +125,10 @@ def xtrace(apply: LinearMap, space: VectorSpace, matvecs: int, seed: int = 0, pr
     m = matvecs // 2
     Om = [space.random(s, probe) for s in probe_seeds(seed, m)]
     Q, R, kept = orthonormalize(space, apply_all(apply, Om, block_apply, block))  # Y = AΩ dropped once Q, R are
-    H = np.array([space.dots(Q, z) for _, z in products(apply, Q, block_apply, block)]).T  # Z = AQ, a column at a time
+    H = np.empty((len(Q), len(Q)))  # QᵀZ, Z = AQ taken a column at a time (no enumerate: it keeps the last pair)
+    pairs = products(apply, Q, block_apply, block)
+    for j in range(len(Q)):
+        H[:, j] = space.dots(Q, next(pairs)[1])
     H = 0.5 * (H + H.T)
     trH = float(np.trace(H))
     if len(kept) < m:

@@ -68,6 +68,13 @@ def test_pipeline_training_equals_local(ray_module, optimizer):
         want = cd.operator(local, "ggn") @ v
         got = pool.space.to_tensor(op.apply_vector(pool.space.from_tensor(v)))
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+        if optimizer == "adamw":  # the squared gradient norm the step checks comes from the stages' finish calls
+            _, g, g_norm2 = trainer._loss_gradient_norm2(0)
+            X, y = batches[0]
+            grads = torch.func.grad(lambda ps: local.batch_loss(list(ps), X, y))(tuple(local.params))
+            local_grad = torch.cat([t.reshape(-1) for t in grads]) / local.loss.count(y)
+            np.testing.assert_allclose(g_norm2, float(local_grad @ local_grad), rtol=1e-9)
+            np.testing.assert_allclose(g_norm2, pool.space.dot(g, g), rtol=1e-12)
     finally:
         pool.shutdown()
 

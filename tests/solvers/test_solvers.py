@@ -352,7 +352,7 @@ for _name in ("axpy", "scale", "zeros", "random", "mul", "lincomb", "sub_lincomb
     (hutchinson, 6, 2, 1),  # the probe; its product is made beside it
     (hutchpp, 9, 2 * 3 + 2, 3 + 1),  # k = 3: sketch and Q side by side while orthonormalizing, then Q and one probe
     (hutchpp, 4, 1 + 3, 1 + 1),  # k = 1: Q, and z, Qᵀz's combination and z − Q(Qᵀz) while a residual probe is made
-    (xtrace, 8, 3 * 4 + 2, 2 * 4 + 1),  # m = 4: Ω, AΩ and Q while orthonormalizing, then Ω, Q and one product
+    (xtrace, 8, 3 * 4 + 2, 2 * 4),  # m = 4: Ω, AΩ and Q while orthonormalizing, then Ω, Q and one product
 ])
 def test_trace_estimators_let_go_of_the_vectors_they_no_longer_use(decaying, estimator, budget, most,
                                                                     at_later_products):
