@@ -115,9 +115,10 @@ class StagePool:
         self.version = 0  # parameter updates made by pipeline training (:mod:`.pipeline_train`)
 
     def get(self, refs: list[Any]) -> list[Any]:
-        """``ray.get`` with a stage's exception raised as itself."""
+        """``ray.get`` with a stage's exception raised as itself (after the vector operations submitted without
+        waiting: :meth:`~.sharded_space.ShardedSpace.settle`)."""
         try:
-            return self.ray.get(refs)
+            return self.space.settle(refs)
         except self.ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
 
@@ -317,7 +318,7 @@ class PipelineOperator:
             pending.append(cot)
         done = [a.finish.remote(o, self.scale, p) for a, o, p in zip(actors, outs, pool.tied_parts())]
         try:
-            ray.get(started)
+            pool.space.settle(started)  # the vector operations submitted before the product, too
             if epoch is not None:
                 pool.space.confirm_snapshot()
             ray.get(pending)

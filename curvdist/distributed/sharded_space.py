@@ -60,7 +60,7 @@ class ShardedBasis(Sequence[ShardedVector]):
         if root is None:
             self.id = next(space._ids)
             self._len = 0
-            space._all("basis_new", self.id, capacity)
+            space._submit("basis_new", self.id, capacity)
             weakref.finalize(self, space._release_basis, self.id)
         else:
             self.id, self._len = root.id, root._len if length is None else length
@@ -87,7 +87,7 @@ class ShardedBasis(Sequence[ShardedVector]):
         if not 0 <= j < len(self):
             raise IndexError(f"basis index {i} out of range for {len(self)} vectors")
         out = self.space._new()
-        self.space._all("basis_row", self.id, j, out.id)
+        self.space._submit("basis_row", self.id, j, out.id)
         return out
 
     def __iter__(self) -> Iterator[ShardedVector]:
@@ -104,14 +104,14 @@ class ShardedBasis(Sequence[ShardedVector]):
         if self.read_only:
             raise SolverError("cannot rotate a view of a basis")
         C = np.asarray(C, dtype=np.float64)
-        self.space._all("basis_rotate", self.id, C.tolist())
+        self.space._submit("basis_rotate", self.id, C.tolist())
         self._len = C.shape[1]
 
     def append(self, v: ShardedVector, scale: float = 1.0) -> None:
         """Copy ``scale · v`` into the next row on every stage."""
         if self.read_only:
             raise SolverError("cannot append to a prefix view of a basis")
-        self.space._all("basis_append", self.id, v.id, float(scale))
+        self.space._submit("basis_append", self.id, v.id, float(scale))
         self._len += 1
 
 
@@ -136,6 +136,8 @@ class ShardedSpace:
         self.snapshot_every = snapshot_every
         self._ids = itertools.count(1)
         self._garbage: list[int] = []
+        #: (stage, ref) of calls submitted without waiting (:meth:`_submit`), checked at the next wait (:meth:`settle`)
+        self._pending: list[tuple[int, Any]] = []
         self._garbage_bases: list[int] = []
         #: since the last snapshot: ("call", method, args, stages — None: all) and ("product", replay, inputs) entries
         self.log: list[tuple[Any, ...]] = []
@@ -168,22 +170,47 @@ class ShardedSpace:
                 for a in self.actors:
                     getattr(a, method).remote(ids)
 
-    def _all(self, method: str, *args: Any) -> list[Any]:
-        """``method(*args)`` on every stage; a stage Ray restarted meanwhile is recovered and the call completed."""
+    def _call(self, method: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[Any]]:
+        """Submit ``method(*args)`` to every stage (logged when it changes shards): the log entry and the refs."""
         self.flush()
         entry = ("call", method, args, None)
         if method in CHANGES and self.snapshot_every is not None:
             self.log.append(entry)
-        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        return entry, [getattr(a, method).remote(*args) for a in self.actors]
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every stage, waited for; a stage Ray restarted meanwhile is recovered and the call
+        completed."""
+        entry, refs = self._call(method, args)
         try:
-            return self.ray.get(refs)
+            return self.settle(refs)
         except Exception as e:  # noqa: BLE001 - a lost stage is recovered, anything else raised as it is
             if not is_lost(self.ray, e):
                 raise
             restarted = self.recover(e, skip=entry)
         results = [getattr(self.actors[s], method).remote(*args) if s in restarted else refs[s]
                    for s in range(len(self.actors))]
-        return self.ray.get(results)
+        return self.settle(results)
+
+    def _submit(self, method: str, *args: Any) -> None:
+        """``method(*args)`` on every stage without waiting, for the calls that return nothing (they make or change
+        shards): a round trip saved per call. An actor runs its calls in submission order, so no later call reads
+        a shard before it is written; the outcome is checked at the next call that waits (:meth:`settle`), where a
+        stage lost meanwhile is recovered (the call is in the log) and any other error is raised."""
+        _, refs = self._call(method, args)
+        self._pending.extend(enumerate(refs))
+
+    def settle(self, refs: Sequence[Any] = ()) -> list[Any]:
+        """``ray.get(refs)``, after the calls submitted without waiting: their errors are raised first."""
+        n = len(self._pending)
+        try:
+            out = self.ray.get([r for _, r in self._pending] + list(refs))
+        except Exception as e:  # noqa: BLE001 - kept for recovery when a stage was lost, else they are done with
+            if not is_lost(self.ray, e):
+                self._pending.clear()
+            raise
+        del self._pending[:n]
+        return out[n:]
 
     # ------------------------------------------------------------ snapshots and recovery
     def snapshot_point(self, force: bool = False) -> int | None:
@@ -246,6 +273,8 @@ class ShardedSpace:
                 entry[1](restarted)
                 self.replayed_products += 1
         self.lives = [token for token, _ in lives]
+        # the restarted stages' unanswered calls are in the log, just replayed; the others' are still checked
+        self._pending = [(s, r) for s, r in self._pending if s not in restarted]
         self.recoveries += 1
         return restarted
 
@@ -267,36 +296,36 @@ class ShardedSpace:
 
     def axpy(self, a: float, x: ShardedVector, y: ShardedVector) -> ShardedVector:
         out = self._new()
-        self._all("axpy", out.id, float(a), x.id, y.id)
+        self._submit("axpy", out.id, float(a), x.id, y.id)
         return out
 
     def scale(self, a: float, x: ShardedVector) -> ShardedVector:
         out = self._new()
-        self._all("scale", out.id, float(a), x.id)
+        self._submit("scale", out.id, float(a), x.id)
         return out
 
     def mul(self, x: ShardedVector, y: ShardedVector) -> ShardedVector:
         out = self._new()
-        self._all("mul", out.id, x.id, y.id)
+        self._submit("mul", out.id, x.id, y.id)
         return out
 
     def zeros(self) -> ShardedVector:
         out = self._new()
-        self._all("zeros", out.id)
+        self._submit("zeros", out.id)
         return out
 
     def random(self, seed: int, kind: str = "rademacher") -> ShardedVector:
         out = self._new()
-        self._all("random", out.id, int(seed), kind)
+        self._submit("random", out.id, int(seed), kind)
         return out
 
     def lincomb(self, coeffs: np.ndarray, xs: Sequence[ShardedVector] | ShardedBasis) -> ShardedVector:
         out = self._new()
         c = [float(x) for x in coeffs]
         if isinstance(xs, ShardedBasis):
-            self._all("basis_lincomb", out.id, c, xs.ref)
+            self._submit("basis_lincomb", out.id, c, xs.ref)
         else:
-            self._all("lincomb", out.id, c, [x.id for x in xs])
+            self._submit("lincomb", out.id, c, [x.id for x in xs])
         return out
 
     def new_basis(self, capacity: int | None = None) -> ShardedBasis:
@@ -310,10 +339,10 @@ class ShardedSpace:
             res = self.axpy(-1.0, self.lincomb(coeffs, xs), y)
             if out is None:
                 return res
-            self._all("scale", out.id, 1.0, res.id)
+            self._submit("scale", out.id, 1.0, res.id)
             return out
         out = out if out is not None else self._new()
-        self._all("basis_subtract", xs.ref, [float(c) for c in coeffs], y.id, out.id)
+        self._submit("basis_subtract", xs.ref, [float(c) for c in coeffs], y.id, out.id)
         return out
 
     def expand(self, basis: ShardedBasis, q: ShardedVector, w: ShardedVector,
@@ -341,5 +370,5 @@ class ShardedSpace:
         pieces = [select(t, segs) for segs in self.segments]
         if self.snapshot_every is not None:  # each stage its own piece: one logged call per stage
             self.log.extend(("call", "put", (out.id, piece), {s}) for s, piece in enumerate(pieces))
-        self.ray.get([a.put.remote(out.id, piece) for a, piece in zip(self.actors, pieces)])
+        self.settle([a.put.remote(out.id, piece) for a, piece in zip(self.actors, pieces)])
         return out

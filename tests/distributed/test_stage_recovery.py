@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 import curvdist as cd
 from curvdist.distributed.cluster import ray_session
 from curvdist.distributed.pipeline import PipelineOperator, StagePool
+from curvdist.distributed.sharded_space import ShardedVector
 from curvdist.faults import FAULT_ENV
 from curvdist.problem.spec import ProblemSpec
 from curvdist.solvers.lanczos import lanczos
@@ -85,6 +87,31 @@ def test_fused_lanczos_step_equals_the_step_by_step_operations(ray_module):
         here = cd.eigs(local, k=2, tol=1e-10, max_basis=6, maxiter=500)
         assert staged.converged and staged.matvecs > 6
         np.testing.assert_allclose(staged.value, here.value, rtol=1e-9)
+    finally:
+        pool.shutdown()
+
+
+def test_vector_operations_run_without_waiting_and_their_errors_reach_the_next_wait(ray_module):
+    """Operations that make or change shards (axpy, lincomb, ...) are submitted without a round trip: the calls wait
+    at the next operation that returns numbers (a dot), which gives the local numbers. An error in a submitted call
+    is raised there, as itself, and the space works on after it."""
+    pool = _pool(1)
+    try:
+        space = pool.space
+        local = cd.operator(SPEC.build(), "ggn").vector_space()
+        v, w = space.random(1, "gaussian"), space.random(2, "gaussian")
+        lv, lw = local.random(1, "gaussian"), local.random(2, "gaussian")
+        u = space.lincomb(np.array([2.0, -1.0]), [space.axpy(0.5, v, w), v])
+        assert len(space._pending) == 2 * 4  # two randoms, an axpy and a lincomb on each of the two stages
+        want = float(torch.dot(2.0 * (0.5 * lv + lw) - lv, lv))
+        assert space.dot(u, v) == pytest.approx(want, rel=1e-12)
+        assert space._pending == []
+        unknown = ShardedVector(space, 10**9)  # a handle no stage holds
+        space.axpy(1.0, unknown, v)  # submitted: no error yet
+        with pytest.raises(KeyError):
+            space.dot(v, v)
+        assert space._pending == []
+        assert space.dot(u, v) == pytest.approx(want, rel=1e-12)
     finally:
         pool.shutdown()
 
