@@ -20,6 +20,8 @@ from curvdist.faults import FAULT_ENV
 from curvdist.problem.spec import ProblemSpec
 from curvdist.solvers.lanczos import lanczos
 
+from .conftest import fresh_ray
+
 MICRO = 2
 SPEC = ProblemSpec(model_factory="curvdist.zoo:mlp",
                    model_kwargs={"in_features": 64, "hidden": [5, 4], "out_features": 10, "seed": 1},
@@ -148,6 +150,7 @@ def test_stage_lost_inside_a_product_is_recovered_to_the_uninterrupted_numbers(m
     again, with snapshots every 3 products the 4th is first replayed on the restarted stage."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv(FAULT_ENV, raising=False)
+    fresh_ray()  # its workers must see FAULT_ENV: sessions of its own
     clean = {}
     with ray_session(num_cpus=4):
         for k in (1, 3):
