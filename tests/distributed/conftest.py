@@ -28,7 +28,7 @@ def ray_module(request: pytest.FixtureRequest, _ray_sessions: ExitStack) -> Iter
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        _ray_sessions.enter_context(ray_session(num_cpus=4))
+        _ray_sessions.enter_context(ray_session(num_cpus=8))  # logical: room for a shared pool beside a test's
     yield ray
     items = request.session.items
     last = max((i for i, item in enumerate(items) if item.module is request.module), default=len(items))

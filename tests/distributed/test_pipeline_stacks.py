@@ -8,6 +8,8 @@ through one split or another agrees to float64 rounding."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -80,33 +82,43 @@ def test_pipelined_decoder_equals_local(ray_module, name, stages, micro):
         pool.shutdown()
 
 
-def test_schedule_memory_and_refusals(ray_module):
+@pytest.fixture(scope="module")
+def gpt2_stages(ray_module) -> Iterator[StagePool]:
+    """GPT-2 in 2 skeleton stages of 2 micro-batches each batch, shared by the tests that only compute with it (a
+    pool of traced stages takes about 10 s to build on 2 cores)."""
+    pool = StagePool(spec("gpt2"), 2, micro_batches=2)
+    yield pool
+    pool.shutdown()
+
+
+def test_schedule_memory_and_refusals(gpt2_stages):
     """One query through the pipeline records its schedule (stage utilization) and each process's memory."""
     from curvdist.queries.session import Coordinates, run_query
     from curvdist.queries.specs import CurvatureSpec, EigsQuery, MetricSpec
 
-    with cd.ray_backend(workers=2) as backend:
-        staged = backend.pipeline(spec("gpt2"), stages=2, micro_batches=2)
-        r = run_query(EigsQuery(kind="eigs", k=1, tol=1e-8), Coordinates("theta", staged, 0),
-                      CurvatureSpec(kind="ggn"), MetricSpec(), 0)
-        product = r.info["product"]
-        assert product["mode"] == "pipeline" and product["stages"] == 2 and product["micro_batches"] == 4
-        assert product["products"] == r.matvecs > 0  # the meters count this query's products
-        assert all(0 < u <= 1 for u in product["utilization"])
-        memory = r.info["memory"]
-        assert [m["role"] for m in memory] == ["coordinator", "stage 0", "stage 1"]
-        infos = staged.pool.infos
-        assert [m["parameters"] for m in memory] == [0, infos[0]["held"], infos[1]["held"]]
-        assert all(m["peak_rss_mb"] >= m["rss_mb"] * 0.5 > 0 for m in memory)
-        assert all(m["window"] == "query" for m in memory)
+    staged = PipelineProblem(gpt2_stages)
+    r = run_query(EigsQuery(kind="eigs", k=1, tol=1e-8), Coordinates("theta", staged, 0),
+                  CurvatureSpec(kind="ggn"), MetricSpec(), 0)
+    product = r.info["product"]
+    assert product["mode"] == "pipeline" and product["stages"] == 2 and product["micro_batches"] == 4
+    assert product["products"] == r.matvecs > 0  # the meters count this query's products
+    assert all(0 < u <= 1 for u in product["utilization"])
+    memory = r.info["memory"]
+    assert [m["role"] for m in memory] == ["coordinator", "stage 0", "stage 1"]
+    infos = gpt2_stages.infos
+    assert [m["parameters"] for m in memory] == [0, infos[0]["held"], infos[1]["held"]]
+    assert all(m["peak_rss_mb"] >= m["rss_mb"] * 0.5 > 0 for m in memory)
+    assert all(m["window"] == "query" for m in memory)
 
 
 @pytest.mark.parametrize("name", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
-def test_skeleton_stages_equal_stages_built_from_the_whole_model(ray_module, name):
+def test_skeleton_stages_equal_stages_built_from_the_whole_model(request, name):
     """Stages built as meta skeletons that fetch only their own parameters (here from files: one node) compute the same
     products, bit for bit, as stages that built the whole model; a stage's held parameters are its own (and the
     tied weight)."""
-    pools = {k: StagePool(spec(name), 2, micro_batches=2, skeletons=k) for k in (True, False)}
+    request.getfixturevalue("ray_module")
+    skeletons = request.getfixturevalue("gpt2_stages") if name == "gpt2" else StagePool(spec(name), 2, micro_batches=2)
+    pools = {True: skeletons, False: StagePool(spec(name), 2, micro_batches=2, skeletons=False)}
     try:
         out = {}
         for k, pool in pools.items():
@@ -120,7 +132,8 @@ def test_skeleton_stages_equal_stages_built_from_the_whole_model(ray_module, nam
         assert all(i["held"] < i["total"] for i in infos)
     finally:
         for pool in pools.values():
-            pool.shutdown()
+            if name != "gpt2" or pool is not skeletons:  # the shared pool is the fixture's
+                pool.shutdown()
 
 
 @pytest.mark.parametrize("via", ["files", "object_store"])
