@@ -2,8 +2,9 @@
 lineage that recovers a lost stage.
 
 Vectors are :class:`ShardedVector` handles and Lanczos bases :class:`ShardedBasis` handles; their shards stay on the
-stage actors (:class:`~curvdist.distributed.shard_store.ShardStore`) and every vector-space operation is one round
-of remote calls returning at most a few scalars, so Lanczos, Hutch++, XTrace, SLQ and CG run unchanged (DESIGN §4).
+stage actors (:class:`~curvdist.distributed.shard_store.ShardStore`) and every vector-space operation is one call
+per stage returning at most a few scalars, so Lanczos, Hutch++, XTrace, SLQ and CG run unchanged (DESIGN §4). Calls
+that return nothing are submitted without waiting and checked at the next call that waits (:meth:`ShardedSpace.settle`).
 :meth:`ShardedSpace.expand` fuses a Lanczos step's vector work — α, two passes of reorthogonalization against the
 basis, β — into three rounds of one call per stage (the fewest that classical Gram-Schmidt applied twice allows:
 each pass needs the previous one's coefficients, summed over the stages), with no temporary vector. Freed handles

@@ -6,6 +6,7 @@ snapshot and the log replayed on it, to the numbers of the uninterrupted run."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -70,52 +71,53 @@ def _pool(every: int) -> StagePool:
     return StagePool(SPEC, 2, micro_batches=MICRO, snapshot_every=every)
 
 
-def test_fused_lanczos_step_equals_the_step_by_step_operations(ray_module):
+@pytest.fixture(scope="module")
+def pool1(ray_module) -> Iterator[StagePool]:
+    """Two stages, snapshots at every product, shared by the tests that kill nothing."""
     pool = _pool(1)
-    try:
-        op = PipelineOperator(pool, "ggn")
-        space = pool.space
-        runs = []
-        for s in (space, _Unfused(space)):
-            state = lanczos(op.apply_vector, s, space.random(5, "gaussian"), 12)
-            runs.append((state.alphas, state.betas))
-        assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]  # bitwise
-        local = cd.operator(SPEC.build(), "ggn")
-        ref = lanczos(local.apply_vector, local.vector_space(), local.vector_space().random(5, "gaussian"), 12)
-        for got, want in zip(runs[0], (ref.alphas, ref.betas)):  # and the local recurrence to rounding
-            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * max(map(abs, want)))
-        # thick restarts rotate the stage-held bases in place, to the local restarted values
-        staged = cd.eigs(op, k=2, tol=1e-10, max_basis=6, maxiter=500)
-        here = cd.eigs(local, k=2, tol=1e-10, max_basis=6, maxiter=500)
-        assert staged.converged and staged.matvecs > 6
-        np.testing.assert_allclose(staged.value, here.value, rtol=1e-9)
-    finally:
-        pool.shutdown()
+    yield pool
+    pool.shutdown()
 
 
-def test_vector_operations_run_without_waiting_and_their_errors_reach_the_next_wait(ray_module):
+def test_fused_lanczos_step_equals_the_step_by_step_operations(pool1):
+    op = PipelineOperator(pool1, "ggn")
+    space = pool1.space
+    runs = []
+    for s in (space, _Unfused(space)):
+        state = lanczos(op.apply_vector, s, space.random(5, "gaussian"), 12)
+        runs.append((state.alphas, state.betas))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]  # bitwise
+    local = cd.operator(SPEC.build(), "ggn")
+    ref = lanczos(local.apply_vector, local.vector_space(), local.vector_space().random(5, "gaussian"), 12)
+    for got, want in zip(runs[0], (ref.alphas, ref.betas)):  # and the local recurrence to rounding
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * max(map(abs, want)))
+    # thick restarts rotate the stage-held bases in place, to the local restarted values
+    staged = cd.eigs(op, k=2, tol=1e-10, max_basis=6, maxiter=500)
+    here = cd.eigs(local, k=2, tol=1e-10, max_basis=6, maxiter=500)
+    assert staged.converged and staged.matvecs > 6
+    np.testing.assert_allclose(staged.value, here.value, rtol=1e-9)
+
+
+def test_vector_operations_run_without_waiting_and_their_errors_reach_the_next_wait(pool1):
     """Operations that make or change shards (axpy, lincomb, ...) are submitted without a round trip: the calls wait
     at the next operation that returns numbers (a dot), which gives the local numbers. An error in a submitted call
     is raised there, as itself, and the space works on after it."""
-    pool = _pool(1)
-    try:
-        space = pool.space
-        local = cd.operator(SPEC.build(), "ggn").vector_space()
-        v, w = space.random(1, "gaussian"), space.random(2, "gaussian")
-        lv, lw = local.random(1, "gaussian"), local.random(2, "gaussian")
-        u = space.lincomb(np.array([2.0, -1.0]), [space.axpy(0.5, v, w), v])
-        assert len(space._pending) == 2 * 4  # two randoms, an axpy and a lincomb on each of the two stages
-        want = float(torch.dot(2.0 * (0.5 * lv + lw) - lv, lv))
-        assert space.dot(u, v) == pytest.approx(want, rel=1e-12)
-        assert space._pending == []
-        unknown = ShardedVector(space, 10**9)  # a handle no stage holds
-        space.axpy(1.0, unknown, v)  # submitted: no error yet
-        with pytest.raises(KeyError):
-            space.dot(v, v)
-        assert space._pending == []
-        assert space.dot(u, v) == pytest.approx(want, rel=1e-12)
-    finally:
-        pool.shutdown()
+    space = pool1.space
+    local = cd.operator(SPEC.build(), "ggn").vector_space()
+    space.settle()
+    v, w = space.random(1, "gaussian"), space.random(2, "gaussian")
+    lv, lw = local.random(1, "gaussian"), local.random(2, "gaussian")
+    u = space.lincomb(np.array([2.0, -1.0]), [space.axpy(0.5, v, w), v])
+    assert len(space._pending) == 2 * 4  # two randoms, an axpy and a lincomb on each of the two stages
+    want = float(torch.dot(2.0 * (0.5 * lv + lw) - lv, lv))
+    assert space.dot(u, v) == pytest.approx(want, rel=1e-12)
+    assert space._pending == []
+    unknown = ShardedVector(space, 10**9)  # a handle no stage holds
+    space.axpy(1.0, unknown, v)  # submitted: no error yet
+    with pytest.raises(KeyError):
+        space.dot(v, v)
+    assert space._pending == []
+    assert space.dot(u, v) == pytest.approx(want, rel=1e-12)
 
 
 def test_snapshots_every_k_products_and_a_stage_killed_between_calls(ray_module):
