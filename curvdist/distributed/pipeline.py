@@ -310,13 +310,24 @@ class PipelineOperator:
             carry = None
             for a in actors:
                 carry = a.forward.remote(b, carry, v.id)
-        pending = []
+        pending, done = [], []
+        users = {user for _, _, user in pool.ties}
+        contributions: dict[int, Any] = {}  # user stage → its parts of the tied weights, after its last backward
         for b in range(M):
             cot = None
             for s in reversed(range(len(actors))):
-                cot = actors[s].backward.remote(b, cot, mode, outs[s])
+                if b < M - 1:
+                    cot = actors[s].backward.remote(b, cot, mode, outs[s])
+                    continue
+                # the last micro-batch's backward also finishes the stage (the owners of tied weights add their
+                # users' parts: users are later stages, so theirs are submitted first)
+                parts = [(name, contributions[user]) for name, owner, user in pool.ties if owner == s]
+                cot, norm2 = actors[s].backward.options(num_returns=2).remote(b, cot, mode, outs[s], self.scale,
+                                                                             parts)
+                done.append(norm2)
+                if s in users:
+                    contributions[s] = actors[s].tied_contributions.remote()
             pending.append(cot)
-        done = [a.finish.remote(o, self.scale, p) for a, o, p in zip(actors, outs, pool.tied_parts())]
         try:
             pool.space.settle(started)  # the vector operations submitted before the product, too
             if epoch is not None:

@@ -269,9 +269,18 @@ class StageWorker(ShardStore):
         self.busy += time.perf_counter() - t0
         return result
 
-    def backward(self, b: int, incoming: Any, kind: str, out_id: int) -> Any:
+    def backward(self, b: int, incoming: Any, kind: str, out_id: int, scale: float | None = None,
+                 parts: list[Any] | None = None) -> Any:
         """Stage VJP (GGN) or JVP-of-VJP (Hessian) of micro-batch b; accumulates this stage's shard of C v into
-        ``out_id`` and returns the cotangents for the previous stage (one object)."""
+        ``out_id`` and returns the cotangents for the previous stage (one object). With ``scale`` (the product's
+        last micro-batch) it also runs :meth:`finish` and returns (cotangents, this stage's part of ‖C v‖²): one
+        call less per stage and product (the coordinator asks for two return objects)."""
+        cotangents = self._backward(b, incoming, kind, out_id)
+        if scale is None:
+            return cotangents
+        return cotangents, self.finish(out_id, scale, parts or [])
+
+    def _backward(self, b: int, incoming: Any, kind: str, out_id: int) -> Any:
         self._maybe_fail()
         t0 = time.perf_counter()
         if self.last:
