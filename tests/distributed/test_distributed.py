@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +82,28 @@ def test_data_mode_equals_local(ray_module, name, workers):
         backend.shutdown()
 
 
+@pytest.fixture(scope="module")
+def mlp_stages(ray_module) -> Iterator[StagePool]:
+    """The MLP in 2 stages, shared by the tests that compute with it without changing it."""
+    pool = StagePool(SPECS["mlp"], 2)
+    yield pool
+    pool.shutdown()
+
+
+def _stages(request: pytest.FixtureRequest, name: str, stages: int) -> tuple[StagePool, bool]:
+    """(pool, whether the caller shuts it down): the shared 2-stage MLP, or a new pool."""
+    request.getfixturevalue("ray_module")
+    if (name, stages) == ("mlp", 2):
+        return request.getfixturevalue("mlp_stages"), False
+    return StagePool(SPECS[name], stages), True
+
+
 @pytest.mark.parametrize("name,stages", [("mlp", 2), ("cnn", 2), pytest.param("mlp", 3, marks=pytest.mark.slow),
                                          pytest.param("cnn", 3, marks=pytest.mark.slow)])  # 3 stages: 16-19 s
-def test_pipeline_mode_equals_local(ray_module, name, stages):
+def test_pipeline_mode_equals_local(request, name, stages):
     spec = SPECS[name]
     local = spec.build()
-    pool = StagePool(spec, stages)
+    pool, own = _stages(request, name, stages)
     try:
         assert sum(i["dim"] for i in pool.infos) == local.dim
         for kind in ("hessian", "ggn"):
@@ -110,24 +127,20 @@ def test_pipeline_mode_equals_local(ray_module, name, stages):
             with pytest.raises(cd.NonFiniteError, match="the pipelined ggn product is NaN or inf"):
                 PipelineOperator(pool, "ggn").apply_vector(nan)  # checked with the stages' parts of ‖C v‖²
     finally:
-        pool.shutdown()
+        if own:
+            pool.shutdown()
 
 
 @pytest.mark.slow  # 28 s on 2 cores: about 650 pipelined products (a CG solve per Lanczos step); the fast suite
 # keeps the pipelined CG metric's product and solve against local through test_pipeline_mode_equals_local[mlp-2]
-def test_invariant_eigenvalue_with_a_pipelined_cg_metric_equals_local(ray_module):
+def test_invariant_eigenvalue_with_a_pipelined_cg_metric_equals_local(mlp_stages):
     """The top eigenvalue of M⁻¹H with the damped GGN metric solved by CG in the sharded space (Lanczos in the
     metric's inner product, every vector on the stage actors) equals the local one."""
-    spec = SPECS["mlp"]
-    local = spec.build()
-    pool = StagePool(spec, 2)
-    try:
-        a = cd.eigs(cd.operator(local, "hessian"), k=1, tol=1e-10, metric=cd.metric(local, "ggn", damping=0.5)).value
-        b = cd.eigs(PipelineOperator(pool, "hessian"), k=1, tol=1e-10,
-                    metric=PipelineMetric(PipelineOperator(pool, "ggn"), damping=0.5)).value
-        _close(a, b, rel=1e-8)  # CG solves to 1e-12 bound the agreement
-    finally:
-        pool.shutdown()
+    local = SPECS["mlp"].build()
+    a = cd.eigs(cd.operator(local, "hessian"), k=1, tol=1e-10, metric=cd.metric(local, "ggn", damping=0.5)).value
+    b = cd.eigs(PipelineOperator(mlp_stages, "hessian"), k=1, tol=1e-10,
+                metric=PipelineMetric(PipelineOperator(mlp_stages, "ggn"), damping=0.5)).value
+    _close(a, b, rel=1e-8)  # CG solves to 1e-12 bound the agreement
 
 
 def test_split_points_balance_parameters():
@@ -318,7 +331,7 @@ def test_riemannian_sgd_through_ray_equals_local(ray_module, kind):
 
 @pytest.mark.parametrize("name,stages,exact", [("mlp", 2, False),
                                                pytest.param("cnn", 3, True, marks=pytest.mark.slow)])
-def test_pipeline_kfac_blocks_equal_local(ray_module, name, stages, exact):
+def test_pipeline_kfac_blocks_equal_local(request, name, stages, exact):
     """Every stage computes its own layers' Kronecker factors from the activations and output gradients passing
     through it, and applies its blocks to its shard: equal to the local own-kernel metric, and usable by queries."""
     from curvdist.distributed.pipeline import PipelineBlockMetric
@@ -327,7 +340,7 @@ def test_pipeline_kfac_blocks_equal_local(ray_module, name, stages, exact):
     spec = SPECS[name]
     local = spec.build()
     M_local = kfac(local, damping=0.1, exact=exact, mc_samples=2, seed=5, backend="torch")
-    pool = StagePool(spec, stages)
+    pool, own = _stages(request, name, stages)
     try:
         M = PipelineBlockMetric(pool, "kflr" if exact else "kfac", damping=0.1, mc_samples=2, seed=5)
         v = torch.randn(local.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -339,7 +352,8 @@ def test_pipeline_kfac_blocks_equal_local(ray_module, name, stages, exact):
         b = cd.eigs(PipelineOperator(pool, "ggn"), k=2, tol=1e-11, metric=M).value
         _close(a, b)
     finally:
-        pool.shutdown()
+        if own:
+            pool.shutdown()
 
 
 def _cli_config(mode: str, queries: list[dict]) -> dict:
