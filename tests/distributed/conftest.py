@@ -1,5 +1,5 @@
 """An embedded Ray instance shared by the distributed tests: started by the first module that asks for it (a start
-costs about 5 s on 2 cores), shut down at the end of the session."""
+costs about 5 s on 2 cores), shut down after the last one."""
 
 from __future__ import annotations
 

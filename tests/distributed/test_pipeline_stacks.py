@@ -117,8 +117,9 @@ def test_skeleton_stages_equal_stages_built_from_the_whole_model(request, name):
     products, bit for bit, as stages that built the whole model; a stage's held parameters are its own (and the
     tied weight)."""
     request.getfixturevalue("ray_module")
-    skeletons = request.getfixturevalue("gpt2_stages") if name == "gpt2" else StagePool(spec(name), 2, micro_batches=2)
-    pools = {True: skeletons, False: StagePool(spec(name), 2, micro_batches=2, skeletons=False)}
+    whole = StagePool(spec(name), 2, micro_batches=2, skeletons=False)
+    own = [whole] if name == "gpt2" else [whole, StagePool(spec(name), 2, micro_batches=2)]  # gpt2: the fixture's
+    pools = {True: request.getfixturevalue("gpt2_stages") if name == "gpt2" else own[1], False: whole}
     try:
         out = {}
         for k, pool in pools.items():
@@ -131,9 +132,8 @@ def test_skeleton_stages_equal_stages_built_from_the_whole_model(request, name):
         assert [i["held"] for i in infos] == [i["held"] for i in pools[False].infos]
         assert all(i["held"] < i["total"] for i in infos)
     finally:
-        for pool in pools.values():
-            if name != "gpt2" or pool is not skeletons:  # the shared pool is the fixture's
-                pool.shutdown()
+        for pool in own:
+            pool.shutdown()
 
 
 @pytest.mark.parametrize("via", ["files", "object_store"])
