@@ -51,6 +51,12 @@ from curvdist.integrations.deepspeed import (
 )
 from curvdist.integrations.deepspeed.partitions import GatherMeter
 
+# DeepSpeed's CPU backend compiles its shared-memory all-reduce op (deepspeed_shm_comm) when it initializes, about
+# 35 s on 2 cores the first time in a virtual environment (cached in ~/.cache/torch_extensions). Only its
+# inference_all_reduce uses the op, and neither curvdist nor these scenarios call that, so the scenarios skip the
+# build: a fresh checkout's test run paid it every time.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
 
 def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -112,7 +118,7 @@ def engine_for(stage: int, bf16: bool = False, optimizer=None, model=None, monit
 def scenario_monitor(stages: list[int]) -> dict:
     out = {}
     for stage in stages:
-        csv_dir = tempfile.mkdtemp(prefix="curvdist-csv-")
+        csv_dir = tempfile.mkdtemp(prefix="csv-", dir=Path(os.environ["CURVDIST_OUT"]).parent)
         engine, _ = engine_for(stage, monitor=MONITOR, csv_dir=csv_dir)
         torch.manual_seed(123)
         monitor = CurvatureMonitor(engine, held())  # reads the curvdist section of the DeepSpeed config
