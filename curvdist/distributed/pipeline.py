@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -122,14 +123,32 @@ class StagePool:
         except self.ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
 
-    def tied_parts(self) -> list[list[Any]]:
-        """Per stage, (name, ref) of the later stages' parts of the tied weights it owns, for ``finish``."""
-        parts: list[list[Any]] = [[] for _ in self.actors]
-        users = sorted({user for _, _, user in self.ties})
-        contributions = {user: self.actors[user].tied_contributions.remote() for user in users}
-        for name, owner, user in self.ties:
-            parts[owner].append((name, contributions[user]))
-        return parts
+    def backward_pass(self, micro_batches: int, call: Callable[[int, int, Any, list[Any] | None], Any]
+                      ) -> tuple[list[Any], list[Any]]:
+        """Submit every micro-batch's backward call, last stage first; ``call(s, b, cot, parts)`` submits stage s's
+        call on micro-batch b with the next stage's cotangents ``cot`` and returns its ref. On the last micro-batch
+        ``parts`` is a list, and the call also finishes the stage (it adds ``parts``, the later stages' parts of the
+        tied weights it owns, then scales) and returns two refs: (cotangents, the stage's part of ‖out‖²). One call
+        less per stage than a separate finish. A tied weight's users are later stages, so their parts are asked
+        for (right after their last backward) before the owner's last call is submitted. Returns (the first stage's
+        refs per micro-batch, the stages' squared-norm parts)."""
+        pending: list[Any] = []
+        done: list[Any] = []
+        users = {user for _, _, user in self.ties}
+        contributions: dict[int, Any] = {}  # user stage → its parts of the tied weights, after its last backward
+        for b in range(micro_batches):
+            cot = None
+            for s in reversed(range(len(self.actors))):
+                if b < micro_batches - 1:
+                    cot = call(s, b, cot, None)
+                    continue
+                cot, norm2 = call(s, b, cot, [(name, contributions[user]) for name, owner, user in self.ties
+                                              if owner == s])
+                done.append(norm2)
+                if s in users:
+                    contributions[s] = self.actors[s].tied_contributions.remote()
+            pending.append(cot)
+        return pending, done
 
     def params_flat(self) -> Tensor:
         """θ, flat in the problem's order, gathered from the stages (for tests and checkpoints)."""
@@ -310,24 +329,13 @@ class PipelineOperator:
             carry = None
             for a in actors:
                 carry = a.forward.remote(b, carry, v.id)
-        pending, done = [], []
-        users = {user for _, _, user in pool.ties}
-        contributions: dict[int, Any] = {}  # user stage → its parts of the tied weights, after its last backward
-        for b in range(M):
-            cot = None
-            for s in reversed(range(len(actors))):
-                if b < M - 1:
-                    cot = actors[s].backward.remote(b, cot, mode, outs[s])
-                    continue
-                # the last micro-batch's backward also finishes the stage (the owners of tied weights add their
-                # users' parts: users are later stages, so theirs are submitted first)
-                parts = [(name, contributions[user]) for name, owner, user in pool.ties if owner == s]
-                cot, norm2 = actors[s].backward.options(num_returns=2).remote(b, cot, mode, outs[s], self.scale,
-                                                                             parts)
-                done.append(norm2)
-                if s in users:
-                    contributions[s] = actors[s].tied_contributions.remote()
-            pending.append(cot)
+
+        def call(s: int, b: int, cot: Any, parts: list[Any] | None) -> Any:
+            if parts is None:
+                return actors[s].backward.remote(b, cot, mode, outs[s])
+            return actors[s].backward.options(num_returns=2).remote(b, cot, mode, outs[s], self.scale, parts)
+
+        pending, done = pool.backward_pass(M, call)
         try:
             pool.space.settle(started)  # the vector operations submitted before the product, too
             if epoch is not None:

@@ -115,13 +115,13 @@ class PipelineTrainer:
             for a in actors:
                 carry = a.grad_forward.remote(b, carry)
             losses.append(carry)
-        pending = []
-        for b in micro:
-            cot = None
-            for a in reversed(actors):
-                cot = a.grad_backward.remote(b, cot, out.id)
-            pending.append(cot)
-        done = [a.finish.remote(out.id, 1.0 / count, p) for a, p in zip(actors, pool.tied_parts())]
+
+        def call(s: int, i: int, cot: Any, parts: list[Any] | None) -> Any:
+            if parts is None:
+                return actors[s].grad_backward.remote(micro[i], cot, out.id)
+            return actors[s].grad_backward.options(num_returns=2).remote(micro[i], cot, out.id, 1.0 / count, parts)
+
+        pending, done = pool.backward_pass(len(micro), call)
         pool.get(started)
         space.confirm_snapshot()
         results = pool.get([*losses, *pending, *done])

@@ -376,9 +376,17 @@ class StageWorker(ShardStore):
         self.busy += time.perf_counter() - t0
         return fo, co
 
-    def grad_backward(self, b: int, incoming: Any, out_id: int) -> Any:
+    def grad_backward(self, b: int, incoming: Any, out_id: int, scale: float | None = None,
+                      parts: list[Any] | None = None) -> Any:
         """The VJP of micro-batch b: adds this stage's part of ∂ℓ/∂θ to vectors[out_id] and returns the
-        cotangent of its incoming carry."""
+        cotangent of its incoming carry. With ``scale`` (the step's last micro-batch) it also runs :meth:`finish`
+        and returns (cotangent, this stage's part of ‖∂L/∂θ‖²), as :meth:`backward` does."""
+        cotangent = self._grad_backward(b, incoming, out_id)
+        if scale is None:
+            return cotangent
+        return cotangent, self.finish(out_id, scale, parts or [])
+
+    def _grad_backward(self, b: int, incoming: Any, out_id: int) -> Any:
         self._maybe_fail()
         t0 = time.perf_counter()
         carry, const, key, float_out, *rest = self.grad_saved.pop(b)
