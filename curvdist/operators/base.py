@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..errors import AutodiffError, CurvdistError, NonDeterministicError, NonFiniteError, ShapeError, SolverError
+from ..finite import all_finite
 from ..problem.data import Batch, Inputs, shuffles
 from ..problem.problem import Params, Problem
 
@@ -162,7 +163,7 @@ class CurvatureOperator(ABC):
             parts = self.matvec_params(self.problem.unflatten(self._cast(flat)))
             out = parts if not isinstance(v, Mapping) else dict(zip(self.problem.param_names, parts))
         tensors = [out] if isinstance(out, Tensor) else list(out.values() if isinstance(out, dict) else out)
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        if not all(all_finite(t) for t in tensors):
             raise NonFiniteError(f"the {self.kind} product is NaN or inf (check the data and the parameters)")
         return out
 
@@ -203,7 +204,7 @@ class CurvatureOperator(ABC):
             raise ShapeError(f"chunk must be a positive integer or None, got {chunk!r}")
         rows = self._cast(V).T  # (k, d), a view when V already has the operator's dtype and device
         out = self._block(rows.shape[0], lambda a, b, o, n: rows[a:b, o:o + n], chunk).T
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise NonFiniteError(f"the {self.kind} product is NaN or inf (check the data and the parameters)")
         return out
 

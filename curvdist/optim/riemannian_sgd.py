@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MetricError, NonFiniteError, ProblemError, ShapeError
+from ..finite import all_finite
 from ..geometry.metrics import Metric, metric
 from ..geometry.metrics.base import DiagonalMetric
 from ..geometry.metrics.kfac import KFACMetric
@@ -299,7 +300,7 @@ class RiemannianSGD(torch.optim.Optimizer):
             refreshed = True
         with torch.enable_grad():  # matrix-free solves too
             d = M.solve(g).detach()
-        if not bool(torch.isfinite(d).all()):
+        if not all_finite(d):
             raise NonFiniteError(NONFINITE_DIRECTION)
         if self.kl_clip is not None:
             nu = self.kl_scale(float(torch.dot(g.to(d.dtype), d)))

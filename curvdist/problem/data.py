@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..errors import DataError
+from ..finite import all_finite
 
 #: what a model is called with: a tensor, or keyword tensors
 Inputs = Tensor | Mapping[str, Tensor]
@@ -153,6 +154,6 @@ def unpack(batch: Any, index: int, check_values: bool = True) -> Batch:
     named = {"X": X} if isinstance(X, Tensor) else dict(X)
     named["y" if isinstance(X, Tensor) else LABELS] = y
     for name, t in named.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise DataError(f"batch {index}: {name} contains NaN or inf values")
     return X, y

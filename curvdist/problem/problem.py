@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DataError, NonFiniteError
+from ..finite import all_finite
 from .base import BaseProblem, Params
 from .data import Batch, Inputs, as_batches, batch_len, inputs_to, micro_batches, unpack
 from .losses import Loss
@@ -85,9 +86,9 @@ class Problem(BaseProblem):
             for b, (X, y) in enumerate(self.batches(validate=True)):
                 out = self.forward(self.params, X)
                 self.loss.check(out, y)
-                if not bool(torch.isfinite(out).all()):
+                if not all_finite(out):
                     raise NonFiniteError(f"the model output is NaN or inf on batch {b}")
-                if not bool(torch.isfinite(self.loss.per_sample(out, y)).all()):
+                if not all_finite(self.loss.per_sample(out, y)):
                     raise NonFiniteError(f"the loss is NaN or inf on batch {b}")
                 n += self.loss.count(y)
                 self._firsts.append(self.sample_offset + samples)
@@ -159,7 +160,7 @@ class Problem(BaseProblem):
         if acc is None:
             acc = [torch.zeros_like(p, dtype=self.accumulate_dtype) for p in params]
         out = tuple(a.mul_(self.scale).to(p.dtype) for a, p in zip(acc, params))
-        if not all(bool(torch.isfinite(t).all()) for t in out):
+        if not all(all_finite(t) for t in out):
             raise NonFiniteError("the gradient is NaN or inf")
         return out
 

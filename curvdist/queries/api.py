@@ -20,6 +20,7 @@ from torch import Tensor
 from ..catalogue import DiagMethod, LogdetMethod, TraceMethod, parse
 from ..errors import NotPositiveDefiniteError, ProblemError, SolverError
 from ..faults import maybe_stop
+from ..finite import all_finite
 from ..geometry.metrics.base import Metric
 from ..operators.base import CurvatureOperator
 from ..problem.base import BaseProblem, StagedProblem
@@ -78,7 +79,7 @@ class _Target:
 
     def c(self, v: Tensor) -> Tensor:
         out = self.op.apply_vector(v)
-        if isinstance(out, Tensor) and not bool(torch.isfinite(out).all()):
+        if isinstance(out, Tensor) and not all_finite(out):
             raise SolverError(f"the {self.op.kind} product returned NaN or inf during the solve")
         self.count += 1
         if self.bar is not None:
@@ -90,7 +91,7 @@ class _Target:
         v-independent work of each batch done once); the metric's factors act per vector."""
         xs = [self.metric.inv_factor_apply(v) for v in vectors] if self.mode == "symmetric" else list(vectors)
         outs = list(self.op.apply_vectors(xs))
-        if not all(bool(torch.isfinite(o).all()) for o in outs):
+        if not all(all_finite(o) for o in outs):
             raise SolverError(f"the {self.op.kind} product returned NaN or inf during the solve")
         self.count += len(xs)
         if self.bar is not None:

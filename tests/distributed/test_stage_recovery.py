@@ -114,27 +114,26 @@ def test_vector_operations_run_without_waiting_and_their_errors_reach_the_next_w
     assert space.dot(u, v) == pytest.approx(want, rel=1e-12)
 
 
-def test_snapshots_every_k_products_and_a_stage_killed_between_calls(ray_module):
-    """Snapshots every 3 products give the numbers of snapshots at every product, from fewer snapshots; stage 1
-    killed right after the 5th product is recovered by the next vector operation: Ray restarts it, it loads the
-    snapshot taken at the 4th product, and the 4th and 5th products and the operations after them are replayed.
-    The killed run keeps its Lanczos rows in memory-mapped, already unlinked files (``basis_on_disk``; the restarted
-    stage loads them into a new file-backed basis): the same numbers, and no file left behind."""
-    clean, epochs = {}, {}
-    for k in (1, 3):
-        pool = StagePool(SPEC, 2, micro_batches=MICRO, snapshot_every=k, basis_on_disk=k == 3)
-        try:
-            clean[k] = _solve(pool) if k == 1 else _solve(pool, _KillAfter(pool, "ggn", 5))
-            epochs[k] = pool.space.epoch
-            if k == 3:
-                assert pool.space.recoveries == 1 and pool.space.replayed_products == 2
-                basis_dir = pool.basis_dir
-                assert sorted(os.listdir(basis_dir)) == ["stage0", "stage1"]
-                assert all(os.listdir(os.path.join(basis_dir, d)) == [] for d in ("stage0", "stage1"))
-            else:
-                assert pool.basis_dir is None
-        finally:
-            pool.shutdown()
+def test_snapshots_every_k_products_and_a_stage_killed_between_calls(pool1):
+    """Snapshots every 3 products give the numbers of snapshots at every product (the shared pool), from fewer
+    snapshots; stage 1 killed right after the 5th product is recovered by the next vector operation: Ray restarts
+    it, it loads the snapshot taken at the 4th product, and the 4th and 5th products and the operations after them
+    are replayed. The killed run keeps its Lanczos rows in memory-mapped, already unlinked files (``basis_on_disk``;
+    the restarted stage loads them into a new file-backed basis): the same numbers, and no file left behind."""
+    assert pool1.basis_dir is None
+    start = pool1.space.epoch
+    clean, epochs = {1: _solve(pool1)}, {1: pool1.space.epoch - start}  # snapshots taken
+    pool = StagePool(SPEC, 2, micro_batches=MICRO, snapshot_every=3, basis_on_disk=True)
+    try:
+        start = pool.space.epoch
+        clean[3] = _solve(pool, _KillAfter(pool, "ggn", 5))
+        epochs[3] = pool.space.epoch - start  # snapshots taken
+        assert pool.space.recoveries == 1 and pool.space.replayed_products == 2
+        basis_dir = pool.basis_dir
+        assert sorted(os.listdir(basis_dir)) == ["stage0", "stage1"]
+        assert all(os.listdir(os.path.join(basis_dir, d)) == [] for d in ("stage0", "stage1"))
+    finally:
+        pool.shutdown()
     assert clean[3] == clean[1]  # bitwise
     assert epochs[3] < epochs[1] / 2
     assert not os.path.exists(basis_dir)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ...errors import MetricError, ShapeError, SolverError
+from ...finite import all_finite
 
 
 class Metric(ABC):
@@ -128,7 +129,7 @@ class DiagonalMetric(Metric):
         if kind is not None:
             self.kind = kind
         self.diagonal = diagonal.reshape(-1)
-        if not bool(torch.isfinite(self.diagonal).all()):
+        if not all_finite(self.diagonal):
             raise MetricError(f"the {self.kind} metric's diagonal contains NaN or inf")
         self.damping_diagonal: Tensor | None = None
         if damping_diagonal is None:
@@ -137,7 +138,7 @@ class DiagonalMetric(Metric):
             r = damping_diagonal.detach().reshape(-1).to(dtype=self.dtype, device=self.device)
             if r.numel() != self.dim:
                 raise ShapeError(f"damping_diagonal has {r.numel()} entries, the {self.kind} metric {self.dim}")
-            if not bool(torch.isfinite(r).all()) or not bool((r >= 0).all()):
+            if not all_finite(r) or not bool((r >= 0).all()):
                 raise MetricError(f"the {self.kind} metric's damping diagonal must be finite and ≥ 0")
             self.damping_diagonal = r
             self._d = self.diagonal + self.damping * r

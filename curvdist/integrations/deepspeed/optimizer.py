@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ...errors import ConfigError, MetricError, NonFiniteError
+from ...finite import all_finite
 from ...geometry.metrics import Metric
 from ...optim import RiemannianSGD
 from ...optim.riemannian_sgd import NONFINITE_DIRECTION, STATE_KEY, metric_state
@@ -253,7 +254,7 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
                 directions[i] = d
                 if owners.is_primary(name):
                     sums[0] += float(torch.dot(g.double(), d.double()))
-                    sums[1] += float(not bool(torch.isfinite(d).all()))
+                    sums[1] += float(not all_finite(d))
         if owners.world > 1:
             dist.all_reduce(sums, group=layout.group)
         if sums[1] > 0 or not bool(torch.isfinite(sums[0])):
@@ -328,7 +329,7 @@ class DeepSpeedRiemannianSGD(RiemannianSGD):
             self.metric = self._zero3_metric()
         d = self.metric.solve(g)
         self.peak_gathered = max(self.peak_gathered, int(self.metric.parts.meter.peak))
-        sums = torch.tensor([float(torch.dot(g.double(), d.double())), float(not bool(torch.isfinite(d).all()))],
+        sums = torch.tensor([float(torch.dot(g.double(), d.double())), float(not all_finite(d))],
                             dtype=torch.float64)
         dist.all_reduce(sums, group=parts.group)
         if sums[1] > 0 or not bool(torch.isfinite(sums[0])):
