@@ -410,12 +410,18 @@ class Basis(Sequence[Tensor]):
             raise SolverError(f"rotation of shape {C.shape} for a basis of {self._len} vectors")
         Ct = torch.as_tensor(C.T.copy(), device=self.device)
         rows = [self._row(j) for j in range(n)]
+        chunk = max(1, min(chunk, self.dim))
+        # float64 scratch reused by every slice: each slice is read once into X and written once from Y
+        X = torch.empty(n, chunk, dtype=torch.float64, device=self.device)
+        Y = torch.empty(p, chunk, dtype=torch.float64, device=self.device)
         for s in range(0, self.dim, chunk):
             e = min(s + chunk, self.dim)
-            X = torch.stack([r[s:e] for r in rows]).double()
-            Y = (Ct @ X).to(self.dtype)
+            Xs, Ys = (X, Y) if e - s == chunk else (X[:, : e - s].contiguous(), Y[:, : e - s].contiguous())
+            for j, r in enumerate(rows):
+                Xs[j].copy_(r[s:e])
+            torch.mm(Ct, Xs, out=Ys)
             for j in range(p):
-                rows[j][s:e] = Y[j]
+                rows[j][s:e].copy_(Ys[j])
         self._len = p
 
     def lincomb(self, coeffs: np.ndarray | Sequence[float]) -> Tensor:
