@@ -197,6 +197,7 @@ class Setup:
             "predicted_tokens": int((self.labels[:, 1:] != -100).sum()),
             "model_build_s": self.model_build_s, "threads": torch.get_num_threads(), "device": str(self.device),
             "torch": torch.__version__, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),  # the allocator: docs/guides/memory-and-threads.md
         }
 
     def split(self, v: Any) -> list[Any]:
