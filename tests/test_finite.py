@@ -30,10 +30,8 @@ def _cases(dtype: torch.dtype) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_all_finite_agrees_with_the_elementwise_test(dtype):
     for name, t in _cases(dtype).items():
-        want = bool(torch.isfinite(t).all())
-        assert all_finite(t) is want, name
-        assert all_finite(t.view(8, -1)[:, ::2] if t.numel() == 1000 else t) is bool(
-            torch.isfinite(t.view(8, -1)[:, ::2] if t.numel() == 1000 else t).all()), name  # strided views
+        for u in (t, t[1::2]):  # and a strided view (odd entries: the bad ones at 417 and 3 stay in it)
+            assert all_finite(u) is bool(torch.isfinite(u).all()), name
     assert not torch.isfinite(_cases(dtype)["overflowing sum"].sum())  # the case the fallback exists for
 
 

@@ -123,15 +123,15 @@ class StagePool:
         except self.ray.exceptions.RayTaskError as e:
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
 
-    def backward_pass(self, micro_batches: int, call: Callable[[int, int, Any, list[Any] | None], Any]
-                      ) -> tuple[list[Any], list[Any]]:
-        """Submit every micro-batch's backward call, last stage first; ``call(s, b, cot, parts)`` submits stage s's
-        call on micro-batch b with the next stage's cotangents ``cot`` and returns its ref. On the last micro-batch
-        ``parts`` is a list, and the call also finishes the stage (it adds ``parts``, the later stages' parts of the
-        tied weights it owns, then scales) and returns two refs: (cotangents, the stage's part of ‖out‖²). One call
-        less per stage than a separate finish. A tied weight's users are later stages, so their parts are asked
-        for (right after their last backward) before the owner's last call is submitted. Returns (the first stage's
-        refs per micro-batch, the stages' squared-norm parts)."""
+    def backward_pass(self, micro_batches: int, method: str, args: Callable[[int, int, Any], tuple[Any, ...]],
+                      scale: float) -> tuple[list[Any], list[Any]]:
+        """Submit every micro-batch's backward call, last stage first: stage s's ``method`` on micro-batch b with
+        ``args(s, b, cot)`` (``cot``: the next stage's cotangents). The last micro-batch's call also finishes the
+        stage: it gets ``scale`` and ``parts`` (the later stages' parts of the tied weights the stage owns), adds
+        them, scales, and returns two refs: (cotangents, the stage's part of ‖out‖²), one call less per stage than
+        a separate finish. A tied weight's users are later stages, so their parts are asked for (right after their
+        last backward) before the owner's last call is submitted. Returns (the first stage's refs per micro-batch,
+        the stages' squared-norm parts)."""
         pending: list[Any] = []
         done: list[Any] = []
         users = {user for _, _, user in self.ties}
@@ -139,11 +139,12 @@ class StagePool:
         for b in range(micro_batches):
             cot = None
             for s in reversed(range(len(self.actors))):
+                call = getattr(self.actors[s], method)
                 if b < micro_batches - 1:
-                    cot = call(s, b, cot, None)
+                    cot = call.remote(*args(s, b, cot))
                     continue
-                cot, norm2 = call(s, b, cot, [(name, contributions[user]) for name, owner, user in self.ties
-                                              if owner == s])
+                parts = [(name, contributions[user]) for name, owner, user in self.ties if owner == s]
+                cot, norm2 = call.options(num_returns=2).remote(*args(s, b, cot), scale, parts)
                 done.append(norm2)
                 if s in users:
                     contributions[s] = self.actors[s].tied_contributions.remote()
@@ -329,13 +330,7 @@ class PipelineOperator:
             carry = None
             for a in actors:
                 carry = a.forward.remote(b, carry, v.id)
-
-        def call(s: int, b: int, cot: Any, parts: list[Any] | None) -> Any:
-            if parts is None:
-                return actors[s].backward.remote(b, cot, mode, outs[s])
-            return actors[s].backward.options(num_returns=2).remote(b, cot, mode, outs[s], self.scale, parts)
-
-        pending, done = pool.backward_pass(M, call)
+        pending, done = pool.backward_pass(M, "backward", lambda s, b, cot: (b, cot, mode, outs[s]), self.scale)
         try:
             pool.space.settle(started)  # the vector operations submitted before the product, too
             if epoch is not None:

@@ -115,13 +115,8 @@ class PipelineTrainer:
             for a in actors:
                 carry = a.grad_forward.remote(b, carry)
             losses.append(carry)
-
-        def call(s: int, i: int, cot: Any, parts: list[Any] | None) -> Any:
-            if parts is None:
-                return actors[s].grad_backward.remote(micro[i], cot, out.id)
-            return actors[s].grad_backward.options(num_returns=2).remote(micro[i], cot, out.id, 1.0 / count, parts)
-
-        pending, done = pool.backward_pass(len(micro), call)
+        pending, done = pool.backward_pass(len(micro), "grad_backward", lambda s, i, cot: (micro[i], cot, out.id),
+                                           1.0 / count)
         pool.get(started)
         space.confirm_snapshot()
         results = pool.get([*losses, *pending, *done])

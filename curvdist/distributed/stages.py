@@ -275,10 +275,7 @@ class StageWorker(ShardStore):
         ``out_id`` and returns the cotangents for the previous stage (one object). With ``scale`` (the product's
         last micro-batch) it also runs :meth:`finish` and returns (cotangents, this stage's part of ‖C v‖²): one
         call less per stage and product (the coordinator asks for two return objects)."""
-        cotangents = self._backward(b, incoming, kind, out_id)
-        if scale is None:
-            return cotangents
-        return cotangents, self.finish(out_id, scale, parts or [])
+        return self._finished(self._backward(b, incoming, kind, out_id), out_id, scale, parts)
 
     def _backward(self, b: int, incoming: Any, kind: str, out_id: int) -> Any:
         self._maybe_fail()
@@ -381,10 +378,7 @@ class StageWorker(ShardStore):
         """The VJP of micro-batch b: adds this stage's part of ∂ℓ/∂θ to vectors[out_id] and returns the
         cotangent of its incoming carry. With ``scale`` (the step's last micro-batch) it also runs :meth:`finish`
         and returns (cotangent, this stage's part of ‖∂L/∂θ‖²), as :meth:`backward` does."""
-        cotangent = self._grad_backward(b, incoming, out_id)
-        if scale is None:
-            return cotangent
-        return cotangent, self.finish(out_id, scale, parts or [])
+        return self._finished(self._grad_backward(b, incoming, out_id), out_id, scale, parts)
 
     def _grad_backward(self, b: int, incoming: Any, out_id: int) -> Any:
         self._maybe_fail()
@@ -444,6 +438,11 @@ class StageWorker(ShardStore):
     def tied_contributions(self) -> dict[str, Tensor]:
         """This stage's parts of C v for the tied parameters it uses but does not own."""
         return self.tied_out
+
+    def _finished(self, cotangents: Any, out_id: int, scale: float | None, parts: list[Any] | None) -> Any:
+        """A backward call's result: the cotangents, or on the last micro-batch (``scale`` given) the cotangents and
+        :meth:`finish`'s part of ‖out‖²."""
+        return cotangents if scale is None else (cotangents, self.finish(out_id, scale, parts or []))
 
     def finish(self, out_id: int, scale: float, parts: list[Any]) -> float:
         """Add the later stages' parts of the tied parameters this stage owns, then scale (1/N for the mean);
