@@ -11,6 +11,7 @@ import torch
 import curvdist as cd
 from curvdist.solvers import Krylov, TorchSpace, eigsh, lanczos, slq
 from curvdist.solvers.diag import hutchinson_diag, xdiag
+from curvdist.solvers import space
 from curvdist.solvers.space import Basis
 from curvdist.solvers.trace import hutchinson, hutchpp, xtrace
 from tests.cases import spd_matrix
@@ -168,9 +169,10 @@ def test_basis_rows_in_files_equal_rows_in_memory(tmp_path):
     assert torch.equal(files.subtract(c, y), memory.subtract(c, y))
 
 
-def test_basis_float32_dots_are_accumulated_in_float64():
-    """float32 rows and vector: dots equal the float64 products of the same float32 numbers (to float64 rounding),
-    which a float32 matrix-vector product over 10⁶ coordinates misses by orders of magnitude more."""
+def test_basis_float32_dots_are_accurate_far_below_float32_rounding():
+    """float32 rows and vector with same-sign entries (where float32 accumulation drifts most): the blocked dots
+    agree with the float64 products of the same float32 numbers to 1e-8 relative, below the data's own rounding
+    (ε₃₂ = 6e-8), where a float32 matrix-vector product over 10⁶ coordinates misses by more than 100× as much."""
     d = 1_000_000
     g = torch.Generator().manual_seed(1)
     X = torch.rand(3, d, generator=g)  # same-sign entries: float32 accumulation drifts
@@ -179,8 +181,31 @@ def test_basis_float32_dots_are_accumulated_in_float64():
     for x in X:
         B.append(x)
     exact = (X.double() @ y.double()).numpy()
-    assert np.max(np.abs(B.dots(y) - exact) / exact) < 1e-12
+    err = np.max(np.abs(B.dots(y) - exact) / exact)
+    plain = np.max(np.abs((X @ y).double().numpy() - exact) / exact)
+    assert err < 1e-8 and plain > 100 * err, (err, plain)
     assert TorchSpace(d, torch.float32).dot(X[0], y) == pytest.approx(exact[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_basis_dots_over_blocks_slices_and_a_ragged_tail(monkeypatch, dtype):
+    """Several row blocks, several slices and a length that is no multiple of the summation block: every dot equals
+    the float64 product of the same numbers (float16: products and sums in float64 scratch, to float64 rounding;
+    float32: blocked summation, far below float32 rounding), relative to Σ|x_i y_i|."""
+    monkeypatch.setattr(space, "DOT_SLICE", 1024)
+    d, rows = 10_007, 5
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(rows, d, generator=g).to(dtype)
+    y = torch.randn(d, generator=g).to(dtype)
+    B = Basis(d, dtype, block_rows=2)  # blocks of 2, 2 and 1 rows
+    for x in X:
+        B.append(x)
+    assert len(B._blocks) == 3
+    exact = (X.double() @ y.double()).numpy()
+    scale = (X.double().abs() @ y.double().abs()).numpy()
+    err = np.max(np.abs(B.dots(y) - exact) / scale)
+    assert err < (1e-14 if dtype == torch.float16 else 1e-8), err  # float32: below ε₃₂ = 6e-8
+    assert np.array_equal(B[:3].dots(y), B.dots(y)[:3])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -447,8 +472,6 @@ def test_budgets_are_validated(decaying):
 def test_random_segments_equal_slices_of_the_single_draw(kind, dim, monkeypatch):
     """Pieces of the streamed random vector are entry for entry the pieces of one draw of the whole vector
     (the stream is drawn in chunks; here chunks of 2^20 and, below, of 2^16 + 16), in any order of segments."""
-    from curvdist.solvers import space
-
     full = space.random_flat(dim, 11, kind, torch.float64)
     segs = [(dim - 2, 2), (0, 1), (2, 1)] if dim < 1000 else [(dim - 4, 4), (0, 3), (dim // 2 - 100, 300),
                                                                 (dim // 3, 1)]
