@@ -8,8 +8,9 @@ vectors stay wherever the :class:`~curvdist.solvers.space.VectorSpace` keeps the
 When the space offers ``new_basis`` (a :class:`~curvdist.solvers.space.TorchSpace`, or a space wrapping one) the
 basis is a preallocated :class:`~curvdist.solvers.space.Basis` in the operator's working dtype: each of the two
 reorthogonalization passes is one product c = Qᵀw over the basis and one update w ← w − Q c in place, with no
-per-step stacking or float64 copies of the basis. The second pass accumulates c in float64 (a float32 product over
-d ~ 10⁷ coordinates would cost orthogonality); the first, which only removes the bulk, takes it in the working dtype.
+per-step stacking or float64 copies of the basis. The second pass accumulates c in float64 (float32 data: sums of
+128 coordinates summed in float64, :meth:`~curvdist.solvers.space.Basis.dots`; a plain float32 product over d ~ 10⁷
+coordinates would cost orthogonality); the first, which only removes the bulk, takes it in the working dtype.
 α and β are computed in float64. The pipeline's sharded space makes a
 :class:`~curvdist.distributed.sharded_space.ShardedBasis` (a Basis on every stage) and fuses a step's vector work
 (its ``expand``); other spaces keep the basis as a list of their vectors.
