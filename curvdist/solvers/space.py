@@ -345,10 +345,9 @@ class Basis(Sequence[Tensor]):
         float64 data: one matrix-vector product per block. float32 data: blocked summation — the sum over each block
         of ``DOT_BLOCK`` consecutive coordinates in float32 (a batched product, no copy), the blocks' sums in
         float64. Its error is at most about ``DOT_BLOCK``·ε₃₂·Σ|x_i y_i| and in practice far below the rounding of
-        the float32 data themselves (measured: 5e-10 relative for same-sign entries at d = 4·10⁷), where a plain
-        float32 matrix-vector product loses relative accuracy growing with d (3e-4 for those same-sign entries; 3e-5
-        for random signs and 1e-3 for same-sign entries at d = 1.1·10⁷), which would spoil the
-        reorthogonalization. It is 2-2.5× faster than converting to float64 (alone and beside a busy process).
+        the float32 data themselves: 5e-10 relative for same-sign entries at d = 4·10⁷, where a plain float32
+        matrix-vector product loses 3e-4 (its error grows with d), which would spoil the reorthogonalization. It is
+        2-2.5× faster than converting to float64, alone and beside a busy process.
         float16/bfloat16 data, and rows longer than 2³¹ (a batched product's leading dimension): a cache-sized
         slice of the coordinates at a time is copied to float64 scratch and multiplied there. On the CPU
         all of it runs on one thread (see :func:`serial`). (A :meth:`coarse` view takes the plain product in the
