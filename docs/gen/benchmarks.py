@@ -398,6 +398,7 @@ KNOWN = {
     "lm_benchmark.json": "scale.md", "lm_benchmark_2x64.json": "scale.md", "distributed_benchmark.json": "scale.md",
     "sharded_benchmark_gpt2_small.json": "sharded.md", "sharded_benchmark_gpt2_medium.json": "sharded.md",
     "sharded_benchmark_gpt2_small_b8.json": "sharded.md", "lm_benchmark_budget.json": "scale.md",
+    "lm_benchmark_budget_keep_freed.json": "scale.md",
     "optimizer_benchmark.json": "training.md", "train_benchmark.json": "training.md",
 }
 
