@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import curvdist as cd
-from curvdist.solvers import Krylov, TorchSpace, eigsh, lanczos, slq
+from curvdist.solvers import Krylov, TorchSpace, eigsh, lanczos, slq, space
 from curvdist.solvers.diag import hutchinson_diag, xdiag
-from curvdist.solvers import space
 from curvdist.solvers.space import Basis
 from curvdist.solvers.trace import hutchinson, hutchpp, xtrace
 from tests.cases import spd_matrix
