@@ -188,9 +188,9 @@ def test_basis_float32_dots_are_accurate_far_below_float32_rounding():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_basis_dots_over_blocks_slices_and_a_ragged_tail(monkeypatch, dtype):
-    """Several row blocks, several slices and a length that is no multiple of the summation block: every dot equals
-    the float64 product of the same numbers (float16: products and sums in float64 scratch, to float64 rounding;
-    float32: blocked summation, far below float32 rounding), relative to Σ|x_i y_i|."""
+    """Several row blocks, several slices, a length that is no multiple of the summation block and a strided vector:
+    every dot equals the float64 product of the same numbers (float16: products and sums in float64 scratch, to
+    float64 rounding; float32: blocked summation, far below float32 rounding), relative to Σ|x_i y_i|."""
     monkeypatch.setattr(space, "DOT_SLICE", 1024)
     d, rows = 10_007, 5
     g = torch.Generator().manual_seed(4)
@@ -205,6 +205,9 @@ def test_basis_dots_over_blocks_slices_and_a_ragged_tail(monkeypatch, dtype):
     err = np.max(np.abs(B.dots(y) - exact) / scale)
     assert err < (1e-14 if dtype == torch.float16 else 1e-8), err  # float32: below ε₃₂ = 6e-8
     assert np.array_equal(B[:3].dots(y), B.dots(y)[:3])
+    strided = torch.empty(2 * d, dtype=dtype)
+    strided[::2] = y
+    assert np.array_equal(B.dots(strided[::2]), B.dots(y))  # a strided vector gives the same numbers
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
