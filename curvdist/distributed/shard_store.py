@@ -10,7 +10,10 @@ do a Lanczos step's vector work in three calls that return scalars only.
 Snapshots: at a snapshot (the start of every K-th product) a stage writes what changed since the previous one —
 new or rewritten vectors, new basis rows — and then the snapshot's number (its *epoch*). Files of vectors freed
 since are deleted at the next snapshot, not at once: a stage restarted by Ray loads the last snapshot, and the
-coordinator replays the operations logged since on it (the operations that used those vectors included).
+coordinator replays the operations logged since on it (the operations that used those vectors included). A vector
+the coordinator declared dead (:meth:`ShardStore.discard`: its value will be written before it is read again, like
+a Lanczos run's work vector once it is in the basis) is written as a marker only, and a restarted stage holds NaN
+there: a read before a write would show, not pass silently.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class ShardStore:
         self.persisted: set[int] = set()  # vectors whose current value is on disk
         self.persisted_rows: dict[int, int] = {}  # basis id → rows on disk
         self.doomed: set[str] = set()  # files of freed vectors and bases, deleted at the next snapshot
+        self.dead: set[int] = set()  # vectors whose value is not needed (discard): snapshots write a marker
         self.epoch = -1  # the last snapshot written (or loaded)
         self.token = uuid.uuid4().hex  # this life of the actor
         self.awaiting_recovery = False  # a restarted life, until the coordinator replayed the log on it
@@ -133,7 +137,10 @@ class ShardStore:
         for vid, t in self.vectors.items():
             if vid in self.persisted:
                 continue
-            if vid in self.row_of:
+            if vid in self.dead:
+                _save(self.snapshots / f"d{vid}.pt", torch.tensor(0))
+                self.doomed.update((f"v{vid}.pt", f"r{vid}.pt"))  # an older value: deleted at the next snapshot
+            elif vid in self.row_of:
                 _save(self.snapshots / f"r{vid}.pt", torch.tensor(self.row_of[vid]))
             else:
                 _save(self.snapshots / f"v{vid}.pt", _own_storage(t))
@@ -176,13 +183,26 @@ class ShardStore:
             self._set(vid, self.bases[bid][j])
             self.row_of[vid] = (bid, j)
             self.persisted.add(vid)
+        for f in d.glob("d*.pt"):  # dead vectors: NaN, so that reading one before writing it shows
+            vid = int(f.stem[1:])
+            self._set(vid, torch.full((self.dim,), float("nan"), dtype=self.dtype, device=self.device))
+            self.dead.add(vid)
+            self.persisted.add(vid)
 
     def _set(self, vid: int, t: Tensor) -> Tensor:
         """vectors[vid] = t (a new value: written at the next snapshot)."""
         self.vectors[vid] = t
-        self.persisted.discard(vid)
+        self._written(vid)
         self.row_of.pop(vid, None)
         return t
+
+    def _written(self, vid: int) -> None:
+        """vectors[vid] has a new value: written at the next snapshot (and no longer dead; its marker, if any, is
+        deleted at the next snapshot)."""
+        self.persisted.discard(vid)
+        if vid in self.dead:
+            self.dead.discard(vid)
+            self.doomed.add(f"d{vid}.pt")
 
     def _out(self, vid: int) -> Tensor:
         """vectors[vid] to be overwritten in place (a new one if it does not exist)."""
@@ -202,9 +222,18 @@ class ShardStore:
         for i in ids:
             self.vectors.pop(i, None)
             self.row_of.pop(i, None)
+            self.dead.discard(i)
             if i in self.persisted:
                 self.persisted.discard(i)
-                self.doomed.update((f"v{i}.pt", f"r{i}.pt"))
+                self.doomed.update((f"v{i}.pt", f"r{i}.pt", f"d{i}.pt"))
+
+    def discard(self, ids: list[int]) -> None:
+        """The values of vectors ``ids`` are dead: each is written before it is read again. Their memory is kept
+        (for the write), but a snapshot records only a marker, and a restarted stage holds NaN there."""
+        for i in ids:
+            if i in self.vectors and i not in self.dead:
+                self.dead.add(i)
+                self.persisted.discard(i)
 
     def dot(self, a: int, b: int) -> float:
         return dot64(self.vectors[a], self.vectors[b])
@@ -281,7 +310,7 @@ class ShardStore:
         """vectors[out] = vectors[y] − Σ c_i x_i (out may be y: in place)."""
         src = self.vectors[y]
         self._basis(ref).subtract(coeffs, src, out=self._out(out) if out != y else src)
-        self.persisted.discard(out)
+        self._written(out)
 
     # ------------------------------------------------------------------ a Lanczos step's vector work, fused
     def basis_project(self, ref: BasisRef, q: int, w: int) -> np.ndarray:

@@ -34,7 +34,7 @@ from ..solvers.space import assemble, select
 from .cluster import ClusterError, is_lost, wait_alive
 
 #: the stage methods that change what a stage holds (logged for replay after a restart)
-CHANGES = frozenset({"put", "free", "axpy", "scale", "mul", "zeros", "random", "lincomb", "basis_new",
+CHANGES = frozenset({"put", "free", "discard", "axpy", "scale", "mul", "zeros", "random", "lincomb", "basis_new",
                      "basis_free", "basis_append", "basis_row", "basis_lincomb", "basis_subtract",
                      "basis_subtract_dots", "basis_subtract_norm2", "basis_rotate", "metric_apply"})
 
@@ -294,6 +294,13 @@ class ShardedSpace:
 
     def norm(self, x: ShardedVector) -> float:
         return float(np.sqrt(max(self.dot(x, x), 0.0)))
+
+    def discard(self, x: ShardedVector) -> None:
+        """x's value is dead: the solver writes x before it reads it again (a Lanczos run's work vector once it was
+        copied into the basis). The stages keep its memory but snapshot only a marker — a row of the basis fewer
+        written per step — and a stage restarted from such a snapshot holds NaN in x, so a read before a write
+        would show rather than give other numbers."""
+        self._submit("discard", [x.id])
 
     def axpy(self, a: float, x: ShardedVector, y: ShardedVector) -> ShardedVector:
         out = self._new()

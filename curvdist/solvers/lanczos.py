@@ -104,6 +104,14 @@ def _orthogonalize(space: VectorSpace, basis: list[Vector] | Basis, w: Vector, o
     return total, w
 
 
+def _discard(space: VectorSpace, w: Vector) -> None:
+    """Tell a space that keeps snapshots (the pipeline's) that w's value is dead: it is in the basis now, and the
+    next step writes w before it reads it."""
+    discard = getattr(space, "discard", None)
+    if discard is not None:
+        discard(w)
+
+
 def _expand(space: VectorSpace, basis: list[Vector] | Basis, q: Vector, w: Vector, out: Vector | None
             ) -> tuple[float, Vector, float]:
     """One step's vector work for w = A q: (α, w orthogonalized against the basis, β) with α = qᵀw and β = ‖w‖.
@@ -240,6 +248,8 @@ def _steps(space: VectorSpace, state: Krylov, steps: int, restart_seed: int, res
         elif stop is not None and stop(state):
             break
         _append(space, state.basis, 1.0 / beta, w)
+        if w is work:
+            _discard(space, w)
         if on_step is not None:
             on_step(state)
     return state

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..catalogue import Which, parse
 from ..errors import SolverError
-from .lanczos import WHICH, EigenPairs, _new_basis, _orthogonalize, _select
+from .lanczos import WHICH, EigenPairs, _discard, _new_basis, _orthogonalize, _select
 from .space import Basis, LinearMap, Vector, VectorSpace, probe_seeds
 
 
@@ -101,6 +101,8 @@ def eigsh_restarted(
                 basis.append(space.scale(1.0 / beta, w))
             else:
                 basis.append(w, 1.0 / beta)
+                if w is work:
+                    _discard(space, w)
             T[n, j] = T[j, n] = beta
             continue
         kept = _select(theta, p, which)  # thick restart: the p best Ritz vectors and the residual direction
@@ -108,6 +110,8 @@ def eigsh_restarted(
         if hasattr(basis, "rotate_"):
             basis.rotate_(S[:, kept])
             basis.append(w, 1.0 / beta)
+            if w is work:
+                _discard(space, w)
         else:
             Y = [space.lincomb(S[:, i], basis) for i in kept]
             basis = Y + [space.scale(1.0 / beta, w)] if isinstance(basis, list) else _rebuilt(space, m, Y, w, beta)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 import curvdist as cd
 from curvdist.distributed.pipeline import PipelineOperator, StagePool
+from curvdist.distributed.shard_store import ShardStore
 from curvdist.distributed.sharded_space import ShardedVector
 from curvdist.problem.spec import ProblemSpec
 from curvdist.solvers.lanczos import lanczos
@@ -137,3 +139,59 @@ def test_snapshots_every_k_products_and_a_stage_killed_between_calls(pool1):
     assert clean[3] == clean[1]  # bitwise
     assert epochs[3] < epochs[1] / 2
     assert not os.path.exists(basis_dir)
+
+
+class _Store(ShardStore):
+    """A stage's shard store alone (no actor): 1,000 float32 coordinates, snapshots in ``snapshots``."""
+
+    def __init__(self, snapshots: Path) -> None:
+        self.dim, self.dtype, self.device = 1000, torch.float32, torch.device("cpu")
+        self.total, self.segments = 1000, [(0, 1000)]
+        self._open_store(snapshots)
+
+
+def test_a_discarded_vector_is_snapshotted_as_a_marker_and_restored_as_nan(tmp_path):
+    """A vector declared dead (its value is written before it is read again) costs its snapshot a marker, not its
+    data; a stage restarted from that snapshot holds NaN there (a read before a write shows), and once the vector is
+    written again the next snapshot holds its data and no marker."""
+    x = torch.arange(1000, dtype=torch.float32)
+    store = _Store(tmp_path)
+    store.put(1, x)
+    store._snapshot(0)
+    store.discard([1])
+    store._snapshot(1)
+    assert (tmp_path / "d1.pt").is_file()
+    restarted = _Store(tmp_path)
+    restarted._load_snapshot()
+    assert restarted.epoch == 1 and torch.isnan(restarted.vectors[1]).all()
+    assert np.isnan(restarted.dot(1, 1))
+    store.basis_new(0, 2)
+    store.put(2, torch.ones(1000))
+    store.basis_append(0, 2, 1.0)
+    store.basis_subtract((0, 1, True), [2.0], 2, 1)  # vectors[1] = 1 − 2·1, written in place of the dead value
+    store._snapshot(2)
+    assert not (tmp_path / "d1.pt").exists() and (tmp_path / "v1.pt").is_file()
+    again = _Store(tmp_path)
+    again._load_snapshot()
+    assert torch.equal(again.vectors[1], torch.full((1000,), -1.0))
+
+
+def test_lanczos_on_the_stages_snapshots_its_work_vector_as_a_marker(pool1):
+    """A pipelined Lanczos run with a snapshot at every product writes, per step, the new basis row but not the work
+    vector it was copied from (dead once it is in the basis): from the second product on, each stage's snapshot
+    holds one marker and no data file of the work vector."""
+    space = pool1.space
+    op = PipelineOperator(pool1, "ggn")
+    seen: list[list[list[str]]] = []
+
+    def apply(v: Any) -> Any:
+        out = op.apply_vector(v)  # its snapshot was written at its start
+        seen.append([os.listdir(os.path.join(pool1.snapshot_dir, f"stage{s}")) for s in (0, 1)])
+        return out
+
+    lanczos(apply, space, space.random(3, "gaussian"), 5)
+    assert len(seen) == 5
+    for files in (f for product in seen[1:] for f in product):
+        markers = [f for f in files if f.startswith("d")]
+        assert len(markers) == 1, files
+        assert "v" + markers[0][1:] not in files
