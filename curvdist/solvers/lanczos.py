@@ -81,6 +81,17 @@ def _append(space: VectorSpace, basis: list[Vector] | Basis, a: float, v: Vector
         basis.append(v, a)
 
 
+def _append_next(space: VectorSpace, basis: list[Vector] | Basis, beta: float, w: Vector, work: Vector | None
+                 ) -> None:
+    """Append the next direction w/β. When w is the run's work vector its value is dead from here on (the next step
+    writes it before it reads it): a space that keeps snapshots (the pipeline's ``discard``) is told so, and writes
+    a marker for it instead of its data."""
+    _append(space, basis, 1.0 / beta, w)
+    discard = getattr(space, "discard", None)
+    if w is work and discard is not None:
+        discard(w)
+
+
 def _orthogonalize(space: VectorSpace, basis: list[Vector] | Basis, w: Vector, out: Vector | None = None
                    ) -> tuple[np.ndarray, Vector]:
     """(Qᵀw summed over both passes, w − Q Qᵀw) in the space's inner product, classical Gram-Schmidt applied twice.
@@ -102,14 +113,6 @@ def _orthogonalize(space: VectorSpace, basis: list[Vector] | Basis, w: Vector, o
         else:
             w = out = sub(c, basis, w, out=out)
     return total, w
-
-
-def _discard(space: VectorSpace, w: Vector) -> None:
-    """Tell a space that keeps snapshots (the pipeline's) that w's value is dead: it is in the basis now, and the
-    next step writes w before it reads it."""
-    discard = getattr(space, "discard", None)
-    if discard is not None:
-        discard(w)
 
 
 def _expand(space: VectorSpace, basis: list[Vector] | Basis, q: Vector, w: Vector, out: Vector | None
@@ -247,9 +250,7 @@ def _steps(space: VectorSpace, state: Krylov, steps: int, restart_seed: int, res
             beta = space.norm(w)
         elif stop is not None and stop(state):
             break
-        _append(space, state.basis, 1.0 / beta, w)
-        if w is work:
-            _discard(space, w)
+        _append_next(space, state.basis, beta, w, work)
         if on_step is not None:
             on_step(state)
     return state

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..catalogue import Which, parse
 from ..errors import SolverError
-from .lanczos import WHICH, EigenPairs, _discard, _new_basis, _orthogonalize, _select
+from .lanczos import WHICH, EigenPairs, _append_next, _new_basis, _orthogonalize, _select
 from .space import Basis, LinearMap, Vector, VectorSpace, probe_seeds
 
 
@@ -97,21 +97,14 @@ def eigsh_restarted(
         if ok or broke or matvecs >= maxiter or n == space.dim:
             break
         if n < m:
-            if isinstance(basis, list):
-                basis.append(space.scale(1.0 / beta, w))
-            else:
-                basis.append(w, 1.0 / beta)
-                if w is work:
-                    _discard(space, w)
+            _append_next(space, basis, beta, w, work)
             T[n, j] = T[j, n] = beta
             continue
         kept = _select(theta, p, which)  # thick restart: the p best Ritz vectors and the residual direction
         s = beta * S[n - 1, kept]
         if hasattr(basis, "rotate_"):
             basis.rotate_(S[:, kept])
-            basis.append(w, 1.0 / beta)
-            if w is work:
-                _discard(space, w)
+            _append_next(space, basis, beta, w, work)
         else:
             Y = [space.lincomb(S[:, i], basis) for i in kept]
             basis = Y + [space.scale(1.0 / beta, w)] if isinstance(basis, list) else _rebuilt(space, m, Y, w, beta)
