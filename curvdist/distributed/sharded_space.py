@@ -34,7 +34,8 @@ from ..solvers.space import assemble, select
 from .cluster import ClusterError, is_lost, wait_alive
 
 #: the stage methods that change what a stage holds (logged for replay after a restart)
-CHANGES = frozenset({"put", "free", "discard", "axpy", "scale", "mul", "zeros", "random", "lincomb", "basis_new",
+CHANGES = frozenset({"put", "free", "discard", "axpy", "scale", "mul", "zeros", "random", "lincomb", "sub_lincomb",
+                     "basis_new",
                      "basis_free", "basis_append", "basis_row", "basis_lincomb", "basis_subtract",
                      "basis_subtract_dots", "basis_subtract_norm2", "basis_rotate", "metric_apply"})
 
@@ -342,14 +343,12 @@ class ShardedSpace:
 
     def sub_lincomb(self, coeffs: np.ndarray, xs: Sequence[ShardedVector] | ShardedBasis, y: ShardedVector,
                     out: ShardedVector | None = None) -> ShardedVector:
-        """y − Σ c_i x_i, into ``out`` when given (it may be y: in place) and returned."""
-        if not isinstance(xs, ShardedBasis):
-            res = self.axpy(-1.0, self.lincomb(coeffs, xs), y)
-            if out is None:
-                return res
-            self._submit("scale", out.id, 1.0, res.id)
-            return out
+        """y − Σ c_i x_i, into ``out`` when given (it may be y: in place) and returned: one stage call, whose
+        numbers are those of ``axpy(-1, lincomb(c, xs), y)``; in place it needs no vector beside y and the x_i."""
         out = out if out is not None else self._new()
+        if not isinstance(xs, ShardedBasis):
+            self._submit("sub_lincomb", out.id, [float(c) for c in coeffs], [x.id for x in xs], y.id)
+            return out
         self._submit("basis_subtract", xs.ref, [float(c) for c in coeffs], y.id, out.id)
         return out
 

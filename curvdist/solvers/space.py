@@ -13,8 +13,6 @@ into a given output vector). :class:`TorchSpace` has both, with :class:`Basis`.
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol, overload, runtime_checkable
@@ -41,6 +39,10 @@ DOT_SLICE = 1 << 22
 # Elements per slice when the inner product of float32 (or lower precision) vectors on the CPU is taken in float64:
 # each slice is converted and multiplied in cache, so there is no float64 copy of a whole vector.
 CHUNK = 1 << 15
+
+#: coordinates per slice of a pass over blocks that can be released (:class:`~curvdist.solvers.file_blocks.FileBlocks`):
+#: each slice's pages leave the resident memory once the pass has used them (16 MB of a float32 row)
+RELEASE_SLICE = DOT_SLICE
 
 
 @contextmanager
@@ -211,23 +213,6 @@ def probe_seeds(seed: int, count: int) -> list[int]:
     return [int(s >> np.uint64(1)) for s in state]
 
 
-def file_block(directory: str | os.PathLike[str], dtype: torch.dtype) -> Callable[[int, int], Tensor]:
-    """An ``allocate`` for :class:`Basis` that keeps the rows out of the process's working memory: each block is a
-    CPU tensor mapped from a new file in ``directory`` (``torch.from_file``, shared), unlinked at once — the kernel
-    keeps the file while the mapping lives and frees it with the tensor, so nothing is left behind, not even after a
-    crash. The rows live in the page cache: reclaimable memory, written back to disk under pressure and read again
-    when used."""
-    def allocate(rows: int, dim: int) -> Tensor:
-        fd, path = tempfile.mkstemp(dir=directory, suffix=".basis")
-        os.close(fd)
-        try:
-            return torch.from_file(path, shared=True, size=rows * dim, dtype=dtype).view(rows, dim)
-        finally:
-            os.unlink(path)
-
-    return allocate
-
-
 class Basis(Sequence[Tensor]):
     """An append-only sequence of vectors of ℝ^d held as the rows of preallocated (rows, d) blocks.
 
@@ -239,8 +224,10 @@ class Basis(Sequence[Tensor]):
 
     Blocks are allocated as needed, ``block_rows`` rows at a time (the first one ``min(capacity, block_rows)``), and
     uninitialized, so rows never written cost no physical memory on the CPU. ``allocate(rows, dim)`` replaces
-    ``torch.empty`` for the blocks (e.g. :func:`file_block`: rows in a memory-mapped file, out of the working
-    memory). ``basis[:m]`` is a read-only view of the first m vectors; ``basis[j]`` a view of row j (do not modify
+    ``torch.empty`` for the blocks; when it also has ``release(view)`` (e.g.
+    :class:`~curvdist.solvers.file_blocks.FileBlocks`: rows in memory-mapped files, out of the working memory), every
+    pass over the rows goes ``RELEASE_SLICE`` coordinates at a time and releases each slice of every block once
+    used, so the process holds about a slice of each row, not the basis. ``basis[:m]`` is a read-only view of the first m vectors; ``basis[j]`` a view of row j (do not modify
     it).
     """
 
@@ -258,6 +245,7 @@ class Basis(Sequence[Tensor]):
         self._root = self  # views share the root's blocks and scratch
         self._scratch_buffer: Tensor | None = None
         self._allocate = allocate
+        self._release: Callable[[Tensor], None] | None = getattr(allocate, "release", None)
 
     # ------------------------------------------------------------ the sequence
     def __len__(self) -> int:
@@ -325,11 +313,27 @@ class Basis(Sequence[Tensor]):
             self._blocks.append(torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
                                 if self._allocate is None else self._allocate(rows, self.dim))
         row = self._row(self._len)
-        if scale == 1.0:
-            row.copy_(v)
-        else:
-            torch.mul(v.to(self.dtype), float(scale), out=row)
+        for s, e in self._spans():
+            if scale == 1.0:
+                row[s:e].copy_(v[s:e])
+            else:
+                torch.mul(v[s:e].to(self.dtype), float(scale), out=row[s:e])
+            self._released(s, e)
         self._len += 1
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """The coordinate ranges a pass over the rows takes one at a time: the whole rows for blocks in memory,
+        ``RELEASE_SLICE`` coordinates for blocks that can be released (each released by :meth:`_released`)."""
+        if self._release is None:
+            return [(0, self.dim)]
+        return [(s, min(s + RELEASE_SLICE, self.dim)) for s in range(0, self.dim, RELEASE_SLICE)]
+
+    def _released(self, s: int, e: int) -> None:
+        """A pass is done with coordinates [s, e): drop them from the resident memory where the blocks can be
+        released (a no-op for blocks in memory)."""
+        if self._release is not None:
+            for blk in self._blocks:
+                self._release(blk[:, s:e])
 
     def _row(self, j: int) -> Tensor:
         for blk in self._blocks:
@@ -358,8 +362,10 @@ class Basis(Sequence[Tensor]):
             return out.cpu().numpy()
         if self.dtype == torch.float64 or not self._precise:
             y = y.to(self.dtype)
-            for r0, blk in self.blocks():
-                out[r0 : r0 + blk.shape[0]] = torch.mv(blk, y)
+            for s, e in self._spans():
+                for r0, blk in self.blocks():
+                    out[r0 : r0 + blk.shape[0]] += torch.mv(blk[:, s:e], y[s:e])
+                self._released(s, e)
             return out.cpu().numpy()
         with serial() if self.device.type == "cpu" else nullcontext():
             if self.dtype == torch.float32 and self.dim < 2**31:
@@ -383,6 +389,7 @@ class Basis(Sequence[Tensor]):
                     acc.add_(parts.squeeze(-1).sum(0, dtype=torch.float64))
                 if s + n < e:
                     acc.add_(torch.mv(blk[:, s + n : e].double(), y[s + n : e].double()))
+            self._released(s, e)
 
     def _scratch_dots(self, y: Tensor, out: Tensor) -> None:
         """out += [x_iᵀ y]_i with the products and sums in float64, a slice at a time through float64 scratch."""
@@ -398,6 +405,7 @@ class Basis(Sequence[Tensor]):
                 S = flat[step : step + m * n].view(m, n)
                 S.copy_(blk[:, s : s + n])
                 out[r0 : r0 + m].add_(torch.mv(S, ys[:n]))
+            self._released(s, s + n)
 
     def _scratch(self) -> Tensor:
         """The flat float64 scratch of :meth:`dots`: 8 MiB (32 MiB on a GPU), allocated on first use."""
@@ -422,15 +430,18 @@ class Basis(Sequence[Tensor]):
         elif out.dtype != self.dtype or out.shape != (self.dim,):
             raise SolverError(f"out must be a flat {self.dtype} vector of length {self.dim}, got {out.dtype} "
                               f"{tuple(out.shape)}")
-        src = y.to(self.dtype)
-        for r0, blk in self.blocks():
-            n = min(blk.shape[0], len(c) - r0)
-            if n <= 0:
-                break
-            torch.addmv(src, blk[:n].T, c[r0 : r0 + n], alpha=-1, out=out)
-            src = out
-        if src is not out:  # no coefficients
-            out.copy_(src)
+        y = y.to(self.dtype)
+        for s, e in self._spans():
+            src, dst = y[s:e], out[s:e]
+            for r0, blk in self.blocks():
+                n = min(blk.shape[0], len(c) - r0)
+                if n <= 0:
+                    break
+                torch.addmv(src, blk[:n, s:e].T, c[r0 : r0 + n], alpha=-1, out=dst)
+                src = dst
+            if src is not dst:  # no coefficients
+                dst.copy_(src)
+            self._released(s, e)
         return out
 
     def rotate_(self, C: np.ndarray, chunk: int = 1 << 16) -> None:
@@ -457,6 +468,7 @@ class Basis(Sequence[Tensor]):
             torch.mm(Ct, Xs, out=Ys)
             for j in range(p):
                 rows[j][s:e].copy_(Ys[j])
+            self._released(s, e)
         self._len = p
 
     def lincomb(self, coeffs: np.ndarray | Sequence[float]) -> Tensor:
@@ -559,8 +571,10 @@ class TorchSpace:
         :class:`Basis` needs no temporary vector) and returned."""
         if isinstance(xs, Basis):
             return xs.subtract(coeffs, y, out=out)
-        res = self.axpy(-1.0, self.lincomb(coeffs, xs), y)
-        return res if out is None else out.copy_(res)
+        combination = self.lincomb(coeffs, xs)
+        if out is None:
+            return self.axpy(-1.0, combination, y)
+        return torch.add(y, combination, alpha=-1.0, out=out)  # axpy's numbers, written into out
 
     def to_tensor(self, x: Tensor) -> Tensor:
         return x

@@ -18,10 +18,11 @@ results are unchanged) only by the rounding of the batched products.
 
 Memory. The estimators hold only the vectors they still use. Hutch++ (k sketch probes): the sketch A S and its
 orthonormal basis Q side by side while orthonormalizing (2k + 2 vectors at most), then Q and one probe with its
-product (each A q is dropped once qᵀAq is taken), and Q and three vectors while a residual probe is made. XTrace
-(m probes): Ω, AΩ and Q while orthonormalizing, then Ω, Q and one product (AQ enters QᵀAQ a column at a time).
-Hutchinson: one probe and its product. Every probe and its product are let go before the next product is taken.
-That counts at scale: at 774M parameters in 4 pipeline stages a vector is 0.9 GB a stage.
+product (each A q is dropped once qᵀAq is taken), and Q and one probe while a residual probe is made (in place, on
+spaces with ``sub_lincomb``; three vectors beside Q on others). XTrace (m probes): Ω, AΩ and Q while
+orthonormalizing, then Ω, Q and one product (AQ enters QᵀAQ a column at a time). Hutchinson: one probe and its
+product. Every probe and its product are let go before the next product is taken. That counts at scale: at 774M
+parameters in 4 pipeline stages a vector is 0.9 GB a stage.
 """
 
 from __future__ import annotations
@@ -97,9 +98,15 @@ def hutchpp(apply: LinearMap, space: VectorSpace, matvecs: int, seed: int = 0, p
     del Y  # Q replaces the sketch (memory: module docstring)
     low_rank = sum(_quadratic_forms(space, products(apply, Q, block_apply, block), len(Q)))
 
+    sub_lincomb = getattr(space, "sub_lincomb", None)
+
     def residual(s: int) -> Vector:
+        """(I − QQᵀ) z, in place where the space can (no vector beside z and Q)."""
         z = space.random(s, probe)
-        return space.axpy(-1.0, space.lincomb(space.dots(Q, z), Q), z)
+        c = space.dots(Q, z)
+        if sub_lincomb is not None:
+            return sub_lincomb(c, Q, z, out=z)
+        return space.axpy(-1.0, space.lincomb(c, Q), z)
 
     samples = _quadratic_forms(space, products(apply, (residual(s) for s in seeds[k:]), block_apply, block), g)
     used = k + len(Q) + g

@@ -17,6 +17,7 @@ import torch
 
 import curvdist as cd
 from curvdist.distributed.pipeline import PipelineOperator, StagePool
+from curvdist.distributed import shard_store
 from curvdist.distributed.shard_store import ShardStore
 from curvdist.distributed.sharded_space import ShardedVector
 from curvdist.problem.spec import ProblemSpec
@@ -174,6 +175,31 @@ def test_a_discarded_vector_is_snapshotted_as_a_marker_and_restored_as_nan(tmp_p
     again = _Store(tmp_path)
     again._load_snapshot()
     assert torch.equal(again.vectors[1], torch.full((1000,), -1.0))
+
+
+def test_sub_lincomb_on_a_stage_gives_lincomb_then_axpy_in_place(tmp_path, monkeypatch):
+    """y − Σ c_i x_i as one stage call (Hutch++'s residual probe): the numbers of ``lincomb`` then ``axpy(-1)`` bit
+    for bit, over chunks with a ragged tail; in place it writes into y's own memory (no vector beside it), and a y
+    that is a view of a basis row gets a new tensor instead (the row is not written)."""
+    monkeypatch.setattr(shard_store, "DOT_CHUNK", 256)
+    g = torch.Generator().manual_seed(0)
+    store = _Store(tmp_path)
+    for i in (1, 2, 3):
+        store.put(i, torch.randn(1000, generator=g))
+    c = [0.3, -1.7]
+    store.lincomb(10, c, [1, 2])
+    store.axpy(11, -1.0, 10, 3)
+    store.sub_lincomb(12, c, [1, 2], 3)
+    assert torch.equal(store.vectors[12], store.vectors[11])
+    memory = store.vectors[3].data_ptr()
+    store.sub_lincomb(3, c, [1, 2], 3)
+    assert torch.equal(store.vectors[3], store.vectors[11]) and store.vectors[3].data_ptr() == memory
+    store.basis_new(0, 1)
+    store.basis_append(0, 1, 1.0)
+    store.basis_row(0, 0, 4)
+    store.sub_lincomb(4, [1.0], [2], 4)
+    assert torch.equal(store.vectors[4], store.vectors[1] - store.vectors[2])
+    assert torch.equal(store.bases[0][0], store.vectors[1])
 
 
 def test_lanczos_on_the_stages_snapshots_its_work_vector_as_a_marker(pool1):
