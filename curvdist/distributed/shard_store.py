@@ -95,8 +95,8 @@ class ShardStore:
     segments: list[tuple[int, int]]
 
     def _open_store(self, snapshots: Path | None, basis_dir: Path | None = None) -> None:
-        """``basis_dir``: keep basis rows in memory-mapped files there (:func:`~curvdist.solvers.file_blocks.file_block`;
-        CPU stages only) instead of the working memory."""
+        """``basis_dir``: keep basis rows in memory-mapped files there
+        (:func:`~curvdist.solvers.file_blocks.file_block`; CPU stages only), out of the working memory."""
         self._basis_allocate = None
         if basis_dir is not None:
             if self.device.type != "cpu":

@@ -227,8 +227,8 @@ class Basis(Sequence[Tensor]):
     ``torch.empty`` for the blocks; when it also has ``release(view)`` (e.g.
     :class:`~curvdist.solvers.file_blocks.FileBlocks`: rows in memory-mapped files, out of the working memory), every
     pass over the rows goes ``RELEASE_SLICE`` coordinates at a time and releases each slice of every block once
-    used, so the process holds about a slice of each row, not the basis. ``basis[:m]`` is a read-only view of the first m vectors; ``basis[j]`` a view of row j (do not modify
-    it).
+    used, so the process holds about a slice of each row, not the basis. ``basis[:m]`` is a read-only view of the
+    first m vectors; ``basis[j]`` a view of row j (do not modify it).
     """
 
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu", capacity: int | None = None,

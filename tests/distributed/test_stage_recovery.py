@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import curvdist as cd
-from curvdist.distributed.pipeline import PipelineOperator, StagePool
 from curvdist.distributed import shard_store
+from curvdist.distributed.pipeline import PipelineOperator, StagePool
 from curvdist.distributed.shard_store import ShardStore
 from curvdist.distributed.sharded_space import ShardedVector
 from curvdist.problem.spec import ProblemSpec
