@@ -78,7 +78,8 @@ def main() -> None:
                           data_kwargs={"n": args.batch, "vocab_size": config["vocab_size"],
                                        "max_length": args.tokens, "min_length": args.tokens, "seed": 0},
                           batch_size=args.batch, dtype="float32")
-    res: dict[str, Any] = {"args": vars(args), "load_start": os.getloadavg(), "model": config}
+    recorded = {k: v for k, v in vars(args).items() if k != "out"}  # no path of the machine in the results
+    res: dict[str, Any] = {"args": recorded, "load_start": os.getloadavg(), "model": config}
     t0 = time.perf_counter()
     with cd.ray_backend(workers=args.stages, num_cpus=max(args.stages, 2)) as backend:
         staged = backend.pipeline(spec, stages=args.stages, micro_batches=args.micro, snapshots=False,

@@ -566,7 +566,7 @@ def driver(args: argparse.Namespace) -> None:
     fp_dir.mkdir(parents=True, exist_ok=True)
     out.setdefault("runs", []).append({"measurements": names, "load_start": os.getloadavg(),
                                        "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    out["args"] = {k: v for k, v in vars(args).items() if k not in ("one",)}
+    out["args"] = {k: v for k, v in vars(args).items() if k not in ("one", "out", "fingerprint_dir")}
     out["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     out["model"] = {"config": GPT2_SMALL, "factory": "curvdist.zoo.hf_causal_lm (eager attention, eval, seed 0)",
                     "data": "curvdist.zoo.markov_corpus(seed=0)", "loss": "causal LM, mean over non-ignored tokens"}

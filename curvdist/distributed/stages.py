@@ -10,9 +10,12 @@ uses it; later users receive the owner's part of v and return their part of C v,
 * GGN/Fisher: forward, stage s computes (c_s, ċ_s) = jvp(f_s, (c_{s−1}, θ_s), (ċ_{s−1}, v_s)); the last stage
   applies the loss Hessian, u = Λ ḟ; backward, stage s maps u through vjp(f_s)(u) = (u_c, u_θ) and keeps u_θ.
 * Hessian: the same forward pass; the last stage starts the gradient and its directional derivative,
-  (g, ġ) = (∂ℓ/∂f, ∂²ℓ/∂f² ḟ); backward, stage s takes the JVP of the VJP,
+  (g, ġ) = (∂ℓ/∂f, ∂²ℓ/∂f² ḟ); backward, stage s needs the JVP of the VJP,
   jvp((c, θ, g) ↦ vjp(f_s)(g), (c_{s−1}, θ_s, g), (ċ_{s−1}, v_s, ġ)) = ((g_c, g_θ), (ġ_c, ġ_θ)),
-  keeps ġ_θ (its shard of H v) and passes (g_c, ġ_c) on — forward-over-reverse, stage by stage.
+  keeps ġ_θ (its shard of H v) and passes (g_c, ġ_c) on. It takes the tangents by reverse over reverse: with
+  (g_c, g_θ) = vjp(f_s)(g) and its graph, the scalar S = ⟨g_θ, v_s⟩ + ⟨g_c, ċ_{s−1}⟩ + ⟨f_s, ġ⟩ has gradient
+  (ġ_θ, ġ_c), so a second backward adds ġ_θ into the output as it reaches each parameter; the primal g_θ is let go
+  once S is formed, where forward-over-reverse would hold g_θ and ġ_θ side by side (two shards).
 
 Each call returns one object (the carry with its tangents, or the cotangents), so one object-store transfer
 crosses a stage boundary per micro-batch and direction; vectors live on the stage actors as shards and the
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp
+from torch.func import jvp
 
 from ..errors import MetricError, ProblemError
 from ..faults import maybe_fail
@@ -294,11 +297,7 @@ class StageWorker(ShardStore):
         f = self._fn(key, const, float_out)
         p = {n: self.values[n] for n in self._diff()}
         if kind == "hessian":
-            def h(c: dict[str, Tensor], q: dict[str, Tensor], gg: Any) -> Any:
-                return vjp(f, c, q)[1](gg)
-
-            (gc, _), (gcdot, gp) = jvp(h, (carry, p, g), (cdot, self._tangents(self._current_v), gdot))
-            self._accumulate(out_id, gp)
+            gcdot, gc = self._hvp_into(f, carry, cdot, p, g, gdot, out_id)
         else:
             gcdot, gc = self._vjp_into(f, carry, p, gdot, out_id), None
         self.busy += time.perf_counter() - t0
@@ -333,15 +332,50 @@ class StageWorker(ShardStore):
             return None
         return {k: torch.zeros_like(t) if t.grad is None else t.grad for k, t in c.items()}
 
+    def _hvp_into(self, f: Any, carry: dict[str, Tensor], cdot: dict[str, Tensor], p: dict[str, Tensor], g: Any,
+                  gdot: Any, out_id: int) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
+        """The stage's part of a Hessian product by reverse over reverse (module docstring): (g_c, g_θ) = vjp(f)(g)
+        with its graph, S = ⟨g_θ, v⟩ + ⟨g_c, ċ⟩ + ⟨f, ġ⟩, and ∂S/∂θ = ġ_θ added into vectors[out_id] (owned) and
+        ``tied_out`` (tied) as the second backward reaches each parameter (see :meth:`_vjp_into`). Returns
+        (ġ_c, g_c), the carry's cotangent and its tangent (zeros where f does not depend on it; None on stage 0)."""
+        first = self.stage == 0
+        c = carry if first else {k: t.detach().requires_grad_() for k, t in carry.items()}
+        q = {n: t.detach().requires_grad_() for n, t in p.items()}
+        tangents = self._tangents(self._current_v)
+        leaves = [*q.values(), *(() if first else c.values())]
+        directions = [*(tangents[n] for n in q), *(() if first else (cdot[k] for k in c))]
+        with torch.enable_grad():
+            out = f(c, q)
+            if isinstance(out, dict):
+                pairs = [(o, g[k], gdot[k]) for k, o in out.items() if o.requires_grad]
+            else:
+                pairs = [(out, g, gdot)] if out.requires_grad else []
+            if not pairs:
+                return (None, None) if first else ({k: torch.zeros_like(t) for k, t in c.items()},) * 2
+            grads = torch.autograd.grad([o for o, _, _ in pairs], leaves, [w for _, w, _ in pairs],
+                                        create_graph=True, allow_unused=True)
+            S = sum((o * w).sum() for o, _, w in pairs)
+            for gr, d in zip(grads, directions):
+                if gr is not None and gr.requires_grad:
+                    S = S + (gr * d).sum()
+        gc = None if first else {k: torch.zeros_like(t) if gr is None else gr.detach()
+                                 for (k, t), gr in zip(c.items(), grads[len(q):])}
+        del grads, out, pairs  # the primal parameter gradients: S's graph does not keep them
+        targets = self._cotangent_targets(out_id)
+        for n, leaf in q.items():
+            leaf.grad = targets[n]
+        torch.autograd.backward(S, inputs=leaves)
+        for n, leaf in q.items():  # accumulation is in place when the gradient exists; should it not be, copy
+            if leaf.grad is not targets[n]:
+                targets[n].copy_(leaf.grad)
+        if first:
+            return None, None
+        return {k: torch.zeros_like(t) if t.grad is None else t.grad for k, t in c.items()}, gc
+
     def _cotangent_targets(self, out_id: int) -> dict[str, Tensor]:
         """Where each differentiated parameter's cotangent goes: the owned ones to their views of vectors[out_id],
         the tied ones to their parts in ``tied_out``."""
         return {**self._pieces(out_id), **{n: self.tied_out[n] for n in self.foreign}}
-
-    def _accumulate(self, out_id: int, gp: dict[str, Tensor]) -> None:
-        """Add the parameter cotangents to their targets parameter by parameter (no concatenated copy)."""
-        for n, target in self._cotangent_targets(out_id).items():
-            target.add_(gp[n].detach())
 
     # ------------------------------------------------------------------ loss and gradient (training)
     def grad_begin(self, out_id: int, epoch: int | None = None) -> None:
