@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ProblemError
+from ..errors import ProblemError, SolverError
 from ..solvers.file_blocks import file_block
 from ..solvers.space import Basis, random_segments
 from .cluster import StageRestarted
@@ -62,6 +62,15 @@ def _save(path: Path, obj: Any) -> None:
 
 #: actor methods a restarted stage answers before it is recovered (they report on it or recover it)
 UNGUARDED = frozenset({"life", "resume", "info", "meters", "reset_meters", "param_version", "build"})
+
+
+class _Vectors(dict):  # type: ignore[type-arg]
+    """A stage's vectors by id; reading one that is not here — freed, or discarded and not written since — raises
+    a :class:`~curvdist.errors.SolverError` naming it."""
+
+    def __missing__(self, vid: int) -> Tensor:
+        raise SolverError(f"vector {vid} has no value on this stage: it was freed, or discarded (its value declared "
+                          f"dead) and read before it was written again")
 
 
 def guard_restarts(cls: type) -> type:
@@ -104,7 +113,7 @@ class ShardStore:
                                    f"{self.device}, where the rows stay in device memory (turn basis_on_disk off)")
             basis_dir.mkdir(parents=True, exist_ok=True)
             self._basis_allocate = file_block(basis_dir, self.dtype)
-        self.vectors: dict[int, Tensor] = {}
+        self.vectors: dict[int, Tensor] = _Vectors()
         self.bases: dict[int, Basis] = {}
         self.row_of: dict[int, tuple[int, int]] = {}  # vectors that are views of basis rows: id → (basis, row)
         self.snapshots = snapshots
@@ -135,13 +144,14 @@ class ShardStore:
         for name in self.doomed:
             (self.snapshots / name).unlink(missing_ok=True)
         self.doomed.clear()
+        for vid in sorted(self.dead - self.persisted):
+            _save(self.snapshots / f"d{vid}.pt", torch.tensor(0))
+            self.doomed.update((f"v{vid}.pt", f"r{vid}.pt"))  # an older value: deleted at the next snapshot
+            self.persisted.add(vid)
         for vid, t in self.vectors.items():
             if vid in self.persisted:
                 continue
-            if vid in self.dead:
-                _save(self.snapshots / f"d{vid}.pt", torch.tensor(0))
-                self.doomed.update((f"v{vid}.pt", f"r{vid}.pt"))  # an older value: deleted at the next snapshot
-            elif vid in self.row_of:
+            if vid in self.row_of:
                 _save(self.snapshots / f"r{vid}.pt", torch.tensor(self.row_of[vid]))
             else:
                 _save(self.snapshots / f"v{vid}.pt", _own_storage(t))
@@ -208,7 +218,7 @@ class ShardStore:
     def _out(self, vid: int) -> Tensor:
         """vectors[vid] to be overwritten in place (a new one if it does not exist)."""
         t = self.vectors.get(vid)
-        if t is None or vid in self.row_of:
+        if t is None or vid in self.row_of:  # new (or discarded), or a basis row's view
             t = torch.empty(self.dim, dtype=self.dtype, device=self.device)
         return self._set(vid, t)
 
@@ -229,12 +239,17 @@ class ShardStore:
                 self.doomed.update((f"v{i}.pt", f"r{i}.pt", f"d{i}.pt"))
 
     def discard(self, ids: list[int]) -> None:
-        """The values of vectors ``ids`` are dead: each is written before it is read again. Their memory is kept
-        (for the write), but a snapshot records only a marker, and a restarted stage holds NaN there."""
+        """The values of vectors ``ids`` are dead: each is written before it is read again. Their memory is let go
+        until that write (:meth:`_out` allocates it again: a Lanczos run's work vector is not held through the next
+        product), a snapshot records only a marker, and a restarted stage holds NaN there. A read before the write
+        raises :class:`~curvdist.errors.SolverError` (and gives NaN after a restart): it shows, never passes
+        silently."""
         for i in ids:
             if i in self.vectors and i not in self.dead:
                 self.dead.add(i)
                 self.persisted.discard(i)
+                del self.vectors[i]
+                self.row_of.pop(i, None)
 
     def dot(self, a: int, b: int) -> float:
         return dot64(self.vectors[a], self.vectors[b])

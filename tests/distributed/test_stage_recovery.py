@@ -7,6 +7,7 @@ uninterrupted run (a stage lost in the middle of a product: test_stage_faults.py
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def test_vector_operations_run_without_waiting_and_their_errors_reach_the_next_w
     assert space._pending == []
     unknown = ShardedVector(space, 10**9)  # a handle no stage holds
     space.axpy(1.0, unknown, v)  # submitted: no error yet
-    with pytest.raises(KeyError):
+    with pytest.raises(cd.SolverError, match="vector 1000000000 has no value on this stage"):
         space.dot(v, v)
     assert space._pending == []
     assert space.dot(u, v) == pytest.approx(want, rel=1e-12)
@@ -152,14 +153,18 @@ class _Store(ShardStore):
 
 
 def test_a_discarded_vector_is_snapshotted_as_a_marker_and_restored_as_nan(tmp_path):
-    """A vector declared dead (its value is written before it is read again) costs its snapshot a marker, not its
-    data; a stage restarted from that snapshot holds NaN there (a read before a write shows), and once the vector is
-    written again the next snapshot holds its data and no marker."""
-    x = torch.arange(1000, dtype=torch.float32)
+    """A vector declared dead (its value is written before it is read again) lets go of its memory until written
+    (a read raises, naming it) and costs its snapshot a marker, not its data; a stage restarted from that snapshot
+    holds NaN there (a read before a write shows), and once the vector is written again the next snapshot holds its
+    data and no marker."""
     store = _Store(tmp_path)
-    store.put(1, x)
+    store.put(1, torch.arange(1000, dtype=torch.float32))
     store._snapshot(0)
+    held = weakref.ref(store.vectors[1].untyped_storage())
     store.discard([1])
+    assert held() is None  # the memory is let go
+    with pytest.raises(cd.SolverError, match="vector 1 has no value on this stage"):
+        store.dot(1, 1)
     store._snapshot(1)
     assert (tmp_path / "d1.pt").is_file()
     restarted = _Store(tmp_path)
