@@ -16,18 +16,22 @@ window), in this order:
 3. a Hutch++ trace of the same curvature with ``--trace-matvecs`` products (default 4: one sketch direction, two
    residual probes, so the trace has a standard error).
 
-A pipelined Hessian product holds, per stage, the parameters, v, the output, and the primal and tangent parameter
-gradients of the stage's forward-over-reverse pass: at 774M in 4 stages that peaked at 5.6 GB a stage and Ray's
-memory monitor killed a stage on 24 GB, so the stored run is ``--curvature ggn``. ``--basis-on-disk``: the stages
-keep their Lanczos basis rows in memory-mapped files (``basis_on_disk``), page cache the system can reclaim.
+A pipelined Hessian product (reverse over reverse on each stage) holds, per stage, the parameters, v, the output,
+the primal parameter gradients until the second backward starts, and that backward's graph. Earlier (forward over
+reverse, with primal and tangent gradients side by side, v's tangents copied, basis rows resident) Ray's memory
+monitor killed a stage on 24 GB. ``--basis-on-disk``:
+the stages keep their Lanczos basis rows in memory-mapped files (``basis_on_disk``), page cache the system can
+reclaim, out of the stages' resident memory between passes.
 
 The goal: each stage's peak during a query ≤ 1.5× its peak during the training step. Writes
 benchmarks/results/largest_model.json.
 
     python benchmarks/largest_model.py [--stages 4] [--batch 2] [--tokens 64] [--max-basis 4] [--tol 1e-2]
 
-The stored run: ``--curvature ggn --queries eig,trace --basis-on-disk --max-basis 3 --maxiter 12``
-(``largest_model.json``) and the trace alone, ``--curvature ggn --queries trace`` (``largest_model_trace.json``).
+The stored runs: ``--curvature ggn --queries eig,trace --basis-on-disk --max-basis 3 --maxiter 12``
+(``largest_model.json``), the trace alone, ``--curvature ggn --queries trace`` (``largest_model_trace.json``), and
+the Hessian, ``--curvature hessian --queries eig,trace --basis-on-disk --max-basis 3 --maxiter 12``
+(``largest_model_hessian.json``).
 """
 
 from __future__ import annotations

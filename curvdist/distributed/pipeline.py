@@ -105,7 +105,8 @@ class StagePool:
             raise ProblemError(f"the stages own {owned} of the problem's {self.infos[0]['total']} parameters")
         self.space = ShardedSpace(self.actors, [i["dim"] for i in self.infos], getattr(torch, spec.dtype),
                                   [[tuple(seg) for seg in i["segments"]] for i in self.infos],
-                                  snapshot_every if self.snapshot_dir is not None else None)
+                                  snapshot_every if self.snapshot_dir is not None else None,
+                                  bases_off_memory=self.basis_dir is not None)
         self.num_samples = self.infos[-1]["samples"]
         self.num_batches = self.infos[-1]["batches"]  # micro-batches, in order
         #: tied parameters: (name, owner stage, user stage)

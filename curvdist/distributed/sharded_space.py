@@ -125,9 +125,13 @@ class ShardedSpace:
     """
 
     def __init__(self, actors: list[Any], dims: list[int], dtype: torch.dtype,
-                 segments: list[list[tuple[int, int]]] | None = None, snapshot_every: int | None = 1) -> None:
+                 segments: list[list[tuple[int, int]]] | None = None, snapshot_every: int | None = 1,
+                 bases_off_memory: bool = False) -> None:
         import ray
 
+        #: the stages keep basis rows off their working memory (``basis_on_disk``): solvers may hold vectors they
+        #: keep for long (Hutch++'s Q) as a basis, to be out of the stages' resident memory between passes
+        self.bases_off_memory = bool(bases_off_memory)
         self.ray, self.actors, self.dims, self.dtype = ray, actors, dims, dtype
         self.dim = sum(dims)
         if segments is None:  # stage after stage

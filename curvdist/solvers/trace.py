@@ -19,10 +19,11 @@ results are unchanged) only by the rounding of the batched products.
 Memory. The estimators hold only the vectors they still use. Hutch++ (k sketch probes): the sketch A S and its
 orthonormal basis Q side by side while orthonormalizing (2k + 2 vectors at most), then Q and one probe with its
 product (each A q is dropped once qᵀAq is taken), and Q and one probe while a residual probe is made (in place, on
-spaces with ``sub_lincomb``; three vectors beside Q on others). XTrace (m probes): Ω, AΩ and Q while
-orthonormalizing, then Ω, Q and one product (AQ enters QᵀAQ a column at a time). Hutchinson: one probe and its
-product. Every probe and its product are let go before the next product is taken. That counts at scale: at 774M
-parameters in 4 pipeline stages a vector is 0.9 GB a stage.
+spaces with ``sub_lincomb``; three vectors beside Q on others). A space whose bases live off its working memory
+(``bases_off_memory``: pipeline stages with ``basis_on_disk``) holds Q as a basis there. XTrace (m probes): Ω, AΩ
+and Q while orthonormalizing, then Ω, Q and one product (AQ enters QᵀAQ a column at a time). Hutchinson: one probe
+and its product. Every probe and its product are let go before the next product is taken. That counts at scale: at
+774M parameters in 4 pipeline stages a vector is 0.9 GB a stage.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ def hutchpp(apply: LinearMap, space: VectorSpace, matvecs: int, seed: int = 0, p
         del pair
     Q, _, _ = orthonormalize(space, Y)
     del Y  # Q replaces the sketch (memory: module docstring)
+    if getattr(space, "bases_off_memory", False):  # keep Q where the space keeps bases (pipeline stages' files)
+        basis = space.new_basis(len(Q))
+        for q in Q:
+            basis.append(q)
+        Q = basis
     low_rank = sum(_quadratic_forms(space, products(apply, Q, block_apply, block), len(Q)))
 
     sub_lincomb = getattr(space, "sub_lincomb", None)

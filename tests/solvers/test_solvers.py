@@ -385,6 +385,35 @@ def test_trace_estimators_let_go_of_the_vectors_they_no_longer_use(decaying, est
     assert space.live == 0
 
 
+class _BasesOffMemory(TorchSpace):
+    """A TorchSpace that says its bases live off the working memory, and records the bases made."""
+
+    bases_off_memory = True
+
+    def __init__(self) -> None:
+        super().__init__(D, torch.float64)
+        self.bases: list[Basis] = []
+
+    def new_basis(self, capacity=None):
+        self.bases.append(super().new_basis(capacity))
+        return self.bases[-1]
+
+
+@pytest.mark.parametrize("matvecs", [4, 9])
+def test_hutchpp_keeps_q_as_a_basis_where_the_space_keeps_bases_off_memory(decaying, matvecs):
+    """With ``bases_off_memory`` (pipeline stages with basis_on_disk) Hutch++ holds Q in a basis of the space (there,
+    rows in files, out of the stages' resident memory between passes) and gives the list-held estimate to
+    rounding: the same probes and products, Q's dots and subtractions taken by the basis."""
+    A, _ = decaying
+    space = _BasesOffMemory()
+    est = hutchpp(lambda v: A @ v, space, matvecs, seed=3)
+    ref = hutchpp(lambda v: A @ v, _space(), matvecs, seed=3)
+    assert [len(b) for b in space.bases] == [matvecs // 3]
+    assert est.matvecs == ref.matvecs
+    assert np.allclose(est.samples, ref.samples, rtol=1e-12, atol=1e-12 * abs(ref.value))
+    assert est.value == pytest.approx(ref.value, rel=1e-12)
+
+
 def test_xtrace_equals_leave_one_out_definition(decaying):
     """The Gram-matrix formula against the definition with explicit leave-one-out projections."""
     A, _ = decaying
