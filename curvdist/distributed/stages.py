@@ -436,8 +436,8 @@ class StageWorker(ShardStore):
         if self.optimizer is None:
             cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
             self.optimizer = cls([self.values[n] for n in self.names], **options)
-        for n, g in self._pieces(gid).items():
-            self.values[n].grad = g.clone()
+        for n, g in self._pieces(gid).items():  # views of the gradient shard, not copies (a shard's worth less)
+            self.values[n].grad = g
         self.optimizer.step()
         for n in self.names:
             self.values[n].grad = None
