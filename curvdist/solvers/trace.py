@@ -99,8 +99,8 @@ def hutchpp(apply: LinearMap, space: VectorSpace, matvecs: int, seed: int = 0, p
     del Y  # Q replaces the sketch (memory: module docstring)
     if getattr(space, "bases_off_memory", False):  # keep Q where the space keeps bases (pipeline stages' files)
         basis = space.new_basis(len(Q))
-        for q in Q:
-            basis.append(q)
+        while Q:  # no loop variable: it would keep the last vector alive through every product below
+            basis.append(Q.pop(0))
         Q = basis
     low_rank = sum(_quadratic_forms(space, products(apply, Q, block_apply, block), len(Q)))
 
