@@ -313,18 +313,28 @@ class StageWorker(ShardStore):
         a ``.grad`` that is already there, so no parameter's cotangent outlives its addition — a functional VJP
         returns all of them at once, a shard's worth of memory (0.9 GB a stage of GPT-2 large in 4) beside the
         output. Returns the carry's cotangents (zeros where the outputs do not depend on it; None on stage 0)."""
-        c = carry if self.stage == 0 else {k: t.detach().requires_grad_() for k, t in carry.items()}
-        q = {n: t.detach().requires_grad_() for n, t in p.items()}
-        targets = self._cotangent_targets(out_id)
-        for n, leaf in q.items():
-            leaf.grad = targets[n]
+        c, q = self._leaves(carry, p)
         with torch.enable_grad():
             out = f(c, q)
         pairs = [(o, g) for o, g in (zip(out.values(), (cotangent[k] for k in out)) if isinstance(out, dict)
                                      else [(out, cotangent)]) if o.requires_grad]
-        inputs = [*q.values(), *(() if self.stage == 0 else c.values())]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=inputs)
+        return self._backward_into([o for o, _ in pairs], [g for _, g in pairs], c, q, out_id)
+
+    def _leaves(self, carry: dict[str, Tensor], p: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The carry (stage 0: as it is, it holds no floats to differentiate) and the parameters as fresh leaves."""
+        c = carry if self.stage == 0 else {k: t.detach().requires_grad_() for k, t in carry.items()}
+        return c, {n: t.detach().requires_grad_() for n, t in p.items()}
+
+    def _backward_into(self, roots: list[Tensor], cotangents: list[Any], c: dict[str, Tensor],
+                       q: dict[str, Tensor], out_id: int) -> dict[str, Tensor] | None:
+        """``backward(roots, cotangents)`` into the leaves (c, q): each parameter's cotangent is added into its
+        target (:meth:`_cotangent_targets`) as the pass reaches it — autograd accumulates into a ``.grad`` that is
+        already there. Returns the carry's cotangents (zeros where the roots do not depend on it; None on stage 0)."""
+        targets = self._cotangent_targets(out_id)
+        for n, leaf in q.items():
+            leaf.grad = targets[n]
+        if roots:
+            torch.autograd.backward(roots, cotangents, inputs=[*q.values(), *(() if self.stage == 0 else c.values())])
         for n, leaf in q.items():  # accumulation is in place when the gradient exists; should it not be, copy
             if leaf.grad is not targets[n]:
                 targets[n].copy_(leaf.grad)
@@ -339,8 +349,7 @@ class StageWorker(ShardStore):
         ``tied_out`` (tied) as the second backward reaches each parameter (see :meth:`_vjp_into`). Returns
         (ġ_c, g_c), the carry's cotangent and its tangent (zeros where f does not depend on it; None on stage 0)."""
         first = self.stage == 0
-        c = carry if first else {k: t.detach().requires_grad_() for k, t in carry.items()}
-        q = {n: t.detach().requires_grad_() for n, t in p.items()}
+        c, q = self._leaves(carry, p)
         tangents = self._tangents(self._current_v)
         leaves = [*q.values(), *(() if first else c.values())]
         directions = [*(tangents[n] for n in q), *(() if first else (cdot[k] for k in c))]
@@ -351,7 +360,8 @@ class StageWorker(ShardStore):
             else:
                 pairs = [(out, g, gdot)] if out.requires_grad else []
             if not pairs:
-                return (None, None) if first else ({k: torch.zeros_like(t) for k, t in c.items()},) * 2
+                gcdot = self._backward_into([], [], c, q, out_id)
+                return gcdot, gcdot
             grads = torch.autograd.grad([o for o, _, _ in pairs], leaves, [w for _, w, _ in pairs],
                                         create_graph=True, allow_unused=True)
             S = sum((o * w).sum() for o, _, w in pairs)
@@ -361,16 +371,7 @@ class StageWorker(ShardStore):
         gc = None if first else {k: torch.zeros_like(t) if gr is None else gr.detach()
                                  for (k, t), gr in zip(c.items(), grads[len(q):])}
         del grads, out, pairs  # the primal parameter gradients: S's graph does not keep them
-        targets = self._cotangent_targets(out_id)
-        for n, leaf in q.items():
-            leaf.grad = targets[n]
-        torch.autograd.backward(S, inputs=leaves)
-        for n, leaf in q.items():  # accumulation is in place when the gradient exists; should it not be, copy
-            if leaf.grad is not targets[n]:
-                targets[n].copy_(leaf.grad)
-        if first:
-            return None, None
-        return {k: torch.zeros_like(t) if t.grad is None else t.grad for k, t in c.items()}, gc
+        return self._backward_into([S], [None], c, q, out_id), gc
 
     def _cotangent_targets(self, out_id: int) -> dict[str, Tensor]:
         """Where each differentiated parameter's cotangent goes: the owned ones to their views of vectors[out_id],
