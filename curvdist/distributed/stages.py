@@ -14,8 +14,9 @@ uses it; later users receive the owner's part of v and return their part of C v,
   jvp((c, θ, g) ↦ vjp(f_s)(g), (c_{s−1}, θ_s, g), (ċ_{s−1}, v_s, ġ)) = ((g_c, g_θ), (ġ_c, ġ_θ)),
   keeps ġ_θ (its shard of H v) and passes (g_c, ġ_c) on. It takes the tangents by reverse over reverse: with
   (g_c, g_θ) = vjp(f_s)(g) and its graph, the scalar S = ⟨g_θ, v_s⟩ + ⟨g_c, ċ_{s−1}⟩ + ⟨f_s, ġ⟩ has gradient
-  (ġ_θ, ġ_c), so a second backward adds ġ_θ into the output as it reaches each parameter; the primal g_θ is let go
-  once S is formed, where forward-over-reverse would hold g_θ and ġ_θ side by side (two shards).
+  (ġ_θ, ġ_c), so a second backward adds ġ_θ into the output. Each parameter's primal g_θ is freed as the first
+  backward makes it and each contribution to ġ_θ is added into the output as it is made
+  (:mod:`curvdist.operators.cotangents`); forward over reverse would hold g_θ and ġ_θ side by side (two shards).
 
 Each call returns one object (the carry with its tangents, or the cotangents), so one object-store transfer
 crosses a stage boundary per micro-batch and direction; vectors live on the stage actors as shards and the
@@ -37,10 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 from torch.func import jvp
 
 from ..errors import MetricError, ProblemError
 from ..faults import maybe_fail
+from ..operators.cotangents import accumulating_into, gradient_edges
 from ..operators.tangents import exact_alias
 from ..problem.data import as_batches, inputs_to, slice_inputs, unpack
 from ..problem.losses import make_loss
@@ -345,14 +348,16 @@ class StageWorker(ShardStore):
     def _hvp_into(self, f: Any, carry: dict[str, Tensor], cdot: dict[str, Tensor], p: dict[str, Tensor], g: Any,
                   gdot: Any, out_id: int) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
         """The stage's part of a Hessian product by reverse over reverse (module docstring): (g_c, g_θ) = vjp(f)(g)
-        with its graph, S = ⟨g_θ, v⟩ + ⟨g_c, ċ⟩ + ⟨f, ġ⟩, and ∂S/∂θ = ġ_θ added into vectors[out_id] (owned) and
-        ``tied_out`` (tied) as the second backward reaches each parameter (see :meth:`_vjp_into`). Returns
-        (ġ_c, g_c), the carry's cotangent and its tangent (zeros where f does not depend on it; None on stage 0)."""
+        with its graph, then a second backward of S = ⟨g_θ, v⟩ + ⟨g_c, ċ⟩ + ⟨f, ġ⟩, whose ∂S/∂θ = ġ_θ goes into
+        vectors[out_id] (owned) and ``tied_out`` (tied). S is not formed: the second pass starts at its terms with
+        their cotangents (v, ċ, ġ). g_θ's values are freed as the first pass makes them
+        (:func:`~curvdist.operators.cotangents.gradient_edges`) and each contribution to ġ_θ is added into the
+        output as it is made (:func:`~curvdist.operators.cotangents.accumulating_into`), so neither waits a shard's
+        worth. Returns (ġ_c, g_c), the carry's cotangent and its tangent (zeros where f does not depend on it; None
+        on stage 0)."""
         first = self.stage == 0
         c, q = self._leaves(carry, p)
-        tangents = self._tangents(self._current_v)
         leaves = [*q.values(), *(() if first else c.values())]
-        directions = [*(tangents[n] for n in q), *(() if first else (cdot[k] for k in c))]
         with torch.enable_grad():
             out = f(c, q)
             if isinstance(out, dict):
@@ -362,16 +367,25 @@ class StageWorker(ShardStore):
             if not pairs:
                 gcdot = self._backward_into([], [], c, q, out_id)
                 return gcdot, gcdot
-            grads = torch.autograd.grad([o for o, _, _ in pairs], leaves, [w for _, w, _ in pairs],
-                                        create_graph=True, allow_unused=True)
-            S = sum((o * w).sum() for o, _, w in pairs)
-            for gr, d in zip(grads, directions):
-                if gr is not None and gr.requires_grad:
-                    S = S + (gr * d).sum()
+            with gradient_edges(q, self._tangents(self._current_v)) as primal:
+                gcs = torch.autograd.grad([o for o, _, _ in pairs], leaves, [w for _, w, _ in pairs],
+                                          create_graph=True, allow_unused=True)[len(q):]
+        carried = [(gr, cdot[k]) for k, gr in zip(c, gcs) if gr is not None and gr.requires_grad]
+        roots = [*(e for e, _ in primal), *(o for o, _, _ in pairs), *(gr for gr, _ in carried)]
+        cotangents = [*(d for _, d in primal), *(w for _, _, w in pairs), *(d for _, d in carried)]
         gc = None if first else {k: torch.zeros_like(t) if gr is None else gr.detach()
-                                 for (k, t), gr in zip(c.items(), grads[len(q):])}
-        del grads, out, pairs  # the primal parameter gradients: S's graph does not keep them
-        return self._backward_into([S], [None], c, q, out_id), gc
+                                 for (k, t), gr in zip(c.items(), gcs)}
+        del out, pairs, carried, gcs
+        targets = self._cotangent_targets(out_id)
+        with accumulating_into([r.node if isinstance(r, GradientEdge) else r.grad_fn for r in roots],
+                               {leaf: targets[n] for n, leaf in q.items()}):
+            torch.autograd.backward(roots, cotangents, inputs=leaves)
+        for n, leaf in q.items():  # a root that is the parameter itself reaches its .grad directly
+            if leaf.grad is not None:
+                targets[n].add_(leaf.grad)
+        if first:
+            return None, gc
+        return {k: torch.zeros_like(t) if t.grad is None else t.grad for k, t in c.items()}, gc
 
     def _cotangent_targets(self, out_id: int) -> dict[str, Tensor]:
         """Where each differentiated parameter's cotangent goes: the owned ones to their views of vectors[out_id],
