@@ -82,6 +82,24 @@ def _through(chain: list[tuple[Node, int]], grad: Tensor) -> Tensor:
     return grad
 
 
+def _chain_to_leaf(node: Node, accumulators: Mapping[Node, Tensor],
+                   below: dict[Node, tuple[list[tuple[Node, int]], Tensor] | None]
+                   ) -> tuple[list[tuple[Node, int]], Tensor] | None:
+    """(the view nodes from ``node`` down, each with the index of its one input; the target), when ``node`` is a
+    target's accumulator or a chain of :data:`VIEW_NODES` that ends at one; else None. ``below`` memoizes. (A
+    function of its own, not a closure calling itself: that would be a reference cycle holding the graph.)"""
+    if node in accumulators:
+        return [], accumulators[node]
+    if node not in below:
+        below[node] = None
+        nexts = [(i, n) for i, (n, _) in enumerate(node.next_functions) if n is not None]
+        if node.name() in VIEW_NODES and len(nexts) == 1:
+            found = _chain_to_leaf(nexts[0][1], accumulators, below)
+            if found is not None:
+                below[node] = ([(node, nexts[0][0]), *found[0]], found[1])
+    return below[node]
+
+
 @contextmanager
 def accumulating_into(roots: Sequence[Node | None], targets: Mapping[Tensor, Tensor]) -> Iterator[None]:
     """Inside the block, a backward pass from ``roots`` adds each contribution to a leaf's gradient into
@@ -92,20 +110,6 @@ def accumulating_into(roots: Sequence[Node | None], targets: Mapping[Tensor, Ten
     (through the chain's maps). The sum is the same up to the order of the additions."""
     accumulators = {_accumulator(leaf): target for leaf, target in targets.items()}
     below: dict[Node, tuple[list[tuple[Node, int]], Tensor] | None] = {}
-
-    def chain_to_leaf(node: Node) -> tuple[list[tuple[Node, int]], Tensor] | None:
-        """(the view nodes from ``node`` down, each with the index of its one input; the target), when ``node`` is
-        a target's accumulator or a view chain that ends at one; else None."""
-        if node in accumulators:
-            return [], accumulators[node]
-        if node not in below:
-            below[node] = None
-            nexts = [(i, n) for i, (n, _) in enumerate(node.next_functions) if n is not None]
-            if node.name() in VIEW_NODES and len(nexts) == 1:
-                found = chain_to_leaf(nexts[0][1])
-                if found is not None:
-                    below[node] = ([(node, nexts[0][0]), *found[0]], found[1])
-        return below[node]
 
     def add(slots: list[tuple[int, list[tuple[Node, int]], Tensor]]) -> Callable[..., Any]:
         def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]) -> tuple:
@@ -125,10 +129,12 @@ def accumulating_into(roots: Sequence[Node | None], targets: Mapping[Tensor, Ten
         seen.add(node)
         nexts = node.next_functions
         slots = [(i, *found) for i, (n, _) in enumerate(nexts)
-                 if n is not None and (found := chain_to_leaf(n)) is not None]
+                 if n is not None and (found := _chain_to_leaf(n, accumulators, below)) is not None]
         if slots:
             handles.append(node.register_hook(add(slots)))
         stack.extend(n for n, _ in nexts if n is not None and n not in seen)
+    below.clear()  # the walk's nodes hold the graph (nodes not run keep their saved tensors): let them go
+    seen.clear()
     try:
         yield
     finally:
