@@ -327,15 +327,18 @@ class PipelineOperator:
         started = [a.begin.remote(v.id, o, t, epoch) for a, o, t in zip(actors, outs, tied)]
         mode = "hessian" if self.kind == "hessian" else "ggn"
         M = pool.num_batches
+        ends = []  # the last stage's forward calls: a forward that failed is the cause of what fails after it
         for b in range(M):
             carry = None
             for a in actors:
                 carry = a.forward.remote(b, carry, v.id)
+            ends.append(carry)
         pending, done = pool.backward_pass(M, "backward", lambda s, b, cot: (b, cot, mode, outs[s]), self.scale)
         try:
             pool.space.settle(started)  # the vector operations submitted before the product, too
             if epoch is not None:
                 pool.space.confirm_snapshot()
+            ray.get(ends)
             ray.get(pending)
             return float(sum(ray.get(done)))
         except ray.exceptions.RayActorError:

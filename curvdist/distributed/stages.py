@@ -367,8 +367,11 @@ class StageWorker(ShardStore):
             if not pairs:
                 gcdot = self._backward_into([], [], c, q, out_id)
                 return gcdot, gcdot
+            # the cotangents require grad so that torch marks every backward that is once_differentiable (it does
+            # so only where the incoming gradient requires grad), which accumulating_into then refuses
             with gradient_edges(q, self._tangents(self._current_v)) as primal:
-                gcs = torch.autograd.grad([o for o, _, _ in pairs], leaves, [w for _, w, _ in pairs],
+                gcs = torch.autograd.grad([o for o, _, _ in pairs], leaves,
+                                          [w.detach().requires_grad_() for _, w, _ in pairs],
                                           create_graph=True, allow_unused=True)[len(q):]
         carried = [(gr, cdot[k]) for k, gr in zip(c, gcs) if gr is not None and gr.requires_grad]
         roots = [*(e for e, _ in primal), *(o for o, _, _ in pairs), *(gr for gr, _ in carried)]

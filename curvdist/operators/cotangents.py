@@ -30,7 +30,13 @@ from typing import Any
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
+from ..errors import AutodiffError
+
 __all__ = ["gradient_edges", "accumulating_into"]
+
+#: the nodes torch puts where a backward marked ``once_differentiable`` was run with its graph: they raise when
+#: reached, and where the backward's incoming gradient did not require grad torch leaves no node at all
+ONCE_DIFFERENTIABLE_NODES = frozenset({"Error", "DelayedError"})
 
 
 @contextmanager
@@ -107,7 +113,11 @@ def accumulating_into(roots: Sequence[Node | None], targets: Mapping[Tensor, Ten
     left as it is). Autograd would sum a leaf's contributions in a buffer until the last one arrives. The
     contributions are found by walking the graph below ``roots`` once: every node with an edge to a target leaf's
     accumulator, or to a chain of :data:`VIEW_NODES` that ends there, gets a hook that takes its output there
-    (through the chain's maps). The sum is the same up to the order of the additions."""
+    (through the chain's maps). The sum is the same up to the order of the additions.
+
+    Raises :class:`~curvdist.errors.AutodiffError` where the walk meets a backward marked ``once_differentiable``
+    (its second derivative does not exist in the graph). Torch only marks it where the backward's incoming gradient
+    required grad: give the first pass cotangents that require grad to have every such backward marked."""
     accumulators = {_accumulator(leaf): target for leaf, target in targets.items()}
     below: dict[Node, tuple[list[tuple[Node, int]], Tensor] | None] = {}
 
@@ -122,20 +132,25 @@ def accumulating_into(roots: Sequence[Node | None], targets: Mapping[Tensor, Ten
         return hook
 
     handles, seen, stack = [], set(), [r for r in roots if r is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        nexts = node.next_functions
-        slots = [(i, *found) for i, (n, _) in enumerate(nexts)
-                 if n is not None and (found := _chain_to_leaf(n, accumulators, below)) is not None]
-        if slots:
-            handles.append(node.register_hook(add(slots)))
-        stack.extend(n for n, _ in nexts if n is not None and n not in seen)
-    below.clear()  # the walk's nodes hold the graph (nodes not run keep their saved tensors): let them go
-    seen.clear()
     try:
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if type(node).__name__ in ONCE_DIFFERENTIABLE_NODES:
+                raise AutodiffError("the second backward pass meets a backward marked once_differentiable (a "
+                                    "custom autograd.Function or an extension op): its derivative cannot be "
+                                    "differentiated again, so the Hessian product would miss its terms; use the GGN "
+                                    "or a twice-differentiable backward")
+            nexts = node.next_functions
+            slots = [(i, *found) for i, (n, _) in enumerate(nexts)
+                     if n is not None and (found := _chain_to_leaf(n, accumulators, below)) is not None]
+            if slots:
+                handles.append(node.register_hook(add(slots)))
+            stack.extend(n for n, _ in nexts if n is not None and n not in seen)
+        below.clear()  # the walk's nodes hold the graph (nodes not run keep their saved tensors): let them go
+        seen.clear()
         yield
     finally:
         for h in handles:

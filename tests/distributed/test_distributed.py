@@ -131,6 +131,41 @@ def test_pipeline_mode_equals_local(request, name, stages):
             pool.shutdown()
 
 
+def test_pipelined_hessian_refuses_a_once_differentiable_backward(ray_module):
+    """x³ with a backward marked once_differentiable at the model's output: the Hessian product would silently
+    lose its second derivative (torch marks such a backward only where its incoming gradient requires grad, and the
+    loss's does not: the stages give it one that does); the stages refuse it with the cause named. The GGN does not
+    need it and runs afterwards, equal to local."""
+    spec = ProblemSpec(model_factory="tests.distributed.once_model:cube_once_mlp", model_kwargs={"seed": 1},
+                       data_factory="curvdist.zoo:digits", data_kwargs={"n": 20, "dtype": "float64"},
+                       batch_size=20, loss="cross_entropy", dtype="float64")
+    pool = StagePool(spec, 2)
+    try:
+        v = pool.space.random(0)
+        with pytest.raises(cd.AutodiffError, match="once_differentiable"):
+            PipelineOperator(pool, "hessian").apply_vector(v)
+        local = spec.build()
+        want = cd.operator(local, "ggn") @ pool.space.to_tensor(v)
+        _close(want.numpy(), pool.space.to_tensor(PipelineOperator(pool, "ggn").apply_vector(v)).numpy())
+    finally:
+        pool.shutdown()
+
+
+def test_a_failed_stage_forward_is_the_error_a_product_raises(ray_module):
+    """The last stage's forward pass raises; its backward then finds no forward to continue. The product raises the
+    forward's error (the cause), not the backward's missing micro-batch."""
+    spec = ProblemSpec(model_factory="tests.distributed.once_model:refusing_mlp", model_kwargs={"seed": 1},
+                       data_factory="curvdist.zoo:digits", data_kwargs={"n": 20, "dtype": "float64"},
+                       batch_size=20, loss="cross_entropy", dtype="float64")
+    pool = StagePool(spec, 2)
+    try:
+        for kind in ("ggn", "hessian"):
+            with pytest.raises(ValueError, match="this layer refuses its input"):
+                PipelineOperator(pool, kind).apply_vector(pool.space.random(0))
+    finally:
+        pool.shutdown()
+
+
 @pytest.mark.slow  # 28 s on 2 cores: about 650 pipelined products (a CG solve per Lanczos step); the fast suite
 # keeps the pipelined CG metric's product and solve against local through test_pipeline_mode_equals_local[mlp-2]
 def test_invariant_eigenvalue_with_a_pipelined_cg_metric_equals_local(mlp_stages):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from curvdist import errors as cd_errors
 from curvdist.operators.cotangents import accumulating_into, gradient_edges
 from tests.dense import autograd_hessian
 
@@ -170,3 +171,40 @@ def test_contributions_reach_the_target_as_they_are_made(helpers):
     assert all((seen[0] > 0) == helpers for seen in at_forward_node.values())
     torch.testing.assert_close(torch.cat([t.reshape(-1) for t in targets.values()]), _dense_hvp(net, x, y, v),
                                rtol=1e-12, atol=1e-12)
+
+
+class _CubeOnce(torch.autograd.Function):
+    """x³ with a backward that cannot be differentiated again."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)  # type: ignore[attr-defined]
+        return x**3
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return 3 * x**2 * g
+
+
+@pytest.mark.parametrize("cotangent_requires_grad", [True, False])
+def test_a_once_differentiable_backward_is_refused_where_torch_marks_it(cotangent_requires_grad):
+    """The cube's backward is the first op of the first pass. Torch marks it (a DelayedError node) only where its
+    incoming gradient requires grad; accumulating_into refuses a marked one with AutodiffError. Unmarked, the
+    cube's second derivative silently disappears: why the pipeline stages give their first pass cotangents that
+    require grad."""
+    W = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out = _CubeOnce.apply(x @ W.t())
+    w = torch.randn(5, 3, dtype=torch.float64).requires_grad_(cotangent_requires_grad)
+    target = torch.zeros_like(W)
+    with gradient_edges({"W": W}, {"W": torch.randn_like(W)}) as pairs:
+        torch.autograd.grad(out, [W], w, create_graph=True)
+    if not cotangent_requires_grad:
+        assert pairs == []  # nothing to differentiate: the silent case
+        return
+    with pytest.raises(cd_errors.AutodiffError, match="once_differentiable"):
+        with accumulating_into([e.node for e, _ in pairs], {W: target}):
+            pass
+    assert not target.any()

@@ -1,0 +1,58 @@
+"""A model factory for the stage tests (imported by the stage actors from the spec): an MLP with a backward that
+cannot be differentiated again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _CubeOnce(torch.autograd.Function):
+    """x³ with forward-mode AD (the stages' forward pass takes a JVP) and a reverse-mode backward marked
+    once_differentiable."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.x = inputs[0]
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor) -> Tensor:
+        return 3 * ctx.x**2 * x_t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+class CubeOnce(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return _CubeOnce.apply(x)
+
+
+def cube_once_mlp(seed: int = 0) -> nn.Sequential:
+    """64 → 5 → tanh → 10 → x³ (once differentiable): the cube is the model's last op, so its incoming gradient in
+    a first backward pass is the loss's, which does not depend on the parameters."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 10), CubeOnce())
+
+
+class Refuses(nn.Module):
+    """Raises in its forward pass (what a stage does with input it cannot take)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise ValueError("this layer refuses its input")
+
+
+def refusing_mlp(seed: int = 0) -> nn.Sequential:
+    """64 → 5 → 10 → a layer whose forward raises: the last stage's forward fails."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 10), Refuses())
