@@ -49,6 +49,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from ..catalogue import HVPMode
 from ..errors import ProblemError
+from .cotangents import ONCE_DIFFERENTIABLE_NODES
 
 Params = tuple[Tensor, ...]
 BatchLoss = Callable[[Params, Any, Tensor], Tensor]
@@ -120,7 +121,7 @@ def _check_twice_differentiable(g: Params) -> None:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if type(node).__name__ in ("Error", "DelayedError"):
+        if type(node).__name__ in ONCE_DIFFERENTIABLE_NODES:
             raise RuntimeError("the gradient's graph passes through a backward marked once_differentiable, so it "
                                "cannot be differentiated again (reverse-over-reverse would silently drop terms)")
         stack.extend(f for f, _ in node.next_functions)

@@ -71,25 +71,34 @@ def _dense_hvp(net: Net, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Te
     return autograd_hessian(loss_flat, flat) @ torch.cat([v[n].reshape(-1) for n in names])
 
 
-def _reverse_over_reverse(net: Net, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor],
-                          helpers: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """H v as a second backward pass over g = ∇ℓ with cotangent v, into zero targets; (targets, leaves)."""
-    leaves = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
-    targets = {n: torch.zeros_like(p) for n, p in leaves.items()}
+def _first_pass(net: Net, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor],
+                leaves: dict[str, torch.Tensor], helpers: bool) -> tuple[list, list[torch.Tensor]]:
+    """g = ∇ℓ with its graph: (the second pass's roots, their cotangents v) — g's graph edges with the helpers."""
     with torch.enable_grad():
         loss = _loss(net, leaves, x, y)
         if helpers:
             with gradient_edges(leaves, v) as pairs:
                 torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-            roots, cots = [e for e, _ in pairs], [d for _, d in pairs]
-        else:
-            roots = list(torch.autograd.grad(loss, list(leaves.values()), create_graph=True))
-            cots = [v[n] for n in leaves]
+            return [e for e, _ in pairs], [d for _, d in pairs]
+        return list(torch.autograd.grad(loss, list(leaves.values()), create_graph=True)), [v[n] for n in leaves]
+
+
+def _second_pass(roots: list, cots: list[torch.Tensor], leaves: dict[str, torch.Tensor],
+                 targets: dict[str, torch.Tensor], helpers: bool) -> None:
+    """∇_θ Σ⟨root, cotangent⟩ into the targets: through accumulating_into, or as autograd runs it."""
     if helpers:
         with accumulating_into([e.node for e in roots], {leaves[n]: targets[n] for n in leaves}):
             torch.autograd.backward(roots, cots, inputs=list(leaves.values()))
     else:
         _plain_into(roots, cots, leaves, targets)
+
+
+def _reverse_over_reverse(net: Net, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor],
+                          helpers: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """H v as a second backward pass over g = ∇ℓ with cotangent v, into zero targets; (targets, leaves)."""
+    leaves = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    targets = {n: torch.zeros_like(p) for n, p in leaves.items()}
+    _second_pass(*_first_pass(net, x, y, v, leaves, helpers), leaves, targets, helpers)
     return targets, leaves
 
 
@@ -149,24 +158,12 @@ def test_contributions_reach_the_target_as_they_are_made(helpers):
     nodes = {}
     for name in ("conv", "lin2"):
         getattr(net, name).register_forward_hook(lambda m, i, o, name=name: nodes.__setitem__(name, o.grad_fn))
-    with torch.enable_grad():
-        loss = _loss(net, leaves, x, y)
-        if helpers:
-            with gradient_edges(leaves, v) as pairs:
-                torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-            roots, cots = [e for e, _ in pairs], [d for _, d in pairs]
-        else:
-            roots = list(torch.autograd.grad(loss, list(leaves.values()), create_graph=True))
-            cots = [v[n] for n in leaves]
+    roots, cots = _first_pass(net, x, y, v, leaves, helpers)
     at_forward_node: dict[str, list[float]] = {"conv": [], "lin2": []}  # registered after the first pass, which
     for name, node in nodes.items():  # runs the nodes too
         node.register_prehook(lambda g, name=name: at_forward_node[name].append(
             float(targets[f"{name}.weight"].abs().sum())))
-    if helpers:
-        with accumulating_into([e.node for e in roots], {leaves[n]: targets[n] for n in leaves}):
-            torch.autograd.backward(roots, cots, inputs=list(leaves.values()))
-    else:
-        _plain_into(roots, cots, leaves, targets)
+    _second_pass(roots, cots, leaves, targets, helpers)
     assert all(len(seen) == 1 for seen in at_forward_node.values())
     assert all((seen[0] > 0) == helpers for seen in at_forward_node.values())
     torch.testing.assert_close(torch.cat([t.reshape(-1) for t in targets.values()]), _dense_hvp(net, x, y, v),
