@@ -41,6 +41,7 @@ from .graph_memory import (
 )
 from .hvp_modes import (
     EXACT_MODES,
+    Edges,
     Kernel,
     block_kernel,
     compile_kernel,
@@ -196,7 +197,7 @@ class Hessian(CurvatureOperator):
         self.compiled = False
         self._repeat_ok = False
         self.reuse_graph = False  # products use fresh graphs until construction (and its checks) are done
-        self._graphs: dict[int, tuple[tuple[tuple[int, int], ...], tuple[Params, Params]]] = {}
+        self._graphs: dict[int, tuple[tuple[tuple[int, int], ...], tuple[Params, Edges]]] = {}
         self.graph_sizes: dict[str, GraphSize] = {}
         self._micro: dict[HVPMode, int | None] = {}
         self._whole_graphs = bool(reuse_graph)
@@ -339,7 +340,7 @@ class Hessian(CurvatureOperator):
             tensors += list(model.parameters()) + list(model.buffers())
         return tuple((id(t), t._version) for t in tensors)
 
-    def _graph(self, b: int, params: Params, X: Any, y: Tensor) -> tuple[Params, Params]:
+    def _graph(self, b: int, params: Params, X: Any, y: Tensor) -> tuple[Params, Edges]:
         """The kept graph of ∇ℓ for batch ``b``, rebuilt when a parameter or buffer changed in place."""
         signature = self._signature()
         entry = self._graphs.get(b)

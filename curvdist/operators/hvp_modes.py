@@ -45,13 +45,17 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 from torch.func import grad, jvp, vjp, vmap
 
 from ..catalogue import HVPMode
 from ..errors import ProblemError
-from .cotangents import ONCE_DIFFERENTIABLE_NODES
+from .cotangents import ONCE_DIFFERENTIABLE_NODES, gradient_edges
 
 Params = tuple[Tensor, ...]
+#: the graph of ∇ℓ without its values: per parameter, the edge where its gradient was made (None where the
+#: gradient does not depend on the parameters)
+Edges = tuple[GradientEdge | None, ...]
 BatchLoss = Callable[[Params, Any, Tensor], Tensor]
 #: a per-batch product: (params, v, X, y) -> H_b v (or H_b V for a block of vectors stacked on a leading axis)
 Kernel = Callable[[Params, Params, Any, Tensor], Params]
@@ -101,21 +105,34 @@ def forward_over_reverse(batch_loss: BatchLoss, params: Params, v: Params, X: An
     return tuple(t.detach() for t in out)
 
 
-def _double_backward(g: Params, leaves: Params, vs: Params, retain_graph: bool) -> Params:
-    """∇_θ ⟨g, v⟩ from the graph of g = ∇ℓ (entries of g that do not depend on θ contribute nothing)."""
-    live = [(gi, vi) for gi, vi in zip(g, vs) if gi.requires_grad]
+def _gradient_edges(loss: Tensor, leaves: Params) -> Edges:
+    """∇ℓ's graph, built by a backward pass with ``create_graph``, without ∇ℓ's values: each entry is let go as it
+    is made (:func:`~curvdist.operators.cotangents.gradient_edges`), a gradient's worth of memory less while the
+    graph lives. A second backward from the edges with cotangents v is the one from ∇ℓ itself, operation for
+    operation."""
+    with gradient_edges(dict(enumerate(leaves)), {i: i for i in range(len(leaves))}) as made:
+        torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    edges: list[GradientEdge | None] = [None] * len(leaves)
+    for edge, i in made:
+        edges[i] = edge
+    return tuple(edges)
+
+
+def _double_backward(edges: Edges, leaves: Params, vs: Params, retain_graph: bool) -> Params:
+    """∇_θ ⟨∇ℓ, v⟩ from the graph of ∇ℓ (entries of ∇ℓ that do not depend on θ contribute nothing)."""
+    live = [(e, vi) for e, vi in zip(edges, vs) if e is not None]
     if not live:
         return tuple(torch.zeros_like(p) for p in leaves)
-    hv = torch.autograd.grad([gi for gi, _ in live], leaves, grad_outputs=[vi for _, vi in live],
+    hv = torch.autograd.grad([e for e, _ in live], leaves, grad_outputs=[vi for _, vi in live],
                              retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
     return tuple(t.detach() for t in hv)
 
 
-def _check_twice_differentiable(g: Params) -> None:
+def _check_twice_differentiable(edges: Edges) -> None:
     """Raise where the graph of ∇ℓ passes through a backward marked ``once_differentiable``: torch prunes that node
     from a second ``torch.autograd.grad`` with ``allow_unused=True`` and silently drops its contribution to H v."""
     seen: set[int] = set()
-    stack = [t.grad_fn for t in g if t.grad_fn is not None]
+    stack = [e.node for e in edges if e is not None]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
@@ -133,25 +150,26 @@ def reverse_over_reverse(batch_loss: BatchLoss, params: Params, v: Params, X: An
     graph of ∇ℓ_b can be differentiated again (a walk over its nodes)."""
     with torch.enable_grad():
         leaves = leaves_of(params)
-        g = _gradient(batch_loss(leaves, X, y), leaves, create_graph=True)
+        edges = _gradient_edges(batch_loss(leaves, X, y), leaves)
         if check:
-            _check_twice_differentiable(g)
-        return _double_backward(g, leaves, v, retain_graph=False)
+            _check_twice_differentiable(edges)
+        return _double_backward(edges, leaves, v, retain_graph=False)
 
 
-def gradient_graph(batch_loss: BatchLoss, params: Params, X: Any, y: Tensor) -> tuple[Params, Params]:
-    """(leaves, ∇ℓ_b) with the graph of ∇ℓ_b kept, for products through it (:func:`through_graph`)."""
+def gradient_graph(batch_loss: BatchLoss, params: Params, X: Any, y: Tensor) -> tuple[Params, Edges]:
+    """(leaves, the graph of ∇ℓ_b without its values: :func:`_gradient_edges`), kept for products through it
+    (:func:`through_graph`)."""
     with torch.enable_grad():
         leaves = leaves_of(params)
-        g = _gradient(batch_loss(leaves, X, y), leaves, create_graph=True)
-    _check_twice_differentiable(g)
-    return leaves, g
+        edges = _gradient_edges(batch_loss(leaves, X, y), leaves)
+    _check_twice_differentiable(edges)
+    return leaves, edges
 
 
-def through_graph(graph: tuple[Params, Params], v: Params) -> Params:
+def through_graph(graph: tuple[Params, Edges], v: Params) -> Params:
     """H_b v = ∇_θ ⟨∇ℓ_b, v⟩ through a kept graph of ∇ℓ_b (the second backward only; the graph stays)."""
-    leaves, g = graph
-    return _double_backward(g, leaves, v, retain_graph=True)
+    leaves, edges = graph
+    return _double_backward(edges, leaves, v, retain_graph=True)
 
 
 def reverse_over_reverse_block(batch_loss: BatchLoss, params: Params, V: Params, X: Any, y: Tensor) -> Params:
@@ -160,9 +178,9 @@ def reverse_over_reverse_block(batch_loss: BatchLoss, params: Params, V: Params,
     k = V[0].shape[0]
     with torch.enable_grad():
         leaves = leaves_of(params)
-        g = _gradient(batch_loss(leaves, X, y), leaves, create_graph=True)
-        _check_twice_differentiable(g)
-        cols = [_double_backward(g, leaves, tuple(t[i] for t in V), retain_graph=i < k - 1) for i in range(k)]
+        edges = _gradient_edges(batch_loss(leaves, X, y), leaves)
+        _check_twice_differentiable(edges)
+        cols = [_double_backward(edges, leaves, tuple(t[i] for t in V), retain_graph=i < k - 1) for i in range(k)]
     return tuple(torch.stack([c[j] for c in cols]) for j in range(len(params)))
 
 
@@ -326,6 +344,6 @@ def warn_compile_failed(mode: HVPMode, error: BaseException) -> None:
                   f"{first}); using the eager product", RuntimeWarning, stacklevel=4)
 
 
-__all__ = ["EXACT_MODES", "BatchLoss", "Kernel", "block_kernel", "compile_kernel", "default_fd_step",
+__all__ = ["EXACT_MODES", "BatchLoss", "Edges", "Kernel", "block_kernel", "compile_kernel", "default_fd_step",
            "eager_kernel", "fd_epsilon", "finite_difference", "forward_over_reverse", "func_kernel", "gradient_graph",
            "leaves_of", "reverse_over_reverse", "reverse_over_reverse_block", "through_graph", "unit_roundoff"]

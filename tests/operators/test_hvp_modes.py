@@ -298,6 +298,34 @@ def test_a_kept_gradient_graph_follows_every_in_place_change() -> None:
     assert _rel(auto.matvec(v), truth() @ v) < 1e-10
 
 
+def test_a_kept_gradient_graph_holds_no_gradient_values() -> None:
+    """The kept graph of ∇ℓ is its graph nodes (where each entry of ∇ℓ was made), not ∇ℓ's values: no tensor with
+    a parameter's shape and a graph is alive once it is built (a gradient's worth of memory), and the products
+    through it equal the dense Hessian's."""
+    import gc
+
+    from curvdist.operators.hvp_modes import gradient_graph, through_graph
+
+    problem, model, X, y, loss = _one_batch("mlp")
+    shapes = {tuple(p.shape) for p in problem.params}
+
+    def with_graph() -> dict[int, Tensor]:  # plain tensors with a parameter's shape and a graph (not other tests')
+        gc.collect()
+        return {id(t): t for t in gc.get_objects() if type(t) is Tensor and t.grad_fn is not None
+                and tuple(t.shape) in shapes}
+
+    before = with_graph()
+    leaves, edges = gradient_graph(problem.batch_loss, problem.params, X, y)
+    alive = [t for i, t in with_graph().items() if i not in before]
+    assert alive == [] and all(isinstance(e, torch.autograd.graph.GradientEdge) for e in edges)
+    v = _vector(problem.dim)
+    hv = torch.cat([t.reshape(-1) for t in through_graph((leaves, edges), problem.unflatten(v))])
+    truth = dense.dense_hessian(model, loss, X, y, "sum")  # the batch's loss is the sum of its terms
+    assert _rel(hv, truth @ v) < 1e-10
+    assert _rel(torch.cat([t.reshape(-1) for t in through_graph((leaves, edges), problem.unflatten(v))]),
+                truth @ v) < 1e-10  # the graph stays for the next product
+
+
 def test_graph_reuse_is_for_one_batch_unless_asked_and_never_skips_the_determinism_check() -> None:
     problem, H = _truth("mlp")  # three batches
     v = _vector(problem.dim)
