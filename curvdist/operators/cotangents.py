@@ -17,9 +17,10 @@ autograd as it is, that holds two shards' worth of parameter-sized tensors that 
   :func:`accumulating_into` adds each contribution into its target as its node produces it and hands autograd
   nothing in its place, so nothing waits.
 
-On 9 blocks of GPT-2 large's width, a stage of it in 4 (177M parameters, 0.71 GB a shard; 2 × 64 tokens, the
-allocator set to return freed memory at once), the two together took the double backward's peak from 1.2 GB above
-its start to 0.5 GB.
+Used by the pipeline stages' Hessian pass (both) and by the local reverse-over-reverse kernels (the edges: a kept
+graph of ∇ℓ without its values, :mod:`curvdist.operators.hvp_modes`). On 9 blocks of GPT-2 large's width, a stage
+of it in 4 (177M parameters, 0.71 GB a shard; 2 × 64 tokens, the allocator set to return freed memory at once), the
+two together took the double backward's peak from 1.2 GB above its start to 0.5 GB.
 """
 
 from __future__ import annotations
@@ -41,17 +42,18 @@ ONCE_DIFFERENTIABLE_NODES = frozenset({"Error", "DelayedError"})
 
 
 @contextmanager
-def gradient_edges(leaves: Mapping[str, Tensor], directions: Mapping[str, Tensor]
-                   ) -> Iterator[list[tuple[GradientEdge, Tensor]]]:
+def gradient_edges(leaves: Mapping[Any, Tensor], directions: Mapping[Any, Any]
+                   ) -> Iterator[list[tuple[GradientEdge, Any]]]:
     """Inside the block, every gradient a backward pass with ``create_graph=True`` computes for ``leaves[n]`` is
     recorded as (its graph edge, ``directions[n]``) in the list the block receives, and autograd is handed an
     expanded zero (no memory) in its place, so the gradient's values are freed at once. The second pass then takes
     the pairs as roots with their cotangents: ``backward([e for e, _ in pairs], [d for _, d in pairs])``
-    differentiates Σ⟨g_n, d_n⟩. A gradient that does not depend on anything differentiable (it is constant) adds
-    nothing to that derivative and is left out."""
-    pairs: list[tuple[GradientEdge, Tensor]] = []
+    differentiates Σ⟨g_n, d_n⟩. ``directions`` may hold anything that names the cotangent to come (the local
+    kernels keep the graph for many products and pass the leaf's index). A gradient that does not depend on
+    anything differentiable (it is constant) adds nothing to that derivative and is left out."""
+    pairs: list[tuple[GradientEdge, Any]] = []
 
-    def record(direction: Tensor) -> Callable[[Tensor], Tensor]:
+    def record(direction: Any) -> Callable[[Tensor], Tensor]:
         def hook(grad: Tensor) -> Tensor:
             if grad.requires_grad:
                 pairs.append((get_gradient_edge(grad), direction))
