@@ -16,12 +16,12 @@ window), in this order:
 3. a Hutch++ trace of the same curvature with ``--trace-matvecs`` products (default 4: one sketch direction, two
    residual probes, so the trace has a standard error).
 
-A pipelined Hessian product (reverse over reverse on each stage) holds, per stage, the parameters, v, the output,
-the primal parameter gradients until the second backward starts, and that backward's graph. Earlier (forward over
-reverse, with primal and tangent gradients side by side, v's tangents copied, basis rows resident) Ray's memory
-monitor killed a stage on 24 GB. ``--basis-on-disk``:
-the stages keep their Lanczos basis rows in memory-mapped files (``basis_on_disk``), page cache the system can
-reclaim, out of the stages' resident memory between passes.
+A pipelined Hessian product (reverse over reverse on each stage) holds, per stage, the parameters, v, the output and
+the double backward's graph; each primal parameter gradient is freed as it is made and each contribution to the
+output added as it is made (curvdist.operators.cotangents). Earlier (forward over reverse, with primal and tangent
+gradients side by side, v's tangents copied, basis rows resident) Ray's memory monitor killed a stage on 24 GB.
+``--basis-on-disk``: the stages keep their Lanczos basis rows in memory-mapped files (``basis_on_disk``), page cache
+the system can reclaim, out of the stages' resident memory between passes.
 
 The goal: each stage's peak during a query ≤ 1.5× its peak during the training step. Writes
 benchmarks/results/largest_model.json.

@@ -25,7 +25,7 @@ two together took the double backward's peak from 1.2 GB above its start to 0.5 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,11 +34,35 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from ..errors import AutodiffError
 
-__all__ = ["gradient_edges", "accumulating_into"]
+__all__ = ["gradient_edges", "accumulating_into", "check_twice_differentiable"]
 
 #: the nodes torch puts where a backward marked ``once_differentiable`` was run with its graph: they raise when
 #: reached, and where the backward's incoming gradient did not require grad torch leaves no node at all
 ONCE_DIFFERENTIABLE_NODES = frozenset({"Error", "DelayedError"})
+
+
+def _refuse_once_differentiable(node: Node, error: type[Exception] = AutodiffError) -> None:
+    """Raise ``error`` where ``node`` marks a backward run with its graph that cannot be differentiated again (a
+    second backward would lose its terms: torch prunes it silently where it can)."""
+    if type(node).__name__ in ONCE_DIFFERENTIABLE_NODES:
+        raise error("the gradient's graph passes through a backward marked once_differentiable (a custom "
+                            "autograd.Function or an extension op): it cannot be differentiated again, so a "
+                            "Hessian product by reverse over reverse would miss its terms; use the GGN or a "
+                            "twice-differentiable backward")
+
+
+def check_twice_differentiable(roots: Iterable[Node], error: type[Exception] = AutodiffError) -> None:
+    """Walk the graph below ``roots`` and refuse a backward marked ``once_differentiable`` in it with ``error``
+    (the local kernels raise a plain RuntimeError: to the operator's mode choice, "this mode fails here")."""
+    seen: set[Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        _refuse_once_differentiable(node, error)
+        stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
 
 
 @contextmanager
@@ -141,11 +165,7 @@ def accumulating_into(roots: Sequence[Node | None], targets: Mapping[Tensor, Ten
             if node in seen:
                 continue
             seen.add(node)
-            if type(node).__name__ in ONCE_DIFFERENTIABLE_NODES:
-                raise AutodiffError("the second backward pass meets a backward marked once_differentiable (a "
-                                    "custom autograd.Function or an extension op): its derivative cannot be "
-                                    "differentiated again, so the Hessian product would miss its terms; use the GGN "
-                                    "or a twice-differentiable backward")
+            _refuse_once_differentiable(node)
             nexts = node.next_functions
             slots = [(i, *found) for i, (n, _) in enumerate(nexts)
                      if n is not None and (found := _chain_to_leaf(n, accumulators, below)) is not None]

@@ -50,7 +50,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from ..catalogue import HVPMode
 from ..errors import ProblemError
-from .cotangents import ONCE_DIFFERENTIABLE_NODES, gradient_edges
+from .cotangents import check_twice_differentiable, gradient_edges
 
 Params = tuple[Tensor, ...]
 #: the graph of ∇ℓ without its values: per parameter, the edge where its gradient was made (None where the
@@ -129,19 +129,10 @@ def _double_backward(edges: Edges, leaves: Params, vs: Params, retain_graph: boo
 
 
 def _check_twice_differentiable(edges: Edges) -> None:
-    """Raise where the graph of ∇ℓ passes through a backward marked ``once_differentiable``: torch prunes that node
-    from a second ``torch.autograd.grad`` with ``allow_unused=True`` and silently drops its contribution to H v."""
-    seen: set[int] = set()
-    stack = [e.node for e in edges if e is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__ in ONCE_DIFFERENTIABLE_NODES:
-            raise RuntimeError("the gradient's graph passes through a backward marked once_differentiable, so it "
-                               "cannot be differentiated again (reverse-over-reverse would silently drop terms)")
-        stack.extend(f for f, _ in node.next_functions)
+    """Raise a RuntimeError (the mode fails on this model) where the graph of ∇ℓ passes through a backward marked
+    ``once_differentiable``: torch prunes that node from a second ``torch.autograd.grad`` with ``allow_unused=True``
+    and silently drops its contribution to H v."""
+    check_twice_differentiable((e.node for e in edges if e is not None), RuntimeError)
 
 
 def reverse_over_reverse(batch_loss: BatchLoss, params: Params, v: Params, X: Any, y: Tensor,
