@@ -22,12 +22,20 @@ intra-op threads under that load a single product took anywhere from 0.9 s to 16
 descheduled partner), so the default is 1 thread (``--threads``) and the headline clock is the process's CPU time
 (``time.process_time``: the work of the one thread, whatever else runs); wall time is recorded next to it.
 
+Matmul FLOPs, counted apart (``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and attention
+kernels; elementwise ops are not counted): a plain gradient of the same batches, one single product and one block
+product. With a block costing B = shared + k·per and a single product S = shared + per (the forward pass and, for
+the Hessian, the first backward are shared; the rest is per vector), ``flop_ratio`` = (B/k)/S is the ratio the
+timing would show if time followed matmul FLOPs, and ``flop_ratio_limit`` = per/S its limit as k grows: the goal is
+reachable by batching alone only where these are below it, and otherwise only by making the batched matmuls faster
+per FLOP than the single product's (larger, better-shaped matrices), which one CPU thread barely does.
+
 Memory, measured apart: the peak resident memory above the starting point of one single product and of one block
 product, each in a fresh process (``--child``) after ``malloc_trim``, with the resident high-water mark reset
 (curvdist.resources; on a GPU the allocator's peak). Writes benchmarks/results/batched_products.json.
 
     python benchmarks/batched_products.py [--k 8] [--threads 1] [--rounds 3] [--device cpu]
-        [--variants hessian/reverse_over_reverse,ggn,...] [--no-memory]
+        [--variants hessian/reverse_over_reverse,ggn,...] [--no-memory] [--no-flops]
 """
 
 from __future__ import annotations
@@ -125,6 +133,36 @@ def time_variant(variant: str, device: torch.device, k: int, rounds: int) -> dic
     return record
 
 
+def flops(variant: str, device: torch.device, k: int) -> dict[str, Any]:
+    """Matmul FLOPs (FlopCounterMode) of a plain gradient, a single product and a block of k, after a warm-up."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    op, vs = build(variant, device, k)
+    singles(op, vs[:1]), block(op, vs)  # warm-up: kept graph and the block kernel's choice (vmap or loop)
+
+    def count(fn: Any) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return int(counter.get_total_flops())
+
+    def gradient() -> None:
+        problem = op.problem
+        with torch.enable_grad():
+            for X, y in problem.batches():
+                leaves = tuple(p.detach().requires_grad_() for p in problem.params)
+                torch.autograd.grad(problem.batch_loss(leaves, X, y), leaves)
+
+    grad_flops = count(gradient)
+    single, blk = count(lambda: op.apply_vector(vs[0])), count(lambda: op.apply_vectors(vs))
+    per = (blk - single) / (k - 1)
+    record = {"gradient": grad_flops, "single": single, "block": blk, "block_per_vector": blk / k,
+              "per_vector_part": per, "shared_part": single - per, "single_over_gradient": single / grad_flops,
+              "flop_ratio": blk / k / single, "flop_ratio_limit": per / single}
+    print(f"{variant}: matmul GFLOP gradient {grad_flops / 1e9:.2f}, single {single / 1e9:.2f}, block/k "
+          f"{blk / k / 1e9:.2f}: ratio {record['flop_ratio']:.3f}, limit as k grows {per / single:.3f}", flush=True)
+    return record
+
+
 def _trim() -> None:
     """Collect garbage and return the allocator's free memory to the system before a measurement."""
     gc.collect()
@@ -168,6 +206,10 @@ def summarize(results: dict[str, Any], k: int) -> dict[str, Any]:
     for name, r in results.items():
         line = {"ratio_cpu": r["cpu"]["ratio_median"], "ratio_wall": r["wall"]["ratio_median"],
                 "goal_met": r["cpu"]["ratio_median"] <= 0.6}
+        if "flops" in r:
+            line["flop_ratio"] = r["flops"]["flop_ratio"]
+            line["flop_ratio_limit"] = r["flops"]["flop_ratio_limit"]
+            line["time_over_flop_ratio"] = r["cpu"]["ratio_median"] / r["flops"]["flop_ratio"]
         if "memory" in r:
             line["memory_per_vector_block_over_single"] = r["memory"]["block_over_single_extra"] / k
         summary[name] = line
@@ -188,6 +230,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--child", nargs=2, metavar=("VARIANT", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -204,6 +247,9 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name in names:
         results[name] = time_variant(name, device, args.k, args.rounds)
+    if not args.no_flops:
+        for name in names:
+            results[name]["flops"] = flops(name, device, args.k)
     if not args.no_memory:
         for name in names:
             mem = {what: memory(name, what, args) for what in ("single", "block")}
@@ -229,7 +275,9 @@ def main() -> None:
                    "vector on two clocks: 'cpu' (time.process_time: this process's CPU seconds, what one thread's "
                    "work costs whatever else runs on the machine) and 'wall'; ratio = block per vector / single per "
                    "vector (medians over rounds; the minima's ratio too). Memory: peak resident (CPU) or allocated "
-                   "(GPU) memory above the start of one product, each product in a fresh process."),
+                   "(GPU) memory above the start of one product, each product in a fresh process. FLOPs: matmul "
+                   "FLOPs (torch.utils.flop_counter.FlopCounterMode) of a gradient, one single and one block "
+                   "product; flop_ratio = block per vector / single, flop_ratio_limit = its limit as k grows."),
         "machine": {"device": str(device), "threads": args.threads, "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "load_average_at_end": os.getloadavg()},

@@ -44,10 +44,14 @@ with the plain double-backward HVP (Hessians) or curvdist's GGN (GGNs). Threads:
 children get ``OMP_WAIT_POLICY=PASSIVE`` unless set (on a loaded 2-core machine OpenMP's spinning barriers make
 2 threads 4-7× slower than 1). Machine load (``os.getloadavg``) is recorded at the start and end of each child.
 Writes benchmarks/results/lm_benchmark.json and .png (``--out``); ``--only a,b`` reruns some measurements and merges
-them into an existing JSON.
+them into an existing JSON. ``--flops`` adds one call per product under ``torch.utils.flop_counter.FlopCounterMode``
+(``matmul_gflop``: matmuls, convolutions and attention kernels; elementwise ops are not counted) and the summary's
+``matmul_flops_over_plain_gradient``; with eigenvalue runs in the same JSON also
+``eig_matmul_flops_over_fastest_peer`` = (curvdist's products × FLOPs of its product) / (the fastest converged
+peer's products × FLOPs of its product): what the eigenvalue's time ratio would be if time followed matmul FLOPs.
 
     python benchmarks/lm_benchmark.py [--device cpu|cuda] [--batch 4] [--tokens 128] [--threads 2] [--repeats 2]
-        [--tol 1e-3] [--max-steps 30] [--only NAMES] [--skip NAMES]
+        [--tol 1e-3] [--max-steps 30] [--only NAMES] [--skip NAMES] [--flops]
     python benchmarks/lm_benchmark.py --summarize   # recompute summary and plot of the JSON
 
 The stored results (benchmarks/results/lm_benchmark.json, 2026-12-04) are the defaults: 4×128 tokens, tol 1e-3,
@@ -319,6 +323,16 @@ def run_product(name: str, s: Setup, args: argparse.Namespace, baseline: int) ->
     })
     flat = out if isinstance(out, torch_tensor_type()) else s.flat(out)
     record["_fingerprint"] = s.fingerprint(flat)
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+        out = None
+        try:  # the counter's module tracking hooks every module's backward, which some peers' passes refuse
+            with FlopCounterMode(display=False) as counter:
+                out = fn()
+            record["matmul_gflop"] = counter.get_total_flops() / 1e9
+            print(f"  {name}: {record['matmul_gflop']:.1f} GFLOP in matmuls", file=sys.stderr, flush=True)
+        except RuntimeError as e:
+            record["matmul_gflop_error"] = str(e).strip().splitlines()[0]
     return record
 
 
@@ -505,6 +519,18 @@ def summarize(out: dict[str, Any]) -> None:
         bound = max(values.values())
         summary["eig_lambda_max_lower_bound"] = bound
         summary["eig_shortfall_below_bound"] = {k: (bound - v) / abs(bound) for k, v in values.items()}
+    flops = {k: r["matmul_gflop"] for k, r in res.items() if r.get("matmul_gflop")}
+    if flops.get("plain_gradient"):
+        summary["matmul_flops_over_plain_gradient"] = {k: f / flops["plain_gradient"] for k, f in flops.items()}
+    # a floor for the eigenvalue's time ratio where time follows matmul FLOPs: products x FLOPs per product
+    eig_products = {"eig_curvdist": f"curvdist_hvp_{(eig.get('product_info') or {}).get('mode', '')}",
+                    "eig_curvlinops_scipy": "curvlinops_hessian", "eig_he_lanczos": "he_hessian"}
+    if eig.get("product_info", {}).get("reuse_graph") is False:
+        eig_products["eig_curvdist"] += "_fresh"
+    work = {k: res[k]["matvecs"] * flops[p] for k, p in eig_products.items()
+            if p in flops and res.get(k, {}).get("matvecs")}
+    if "eig_curvdist" in work and summary.get("fastest_converged_peer") in work:
+        summary["eig_matmul_flops_over_fastest_peer"] = work["eig_curvdist"] / work[summary["fastest_converged_peer"]]
     summary["goals"] = {k: {"value": val, "target": f"<= {t}", "met": val <= t} for k, (val, t) in goals.items()}
     auto = res.get("curvdist_hvp_auto", {})
     if auto.get("product_info"):
@@ -617,7 +643,7 @@ def child_args(args: argparse.Namespace, out: dict[str, Any]) -> list[str]:
             "--repeats", str(args.repeats), "--tol", str(args.tol), "--max-steps", str(args.max_steps),
             "--hvp-mode", hvp_mode, "--he-steps", str(he_steps), "--power-steps", str(args.power_steps),
             "--ncv", str(ncv), "--max-basis", str(args.max_basis), "--model-config", args.model_config,
-            "--memory-budget", args.memory_budget]
+            "--memory-budget", args.memory_budget] + (["--flops"] if args.flops else [])
 
 
 NOTES = [
@@ -673,6 +699,8 @@ def main() -> None:
     p.add_argument("--he-steps", type=int, default=0, help="hessian-eigenthings lanczos max_iter (0: curvdist's)")
     p.add_argument("--power-steps", type=int, default=15)
     p.add_argument("--ncv", type=int, default=0, help="ARPACK ncv (0: curvdist's steps + 1, within [4, 16])")
+    p.add_argument("--flops", action="store_true",
+                   help="also count each product's matmul FLOPs (one more call under FlopCounterMode)")
     p.add_argument("--only", type=lambda s: s.split(","), default=[])
     p.add_argument("--skip", type=lambda s: s.split(","), default=[])
     p.add_argument("--timeout", type=int, default=1500, help="seconds per measurement process")

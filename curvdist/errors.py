@@ -71,3 +71,12 @@ class UnknownNameError(CurvdistError, ValueError):
 class MemoryBudgetError(CurvdistError, MemoryError):
     """An allocation would not fit in this machine's available memory; the message names its size, what it is
     for, and the option that avoids it (raised before allocating, instead of an allocator error)."""
+
+
+def first_line(error: BaseException, typed: bool = False) -> str:
+    """The first line of an exception's message (its type's name where the message is empty), for errors that
+    report a failure inside torch in one line; ``typed`` prefixes the type's name."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if typed else text.splitlines()[0]

@@ -122,7 +122,16 @@ class StagePool:
         try:
             return self.space.settle(refs)
         except self.ray.exceptions.RayTaskError as e:
+            self.drop_micro_batches()
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
+
+    def drop_micro_batches(self) -> None:
+        """After a failed pass: every stage drops what its forward passes kept for backward passes that will not
+        run. A stage runs its calls in submission order, so the failed pass's remaining calls have run by then."""
+        try:
+            self.ray.get([a.drop_micro_batches.remote() for a in self.actors])
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError):
+            pass  # a lost stage holds nothing; it is restarted (and recovered) by the next call that needs it
 
     def backward_pass(self, micro_batches: int, method: str, args: Callable[[int, int, Any], tuple[Any, ...]],
                       scale: float) -> tuple[list[Any], list[Any]]:
@@ -344,6 +353,7 @@ class PipelineOperator:
         except ray.exceptions.RayActorError:
             raise
         except ray.exceptions.RayTaskError as e:
+            pool.drop_micro_batches()
             raise (e.cause if getattr(e, "cause", None) is not None else e) from None
 
     def product_info(self) -> dict[str, Any]:

@@ -32,6 +32,8 @@ product again, so the solve continues to the numbers of an uninterrupted run.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 from torch.func import jvp
 
-from ..errors import MetricError, ProblemError
+from ..errors import AutodiffError, CurvdistError, MetricError, ProblemError, first_line
 from ..faults import maybe_fail
 from ..operators.cotangents import accumulating_into, gradient_edges
 from ..operators.tangents import exact_alias
@@ -266,7 +268,8 @@ class StageWorker(ShardStore):
         else:
             carry, cdot, const = incoming
         p = {n: self.values[n] for n in self._diff()}
-        out, outdot = jvp(self._fn(key, const), (carry, p), (cdot, self._tangents(vid)))
+        with self._in_torch(b, "forward pass (torch.func.jvp)"):
+            out, outdot = jvp(self._fn(key, const), (carry, p), (cdot, self._tangents(vid)))
         self.saved[b] = (carry, cdot, const, key)
         if self.last:
             self.pending[b] = (out.detach(), outdot.detach(), y)
@@ -289,25 +292,52 @@ class StageWorker(ShardStore):
     def _backward(self, b: int, incoming: Any, kind: str, out_id: int) -> Any:
         self._maybe_fail()
         t0 = time.perf_counter()
-        if self.last:
-            out, outdot, y = self.pending.pop(b)
-            gdot = self.loss.output_hessian_apply(out, y, outdot)
-            g = torch.func.grad(lambda o: self.loss.per_sample(o, y).sum())(out) if kind == "hessian" else None
-        else:
-            g, gdot = incoming
         carry, cdot, const, key, *rest = self.saved.pop(b)
         float_out = rest[0] if rest else None
         f = self._fn(key, const, float_out)
         p = {n: self.values[n] for n in self._diff()}
-        if kind == "hessian":
-            gcdot, gc = self._hvp_into(f, carry, cdot, p, g, gdot, out_id)
-        else:
-            gcdot, gc = self._vjp_into(f, carry, p, gdot, out_id), None
+        with self._in_torch(b, "backward pass" + (" (reverse over reverse)" if kind == "hessian" else "")):
+            if self.last:
+                out, outdot, y = self.pending.pop(b)
+                gdot = self.loss.output_hessian_apply(out, y, outdot)
+                g = torch.func.grad(lambda o: self.loss.per_sample(o, y).sum())(out) if kind == "hessian" else None
+            else:
+                g, gdot = incoming
+            if kind == "hessian":
+                gcdot, gc = self._hvp_into(f, carry, cdot, p, g, gdot, out_id)
+            else:
+                gcdot, gc = self._vjp_into(f, carry, p, gdot, out_id), None
         self.busy += time.perf_counter() - t0
         if self.stage == 0:
             return None
         return (None if gc is None else {k: t.detach() for k, t in gc.items()},
                 {k: t.detach() for k, t in gcdot.items()})
+
+    @contextmanager
+    def _in_torch(self, b: int, what: str) -> Iterator[None]:
+        """A failure inside torch during ``what`` of micro-batch b (an op or a custom ``autograd.Function`` without
+        the derivative the pass needs, an in-place update of module state) raised as :class:`AutodiffError` naming
+        the stage, the micro-batch and the pass; curvdist's own errors and other exceptions pass as they are."""
+        try:
+            yield
+        except CurvdistError:
+            raise
+        except (RuntimeError, NotImplementedError) as e:
+            raise AutodiffError(
+                f"pipeline stage {self.stage}: the {what} of micro-batch {b} failed inside torch: {first_line(e)} -- "
+                "a stage's forward pass must be a pure function of its parameters and incoming activations, built "
+                "from ops with forward- and reverse-mode derivatives (a custom autograd.Function needs "
+                "setup_context and jvp)") from e
+
+    def drop_micro_batches(self) -> int:
+        """Drop what the forward passes of a failed product or gradient kept for backward passes that will not
+        run (activations, the loss's output gradients); returns how many micro-batches were held."""
+        held = len(self.saved) + len(self.pending) + len(self.grad_saved)
+        self.saved.clear()
+        self.pending.clear()
+        self.grad_saved.clear()
+        release_free_memory()
+        return held
 
     def _vjp_into(self, f: Any, carry: dict[str, Tensor], p: dict[str, Tensor], cotangent: Any,
                   out_id: int) -> dict[str, Tensor] | None:
@@ -413,12 +443,13 @@ class StageWorker(ShardStore):
         key = self.program.signature(X)
         carry, const = split_floats(self.program.first_carry(X)) if self.stage == 0 else incoming
         p = {n: self.values[n] for n in self._diff()}
-        with torch.no_grad():
+        with self._in_torch(b, "forward pass"), torch.no_grad():
             out = self._fn(key, const)(carry, p)
         if self.last:
             loss = float(self.loss.per_sample(out, y).sum())
             if keep:
-                g = torch.func.grad(lambda o: self.loss.per_sample(o, y).sum())(out)
+                with self._in_torch(b, "loss gradient"):
+                    g = torch.func.grad(lambda o: self.loss.per_sample(o, y).sum())(out)
                 self.grad_saved[b] = (carry, const, key, None, g)
             self.busy += time.perf_counter() - t0
             return loss
@@ -441,7 +472,8 @@ class StageWorker(ShardStore):
         carry, const, key, float_out, *rest = self.grad_saved.pop(b)
         g = rest[0] if self.last else incoming
         p = {n: self.values[n] for n in self._diff()}
-        gc = self._vjp_into(self._fn(key, const, float_out), carry, p, g, out_id)
+        with self._in_torch(b, "gradient's backward pass"):
+            gc = self._vjp_into(self._fn(key, const, float_out), carry, p, g, out_id)
         self.busy += time.perf_counter() - t0
         return None if self.stage == 0 else gc
 

@@ -28,7 +28,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from ..errors import AutodiffError, CurvdistError, NonDeterministicError, NonFiniteError, ShapeError, SolverError
+from ..errors import (
+    AutodiffError,
+    CurvdistError,
+    NonDeterministicError,
+    NonFiniteError,
+    ShapeError,
+    SolverError,
+    first_line,
+)
 from ..finite import all_finite
 from ..problem.data import Batch, Inputs, shuffles
 from ..problem.problem import Params, Problem
@@ -137,11 +145,10 @@ class CurvatureOperator(ABC):
             except CurvdistError:
                 raise
             except (RuntimeError, NotImplementedError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise AutodiffError(
-                    f"the {self.kind} product failed inside torch on batch {b}: {first} -- the model's forward pass "
-                    "must be a pure function of its parameters (no in-place updates of module state) built from "
-                    "ops with forward- and reverse-mode derivatives"
+                    f"the {self.kind} product failed inside torch on batch {b}: {first_line(e)} -- the model's "
+                    "forward pass must be a pure function of its parameters (no in-place updates of module state) "
+                    "built from ops with forward- and reverse-mode derivatives"
                 ) from e
             acc = add_parts(acc, parts, self.dtype)
             del parts  # not held while the next batch's product runs

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..catalogue import HVPMode, parse
-from ..errors import AutodiffError, CurvdistError, ProblemError
+from ..errors import AutodiffError, CurvdistError, ProblemError, first_line
 from ..problem.data import batch_len, micro_batches
 from ..problem.problem import Params
 from ..resources import release_free_memory
@@ -85,11 +85,6 @@ _CHOICES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], ModeChoice]] = we
 def clear_mode_cache() -> None:
     """Forget every ``mode="auto"`` choice, so that the next Hessian operator measures again."""
     _CHOICES.clear()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 class Hessian(CurvatureOperator):
@@ -441,7 +436,7 @@ class Hessian(CurvatureOperator):
             except Exception as e:
                 if not compiled and not isinstance(e, (RuntimeError, NotImplementedError)):
                     raise
-                failures[name] = _first_line(e)
+                failures[name] = first_line(e, typed=True)
                 if compiled:
                     warn_compile_failed(mode, e)
                 continue
@@ -508,7 +503,7 @@ class Hessian(CurvatureOperator):
             kernel(params, v, X, y)
         except (RuntimeError, NotImplementedError) as e:
             raise AutodiffError(f"no Hessian-vector product works on this model ({listing}; "
-                                f"finite_difference: {_first_line(e)})") from e
+                                f"finite_difference: {first_line(e, typed=True)})") from e
         warnings.warn(f"no exact Hessian-vector product works on this model ({listing}); using finite "
                       f"differences (relative step {self.fd_step:.2g}; on piecewise-linear networks — ReLU, "
                       "max-pool — a difference step that crosses a kink is far from the almost-everywhere Hessian)",
@@ -524,7 +519,7 @@ class Hessian(CurvatureOperator):
         except CurvdistError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever the compiler raises, the eager product still works
-            self.mode_failures[self.mode.value + "+compile"] = _first_line(e)
+            self.mode_failures[self.mode.value + "+compile"] = first_line(e, typed=True)
             warn_compile_failed(self.mode, e)
             self._use(self.mode, False)
 

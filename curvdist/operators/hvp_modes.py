@@ -49,7 +49,7 @@ from torch.autograd.graph import GradientEdge
 from torch.func import grad, jvp, vjp, vmap
 
 from ..catalogue import HVPMode
-from ..errors import ProblemError
+from ..errors import ProblemError, first_line
 from .cotangents import check_twice_differentiable, gradient_edges
 
 Params = tuple[Tensor, ...]
@@ -330,9 +330,8 @@ def compile_kernel(mode: HVPMode, batch_loss: BatchLoss, step: float | None = No
 
 
 def warn_compile_failed(mode: HVPMode, error: BaseException) -> None:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     warnings.warn(f"torch.compile of the {mode.value} Hessian-vector product failed ({type(error).__name__}: "
-                  f"{first}); using the eager product", RuntimeWarning, stacklevel=4)
+                  f"{first_line(error)}); using the eager product", RuntimeWarning, stacklevel=4)
 
 
 __all__ = ["EXACT_MODES", "BatchLoss", "Edges", "Kernel", "block_kernel", "compile_kernel", "default_fd_step",

@@ -1,5 +1,6 @@
-"""A model factory for the stage tests (imported by the stage actors from the spec): an MLP with a backward that
-cannot be differentiated again."""
+"""Model factories for the stage tests (imported by the stage actors from the spec): MLPs whose last op a stage's
+pass cannot take — a backward that cannot be differentiated again, a forward that raises, an autograd.Function
+without forward mode."""
 
 from __future__ import annotations
 
@@ -56,3 +57,29 @@ def refusing_mlp(seed: int = 0) -> nn.Sequential:
     """64 → 5 → 10 → a layer whose forward raises: the last stage's forward fails."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 10), Refuses())
+
+
+class _OldStyleCube(torch.autograd.Function):
+    """x³ as an autograd.Function in the old style (``forward(ctx, x)``, no ``setup_context`` and no ``jvp``):
+    reverse mode works, torch.func's forward mode refuses it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+class OldStyleCube(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return _OldStyleCube.apply(x)
+
+
+def old_style_mlp(seed: int = 0) -> nn.Sequential:
+    """64 → 5 → tanh → 10 → x³ by an old-style autograd.Function: the last stage's forward-mode pass fails."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 5), nn.Tanh(), nn.Linear(5, 10), OldStyleCube())

@@ -162,6 +162,29 @@ def test_a_failed_stage_forward_is_the_error_a_product_raises(ray_module):
         for kind in ("ggn", "hessian"):
             with pytest.raises(ValueError, match="this layer refuses its input"):
                 PipelineOperator(pool, kind).apply_vector(pool.space.random(0))
+            assert _held_micro_batches(pool) == [0, 0]  # stage 0's forward state was dropped
+    finally:
+        pool.shutdown()
+
+
+def _held_micro_batches(pool: StagePool) -> list[int]:
+    return pool.ray.get([a.drop_micro_batches.remote() for a in pool.actors])
+
+
+def test_a_custom_function_without_forward_mode_is_named_by_stage_and_pass(ray_module):
+    """An old-style autograd.Function (no setup_context, no jvp) in the last stage: the stages' forward-mode pass
+    cannot take it. Both products raise AutodiffError naming the stage, the micro-batch and the pass, with torch's
+    reason; the stages hold no micro-batch afterwards."""
+    spec = ProblemSpec(model_factory="tests.distributed.once_model:old_style_mlp", model_kwargs={"seed": 1},
+                       data_factory="curvdist.zoo:digits", data_kwargs={"n": 20, "dtype": "float64"},
+                       batch_size=10, loss="cross_entropy", dtype="float64")
+    pool = StagePool(spec, 2)
+    try:
+        for kind in ("ggn", "hessian"):
+            with pytest.raises(cd.AutodiffError, match=r"pipeline stage 1: the forward pass \(torch\.func\.jvp\) "
+                                                       r"of micro-batch 0 failed inside torch: .*setup_context"):
+                PipelineOperator(pool, kind).apply_vector(pool.space.random(0))
+            assert _held_micro_batches(pool) == [0, 0]
     finally:
         pool.shutdown()
 
