@@ -10,12 +10,16 @@ Each configuration runs in a fresh process (``--one NAME``): ``local`` (``spec.b
 threads), or ``pipeline_SxM`` (``cd.ray_backend`` with an embedded Ray instance; ``backend.pipeline(spec, S, M)``,
 with stage snapshots on as by default; ``pipeline_SxM_nosnap`` with them off; ``pipeline_SxM_everyK`` with a
 snapshot every K products; ``pipeline_SxM_compute`` with stages cut by compute instead of held parameters;
-every stage actor has one CPU and one torch thread, so S = 2 uses the same two cores as local). For each: build
-time; GGN- and Hessian-vector product time (one warm-up, then ``--repeats`` timed, best reported); the top GGN
-eigenvalue by ``cd.eigs`` (k = 1, ``--tol``, at most ``--max-steps`` products) with its wall time; and
-``problem.memory_records()`` around the solve — per process its role, the parameters it holds and its peak
+``pipeline_SxM_tN`` with N torch threads a stage instead of one; options combine with ``-``, e.g.
+``pipeline_2x4_compute-t2``; every stage actor has one CPU of the embedded instance, so S = 2 uses the same two cores
+as local). For each: build time; GGN- and Hessian-vector product time (one warm-up, then ``--repeats`` timed, best
+reported); the top GGN eigenvalue by ``cd.eigs`` (k = 1, ``--tol``, at most ``--max-steps`` products) with its wall
+time; and ``problem.memory_records()`` around the solve — per process its role, the parameters it holds and its peak
 resident memory (the kernel's high-water mark, reset through ``/proc/self/clear_refs`` at the start of the
-window). Pipeline runs also report the stage utilization (busy time / product wall time) and the tied weight.
+window). Pipeline runs also report the stage utilization (busy time / product wall time) and the tied weight; with
+one thread a stage the summary adds the stages' work against local (``ggn_stage_work_over_local``: summed busy
+time over the local product's time) and GPipe's floor (``ggn_gpipe_floor_over_local``: that work shared evenly
+over S cores, times (M + S − 1)/M for the fill and drain): the least a product could take on those stages.
 
 ``zero3_Nranks`` (e.g. ``zero3_2ranks``): DeepSpeed ZeRO-3 on N ranks (``torchrun``; gloo on the CPU, NCCL with
 ``--device cuda``), the model built by the spec and partitioned by ``deepspeed.initialize`` (DeepSpeed's
@@ -145,10 +149,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     elif name.startswith("pipeline_"):
         shape, _, option = name[len("pipeline_"):].partition("_")
         stages, micro = (int(x) for x in shape.split("x"))
+        options = set(option.split("-")) if option else set()
         with cd.ray_backend(workers=stages, num_cpus=max(stages, 2)) as backend:
-            every = int(option[len("every"):]) if option.startswith("every") else 1
-            staged = backend.pipeline(spec, stages=stages, micro_batches=micro, snapshots=option != "nosnap",
-                                      snapshot_every=every, balance="compute" if option == "compute" else "parameters")
+            every = next((int(o[len("every"):]) for o in options if o.startswith("every")), 1)
+            threads = next((int(o[1:]) for o in options if re.fullmatch(r"t\d+", o)), None)
+            staged = backend.pipeline(spec, stages=stages, micro_batches=micro, snapshots="nosnap" not in options,
+                                      snapshot_every=every, balance="compute" if "compute" in options else "parameters",
+                                      threads=threads)
             res["build_s"] = time.perf_counter() - t0
             pool = staged.pool
             res["parameters"] = staged.dim
@@ -380,6 +387,15 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             row["max_held_over_model"] = max(r["held_over_model"])
             row["goal_held_le_1.2_over_S"] = max(r["held_over_model"]) <= 1.2 / len(r["held_over_model"])
             row["utilization"] = r.get("ggn_product_info", {}).get("utilization")
+            shape = re.match(r"pipeline_(\d+)x(\d+)", name)
+            if (row["utilization"] and shape and "ggn_product_s" in local
+                    and not re.search(r"(^|-)t\d+(-|$)", name.partition("_")[2].partition("_")[2])):
+                # one thread a stage: busy time is core time. The stages' work shared evenly over S cores, with
+                # GPipe's fill and drain ((S - 1) of M + S - 1 slots idle), is the least a product can take
+                S, M = int(shape[1]), int(shape[2])
+                work = sum(row["utilization"]) * r["ggn_product_s"]
+                row["ggn_stage_work_over_local"] = work / local["ggn_product_s"]
+                row["ggn_gpipe_floor_over_local"] = work / S * (M + S - 1) / M / local["ggn_product_s"]
         s[name] = row
     if "pipeline_2x4" in s and "ggn_over_local" in s["pipeline_2x4"]:
         s["goal_pipeline_2x4_le_1.3x_local"] = s["pipeline_2x4"]["ggn_over_local"] <= 1.3

@@ -33,7 +33,7 @@ def theta_coordinates(cfg: Config, problem: Problem, spec: ProblemSpec, optimize
     with ray_backend(b.workers, b.address, b.max_restarts, num_cpus=max(os.cpu_count() or 1, actors)) as backend:
         remote = (backend.data_parallel(spec) if b.mode == "data" else
                   backend.pipeline(spec, b.stages, b.micro_batches, snapshot_every=b.snapshot_every,
-                                   balance=b.balance))
+                                   balance=b.balance, threads=b.stage_threads))
         yield Coordinates("theta", remote, cfg.seed, optimizer=optimizer if b.mode == "data" else None)
 
 

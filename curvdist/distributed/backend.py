@@ -49,7 +49,7 @@ class RayBackend:
 
     def pipeline(self, spec: ProblemSpec, stages: int = 2, micro_batches: int | None = None,
                  snapshots: bool = True, snapshot_every: int = 1, balance: str = "parameters",
-                 basis_on_disk: bool = False) -> Any:
+                 basis_on_disk: bool = False, threads: int | None = None) -> Any:
         """``spec``'s problem with its model split into ``stages`` consecutive stages balanced by the parameters
         each holds, stage i on actor i with only its parameters: an ``nn.Sequential``, a model with a
         ``stages()`` method, or a block stack such as a Hugging Face decoder (traced and cut at its blocks).
@@ -62,13 +62,15 @@ class RayBackend:
         ``balance``: ``parameters`` (the stages hold near-equal parameters) or ``compute`` (near-equal work: faster
         products for language models, whose embedding is cheap and head costly, with less even memory).
         ``basis_on_disk``: the stages keep their Lanczos basis rows in memory-mapped files (page cache) instead of
-        their working memory (CPU stages; :class:`~curvdist.distributed.pipeline.StagePool`)."""
+        their working memory (CPU stages; :class:`~curvdist.distributed.pipeline.StagePool`). ``threads``: torch
+        threads per stage (default one per CPU Ray gives it); more lets a stage use the cores the others leave idle
+        (with passive OpenMP waiting; :class:`~curvdist.distributed.pipeline.StagePool`)."""
         from .pipeline import PipelineProblem, StagePool
 
         _check_spec(spec)
         pool = StagePool(spec, stages, max_restarts=self.max_restarts, micro_batches=micro_batches,
                          snapshots=snapshots, snapshot_every=snapshot_every, balance=balance,
-                         basis_on_disk=basis_on_disk)
+                         basis_on_disk=basis_on_disk, threads=threads)
         self._pools.append(pool)
         return PipelineProblem(pool)
 

@@ -53,11 +53,18 @@ class StagePool:
     less even memory. ``basis_on_disk``: the stages keep their rows of every Lanczos basis in memory-mapped files
     of a temporary directory (unlinked at once, so they go with the stage) instead of their working memory: the
     rows live in the page cache, which the system can write back and reclaim (CPU stages; for the largest models,
-    whose basis would not fit beside the stage's products)."""
+    whose basis would not fit beside the stage's products). ``threads``: torch's intra-op threads per stage
+    (default: one per CPU Ray gives the stage, i.e. one). More threads than the stage's CPU let a stage use the cores
+    its neighbours leave idle while the pipeline fills and drains, and while it does more work than they; the
+    stages then wait for their OpenMP threads passively (``OMP_WAIT_POLICY=PASSIVE``), since spinning threads
+    would take the cores from each other. Measured on GPT-2 small in 2 stages × 4 micro-batches on 2 cores: a GGN
+    product 7.1–7.3 s with 2 threads a stage against 7.8 s with 1 (11 s with 2 spinning threads);
+    docs/guides/ray.md."""
 
     def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None,
                  snapshot_dir: str | None = None, snapshots: bool = True, snapshot_every: int = 1,
-                 skeletons: bool = True, balance: str = "parameters", basis_on_disk: bool = False) -> None:
+                 skeletons: bool = True, balance: str = "parameters", basis_on_disk: bool = False,
+                 threads: int | None = None) -> None:
         import ray
 
         from .stacks import split_points
@@ -67,6 +74,8 @@ class StagePool:
         if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
             raise ProblemError(f"snapshot_every must be a positive integer (products between stage snapshots), "
                                f"got {snapshot_every!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ProblemError(f"threads must be a positive integer (torch threads per stage), got {threads!r}")
         with torch.random.fork_rng(devices=[]):
             model = spec.build_model()
         split_points(model, stages, balance)  # validate on the coordinator: a clear error, early
@@ -75,7 +84,10 @@ class StagePool:
         weights = publish(ray, model) if skeletons else None
         del model
         release_free_memory()
-        cls = ray.remote(max_restarts=max_restarts, max_task_retries=0, **resources_per_worker())(StageWorker)
+        options: dict[str, Any] = dict(max_restarts=max_restarts, max_task_retries=0, **resources_per_worker())
+        if threads is not None:  # OpenMP reads its environment when the worker process starts
+            options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}}
+        cls = ray.remote(**options)(StageWorker)
         self.ray, self.spec, self.micro_batches = ray, spec, micro_batches
         self._own_dir = snapshots and snapshot_dir is None
         self.snapshot_dir = (tempfile.mkdtemp(prefix="curvdist-stages-") if self._own_dir else
@@ -85,8 +97,8 @@ class StagePool:
         self.basis_dir = tempfile.mkdtemp(prefix="curvdist-basis-") if basis_on_disk else None
         self.retries = 0
         try:
-            self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, balance, self.basis_dir)
-                           for i in range(stages)]
+            self.actors = [cls.remote(spec, i, stages, micro_batches, self.snapshot_dir, balance, self.basis_dir,
+                                      threads) for i in range(stages)]
             wait_scheduled(ray, self.actors, "pipeline stages")
             if skeletons:  # each stage holds its own parameters only: build them together
                 ray.get([a.build.remote(weights) for a in self.actors])

@@ -87,9 +87,12 @@ class StageWorker(ShardStore):
     labels for the last), and a store of vector shards keyed by integer ids."""
 
     def __init__(self, spec: ProblemSpec, stage: int, stages: int, micro_batches: int | None = None,
-                 snapshot_dir: str | None = None, balance: str = "parameters", basis_dir: str | None = None) -> None:
+                 snapshot_dir: str | None = None, balance: str = "parameters", basis_dir: str | None = None,
+                 threads: int | None = None) -> None:
         import ray
 
+        if threads is not None:  # more than Ray's one per CPU: see StagePool (threads)
+            torch.set_num_threads(threads)
         self.stage, self.stages = stage, stages
         self.last = stage == stages - 1
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -202,7 +205,8 @@ class StageWorker(ShardStore):
                 "samples": sum(self.loss.count(y) for _, y in self.batches), "batches": len(self.batches),
                 "foreign": self.foreign, "tied_users": self.tied_users, "batch_of": self.batch_of,
                 "counts": [self.loss.count(y) for _, y in self.batches],
-                "held": sum(v.numel() for v in self.values.values()), "built": self.built}
+                "held": sum(v.numel() for v in self.values.values()), "built": self.built,
+                "threads": torch.get_num_threads()}
 
     def _tangents(self, vid: int) -> dict[str, Tensor]:
         """The tangent of every parameter the stage differentiates: its shard of v and the tied parts. The shard's

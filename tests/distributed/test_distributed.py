@@ -167,6 +167,28 @@ def test_a_failed_stage_forward_is_the_error_a_product_raises(ray_module):
         pool.shutdown()
 
 
+def test_stages_with_more_threads_than_cpus_equal_local(ray_module):
+    """threads=2: each stage runs torch with 2 threads (its environment makes OpenMP wait passively) and its
+    products are the local ones; a thread count that is not a positive integer is refused before any actor starts."""
+    local = SPECS["mlp"].build()
+    pool = StagePool(SPECS["mlp"], 2, threads=2)
+    try:
+        assert [i["threads"] for i in pool.infos] == [2, 2]
+        env = pool.ray.get([a.__ray_call__.remote(lambda self: os.environ.get("OMP_WAIT_POLICY"))
+                            for a in pool.actors])
+        assert env == ["PASSIVE", "PASSIVE"]
+        v = torch.randn(local.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        for kind in ("hessian", "ggn"):
+            want = cd.operator(local, kind).apply_vector(v)
+            got = pool.space.to_tensor(PipelineOperator(pool, kind).apply_vector(pool.space.from_tensor(v)))
+            _close(want.numpy(), got.numpy())
+    finally:
+        pool.shutdown()
+    for bad in (0, 1.5, True):
+        with pytest.raises(cd.ProblemError, match="threads must be a positive integer"):
+            StagePool(SPECS["mlp"], 2, threads=bad)
+
+
 def _held_micro_batches(pool: StagePool) -> list[int]:
     return pool.ray.get([a.drop_micro_batches.remote() for a in pool.actors])
 
