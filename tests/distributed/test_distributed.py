@@ -131,14 +131,23 @@ def test_pipeline_mode_equals_local(request, name, stages):
             pool.shutdown()
 
 
+def _refused_model(factory: str, batch_size: int = 20) -> ProblemSpec:
+    """A model of tests/distributed/once_model.py on 20 digits (float64)."""
+    return ProblemSpec(model_factory=f"tests.distributed.once_model:{factory}", model_kwargs={"seed": 1},
+                       data_factory="curvdist.zoo:digits", data_kwargs={"n": 20, "dtype": "float64"},
+                       batch_size=batch_size, loss="cross_entropy", dtype="float64")
+
+
+def _held_micro_batches(pool: StagePool) -> list[int]:
+    return pool.ray.get([a.drop_micro_batches.remote() for a in pool.actors])
+
+
 def test_pipelined_hessian_refuses_a_once_differentiable_backward(ray_module):
     """x³ with a backward marked once_differentiable at the model's output: the Hessian product would silently
     lose its second derivative (torch marks such a backward only where its incoming gradient requires grad, and the
     loss's does not: the stages give it one that does); the stages refuse it with the cause named. The GGN does not
     need it and runs afterwards, equal to local."""
-    spec = ProblemSpec(model_factory="tests.distributed.once_model:cube_once_mlp", model_kwargs={"seed": 1},
-                       data_factory="curvdist.zoo:digits", data_kwargs={"n": 20, "dtype": "float64"},
-                       batch_size=20, loss="cross_entropy", dtype="float64")
+    spec = _refused_model("cube_once_mlp")
     pool = StagePool(spec, 2)
     try:
         v = pool.space.random(0)
@@ -151,18 +160,24 @@ def test_pipelined_hessian_refuses_a_once_differentiable_backward(ray_module):
         pool.shutdown()
 
 
-def test_a_failed_stage_forward_is_the_error_a_product_raises(ray_module):
-    """The last stage's forward pass raises; its backward then finds no forward to continue. The product raises the
-    forward's error (the cause), not the backward's missing micro-batch."""
-    spec = ProblemSpec(model_factory="tests.distributed.once_model:refusing_mlp", model_kwargs={"seed": 1},
-                       data_factory="curvdist.zoo:digits", data_kwargs={"n": 20, "dtype": "float64"},
-                       batch_size=20, loss="cross_entropy", dtype="float64")
-    pool = StagePool(spec, 2)
+@pytest.mark.parametrize("factory,batch_size,error,match", [
+    # the last stage's forward raises; its backward then finds no forward to continue: the product raises the
+    # forward's error (the cause), not the backward's missing micro-batch
+    ("refusing_mlp", 20, ValueError, "this layer refuses its input"),
+    # an old-style autograd.Function (no setup_context, no jvp) in the last stage: the stages' forward-mode pass
+    # cannot take it; the error names the stage, the micro-batch and the pass, with torch's reason
+    ("old_style_mlp", 10, cd.AutodiffError, r"pipeline stage 1: the forward pass \(torch\.func\.jvp\) of micro-batch 0 "
+                                            r"failed inside torch: .*setup_context"),
+])
+def test_a_failed_stage_pass_is_the_error_a_product_raises(ray_module, factory, batch_size, error, match):
+    """Both products raise the stage's error, and afterwards no stage holds a micro-batch (stage 0's forward
+    state of the failed product was dropped)."""
+    pool = StagePool(_refused_model(factory, batch_size), 2)
     try:
         for kind in ("ggn", "hessian"):
-            with pytest.raises(ValueError, match="this layer refuses its input"):
+            with pytest.raises(error, match=match):
                 PipelineOperator(pool, kind).apply_vector(pool.space.random(0))
-            assert _held_micro_batches(pool) == [0, 0]  # stage 0's forward state was dropped
+            assert _held_micro_batches(pool) == [0, 0]
     finally:
         pool.shutdown()
 
@@ -187,28 +202,6 @@ def test_stages_with_more_threads_than_cpus_equal_local(ray_module):
     for bad in (0, 1.5, True):
         with pytest.raises(cd.ProblemError, match="threads must be a positive integer"):
             StagePool(SPECS["mlp"], 2, threads=bad)
-
-
-def _held_micro_batches(pool: StagePool) -> list[int]:
-    return pool.ray.get([a.drop_micro_batches.remote() for a in pool.actors])
-
-
-def test_a_custom_function_without_forward_mode_is_named_by_stage_and_pass(ray_module):
-    """An old-style autograd.Function (no setup_context, no jvp) in the last stage: the stages' forward-mode pass
-    cannot take it. Both products raise AutodiffError naming the stage, the micro-batch and the pass, with torch's
-    reason; the stages hold no micro-batch afterwards."""
-    spec = ProblemSpec(model_factory="tests.distributed.once_model:old_style_mlp", model_kwargs={"seed": 1},
-                       data_factory="curvdist.zoo:digits", data_kwargs={"n": 20, "dtype": "float64"},
-                       batch_size=10, loss="cross_entropy", dtype="float64")
-    pool = StagePool(spec, 2)
-    try:
-        for kind in ("ggn", "hessian"):
-            with pytest.raises(cd.AutodiffError, match=r"pipeline stage 1: the forward pass \(torch\.func\.jvp\) "
-                                                       r"of micro-batch 0 failed inside torch: .*setup_context"):
-                PipelineOperator(pool, kind).apply_vector(pool.space.random(0))
-            assert _held_micro_batches(pool) == [0, 0]
-    finally:
-        pool.shutdown()
 
 
 @pytest.mark.slow  # 28 s on 2 cores: about 650 pipelined products (a CG solve per Lanczos step); the fast suite
