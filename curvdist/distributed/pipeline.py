@@ -200,13 +200,14 @@ class StagePool:
         self.products, self.product_s = 0, 0.0
 
     def meters(self) -> dict[str, Any]:
-        """Stage utilization (busy time / product wall time) and per-stage memory since :meth:`reset_meters`."""
+        """Stage utilization (busy time / product wall time), each stage's torch threads and per-stage memory since
+        :meth:`reset_meters`."""
         m = self.ray.get([a.meters.remote() for a in self.actors])
         wall = self.product_s
         return {"stages": len(self.actors), "micro_batches": self.num_batches, "products": self.products,
                 "product_wall_s": wall,
                 "utilization": [round(x["busy_s"] / wall, 4) if wall else None for x in m],
-                "memory": [x["memory"] for x in m]}
+                "threads": [x["threads"] for x in m], "memory": [x["memory"] for x in m]}
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -559,9 +559,9 @@ class StageWorker(ShardStore):
         self._windowed = reset_peak(self.device)
 
     def meters(self) -> dict[str, Any]:
-        """The busy time since :meth:`reset_meters` and this stage's memory record."""
+        """The busy time since :meth:`reset_meters`, the torch threads and this stage's memory record."""
         held = sum(v.numel() for v in self.values.values())
-        return {"busy_s": self.busy,
+        return {"busy_s": self.busy, "threads": torch.get_num_threads(),
                 "memory": memory_record(f"stage {self.stage}", held, getattr(self, "_windowed", False),
                                         self.device, owned=self.dim)}
 

@@ -432,6 +432,8 @@ def test_pipeline_kfac_blocks_equal_local(request, name, stages, exact):
 def _cli_config(mode: str, queries: list[dict]) -> dict:
     spec = SPECS["mlp"]
     backend = {"kind": "ray", "mode": mode, "workers": 2, "stages": 2}
+    if mode == "pipeline":  # the YAML's stage threads reach the stages (the API below asks for the same)
+        backend["stage_threads"] = 2
     return {"seed": 0, "dtype": "float64", "loss": "cross_entropy", "plot": False,
             "model": {"factory": spec.model_factory, "kwargs": dict(spec.model_kwargs)},
             "data": {"factory": spec.data_factory, "kwargs": dict(spec.data_kwargs), "batch_size": spec.batch_size},
@@ -469,8 +471,8 @@ def test_python_backend_api_equals_cli(ray_module, tmp_path):
         for name in a:
             _close(a[name]["eigenvalues"], b[name]["eigenvalues"])
 
-        staged = backend.pipeline(spec, stages=2)
-        assert staged.backend == "ray-pipeline[2]"
+        staged = backend.pipeline(spec, stages=2, threads=2)
+        assert staged.backend == "ray-pipeline[2]" and [i["threads"] for i in staged.pool.infos] == [2, 2]
         Hp = cd.operator(staged, "hessian")
         api_pipe = [cd.eigs(Hp, k=2, tol=1e-10, seed=0),
                     cd.eigs(Hp, k=1, tol=1e-10, metric=cd.metric(staged, "ggn", damping=0.5), seed=0)]
@@ -492,3 +494,4 @@ def test_python_backend_api_equals_cli(ray_module, tmp_path):
         assert r.value == doc["value"] and r.backend == doc["backend"] == "ray-data[2]"
     for r, doc in zip(api_pipe, cli_pipe["results"]):
         assert r.value == doc["value"] and r.backend == doc["backend"] == "ray-pipeline[2]"
+        assert doc["info"]["product"]["threads"] == [2, 2]  # the query's schedule, from the stages

@@ -108,6 +108,7 @@ def test_schedule_memory_and_refusals(gpt2_stages):
     assert product["mode"] == "pipeline" and product["stages"] == 2 and product["micro_batches"] == 4
     assert product["products"] == r.matvecs > 0  # the meters count this query's products
     assert all(0 < u <= 1 for u in product["utilization"])
+    assert product["threads"] == [1, 1]  # one per CPU Ray gives a stage (the default)
     memory = r.info["memory"]
     assert [m["role"] for m in memory] == ["coordinator", "stage 0", "stage 1"]
     infos = gpt2_stages.infos
