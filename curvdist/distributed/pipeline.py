@@ -58,8 +58,9 @@ class StagePool:
     its neighbours leave idle while the pipeline fills and drains, and while it does more work than they; the
     stages then wait for their OpenMP threads passively (``OMP_WAIT_POLICY=PASSIVE``), since spinning threads
     would take the cores from each other. Measured on GPT-2 small in 2 stages × 4 micro-batches on 2 cores: a GGN
-    product 7.1–7.3 s with 2 threads a stage against 7.8 s with 1 (11 s with 2 spinning threads);
-    docs/guides/ray.md."""
+    product 7.33 s with 2 threads a stage against 8.53 s with 1, a Lanczos step 1.77× local against 1.94×
+    (``benchmarks/results/sharded_benchmark_gpt2_small_b8_threads.json``); with 2 spinning threads a stage about
+    11 s a product (docs/guides/ray.md)."""
 
     def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None,
                  snapshot_dir: str | None = None, snapshots: bool = True, snapshot_every: int = 1,
