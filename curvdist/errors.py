@@ -6,6 +6,9 @@ never a traceback from deep inside torch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class CurvdistError(Exception):
     """Base class of all curvdist errors."""
@@ -80,3 +83,17 @@ def first_line(error: BaseException, typed: bool = False) -> str:
     if not text:
         return type(error).__name__
     return f"{type(error).__name__}: {text.splitlines()[0]}" if typed else text.splitlines()[0]
+
+
+@contextmanager
+def failures_inside_torch(what: str, where: str, requirement: str) -> Iterator[None]:
+    """A ``RuntimeError``/``NotImplementedError`` raised inside the block (torch: an op without the derivative a pass
+    needs, an in-place update of module state) raised as :class:`AutodiffError` "``what`` failed inside torch
+    ``where``: <torch's first line> -- ``requirement``"; curvdist's own errors and other exceptions pass as they
+    are."""
+    try:
+        yield
+    except CurvdistError:
+        raise
+    except (RuntimeError, NotImplementedError) as e:
+        raise AutodiffError(f"{what} failed inside torch{where}: {first_line(e)} -- {requirement}") from e

@@ -342,7 +342,7 @@ class PipelineOperator:
         other way round in the backward pass); each call passes one object to the next stage. ``epoch``: the
         stages first write that snapshot; ``outs``: per stage the vector its shard of C v goes to (default
         ``out``). Returns ‖C v‖² (from the stages' ``finish``; with ``outs``, of what they wrote)."""
-        ray, actors, pool = self.pool.ray, self.pool.actors, self.pool
+        actors, pool = self.pool.actors, self.pool
         outs = outs or [out.id] * len(actors)
         tied: list[dict[str, Any]] = [{} for _ in actors]
         for name, owner, user in pool.ties:
@@ -357,18 +357,13 @@ class PipelineOperator:
                 carry = a.forward.remote(b, carry, v.id)
             ends.append(carry)
         pending, done = pool.backward_pass(M, "backward", lambda s, b, cot: (b, cot, mode, outs[s]), self.scale)
-        try:
-            pool.space.settle(started)  # the vector operations submitted before the product, too
-            if epoch is not None:
-                pool.space.confirm_snapshot()
-            ray.get(ends)
-            ray.get(pending)
-            return float(sum(ray.get(done)))
-        except ray.exceptions.RayActorError:
-            raise
-        except ray.exceptions.RayTaskError as e:
-            pool.drop_micro_batches()
-            raise (e.cause if getattr(e, "cause", None) is not None else e) from None
+        # StagePool.get: a lost stage's RayActorError as it is (the caller recovers), a stage's error as its cause
+        pool.get(started)  # the vector operations submitted before the product, too
+        if epoch is not None:
+            pool.space.confirm_snapshot()
+        pool.get(ends)
+        pool.get(pending)
+        return float(sum(pool.get(done)))
 
     def product_info(self) -> dict[str, Any]:
         """The schedule, the stage utilization and the per-stage memory of the products since the pool's meters

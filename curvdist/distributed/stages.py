@@ -32,8 +32,6 @@ product again, so the solve continues to the numbers of an uninterrupted run.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 from torch.func import jvp
 
-from ..errors import AutodiffError, CurvdistError, MetricError, ProblemError, first_line
+from ..errors import MetricError, ProblemError, failures_inside_torch
 from ..faults import maybe_fail
 from ..operators.cotangents import accumulating_into, gradient_edges
 from ..operators.tangents import exact_alias
@@ -317,21 +315,14 @@ class StageWorker(ShardStore):
         return (None if gc is None else {k: t.detach() for k, t in gc.items()},
                 {k: t.detach() for k, t in gcdot.items()})
 
-    @contextmanager
-    def _in_torch(self, b: int, what: str) -> Iterator[None]:
+    def _in_torch(self, b: int, what: str) -> Any:
         """A failure inside torch during ``what`` of micro-batch b (an op or a custom ``autograd.Function`` without
         the derivative the pass needs, an in-place update of module state) raised as :class:`AutodiffError` naming
-        the stage, the micro-batch and the pass; curvdist's own errors and other exceptions pass as they are."""
-        try:
-            yield
-        except CurvdistError:
-            raise
-        except (RuntimeError, NotImplementedError) as e:
-            raise AutodiffError(
-                f"pipeline stage {self.stage}: the {what} of micro-batch {b} failed inside torch: {first_line(e)} -- "
-                "a stage's forward pass must be a pure function of its parameters and incoming activations, built "
-                "from ops with forward- and reverse-mode derivatives (a custom autograd.Function needs "
-                "setup_context and jvp)") from e
+        the stage, the micro-batch and the pass (:func:`~curvdist.errors.failures_inside_torch`)."""
+        return failures_inside_torch(f"pipeline stage {self.stage}: the {what} of micro-batch {b}", "",
+                                     "a stage's forward pass must be a pure function of its parameters and incoming "
+                                     "activations, built from ops with forward- and reverse-mode derivatives (a "
+                                     "custom autograd.Function needs setup_context and jvp)")
 
     def drop_micro_batches(self) -> int:
         """Drop what the forward passes of a failed product or gradient kept for backward passes that will not

@@ -29,13 +29,12 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..errors import (
-    AutodiffError,
     CurvdistError,
     NonDeterministicError,
     NonFiniteError,
     ShapeError,
     SolverError,
-    first_line,
+    failures_inside_torch,
 )
 from ..finite import all_finite
 from ..problem.data import Batch, Inputs, shuffles
@@ -139,17 +138,12 @@ class CurvatureOperator(ABC):
         acc: list[Tensor] | None = None if self.fresh_parts else [torch.zeros_like(t, dtype=self.dtype) for t in v]
         v = tuple(t.to(self.problem.dtype) for t in v)
         for b, (X, y) in enumerate(self.product_batches()):
-            try:
+            with failures_inside_torch(f"the {self.kind} product", f" on batch {b}",
+                                       "the model's forward pass must be a pure function of its parameters (no "
+                                       "in-place updates of module state) built from ops with forward- and "
+                                       "reverse-mode derivatives"):
                 ctx = self.batch_context(params, X, y, b)
                 parts = product(params, v, X, y, ctx)
-            except CurvdistError:
-                raise
-            except (RuntimeError, NotImplementedError) as e:
-                raise AutodiffError(
-                    f"the {self.kind} product failed inside torch on batch {b}: {first_line(e)} -- the model's "
-                    "forward pass must be a pure function of its parameters (no in-place updates of module state) "
-                    "built from ops with forward- and reverse-mode derivatives"
-                ) from e
             acc = add_parts(acc, parts, self.dtype)
             del parts  # not held while the next batch's product runs
         if acc is None:  # no batches (a problem always has one; kept for operators over other data)

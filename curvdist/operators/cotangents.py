@@ -51,18 +51,26 @@ def _refuse_once_differentiable(node: Node, error: type[Exception] = AutodiffErr
                             "twice-differentiable backward")
 
 
-def check_twice_differentiable(roots: Iterable[Node], error: type[Exception] = AutodiffError) -> None:
-    """Walk the graph below ``roots`` and refuse a backward marked ``once_differentiable`` in it with ``error``
-    (the local kernels raise a plain RuntimeError: to the operator's mode choice, "this mode fails here")."""
+def _nodes_below(roots: Iterable[Node | None], error: type[Exception] = AutodiffError) -> Iterator[Node]:
+    """Every node of the graph below ``roots``, once each, a backward marked ``once_differentiable`` refused with
+    ``error`` as it is met. (The walk's set of nodes goes with the generator.)"""
     seen: set[Node] = set()
-    stack = list(roots)
+    stack = [r for r in roots if r is not None]
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
         _refuse_once_differentiable(node, error)
+        yield node
         stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
+
+
+def check_twice_differentiable(roots: Iterable[Node], error: type[Exception] = AutodiffError) -> None:
+    """Walk the graph below ``roots`` and refuse a backward marked ``once_differentiable`` in it with ``error``
+    (the local kernels raise a plain RuntimeError: to the operator's mode choice, "this mode fails here")."""
+    for _ in _nodes_below(roots, error):
+        pass
 
 
 @contextmanager
@@ -158,22 +166,15 @@ def accumulating_into(roots: Sequence[Node | None], targets: Mapping[Tensor, Ten
             return tuple(out)
         return hook
 
-    handles, seen, stack = [], set(), [r for r in roots if r is not None]
+    handles = []
     try:
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            _refuse_once_differentiable(node)
-            nexts = node.next_functions
-            slots = [(i, *found) for i, (n, _) in enumerate(nexts)
+        for node in _nodes_below(roots):
+            slots = [(i, *found) for i, (n, _) in enumerate(node.next_functions)
                      if n is not None and (found := _chain_to_leaf(n, accumulators, below)) is not None]
             if slots:
                 handles.append(node.register_hook(add(slots)))
-            stack.extend(n for n, _ in nexts if n is not None and n not in seen)
-        below.clear()  # the walk's nodes hold the graph (nodes not run keep their saved tensors): let them go
-        seen.clear()
+        node = None  # the walk's nodes hold the graph (nodes not run keep their saved tensors): let them go
+        below.clear()
         yield
     finally:
         for h in handles:
