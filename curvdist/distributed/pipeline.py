@@ -201,13 +201,14 @@ class StagePool:
         self.products, self.product_s = 0, 0.0
 
     def meters(self) -> dict[str, Any]:
-        """Stage utilization (busy time / product wall time), each stage's torch threads and per-stage memory since
-        :meth:`reset_meters`."""
+        """Stage utilization (busy time / product wall time), the time each stage's last product calls waited for
+        snapshot writes, each stage's torch threads and per-stage memory since :meth:`reset_meters`."""
         m = self.ray.get([a.meters.remote() for a in self.actors])
         wall = self.product_s
         return {"stages": len(self.actors), "micro_batches": self.num_batches, "products": self.products,
                 "product_wall_s": wall,
                 "utilization": [round(x["busy_s"] / wall, 4) if wall else None for x in m],
+                "snapshot_wait_s": [round(x["snapshot_wait_s"], 4) for x in m],
                 "threads": [x["threads"] for x in m], "memory": [x["memory"] for x in m]}
 
     def shutdown(self) -> None:
@@ -359,11 +360,12 @@ class PipelineOperator:
         pending, done = pool.backward_pass(M, "backward", lambda s, b, cot: (b, cot, mode, outs[s]), self.scale)
         # StagePool.get: a lost stage's RayActorError as it is (the caller recovers), a stage's error as its cause
         pool.get(started)  # the vector operations submitted before the product, too
-        if epoch is not None:
-            pool.space.confirm_snapshot()
         pool.get(ends)
         pool.get(pending)
-        return float(sum(pool.get(done)))
+        norm2 = float(sum(pool.get(done)))
+        if epoch is not None:  # the stages' last calls returned once the snapshot was on disk
+            pool.space.confirm_snapshot()
+        return norm2
 
     def product_info(self) -> dict[str, Any]:
         """The schedule, the stage utilization and the per-stage memory of the products since the pool's meters

@@ -118,8 +118,8 @@ class PipelineTrainer:
         pending, done = pool.backward_pass(len(micro), "grad_backward", lambda s, i, cot: (micro[i], cot, out.id),
                                            1.0 / count)
         pool.get(started)
-        space.confirm_snapshot()
         results = pool.get([*losses, *pending, *done])
+        space.confirm_snapshot()  # the stages' last calls returned once the snapshot was on disk
         space.record_product(None)
         return float(sum(results[:len(losses)])) / count, out, float(sum(results[-len(done):]))
 

@@ -8,9 +8,13 @@ matrix-vector products — the local kernels on the stage's slice). The coordina
 do a Lanczos step's vector work in three calls that return scalars only.
 
 Snapshots: at a snapshot (the start of every K-th product) a stage writes what changed since the previous one —
-new or rewritten vectors, new basis rows — and then the snapshot's number (its *epoch*). Files of vectors freed
-since are deleted at the next snapshot, not at once: a stage restarted by Ray loads the last snapshot, and the
-coordinator replays the operations logged since on it (the operations that used those vectors included). A vector
+new or rewritten vectors, new basis rows — and then the snapshot's *manifest*: its number (the *epoch*) and the
+file of every vector, marker and basis row it holds. The writes run on a thread of their own while the product's
+passes compute; the stage waits for them in the product's last call (:meth:`ShardStore._settle_writes`), so the
+snapshot is on disk when the product's result is, and the coordinator drops its log only then. A snapshot never
+overwrites a file of the previous one (a rewritten vector gets a new file name) and deletes the files the previous
+one alone held only after its manifest is written: a stage that dies while writing comes back with the previous
+snapshot whole, and the coordinator replays the operations logged since that one on it. A vector
 the coordinator declared dead (:meth:`ShardStore.discard`: its value will be written before it is read again, like
 a Lanczos run's work vector once it is in the basis) is written as a marker only, and a restarted stage holds NaN
 there: a read before a write would show, not pass silently.
@@ -19,8 +23,10 @@ there: a read before a write would show, not pass silently.
 from __future__ import annotations
 
 import functools
+import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ProblemError, SolverError
+from ..errors import ProblemError, SolverError, first_line
 from ..solvers.file_blocks import file_block
 from ..solvers.space import Basis, random_segments
-from .cluster import StageRestarted
+from .cluster import ClusterError, StageRestarted
 
 #: entries per float64 chunk of a dot product of lower-precision shards
 DOT_CHUNK = 1 << 22
@@ -117,11 +123,15 @@ class ShardStore:
         self.bases: dict[int, Basis] = {}
         self.row_of: dict[int, tuple[int, int]] = {}  # vectors that are views of basis rows: id → (basis, row)
         self.snapshots = snapshots
-        self.persisted: set[int] = set()  # vectors whose current value is on disk
-        self.persisted_rows: dict[int, int] = {}  # basis id → rows on disk
-        self.doomed: set[str] = set()  # files of freed vectors and bases, deleted at the next snapshot
+        self.persisted: set[int] = set()  # vectors whose current value (or dead marker) is in the manifest
+        self.persisted_rows: dict[int, int] = {}  # basis id → rows in the manifest
+        self.manifest: dict[str, str] = {}  # the last snapshot: key (v12, r12, d12, B3, b3_0) → its file
         self.dead: set[int] = set()  # vectors whose value is not needed (discard): snapshots write a marker
         self.epoch = -1  # the last snapshot written (or loaded)
+        self._writer: ThreadPoolExecutor | None = None  # the snapshot writes' thread, made at the first one
+        self._writing: Future[None] | None = None  # the writes of the last snapshot, until waited for
+        self.snapshot_wait_s = 0.0  # time the stage waited for its snapshot writes (in the product's last call)
+        self._write_error: str | None = None  # a snapshot write failed: no later snapshot is taken
         self.token = uuid.uuid4().hex  # this life of the actor
         self.awaiting_recovery = False  # a restarted life, until the coordinator replayed the log on it
         if snapshots is not None:
@@ -136,68 +146,118 @@ class ShardStore:
         self.awaiting_recovery = False
 
     # ------------------------------------------------------------------ snapshots
-    def _snapshot(self, epoch: int) -> None:
-        """Write what changed since the last snapshot, then the epoch (last: a stage that died while writing
-        reports the previous epoch, and the coordinator refuses to replay onto it)."""
+    def _snapshot(self, epoch: int, background: bool = False) -> None:
+        """Snapshot ``epoch``: write what changed since the last one, then the manifest, then delete the files only
+        the last one held. With ``background`` the writes run on the store's writer thread and this returns at once
+        (the caller waits with :meth:`_settle_writes` before the state they hold changes in place); the tensors
+        written are the ones held now: later calls replace vectors with new tensors, and the few that write into a
+        held tensor (:meth:`_out`, an in-place :meth:`basis_subtract`, :meth:`basis_rotate`) wait first."""
         if self.snapshots is None:
             return
-        for name in self.doomed:
-            (self.snapshots / name).unlink(missing_ok=True)
-        self.doomed.clear()
-        for vid in sorted(self.dead - self.persisted):
-            _save(self.snapshots / f"d{vid}.pt", torch.tensor(0))
-            self.doomed.update((f"v{vid}.pt", f"r{vid}.pt"))  # an older value: deleted at the next snapshot
-            self.persisted.add(vid)
+        self._settle_writes()
+        if self._write_error is not None:
+            raise ClusterError(self._write_error)
+        old, new = self.manifest, {}
+        taken = set(old.values())
+        writes: list[tuple[str, Callable[[], Any]]] = []
+
+        def keep_or_write(key: str, current: bool, value: Callable[[], Any]) -> None:
+            if current and key in old:
+                new[key] = old[key]
+                return
+            name = f"{key}.pt" if f"{key}.pt" not in taken else f"{key}.{epoch}.pt"  # never the last one's file
+            new[key] = name
+            writes.append((name, value))
+
+        for vid in sorted(self.dead):
+            keep_or_write(f"d{vid}", vid in self.persisted, lambda: torch.tensor(0))
         for vid, t in self.vectors.items():
-            if vid in self.persisted:
+            if vid in self.dead:  # a restarted stage's NaN in place of a dead value: its marker is written
                 continue
             if vid in self.row_of:
-                _save(self.snapshots / f"r{vid}.pt", torch.tensor(self.row_of[vid]))
+                keep_or_write(f"r{vid}", vid in self.persisted, lambda rc=self.row_of[vid]: torch.tensor(rc))
             else:
-                _save(self.snapshots / f"v{vid}.pt", _own_storage(t))
-            self.persisted.add(vid)
+                keep_or_write(f"v{vid}", vid in self.persisted, lambda t=t: _own_storage(t))
+        self.persisted = set(self.dead) | set(self.vectors)
         for bid, basis in self.bases.items():
-            if bid not in self.persisted_rows:
-                _save(self.snapshots / f"B{bid}.pt", torch.tensor([basis.capacity or 0]))
-                self.persisted_rows[bid] = 0
-            for j in range(self.persisted_rows[bid], len(basis)):
-                _save(self.snapshots / f"b{bid}_{j}.pt", _own_storage(basis[j]))
+            keep_or_write(f"B{bid}", bid in self.persisted_rows, lambda c=basis.capacity or 0: torch.tensor([c]))
+            done = self.persisted_rows.get(bid, 0)
+            for j in range(len(basis)):
+                keep_or_write(f"b{bid}_{j}", j < done, lambda r=basis[j]: _own_storage(r))
             self.persisted_rows[bid] = len(basis)
-        _save(self.snapshots / "epoch.pt", torch.tensor(epoch))
-        self.epoch = epoch
+        self.persisted_rows = {bid: n for bid, n in self.persisted_rows.items() if bid in self.bases}
+        obsolete = taken - set(new.values())
+        self.manifest, self.epoch = new, epoch
+        job = functools.partial(self._write_snapshot, self.snapshots, epoch, writes, dict(new), obsolete)
+        if not background:
+            job()
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvdist-snapshot")
+        self._writing = self._writer.submit(job)
+
+    @staticmethod
+    def _write_snapshot(d: Path, epoch: int, writes: list[tuple[str, Callable[[], Any]]],
+                        manifest: dict[str, str], obsolete: set[str]) -> None:
+        for name, value in writes:
+            _save(d / name, value())
+        _save(d / "epoch.pt", {"epoch": epoch, "files": manifest})  # the snapshot exists from here on
+        for name in obsolete:
+            (d / name).unlink(missing_ok=True)
+
+    def _settle_writes(self) -> None:
+        """Wait for the last snapshot's writes (if they run on the writer thread); a write that failed is raised as
+        a :class:`~curvdist.distributed.cluster.ClusterError` naming the directory."""
+        writing, self._writing = self._writing, None
+        if writing is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            writing.result()
+        except Exception as e:  # noqa: BLE001 - whatever stopped the write, recovery from disk is gone
+            self._write_error = (f"stage snapshot {self.epoch} could not be written to {self.snapshots} "
+                                 f"({type(e).__name__}: {first_line(e)}): a lost stage could not be recovered")
+            raise ClusterError(self._write_error) from e
+        finally:
+            self.snapshot_wait_s += time.perf_counter() - t0
 
     def _load_snapshot(self) -> None:
-        """A restarted stage: load the last snapshot its previous life wrote (vectors freed since included — the
-        coordinator's replay frees them again in order)."""
+        """A restarted stage: load the last snapshot its previous life wrote whole (the files its manifest names;
+        vectors freed since included — the coordinator's replay frees them again in order)."""
         self.awaiting_recovery = True
         d = self.snapshots
         if d is None or not (d / "epoch.pt").is_file():
             return
-        load = lambda f: torch.load(f, map_location=self.device, weights_only=True)  # noqa: E731
-        self.epoch = int(load(d / "epoch.pt"))
-        for f in sorted(d.glob("B*.pt")):
-            bid = int(f.stem[1:])
-            cap = int(load(f)[0])
-            basis = self.bases[bid] = Basis(self.dim, self.dtype, self.device, cap or None,
-                                            allocate=self._basis_allocate)
-            j = 0
-            while (d / f"b{bid}_{j}.pt").is_file():
-                basis.append(load(d / f"b{bid}_{j}.pt"))
-                j += 1
-            self.persisted_rows[bid] = j
-        for f in d.glob("v*.pt"):
-            self.vectors[int(f.stem[1:])] = load(f)
-            self.persisted.add(int(f.stem[1:]))
-        for f in d.glob("r*.pt"):
-            bid, j = (int(x) for x in load(f))
-            vid = int(f.stem[1:])
-            self._set(vid, self.bases[bid][j])
-            self.row_of[vid] = (bid, j)
-            self.persisted.add(vid)
-        for f in d.glob("d*.pt"):  # dead vectors: NaN, so that reading one before writing it shows
-            vid = int(f.stem[1:])
-            self._set(vid, torch.full((self.dim,), float("nan"), dtype=self.dtype, device=self.device))
-            self.dead.add(vid)
+        load = lambda f: torch.load(d / f, map_location=self.device, weights_only=True)  # noqa: E731
+        head = load("epoch.pt")
+        self.epoch, self.manifest = int(head["epoch"]), dict(head["files"])
+        rows: dict[int, list[tuple[int, str]]] = {}
+        for key, name in self.manifest.items():
+            if key[0] == "b":
+                bid, j = (int(x) for x in key[1:].split("_"))
+                rows.setdefault(bid, []).append((j, name))
+        for key, name in self.manifest.items():
+            if key[0] == "B":
+                bid = int(key[1:])
+                cap = int(load(name)[0])
+                basis = self.bases[bid] = Basis(self.dim, self.dtype, self.device, cap or None,
+                                                allocate=self._basis_allocate)
+                for _, row in sorted(rows.get(bid, [])):
+                    basis.append(load(row))
+                self.persisted_rows[bid] = len(basis)
+        for key, name in self.manifest.items():
+            kind, vid = key[0], int(key[1:]) if key[0] in "vrd" else -1
+            if kind == "v":
+                self.vectors[vid] = load(name)
+            elif kind == "r":
+                bid, j = (int(x) for x in load(name))
+                self._set(vid, self.bases[bid][j])
+                self.row_of[vid] = (bid, j)
+            elif kind == "d":  # dead vectors: NaN, so that reading one before writing it shows
+                self._set(vid, torch.full((self.dim,), float("nan"), dtype=self.dtype, device=self.device))
+                self.dead.add(vid)
+            else:
+                continue
             self.persisted.add(vid)
 
     def _set(self, vid: int, t: Tensor) -> Tensor:
@@ -208,18 +268,18 @@ class ShardStore:
         return t
 
     def _written(self, vid: int) -> None:
-        """vectors[vid] has a new value: written at the next snapshot (and no longer dead; its marker, if any, is
-        deleted at the next snapshot)."""
+        """vectors[vid] has a new value: written at the next snapshot (and no longer dead: the next snapshot drops
+        its marker)."""
         self.persisted.discard(vid)
-        if vid in self.dead:
-            self.dead.discard(vid)
-            self.doomed.add(f"d{vid}.pt")
+        self.dead.discard(vid)
 
     def _out(self, vid: int) -> Tensor:
         """vectors[vid] to be overwritten in place (a new one if it does not exist)."""
         t = self.vectors.get(vid)
         if t is None or vid in self.row_of:  # new (or discarded), or a basis row's view
             t = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        else:
+            self._settle_writes()  # a snapshot being written may hold this tensor
         return self._set(vid, t)
 
     # ------------------------------------------------------------------ vectors
@@ -234,9 +294,7 @@ class ShardStore:
             self.vectors.pop(i, None)
             self.row_of.pop(i, None)
             self.dead.discard(i)
-            if i in self.persisted:
-                self.persisted.discard(i)
-                self.doomed.update((f"v{i}.pt", f"r{i}.pt", f"d{i}.pt"))
+            self.persisted.discard(i)  # its file is deleted once the next snapshot is written
 
     def discard(self, ids: list[int]) -> None:
         """The values of vectors ``ids`` are dead: each is written before it is read again. Their memory is let go
@@ -309,9 +367,7 @@ class ShardStore:
     def basis_free(self, bids: list[int]) -> None:
         for bid in bids:
             self.bases.pop(bid, None)
-            rows = self.persisted_rows.pop(bid, None)
-            if rows is not None:
-                self.doomed.update([f"B{bid}.pt"] + [f"b{bid}_{j}.pt" for j in range(rows)])
+            self.persisted_rows.pop(bid, None)  # its files are deleted once the next snapshot is written
 
     def basis_append(self, bid: int, vid: int, a: float) -> None:
         self.bases[bid].append(self.vectors[vid], a)
@@ -319,6 +375,7 @@ class ShardStore:
     def basis_rotate(self, bid: int, C: list[list[float]]) -> None:
         """Basis ``bid`` ← its first p combinations (a thick restart); its rows are written again at the next
         snapshot, and views of its old rows are stale (the solver drops them)."""
+        self._settle_writes()  # a snapshot being written may hold its rows
         self.bases[bid].rotate_(np.asarray(C, dtype=np.float64))
         if bid in self.persisted_rows:
             self.persisted_rows[bid] = 0
@@ -336,6 +393,8 @@ class ShardStore:
 
     def basis_subtract(self, ref: BasisRef, coeffs: list[float], y: int, out: int) -> None:
         """vectors[out] = vectors[y] − Σ c_i x_i (out may be y: in place)."""
+        if out == y:
+            self._settle_writes()  # a snapshot being written may hold y
         src = self.vectors[y]
         self._basis(ref).subtract(coeffs, src, out=self._out(out) if out != y else src)
         self._written(out)

@@ -31,6 +31,7 @@ product again, so the solve continues to the numbers of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -237,7 +238,7 @@ class StageWorker(ShardStore):
         import ray
 
         if epoch is not None:
-            self._snapshot(epoch)
+            self._snapshot(epoch, background=True)  # written while the passes compute; waited for in finish
         self._current_v = vid
         self._set(out_id, torch.zeros(self.dim, dtype=self.dtype, device=self.device))
         self.tied_v = {n: (ray.get(r) if isinstance(r, ray.ObjectRef) else r).to(self.device) for n, r in tied.items()}
@@ -328,6 +329,8 @@ class StageWorker(ShardStore):
         """Drop what the forward passes of a failed product or gradient kept for backward passes that will not
         run (activations, the loss's output gradients); returns how many micro-batches were held."""
         held = len(self.saved) + len(self.pending) + len(self.grad_saved)
+        with contextlib.suppress(ClusterError):  # a failed write is kept and refused at the next snapshot
+            self._settle_writes()
         self.saved.clear()
         self.pending.clear()
         self.grad_saved.clear()
@@ -424,7 +427,7 @@ class StageWorker(ShardStore):
     def grad_begin(self, out_id: int, epoch: int | None = None) -> None:
         """Start a gradient into vectors[out_id]; ``epoch``: write snapshot ``epoch`` first."""
         if epoch is not None:
-            self._snapshot(epoch)
+            self._snapshot(epoch, background=True)  # written while the passes compute; waited for in finish
         self._set(out_id, torch.zeros(self.dim, dtype=self.dtype, device=self.device))
         self.tied_out = {n: torch.zeros_like(self.values[n]) for n in self.foreign}
 
@@ -528,7 +531,8 @@ class StageWorker(ShardStore):
 
     def finish(self, out_id: int, scale: float, parts: list[Any]) -> float:
         """Add the later stages' parts of the tied parameters this stage owns, then scale (1/N for the mean);
-        returns this stage's part of ‖out‖² (the coordinator's finiteness check, without another round of calls)."""
+        returns this stage's part of ‖out‖² (the coordinator's finiteness check, without another round of calls),
+        once the snapshot that ``begin`` started is written: the coordinator drops its log when this returns."""
         import ray
 
         out = self.vectors[out_id]
@@ -537,7 +541,9 @@ class StageWorker(ShardStore):
             self._part(out_id, name).add_(contribution[name].reshape(-1).to(out.dtype))
         out.mul_(scale)
         release_free_memory()
-        return self.dot(out_id, out_id)
+        norm2 = self.dot(out_id, out_id)
+        self._settle_writes()
+        return norm2
 
     def _maybe_fail(self) -> None:
         self.calls += 1
@@ -547,12 +553,14 @@ class StageWorker(ShardStore):
     def reset_meters(self) -> None:
         """Start a new window for the busy time and the peak resident memory."""
         self.busy = 0.0
+        self.snapshot_wait_s = 0.0
         self._windowed = reset_peak(self.device)
 
     def meters(self) -> dict[str, Any]:
-        """The busy time since :meth:`reset_meters`, the torch threads and this stage's memory record."""
+        """The busy time since :meth:`reset_meters`, the time the products' last calls waited for snapshot writes,
+        the torch threads and this stage's memory record."""
         held = sum(v.numel() for v in self.values.values())
-        return {"busy_s": self.busy, "threads": torch.get_num_threads(),
+        return {"busy_s": self.busy, "snapshot_wait_s": self.snapshot_wait_s, "threads": torch.get_num_threads(),
                 "memory": memory_record(f"stage {self.stage}", held, getattr(self, "_windowed", False),
                                         self.device, owned=self.dim)}
 

@@ -7,6 +7,7 @@ uninterrupted run (a stage lost in the middle of a product: test_stage_faults.py
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 import curvdist as cd
 from curvdist.distributed import shard_store
+from curvdist.distributed.cluster import ClusterError
 from curvdist.distributed.pipeline import PipelineOperator, StagePool
 from curvdist.distributed.shard_store import ShardStore
 from curvdist.distributed.sharded_space import ShardedVector
@@ -180,6 +182,90 @@ def test_a_discarded_vector_is_snapshotted_as_a_marker_and_restored_as_nan(tmp_p
     again = _Store(tmp_path)
     again._load_snapshot()
     assert torch.equal(again.vectors[1], torch.full((1000,), -1.0))
+
+
+def _slow_saves(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every snapshot file takes ``seconds`` longer to write (the writer thread is still busy when the next call
+    comes)."""
+    save = shard_store._save
+
+    def slow(path: Path, obj: Any) -> None:
+        time.sleep(seconds)
+        save(path, obj)
+
+    monkeypatch.setattr(shard_store, "_save", slow)
+
+
+def test_a_snapshot_written_in_the_background_holds_the_values_of_its_start(tmp_path, monkeypatch):
+    """A product's snapshot is written on the store's writer thread while the passes compute: the calls that write
+    into a tensor it holds (an in-place basis subtraction, a thick restart's rotation) wait for it, so the snapshot
+    holds the values at its start, and a stage restarted from it gets those, not the values written after."""
+    _slow_saves(monkeypatch, 0.2)
+    store = _Store(tmp_path)
+    store.put(1, torch.arange(1000, dtype=torch.float32))
+    store.basis_new(0, 3)
+    store.put(2, torch.ones(1000))
+    store.basis_append(0, 2, 1.0)
+    store._snapshot(0, background=True)
+    assert store._writing is not None and not store._writing.done()
+    store.basis_subtract((0, 1, True), [5.0], 1, 1)  # vectors[1] −= 5·row 0, in place
+    store.basis_rotate(0, [[2.0]])  # row 0 ← 2·row 0, in place
+    store._settle_writes()
+    assert store.snapshot_wait_s > 0
+    restarted = _Store(tmp_path)
+    restarted._load_snapshot()
+    assert restarted.epoch == 0
+    assert torch.equal(restarted.vectors[1], torch.arange(1000, dtype=torch.float32))
+    assert torch.equal(restarted.bases[0][0], torch.ones(1000))
+    assert torch.equal(store.vectors[1], torch.arange(1000, dtype=torch.float32) - 5)  # the live values moved on
+    assert torch.equal(store.bases[0][0], torch.full((1000,), 2.0))
+
+
+def test_a_stage_that_dies_while_writing_a_snapshot_comes_back_with_the_previous_one_whole(tmp_path, monkeypatch):
+    """Snapshot 1 stops after its first file (the stage died, or the disk refused): the files of snapshot 0 are
+    all still there — the rewritten vector went to a new file, the freed one's file was not deleted — so a
+    restarted stage loads snapshot 0 as it was; the store refuses every later snapshot with an error naming the
+    directory, and the snapshot written after a successful one deletes the files only the previous one held."""
+    store = _Store(tmp_path)
+    store.put(1, torch.full((1000,), 1.0))
+    store.put(2, torch.full((1000,), 2.0))
+    store._snapshot(0)
+    store.sub_lincomb(1, [1.0], [2], 1)  # vectors[1] = 1 − 2, in place: rewritten
+    store.free([2])
+    store.put(3, torch.full((1000,), 3.0))
+    save, calls = shard_store._save, []
+
+    def dies_after_one(path: Path, obj: Any) -> None:
+        calls.append(path.name)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        save(path, obj)
+
+    monkeypatch.setattr(shard_store, "_save", dies_after_one)
+    store._snapshot(1, background=True)
+    with pytest.raises(ClusterError, match=f"stage snapshot 1 could not be written to {tmp_path}.*No space"):
+        store._settle_writes()
+    assert calls[0] == "v1.1.pt"  # not v1.pt, snapshot 0's file of vector 1
+    restarted = _Store(tmp_path)
+    restarted._load_snapshot()
+    assert restarted.epoch == 0 and sorted(restarted.vectors) == [1, 2]
+    assert torch.equal(restarted.vectors[1], torch.full((1000,), 1.0))
+    assert torch.equal(restarted.vectors[2], torch.full((1000,), 2.0))
+    with pytest.raises(ClusterError, match="stage snapshot 1 could not be written"):
+        store._snapshot(2)
+    monkeypatch.setattr(shard_store, "_save", save)
+    fresh = _Store(tmp_path / "fresh")
+    fresh.put(1, torch.zeros(1000))
+    fresh.put(2, torch.ones(1000))
+    fresh._snapshot(0)
+    fresh.sub_lincomb(1, [1.0], [2], 1)
+    fresh.free([2])
+    fresh._snapshot(1)
+    assert sorted(os.listdir(tmp_path / "fresh")) == ["epoch.pt", "v1.1.pt"]
+    again = _Store(tmp_path / "fresh")
+    again._load_snapshot()
+    assert again.epoch == 1 and sorted(again.vectors) == [1]
+    assert torch.equal(again.vectors[1], -torch.ones(1000))
 
 
 def test_sub_lincomb_on_a_stage_gives_lincomb_then_axpy_in_place(tmp_path, monkeypatch):
