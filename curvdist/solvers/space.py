@@ -380,13 +380,15 @@ class Basis(Sequence[Tensor]):
         for s in range(0, self.dim, DOT_SLICE):
             e = min(s + DOT_SLICE, self.dim)
             n = (e - s) // k * k  # only the last slice has a remainder
+            yb = y[s : s + n].view(n // k, k, 1)
             for r0, blk in self.blocks():
                 acc = out[r0 : r0 + blk.shape[0]]
-                if n:
-                    # (n/k, rows, k) @ (n/k, k, 1): row i's partial sums over the blocks of this slice
-                    parts = torch.bmm(blk[:, s : s + n].unflatten(1, (n // k, k)).transpose(0, 1),
-                                      y[s : s + n].view(n // k, k, 1))
-                    acc.add_(parts.squeeze(-1).sum(0, dtype=torch.float64))
+                # row by row, (n/k, 1, k) @ (n/k, k, 1): row i's partial sums over the blocks of this slice. One
+                # product of all rows, (n/k, rows, k) @ (n/k, k, 1), gives the same numbers but from 4 rows on
+                # runs 2-5x slower a row on the CPU (1.3 s against 0.3 s for 12 rows of 81M coordinates)
+                for i in range(blk.shape[0] if n else 0):
+                    parts = torch.bmm(blk[i : i + 1, s : s + n].unflatten(1, (n // k, k)).transpose(0, 1), yb)
+                    acc[i] += parts.sum(dtype=torch.float64)
                 if s + n < e:
                     acc.add_(torch.mv(blk[:, s + n : e].double(), y[s + n : e].double()))
             self._released(s, e)
