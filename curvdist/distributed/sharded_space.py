@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..errors import ShapeError, SolverError
 from ..solvers.space import assemble, select
+from . import wire
 from .cluster import ClusterError, is_lost, wait_alive
 
 #: the stage methods that change what a stage holds (logged for replay after a restart)
@@ -371,14 +372,14 @@ class ShardedSpace:
         return alpha, out, float(np.sqrt(max(n2, 0.0)))
 
     def to_tensor(self, x: ShardedVector) -> Tensor:
-        return assemble(self.dim, list(zip(self.segments, self._all("get", x.id))))
+        return assemble(self.dim, list(zip(self.segments, (wire.unpack(p) for p in self._all("get", x.id)))))
 
     def from_tensor(self, t: Tensor) -> ShardedVector:
         if t.ndim != 1 or t.numel() != self.dim:
             raise ShapeError(f"expected a flat vector of length {self.dim}, got {tuple(t.shape)}")
         out = self._new()
         t = t.cpu()
-        pieces = [select(t, segs) for segs in self.segments]
+        pieces = [wire.pack(select(t, segs)) for segs in self.segments]
         if self.snapshot_every is not None:  # each stage its own piece: one logged call per stage
             self.log.extend(("call", "put", (out.id, piece), {s}) for s, piece in enumerate(pieces))
         self.settle([a.put.remote(out.id, piece) for a, piece in zip(self.actors, pieces)])

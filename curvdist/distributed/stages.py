@@ -53,6 +53,7 @@ from ..resources import memory_record, release_free_memory, reset_peak
 from .cluster import ClusterError
 from .materialize import Weights
 from .shard_store import ShardStore, guard_restarts
+from . import wire
 from .stacks import (SequentialProgram, StageProgram, TracedProgram, split_floats, split_points, stage_modules,
                      stage_program)
 
@@ -241,7 +242,8 @@ class StageWorker(ShardStore):
             self._snapshot(epoch, background=True)  # written while the passes compute; waited for in finish
         self._current_v = vid
         self._set(out_id, torch.zeros(self.dim, dtype=self.dtype, device=self.device))
-        self.tied_v = {n: (ray.get(r) if isinstance(r, ray.ObjectRef) else r).to(self.device) for n, r in tied.items()}
+        self.tied_v = {n: wire.unpack(ray.get(r) if isinstance(r, ray.ObjectRef) else r, self.device)
+                       for n, r in tied.items()}
         self.tied_out = {n: torch.zeros_like(t) for n, t in self.tied_v.items()}
 
     def _part(self, vid: int, name: str) -> Tensor:
@@ -254,9 +256,10 @@ class StageWorker(ShardStore):
         flat = self.vectors[vid]
         return {n: flat[a:a + k].view(s) for n, (a, k), s in zip(self.names, self.spans, self.shapes)}
 
-    def tied_part(self, vid: int, name: str) -> Tensor:
-        """The part of vectors[vid] of a parameter this stage owns (for a later stage that uses it too)."""
-        return self._part(vid, name).view(self.values[name].shape).clone()
+    def tied_part(self, vid: int, name: str) -> wire.Packed:
+        """The part of vectors[vid] of a parameter this stage owns (for a later stage that uses it too), packed
+        (:mod:`.wire`: Ray copies it into its store as it returns)."""
+        return wire.pack(self._part(vid, name).view(self.values[name].shape))
 
     def forward(self, b: int, incoming: Any, vid: int) -> Any:
         """(c_s, ċ_s, constants) of micro-batch b; the last stage also starts the backward pass (the loss's
@@ -509,20 +512,20 @@ class StageWorker(ShardStore):
                                f"at update {version}: it was restarted and rebuilt its initial parameters; restart "
                                f"the run from a checkpoint")
 
-    def param_value(self, name: str) -> Tensor:
-        return self.values[name].clone()
+    def param_value(self, name: str) -> wire.Packed:
+        return wire.pack(self.values[name])
 
-    def set_param_value(self, name: str, value: Tensor) -> None:
+    def set_param_value(self, name: str, value: wire.Packed | Tensor) -> None:
         """Update the copy of a tied parameter (after its owner's step)."""
-        self.values[name].copy_(value.to(self.values[name].device, self.values[name].dtype))
+        self.values[name].copy_(wire.unpack(value, self.values[name].device).to(self.values[name].dtype))
 
     def params_flat(self) -> Tensor:
         """The owned parameters, flat, in the shard's order."""
         return torch.cat([self.values[n].reshape(-1) for n in self.names]).cpu()
 
-    def tied_contributions(self) -> dict[str, Tensor]:
-        """This stage's parts of C v for the tied parameters it uses but does not own."""
-        return self.tied_out
+    def tied_contributions(self) -> dict[str, wire.Packed]:
+        """This stage's parts of C v for the tied parameters it uses but does not own (packed, :mod:`.wire`)."""
+        return wire.pack_all(self.tied_out)
 
     def _finished(self, cotangents: Any, out_id: int, scale: float | None, parts: list[Any] | None) -> Any:
         """A backward call's result: the cotangents, or on the last micro-batch (``scale`` given) the cotangents and
@@ -537,8 +540,8 @@ class StageWorker(ShardStore):
 
         out = self.vectors[out_id]
         for name, ref in parts:
-            contribution = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-            self._part(out_id, name).add_(contribution[name].reshape(-1).to(out.dtype))
+            contribution = wire.unpack((ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)[name], self.device)
+            self._part(out_id, name).add_(contribution.reshape(-1).to(out.dtype))
         out.mul_(scale)
         release_free_memory()
         norm2 = self.dot(out_id, out_id)
