@@ -148,8 +148,8 @@ def test_snapshots_every_k_products_and_a_stage_killed_between_calls(pool1):
 class _Store(ShardStore):
     """A stage's shard store alone (no actor): 1,000 float32 coordinates, snapshots in ``snapshots``."""
 
-    def __init__(self, snapshots: Path) -> None:
-        self.dim, self.dtype, self.device = 1000, torch.float32, torch.device("cpu")
+    def __init__(self, snapshots: Path, dtype: torch.dtype = torch.float32) -> None:
+        self.dim, self.dtype, self.device = 1000, dtype, torch.device("cpu")
         self.total, self.segments = 1000, [(0, 1000)]
         self._open_store(snapshots)
 
@@ -178,10 +178,31 @@ def test_a_discarded_vector_is_snapshotted_as_a_marker_and_restored_as_nan(tmp_p
     store.basis_append(0, 2, 1.0)
     store.basis_subtract((0, 1, True), [2.0], 2, 1)  # vectors[1] = 1 − 2·1, written in place of the dead value
     store._snapshot(2)
-    assert not (tmp_path / "d1.pt").exists() and (tmp_path / "v1.pt").is_file()
+    assert not (tmp_path / "d1.pt").exists() and (tmp_path / "v1.npy").is_file()
     again = _Store(tmp_path)
     again._load_snapshot()
     assert torch.equal(again.vectors[1], torch.full((1000,), -1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_snapshot_restores_vectors_and_basis_rows_bit_for_bit_in_the_stage_dtype(tmp_path, dtype):
+    """Vectors and basis rows go to ``.npy`` files as their bytes (bfloat16 as its 16-bit pattern) and come back
+    bit for bit, in the stage's dtype; a row is written from its view of the basis block, only its own entries."""
+    g = torch.Generator().manual_seed(0)
+    store = _Store(tmp_path, dtype)
+    store.put(1, torch.randn(1000, generator=g).to(dtype))
+    store.basis_new(0, 4)
+    for vid in (2, 3):
+        store.put(vid, torch.randn(1000, generator=g).to(dtype))
+        store.basis_append(0, vid, 1.0)
+    store._snapshot(0)
+    assert (tmp_path / "b0_1.npy").stat().st_size < 1000 * 8 + 200  # one row, not the block of 4
+    again = _Store(tmp_path, dtype)
+    again._load_snapshot()
+    assert again.vectors[1].dtype == dtype and again.bases[0][1].dtype == dtype
+    for a, b in ((again.vectors[1], store.vectors[1]), (again.bases[0][0], store.bases[0][0]),
+                 (again.bases[0][1], store.bases[0][1])):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def _slow_saves(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
@@ -245,7 +266,7 @@ def test_a_stage_that_dies_while_writing_a_snapshot_comes_back_with_the_previous
     store._snapshot(1, background=True)
     with pytest.raises(ClusterError, match=f"stage snapshot 1 could not be written to {tmp_path}.*No space"):
         store._settle_writes()
-    assert calls[0] == "v1.1.pt"  # not v1.pt, snapshot 0's file of vector 1
+    assert calls[0] == "v1.1.npy"  # not v1.npy, snapshot 0's file of vector 1
     restarted = _Store(tmp_path)
     restarted._load_snapshot()
     assert restarted.epoch == 0 and sorted(restarted.vectors) == [1, 2]
@@ -261,7 +282,7 @@ def test_a_stage_that_dies_while_writing_a_snapshot_comes_back_with_the_previous
     fresh.sub_lincomb(1, [1.0], [2], 1)
     fresh.free([2])
     fresh._snapshot(1)
-    assert sorted(os.listdir(tmp_path / "fresh")) == ["epoch.pt", "v1.1.pt"]
+    assert sorted(os.listdir(tmp_path / "fresh")) == ["epoch.pt", "v1.1.npy"]
     again = _Store(tmp_path / "fresh")
     again._load_snapshot()
     assert again.epoch == 1 and sorted(again.vectors) == [1]
@@ -311,4 +332,6 @@ def test_lanczos_on_the_stages_snapshots_its_work_vector_as_a_marker(pool1):
     for files in (f for product in seen[1:] for f in product):
         markers = [f for f in files if f.startswith("d")]
         assert len(markers) == 1, files
-        assert "v" + markers[0][1:] not in files
+        vid = markers[0][1:].split(".")[0]
+        assert not [f for f in files if f.split(".")[0] == "v" + vid], files
+        assert [f for f in files if f.startswith("b") and f.endswith(".npy")], files  # the rows' data
