@@ -447,6 +447,8 @@ def main() -> None:
     doc: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
     doc.setdefault("results", {})
     doc["setup"] = {k: v for k, v in vars(args).items() if k not in ("one", "out")}
+    # results already in --out stay (a rerun adds or replaces configurations): the setup lists them all
+    doc["setup"]["configs"] = list(dict.fromkeys([*doc["results"], *args.configs]))
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for name in args.configs:
