@@ -63,13 +63,6 @@ def dot64(x: Tensor, y: Tensor) -> float:
     return total
 
 
-def _array(t: Tensor) -> np.ndarray:
-    """``t``'s data as a numpy array, without a copy where it is a contiguous CPU tensor (a view of a basis row
-    included); bfloat16, which numpy lacks, as its 16-bit pattern."""
-    t = t.detach().cpu().contiguous()
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-
-
 def _save(path: Path, obj: Any) -> None:
     """Write ``obj`` to ``path`` atomically (a crash leaves no half-written file): a vector's data as a ``.npy``
     file (its bytes as they are: no copy and no checksum, 2-4x faster than ``torch.save`` of a row), anything else
@@ -77,7 +70,7 @@ def _save(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".npy":
         with open(tmp, "wb") as f:
-            np.save(f, _array(obj))
+            np.save(f, wire.as_array(obj))  # a basis row: its view of the block, no copy
     else:
         torch.save(obj, tmp)
     tmp.replace(path)
@@ -245,9 +238,10 @@ class ShardStore:
         d = self.snapshots
         if d is None or not (d / "epoch.pt").is_file():
             return
+
         def load(f: str) -> Any:
             if f.endswith(".npy"):  # a vector's data (bfloat16 as its 16-bit pattern)
-                return torch.from_numpy(np.load(d / f)).view(self.dtype).to(self.device)
+                return wire.as_tensor(np.load(d / f), self.dtype).to(self.device)
             return torch.load(d / f, map_location=self.device, weights_only=True)
 
         head = load("epoch.pt")
