@@ -1,12 +1,12 @@
 """Tensors between Ray processes as numpy arrays.
 
-Ray writes a numpy array's buffer into its object store once and hands a reader a view of it (pickle protocol 5,
-out of band); a torch tensor's storage is pickled through ``torch.save`` into a bytes object instead — serialized
-copies on each side. For GPT-2's tied embedding (50,257 × 768 float32, 154 MB) that is 0.3 s to send and 0.15 s to
-receive against 0.02 s and 0.003 s, paid by the first stage before every pipelined product can start. :func:`pack` wraps a tensor
-for sending (a view of it where it is on the CPU and contiguous: Ray copies only its own bytes), :func:`unpack`
-gives the receiver a tensor of its own on its device (a copy: the store's buffer is read-only and is released once
-no reader holds it). bfloat16, which numpy lacks, travels as its 16-bit pattern.
+Ray writes a numpy array's buffer into its object store once and hands a reader a view of it (pickle protocol 5, out
+of band); a torch tensor's storage is pickled through ``torch.save`` into a bytes object instead — serialized copies
+on each side. For GPT-2's tied embedding (50,257 × 768 float32, 154 MB) that is 0.3 s to send and 0.15 s to receive
+against 0.02 s and 0.003 s, paid by the first stage before every pipelined product can start. :func:`pack` wraps a
+tensor for sending (a view of it where it is on the CPU and contiguous: Ray copies only its own bytes), :func:`unpack`
+gives the receiver a tensor of its own on its device (a copy: the store's buffer is read-only and is released once no
+reader holds it). bfloat16, which numpy lacks, travels as its 16-bit pattern.
 """
 
 from __future__ import annotations
