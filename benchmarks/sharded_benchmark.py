@@ -9,8 +9,9 @@ parameters), random seeded weights, float32. Data: ``curvdist.zoo.markov_corpus`
 Each configuration runs in a fresh process (``--one NAME``): ``local`` (``spec.build()``, torch with ``--threads``
 threads), or ``pipeline_SxM`` (``cd.ray_backend`` with an embedded Ray instance; ``backend.pipeline(spec, S, M)``,
 with stage snapshots on as by default; ``pipeline_SxM_nosnap`` with them off; ``pipeline_SxM_everyK`` with a
-snapshot every K products; ``pipeline_SxM_compute`` with stages cut by compute instead of held parameters;
-``pipeline_SxM_tN`` with N torch threads a stage instead of one; options combine with ``-``, e.g.
+snapshot every K products; ``pipeline_SxM_compute`` with stages cut by compute instead of held parameters,
+``pipeline_SxM_time`` by the measured time of each block, ``pipeline_SxM_b7.5`` with 7 blocks on stage 0 and 5 on
+stage 1; ``pipeline_SxM_tN`` with N torch threads a stage instead of one; options combine with ``-``, e.g.
 ``pipeline_2x4_compute-t2``; every stage actor has one CPU of the embedded instance, so S = 2 uses the same two cores
 as local). For each: build time; GGN- and Hessian-vector product time (one warm-up, then ``--repeats`` timed, best
 reported); the top GGN eigenvalue by ``cd.eigs`` (k = 1, ``--tol``, at most ``--max-steps`` products) with its wall
@@ -153,13 +154,16 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         with cd.ray_backend(workers=stages, num_cpus=max(stages, 2)) as backend:
             every = next((int(o[len("every"):]) for o in options if o.startswith("every")), 1)
             threads = next((int(o[1:]) for o in options if re.fullmatch(r"t\d+", o)), None)
+            explicit = next(([int(x) for x in o[1:].split(".")] for o in options if re.fullmatch(r"b\d+(\.\d+)+", o)),
+                            None)  # e.g. b7.5: 7 blocks on stage 0, 5 on stage 1
+            balance = explicit or next((b for b in ("compute", "time") if b in options), "parameters")
             staged = backend.pipeline(spec, stages=stages, micro_batches=micro, snapshots="nosnap" not in options,
-                                      snapshot_every=every, balance="compute" if "compute" in options else "parameters",
-                                      threads=threads)
+                                      snapshot_every=every, balance=balance, threads=threads)
             res["build_s"] = time.perf_counter() - t0
             pool = staged.pool
             res["parameters"] = staged.dim
             res["stages"] = [{"owned": i["dim"], "held": i["held"], "tied_from": i["foreign"]} for i in pool.infos]
+            res["units"] = pool.units  # blocks per stage
             res["held_over_model"] = [i["held"] / staged.dim for i in pool.infos]
             res.update(measure(staged, args, pool.space))
     elif re.fullmatch(r"zero3_\d+ranks", name):

@@ -68,9 +68,9 @@ class BackendSpec(Strict):
     """``local``, or ``ray`` with ``mode: data`` (``workers`` replicas, disjoint data shards) or ``mode: pipeline``
     (``stages`` consecutive model stages, each batch split into ``micro_batches`` that flow through them
     GPipe-style; the stages snapshot their vector shards every ``snapshot_every`` products, from which a lost stage
-    is recovered; ``balance``: cut the stages by held ``parameters`` or by ``compute``; ``stage_threads``: torch
-    threads per stage, default one per CPU Ray gives it); ``address`` connects to an existing cluster instead of an
-    embedded one."""
+    is recovered; ``balance``: cut the stages by held ``parameters``, by ``compute``, by the measured ``time`` of
+    each block, or as a list of the blocks (modules) of each stage; ``stage_threads``: torch threads per stage,
+    default one per CPU Ray gives it); ``address`` connects to an existing cluster instead of an embedded one."""
 
     kind: Literal["local", "ray"] = "local"
     mode: Literal["data", "pipeline"] = "data"
@@ -78,7 +78,7 @@ class BackendSpec(Strict):
     stages: PositiveInt = 2
     micro_batches: PositiveInt | None = None
     snapshot_every: PositiveInt = 1
-    balance: Literal["parameters", "compute"] = "parameters"
+    balance: Literal["parameters", "compute", "time"] | list[Annotated[int, Field(ge=0)]] = "parameters"
     stage_threads: PositiveInt | None = None
     address: str | None = None
     max_restarts: Annotated[int, Field(ge=0)] = 2

@@ -18,13 +18,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ProblemError
 from ..problem.sharded import ShardedProblem
 from ..problem.spec import ProblemSpec
+
+if TYPE_CHECKING:
+    from .stacks import Balance
 
 
 class RayBackend:
@@ -48,7 +51,7 @@ class RayBackend:
                               spec.reduction)
 
     def pipeline(self, spec: ProblemSpec, stages: int = 2, micro_batches: int | None = None,
-                 snapshots: bool = True, snapshot_every: int = 1, balance: str = "parameters",
+                 snapshots: bool = True, snapshot_every: int = 1, balance: Balance = "parameters",
                  basis_on_disk: bool = False, threads: int | None = None) -> Any:
         """``spec``'s problem with its model split into ``stages`` consecutive stages balanced by the parameters
         each holds, stage i on actor i with only its parameters: an ``nn.Sequential``, a model with a
@@ -59,8 +62,10 @@ class RayBackend:
         lost stage is restarted, the operations since replayed on it and the interrupted call run again (off: a
         lost stage ends the solve, which restarts from its checkpoint). A larger ``snapshot_every`` writes less
         (at 124M parameters a shard takes seconds to write) and keeps up to that many product inputs alive.
-        ``balance``: ``parameters`` (the stages hold near-equal parameters) or ``compute`` (near-equal work: faster
-        products for language models, whose embedding is cheap and head costly, with less even memory).
+        ``balance``: ``parameters`` (the stages hold near-equal parameters), ``compute`` (near-equal parameters
+        multiplied with: an estimate of the work, less even memory), ``time`` (near-equal seconds of each block's
+        forward and backward pass, measured once on the coordinator: :mod:`~curvdist.distributed.unit_times`), or
+        the number of blocks (modules of a sequential stack) of each stage, as a list.
         ``basis_on_disk``: the stages keep their Lanczos basis rows in memory-mapped files (page cache) instead of
         their working memory (CPU stages; :class:`~curvdist.distributed.pipeline.StagePool`). ``threads``: torch
         threads per stage (default one per CPU Ray gives it); more lets a stage use the cores the others leave idle

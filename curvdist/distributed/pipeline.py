@@ -33,6 +33,7 @@ from .sharded_space import ShardedBasis, ShardedSpace, ShardedVector
 
 __all__ = ["StagePool", "PipelineProblem", "PipelineOperator", "PipelineMetric", "PipelineBlockMetric",
            "ShardedSpace", "ShardedVector", "ShardedBasis"]
+from .stacks import Balance
 from .stages import StageWorker
 
 #: how often a product is run again after a stage was lost
@@ -49,8 +50,9 @@ class StagePool:
     ``meta`` device and fetch only their own parameters (files on one node, else Ray's object store:
     :mod:`.materialize`); off, each builds the whole model and drops the rest. ``balance``: cut where the stages
     hold near-equal ``parameters`` (memory), or do near-equal ``compute`` (parameters multiplied with per token;
-    embedding tables left out, a tied head counted): faster products where a model's embedding and head are large,
-    less even memory. ``basis_on_disk``: the stages keep their rows of every Lanczos basis in memory-mapped files
+    embedding tables left out, a tied head counted), or take near-equal ``time`` (each block's forward and backward
+    pass timed here on the first micro-batch, :mod:`.unit_times`), or as given: the number of blocks (modules) of
+    each stage, a list, which is also how a measured split reaches the stages (``units``). ``basis_on_disk``: the stages keep their rows of every Lanczos basis in memory-mapped files
     of a temporary directory (unlinked at once, so they go with the stage) instead of their working memory: the
     rows live in the page cache, which the system can write back and reclaim (CPU stages; for the largest models,
     whose basis would not fit beside the stage's products). ``threads``: torch's intra-op threads per stage
@@ -64,11 +66,14 @@ class StagePool:
 
     def __init__(self, spec: ProblemSpec, stages: int, max_restarts: int = 2, micro_batches: int | None = None,
                  snapshot_dir: str | None = None, snapshots: bool = True, snapshot_every: int = 1,
-                 skeletons: bool = True, balance: str = "parameters", basis_on_disk: bool = False,
+                 skeletons: bool = True, balance: Balance = "parameters", basis_on_disk: bool = False,
                  threads: int | None = None) -> None:
         import ray
 
-        from .stacks import split_points
+        from ..problem.losses import make_loss
+        from .stacks import counts_from_cuts, split_points
+        from .stages import first_micro_batch
+        from .unit_times import resolve_balance
 
         if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
             raise ProblemError(f"micro_batches must be a positive integer, got {micro_batches!r}")
@@ -79,7 +84,15 @@ class StagePool:
             raise ProblemError(f"threads must be a positive integer (torch threads per stage), got {threads!r}")
         with torch.random.fork_rng(devices=[]):
             model = spec.build_model()
-        split_points(model, stages, balance)  # validate on the coordinator: a clear error, early
+
+        def example() -> tuple[Any, Callable[[Tensor], Tensor]]:
+            X, y = first_micro_batch(spec, micro_batches)
+            loss = make_loss(spec.loss)
+            return X, lambda out: loss.per_sample(out, y).sum()
+
+        balance = resolve_balance(balance, stages, model, example)  # measured here when "time", once for all
+        #: the modules (sequential stack) or blocks (block stack) of each stage, checked here: a clear error, early
+        self.units = counts_from_cuts(model, split_points(model, stages, balance))
         # the model's tensors published (files on one node, else the object store): each stage fetches only what it
         # uses (:mod:`.materialize`)
         weights = publish(ray, model) if skeletons else None
@@ -201,12 +214,13 @@ class StagePool:
         self.products, self.product_s = 0, 0.0
 
     def meters(self) -> dict[str, Any]:
-        """Stage utilization (busy time / product wall time), the time each stage's last product calls waited for
-        snapshot writes, each stage's torch threads and per-stage memory since :meth:`reset_meters`."""
+        """The units (modules or blocks) of each stage, stage utilization (busy time / product wall time), the time
+        each stage's last product calls waited for snapshot writes, each stage's torch threads and per-stage memory
+        since :meth:`reset_meters`."""
         m = self.ray.get([a.meters.remote() for a in self.actors])
         wall = self.product_s
-        return {"stages": len(self.actors), "micro_batches": self.num_batches, "products": self.products,
-                "product_wall_s": wall,
+        return {"stages": len(self.actors), "units": self.units, "micro_batches": self.num_batches,
+                "products": self.products, "product_wall_s": wall,
                 "utilization": [round(x["busy_s"] / wall, 4) if wall else None for x in m],
                 "snapshot_wait_s": [round(x["snapshot_wait_s"], 4) for x in m],
                 "threads": [x["threads"] for x in m], "memory": [x["memory"] for x in m]}

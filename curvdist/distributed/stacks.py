@@ -61,12 +61,14 @@ def canonical_names(model: nn.Module) -> dict[int, str]:
 
 
 # ---------------------------------------------------------------------------------------------------- cutting
-def balanced_cuts(counts: Sequence[int], stages: int, what: str = "modules") -> list[tuple[int, int]]:
+def balanced_cuts(counts: Sequence[float], stages: int, what: str = "modules",
+                  parameters: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """[start, stop) unit ranges of ``stages`` consecutive stages with near-equal sums of ``counts`` (stage s ends
     where the cumulative count comes nearest to s/S of the total); every stage gets at least one unit with
-    parameters."""
-    counts = np.asarray(counts, dtype=np.int64)
-    with_params = int((counts > 0).sum())
+    parameters (``parameters``: each unit's parameter count, default ``counts`` themselves)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    params = counts if parameters is None else np.asarray(parameters, dtype=np.float64)
+    with_params = int((params > 0).sum())
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise ProblemError(f"stages must be a positive integer, got {stages!r}")
     if stages > with_params:
@@ -79,8 +81,8 @@ def balanced_cuts(counts: Sequence[int], stages: int, what: str = "modules") -> 
         i = int(np.searchsorted(cum, target))  # first unit whose cumulative count reaches the target ...
         if i > 0 and abs(cum[i - 1] - target) < abs(cum[min(i, len(cum) - 1)] - target):
             i -= 1  # ... or the one before it, whichever ends nearer the target
-        i = max(i, next(j for j in range(start, len(counts)) if counts[j] > 0))
-        while int((counts[i + 1:] > 0).sum()) < stages - s:  # leave a parametrized unit for each later stage
+        i = max(i, next(j for j in range(start, len(params)) if params[j] > 0))
+        while int((params[i + 1:] > 0).sum()) < stages - s:  # leave a parametrized unit for each later stage
             i -= 1
         cuts.append(i + 1)
         start = i + 1
@@ -114,16 +116,21 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return None if best is None else (best[1], best[2])
 
 
-#: how pipeline cuts balance the stages: the parameters each holds, or an estimate of the work each does
-BALANCE = ("parameters", "compute")
+#: how pipeline cuts balance the stages: the parameters each holds, an estimate of the work each does, or the
+#: measured seconds of each unit's forward and backward pass (:mod:`.unit_times`, resolved on the coordinator)
+BALANCE = ("parameters", "compute", "time")
+
+#: a ``balance``: one of :data:`BALANCE`, or the number of units each stage takes (blocks of a block stack,
+#: modules of a sequential one)
+Balance = str | Sequence[int]
 
 
 def _weights(model: nn.Module, balance: str) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every parameter slot (tied ones under each name) that counts for ``balance``: all of them
     for ``parameters``; for ``compute`` those whose module multiplies with them — an embedding table is looked up,
     not multiplied, so it is left out where it is an ``nn.Embedding``'s weight and counted where a head uses it."""
-    if balance not in BALANCE:
-        raise ProblemError(f"balance must be one of {BALANCE}, got {balance!r}")
+    if balance not in ("parameters", "compute"):
+        raise ProblemError(f"balance must be one of {BALANCE} or a list of units per stage, got {balance!r}")
     out = []
     for mname, m in model.named_modules(remove_duplicate=False):
         if balance == "compute" and isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
@@ -155,17 +162,70 @@ def describe_stack(model: nn.Module) -> str:
             f"consecutive modules, nor a stack with an nn.ModuleList of repeated blocks (a transformer's layers)")
 
 
-def split_points(model: nn.Module, stages: int, balance: str = "parameters") -> list[tuple[int, int]]:
-    """[start, stop) unit ranges of a balanced split: modules of a sequential stack, or units [before, block 0,
-    …, block L−1, after] of a block stack (see :func:`block_units`), balanced by ``balance``."""
+def stack_units(model: nn.Module) -> tuple[str, nn.ModuleList] | list[nn.Module]:
+    """The units a stack is cut between: the modules of a sequential stack, else the model's run of blocks
+    (``(prefix, blocks)``, whose units are [before the blocks, block 0, …, block L−1, after them])."""
     mods = stage_modules(model)
     if mods is not None:
-        return balanced_cuts([sum(p.numel() for _, p in _weights(m, balance)) for m in mods], stages)
+        return mods
     found = find_blocks(model)
     if found is None:
         raise ProblemError(f"pipeline mode cannot split the model: {describe_stack(model)}")
-    prefix, blocks = found
-    return balanced_cuts(block_units(model, prefix, len(blocks), balance), stages, what="blocks and end pieces")
+    return found
+
+
+def unit_parameters(model: nn.Module, balance: str = "parameters") -> list[int]:
+    """The parameters each unit holds (``parameters``) or multiplies with (``compute``), in unit order."""
+    units = stack_units(model)
+    if isinstance(units, list):
+        return [sum(p.numel() for _, p in _weights(m, balance)) for m in units]
+    return block_units(model, units[0], len(units[1]), balance)
+
+
+def cuts_from_counts(model: nn.Module, stages: int, counts: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) unit ranges of an explicit split: ``counts[s]`` modules (sequential stack) or blocks (block
+    stack; the embeddings go with stage 0, what follows the blocks with the last stage) for stage s."""
+    units = stack_units(model)
+    n = len(units) if isinstance(units, list) else len(units[1])
+    what = "modules" if isinstance(units, list) else "blocks"
+    if (isinstance(counts, (str, bytes)) or len(counts) != stages
+            or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 for c in counts)):
+        raise ProblemError(f"balance as a list gives the number of {what} of each of the {stages} stages "
+                           f"(non-negative integers), got {list(counts) if not isinstance(counts, str) else counts!r}")
+    if sum(counts) != n:
+        raise ProblemError(f"balance {list(counts)} gives {sum(counts)} {what}, but the model has {n}")
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    if not isinstance(units, list):  # the embeddings before the blocks, and what follows them
+        bounds = bounds + 1
+        bounds[0], bounds[-1] = 0, n + 2
+    cuts = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    params = unit_parameters(model)
+    empty = [s for s, (a, b) in enumerate(cuts) if not any(params[a:b])]
+    if empty:
+        raise ProblemError(f"balance {list(counts)} leaves stage(s) {empty} without parameters")
+    return cuts
+
+
+def counts_from_cuts(model: nn.Module, cuts: Sequence[tuple[int, int]]) -> list[int]:
+    """The explicit ``balance`` (units per stage, see :func:`cuts_from_counts`) of a split's unit ranges."""
+    if isinstance(stack_units(model), list):
+        return [b - a for a, b in cuts]
+    return [b - a - (s == 0) - (s == len(cuts) - 1) for s, (a, b) in enumerate(cuts)]
+
+
+def split_points(model: nn.Module, stages: int, balance: Balance = "parameters") -> list[tuple[int, int]]:
+    """[start, stop) unit ranges of a balanced split: modules of a sequential stack, or units [before, block 0,
+    …, block L−1, after] of a block stack (see :func:`block_units`), balanced by ``balance`` (or taken as given,
+    a list of units per stage: :func:`cuts_from_counts`). ``time`` is measured on the coordinator
+    (:func:`.unit_times.timed_balance`) and reaches the stages as such a list."""
+    if not isinstance(balance, str):
+        return cuts_from_counts(model, stages, balance)
+    if balance == "time":
+        raise ProblemError("balance 'time' is measured on the coordinator's model (unit_times.timed_balance) and "
+                           "passed to the stages as units per stage")
+    units = stack_units(model)
+    return balanced_cuts(unit_parameters(model, balance), stages,
+                         what="modules" if isinstance(units, list) else "blocks and end pieces")
 
 
 # ---------------------------------------------------------------------------------------------------- programs
@@ -272,14 +332,13 @@ class TracedProgram(StageProgram):
     boundary (its outputs and anything an earlier stage produced that a later one reads)."""
 
     def __init__(self, model: nn.Module, stage: int, stages: int, examples: Sequence[Inputs],
-                 balance: str = "parameters") -> None:
+                 balance: Balance = "parameters") -> None:
         found = find_blocks(model)
         if found is None:
             raise ProblemError(f"pipeline mode cannot split the model: {describe_stack(model)}")
         self.prefix, blocks = found
         self.stage, self.stages = stage, stages
-        cuts = balanced_cuts(block_units(model, self.prefix, len(blocks), balance), stages,
-                             what="blocks and end pieces")
+        cuts = split_points(model, stages, balance)
         self.split_spec = _split_spec(self.prefix, len(blocks), [a for a, _ in cuts[1:]])
         self.names = canonical_names(model)
         self.graphs: dict[Any, _Traced] = {}
@@ -412,7 +471,7 @@ def _drop_parameters(module: nn.Module) -> None:
 
 
 def stage_program(model: nn.Module, stage: int, stages: int, examples: Sequence[Inputs],
-                  balance: str = "parameters") -> StageProgram:
+                  balance: Balance = "parameters") -> StageProgram:
     """Stage ``stage`` of ``stages`` of ``model``'s split balanced by ``balance``, traced on the example micro-batch
     inputs when the model is a block stack."""
     if stage_modules(model) is not None:

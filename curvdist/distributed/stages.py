@@ -54,7 +54,7 @@ from .cluster import ClusterError
 from .materialize import Weights
 from .shard_store import ShardStore, guard_restarts
 from . import wire
-from .stacks import (SequentialProgram, StageProgram, TracedProgram, split_floats, split_points, stage_modules,
+from .stacks import (Balance, SequentialProgram, StageProgram, TracedProgram, split_floats, split_points, stage_modules,
                      stage_program)
 
 __all__ = ["StageWorker", "split_points", "stage_modules", "micro_batch_bounds"]
@@ -74,7 +74,17 @@ def micro_batch_bounds(n: int, micro_batches: int | None, size: int | None) -> l
     return [(0, n)]
 
 
-def _uses_by_stage(model: Any, stages: int, program: StageProgram, balance: str) -> list[list[str]]:
+def first_micro_batch(spec: ProblemSpec, micro_batches: int | None) -> tuple[Any, Tensor]:
+    """(inputs, targets) of the first micro-batch the stages will run, in the spec's dtype (on the CPU)."""
+    X, y = unpack(next(iter(as_batches(spec.build_data(), spec.batch_size))), 0)
+    a, b = micro_batch_bounds(y.shape[0], micro_batches, spec.micro_batch_size)[0]
+    dtype = getattr(torch, spec.dtype)
+    yb = y[a:b]
+    return inputs_to(slice_inputs(X, a, b), torch.device("cpu"), dtype), (yb.to(dtype) if yb.is_floating_point()
+                                                                           else yb)
+
+
+def _uses_by_stage(model: Any, stages: int, program: StageProgram, balance: Balance) -> list[list[str]]:
     """The problem names of the parameters each stage uses (to find each parameter's owner)."""
     if isinstance(program, TracedProgram):
         return program.uses_by_stage
@@ -87,7 +97,7 @@ class StageWorker(ShardStore):
     labels for the last), and a store of vector shards keyed by integer ids."""
 
     def __init__(self, spec: ProblemSpec, stage: int, stages: int, micro_batches: int | None = None,
-                 snapshot_dir: str | None = None, balance: str = "parameters", basis_dir: str | None = None,
+                 snapshot_dir: str | None = None, balance: Balance = "parameters", basis_dir: str | None = None,
                  threads: int | None = None) -> None:
         import ray
 
