@@ -78,11 +78,21 @@ class BackendSpec(Strict):
     stages: PositiveInt = 2
     micro_batches: PositiveInt | None = None
     snapshot_every: PositiveInt = 1
-    balance: Literal["parameters", "compute", "time"] | list[Annotated[int, Field(ge=0)]] = "parameters"
+    balance: str | list[int] = "parameters"
     stage_threads: PositiveInt | None = None
     address: str | None = None
     max_restarts: Annotated[int, Field(ge=0)] = 2
     checkpoint_every: PositiveInt = 10
+
+    @field_validator("balance", mode="before")
+    @classmethod
+    def _check_balance(cls, v: Any) -> Any:
+        named = ("parameters", "compute", "time")
+        if v in named if isinstance(v, str) else isinstance(v, list) and all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in v):
+            return v
+        raise ValueError(f"must be one of {', '.join(named)} or a list of the blocks (modules) of each stage, "
+                         "non-negative integers" + (f"; got {v!r}" if isinstance(v, (dict, list)) else ""))
 
 
 class Config(NamedSpecs):

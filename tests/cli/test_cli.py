@@ -120,6 +120,11 @@ def test_train_reaches_lower_loss_and_overrides(tmp_path):
     (lambda c: c["data"].update(factory="no_such_module:f"), "data.factory: cannot import module"),
     (lambda c: c["model"].update(kwargs={"hiden": [3]}), "model.factory 'curvdist.zoo:mlp' failed with TypeError"),
     (lambda c: c["model"].update(checkpoint="/nonexistent/w.pt"), "model.checkpoint: file not found"),
+    (lambda c: c.update(backend={"kind": "ray", "mode": "pipeline", "balance": "flops"}),
+     "invalid value for 'backend.balance': Value error, must be one of parameters, compute, time or a list of the "
+     "blocks (modules) of each stage, non-negative integers (got 'flops')"),
+    (lambda c: c.update(backend={"kind": "ray", "mode": "pipeline", "balance": [3, -1]}),
+     "non-negative integers; got [3, -1]"),
 ])
 def test_config_errors_are_one_line(tmp_path, capsys, edit, message):
     cfg = _config(tmp_path)

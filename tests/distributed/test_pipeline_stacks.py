@@ -18,7 +18,7 @@ import torch
 
 import curvdist as cd
 from curvdist.distributed.pipeline import PipelineOperator, PipelineProblem, StagePool
-from curvdist.distributed.stacks import balanced_cuts, block_units, find_blocks, split_points
+from curvdist.distributed.stacks import balanced_cuts, block_units, counts_from_cuts, find_blocks, split_points
 from curvdist.problem.spec import ProblemSpec
 
 pytest.importorskip("transformers", reason="the hf extra (transformers) is part of the dev install")
@@ -262,17 +262,23 @@ def test_block_stack_cuts_balance_what_each_stage_holds():
         split_points(model, 2, "flops")
 
 
-def test_stages_cut_by_compute_equal_local(ray_module):
-    """GPT-2 (vocab 12 × 8, blocks of 8 wide) cut by compute in 2 stages: the cut moves, the numbers do not."""
+@pytest.mark.parametrize("balance", ["compute", [2, 1], "time"])
+def test_stages_cut_otherwise_equal_local(ray_module, balance):
+    """GPT-2 (vocab 12 × 8, blocks of 8 wide) cut by compute, as given (2 blocks, then 1) or by measured time in
+    2 stages: each stage owns its units' parameters, and the numbers do not move."""
     s = spec("gpt2")
     model = s.build_model()
     prefix, blocks = find_blocks(model)
-    by_compute = split_points(model, 2, "compute")
-    assert by_compute != split_points(model, 2)
-    pool = StagePool(s, 2, micro_batches=2, balance="compute")
+    if balance == "compute":
+        assert split_points(model, 2, "compute") != split_points(model, 2)
+    pool = StagePool(s, 2, micro_batches=2, balance=balance)
     try:
+        if balance != "time":  # measured: any split of the 3 blocks, the same on every stage
+            assert pool.units == counts_from_cuts(model, split_points(model, 2, balance))
+        assert sum(pool.units) == 3
+        cuts = split_points(model, 2, pool.units)
         held = block_units(model, prefix, len(blocks))
-        assert pool.infos[0]["dim"] == sum(held[by_compute[0][0]:by_compute[0][1]])  # stage 0 owns its units
+        assert pool.infos[0]["dim"] == sum(held[cuts[0][0]:cuts[0][1]])  # stage 0 owns its units
         local = s.build()
         _close(cd.eigs(cd.operator(local, "ggn"), k=1, tol=1e-10).value,
                cd.eigs(PipelineOperator(pool, "ggn"), k=1, tol=1e-10).value)
