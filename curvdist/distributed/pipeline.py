@@ -30,10 +30,10 @@ from ..solvers.space import assemble
 from .cluster import ClusterError, is_lost, resources_per_worker, wait_scheduled
 from .materialize import publish
 from .sharded_space import ShardedBasis, ShardedSpace, ShardedVector
+from .stacks import Balance
 
 __all__ = ["StagePool", "PipelineProblem", "PipelineOperator", "PipelineMetric", "PipelineBlockMetric",
            "ShardedSpace", "ShardedVector", "ShardedBasis"]
-from .stacks import Balance
 from .stages import StageWorker
 
 #: how often a product is run again after a stage was lost
@@ -52,10 +52,11 @@ class StagePool:
     hold near-equal ``parameters`` (memory), or do near-equal ``compute`` (parameters multiplied with per token;
     embedding tables left out, a tied head counted), or take near-equal ``time`` (each block's forward and backward
     pass timed here on the first micro-batch, :mod:`.unit_times`), or as given: the number of blocks (modules) of
-    each stage, a list, which is also how a measured split reaches the stages (``units``). ``basis_on_disk``: the stages keep their rows of every Lanczos basis in memory-mapped files
-    of a temporary directory (unlinked at once, so they go with the stage) instead of their working memory: the
-    rows live in the page cache, which the system can write back and reclaim (CPU stages; for the largest models,
-    whose basis would not fit beside the stage's products). ``threads``: torch's intra-op threads per stage
+    each stage, a list, which is also how a measured split reaches the stages (``units``). ``basis_on_disk``: the
+    stages keep their rows of every Lanczos basis in memory-mapped files of a temporary directory (unlinked at
+    once, so they go with the stage) instead of their working memory: the rows live in the page cache, which the
+    system can write back and reclaim (CPU stages; for the largest models, whose basis would not fit beside the
+    stage's products). ``threads``: torch's intra-op threads per stage
     (default: one per CPU Ray gives the stage, i.e. one). More threads than the stage's CPU let a stage use the cores
     its neighbours leave idle while the pipeline fills and drains, and while it does more work than they; the
     stages then wait for their OpenMP threads passively (``OMP_WAIT_POLICY=PASSIVE``), since spinning threads

@@ -191,7 +191,7 @@ def cuts_from_counts(model: nn.Module, stages: int, counts: Sequence[int]) -> li
     if (isinstance(counts, (str, bytes)) or len(counts) != stages
             or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 for c in counts)):
         raise ProblemError(f"balance as a list gives the number of {what} of each of the {stages} stages "
-                           f"(non-negative integers), got {list(counts) if not isinstance(counts, str) else counts!r}")
+                           f"(non-negative integers), got {counts!r}")
     if sum(counts) != n:
         raise ProblemError(f"balance {list(counts)} gives {sum(counts)} {what}, but the model has {n}")
     bounds = np.concatenate([[0], np.cumsum(counts)]).astype(int)

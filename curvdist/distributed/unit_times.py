@@ -68,7 +68,7 @@ def _one_pass(model: nn.Module, inputs: Inputs, loss: Callable[[Tensor], Tensor]
 
     def stamp(k: int) -> Callable[..., None]:
         def hook(*hook_args: Any) -> None:
-            # a pre-hook gets (module, args, kwargs): the hidden state may come by keyword; a hook (module, args, output)
+            # a pre-hook gets (module, args, kwargs), the hidden state maybe by keyword; a hook (module, args, output)
             t = _first_floating(hook_args[1]) if bounds[k][1] else None
             if t is None:
                 t = _first_floating(hook_args[2])
@@ -77,21 +77,29 @@ def _one_pass(model: nn.Module, inputs: Inputs, loss: Callable[[Tensor], Tensor]
                 t.register_hook(lambda g: bwd.__setitem__(k, _now(g)))
         return hook
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ProblemError("balance 'time' cannot time a model without parameters that require grad")
+    kept = [p.grad for p in params]
     handles = []
     for k, (module, before) in enumerate(bounds):
         handles.append(module.register_forward_pre_hook(stamp(k), with_kwargs=True) if before else
                        module.register_forward_hook(stamp(k)))
-    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # each gradient is dropped once made: at most one parameter's worth is held at a time
+        p.grad = None
+        handles.append(p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None)))
     try:
         t0 = _now(None)
         out = call(model, inputs)
         value = loss(out)
         t1 = _now(value)
-        torch.autograd.grad(value, params)  # not .backward(): no gradients left on the model
+        torch.autograd.backward(value, inputs=params)
         t3 = _now(value)
     finally:
         for h in handles:
             h.remove()
+        for p, g in zip(params, kept):  # the model's gradients as they were
+            p.grad = g
     if any(len(f) != 1 for f in fwd):
         raise ProblemError(f"balance 'time' cannot time the stack's units: the boundaries between them were passed "
                            f"{[len(f) for f in fwd]} times in one forward pass (once each expected); give the "

@@ -81,12 +81,14 @@ def test_unit_seconds_find_the_slow_forward_and_backward_passes_of_a_sequential_
 def test_unit_seconds_of_a_block_stack_count_the_embedding_and_the_head_as_units():
     torch.manual_seed(0)
     model = _Blocks({0: "backward", 2: "forward"})
+    model.head.weight.grad = torch.ones_like(model.head.weight)  # a gradient of the user's, kept as it is
     seconds = unit_seconds(model, torch.randint(0, 5, (3, 2)), lambda out: _loss(out[0]), repeats=1)
     assert len(seconds) == 6  # [embedding, block 0, …, block 3, head]
     assert BACKWARD_SLEEP <= seconds[1] < BACKWARD_SLEEP + FAST
     assert FORWARD_SLEEP <= seconds[3] < FORWARD_SLEEP + FAST
     assert all(seconds[k] < FAST for k in (0, 2, 4, 5)), seconds
-    assert not any(p.grad is not None for p in model.parameters())  # nothing left on the model
+    assert torch.equal(model.head.weight.grad, torch.ones_like(model.head.weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "head.weight")  # nothing left
 
 
 def test_timed_cuts_equalize_the_measured_seconds():
