@@ -457,8 +457,7 @@ def main() -> None:
     doc["setup"] = {k: v for k, v in vars(args).items() if k not in ("one", "out")}
     # results already in --out stay (a rerun adds or replaces configurations): the setup lists them all
     doc["setup"]["configs"] = list(dict.fromkeys([*doc["results"], *args.configs]))
-    # the allocator's settings, which every process inherits (docs/guides/memory-and-threads.md; GLIBC_TUNABLES with
-    # several tunables does not reach Ray's workers whole, the MALLOC_*_ variables do)
+    # the allocator's settings, which every process inherits (docs/guides/memory-and-threads.md)
     doc["setup"]["allocator_env"] = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
