@@ -87,7 +87,7 @@ class BackendSpec(Strict):
     @field_validator("balance", mode="before")
     @classmethod
     def _check_balance(cls, v: Any) -> Any:
-        named = ("parameters", "compute", "time")
+        from ..distributed.stacks import BALANCE as named  # the backend's names
         if v in named if isinstance(v, str) else isinstance(v, list) and all(
                 isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in v):
             return v

@@ -73,7 +73,7 @@ class StagePool:
 
         from ..problem.losses import make_loss
         from .stacks import counts_from_cuts, split_points
-        from .stages import first_micro_batch
+        from .stages import micro_batches_of
         from .unit_times import resolve_balance
 
         if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
@@ -87,7 +87,7 @@ class StagePool:
             model = spec.build_model()
 
         def example() -> tuple[Any, Callable[[Tensor], Tensor]]:
-            X, y = first_micro_batch(spec, micro_batches)
+            _, _, X, y = next(micro_batches_of(spec, micro_batches, torch.device("cpu")))
             loss = make_loss(spec.loss)
             return X, lambda out: loss.per_sample(out, y).sum()
 

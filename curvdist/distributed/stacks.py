@@ -174,6 +174,11 @@ def stack_units(model: nn.Module) -> tuple[str, nn.ModuleList] | list[nn.Module]
     return found
 
 
+def unit_kind(model: nn.Module) -> str:
+    """What a stack's units are called in messages: ``modules`` or ``blocks and end pieces``."""
+    return "modules" if isinstance(stack_units(model), list) else "blocks and end pieces"
+
+
 def unit_parameters(model: nn.Module, balance: str = "parameters") -> list[int]:
     """The parameters each unit holds (``parameters``) or multiplies with (``compute``), in unit order."""
     units = stack_units(model)
@@ -223,9 +228,7 @@ def split_points(model: nn.Module, stages: int, balance: Balance = "parameters")
     if balance == "time":
         raise ProblemError("balance 'time' is measured on the coordinator's model (unit_times.timed_balance) and "
                            "passed to the stages as units per stage")
-    units = stack_units(model)
-    return balanced_cuts(unit_parameters(model, balance), stages,
-                         what="modules" if isinstance(units, list) else "blocks and end pieces")
+    return balanced_cuts(unit_parameters(model, balance), stages, what=unit_kind(model))
 
 
 # ---------------------------------------------------------------------------------------------------- programs

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,18 @@ def micro_batch_bounds(n: int, micro_batches: int | None, size: int | None) -> l
     return [(0, n)]
 
 
-def first_micro_batch(spec: ProblemSpec, micro_batches: int | None) -> tuple[Any, Tensor]:
-    """(inputs, targets) of the first micro-batch the stages will run, in the spec's dtype (on the CPU)."""
-    X, y = unpack(next(iter(as_batches(spec.build_data(), spec.batch_size))), 0)
-    a, b = micro_batch_bounds(y.shape[0], micro_batches, spec.micro_batch_size)[0]
-    dtype = getattr(torch, spec.dtype)
-    yb = y[a:b]
-    return inputs_to(slice_inputs(X, a, b), torch.device("cpu"), dtype), (yb.to(dtype) if yb.is_floating_point()
-                                                                           else yb)
+def micro_batches_of(spec: ProblemSpec, micro_batches: int | None, device: torch.device
+                     ) -> Iterator[tuple[int, int, Any, Tensor]]:
+    """(global index of its first sample, its batch, inputs, targets) of every micro-batch of the spec's data, in
+    order, on ``device`` in the spec's dtype (integer targets keep theirs)."""
+    dtype, seen = getattr(torch, spec.dtype), 0
+    for i, batch in enumerate(as_batches(spec.build_data(), spec.batch_size)):
+        X, y = unpack(batch, i)
+        for a, b in micro_batch_bounds(y.shape[0], micro_batches, spec.micro_batch_size):
+            yb = y[a:b]
+            yield (seen + a, i, inputs_to(slice_inputs(X, a, b), device, dtype),
+                   yb.to(device, dtype) if yb.is_floating_point() else yb.to(device))
+        seen += y.shape[0]
 
 
 def _uses_by_stage(model: Any, stages: int, program: StageProgram, balance: Balance) -> list[list[str]]:
@@ -137,17 +142,10 @@ class StageWorker(ShardStore):
         self.batches: list[tuple[Any, Tensor]] = []
         self.firsts: list[int] = []  # global index of each micro-batch's first sample (Monte-Carlo label keys)
         self.batch_of: list[int] = []  # the batch each micro-batch belongs to
-        seen = 0
-        for i, batch in enumerate(as_batches(self.spec.build_data(), self.spec.batch_size)):
-            X, y = unpack(batch, i)
-            for a, b in micro_batch_bounds(y.shape[0], self.micro_batches, self.spec.micro_batch_size):
-                self.firsts.append(seen + a)
-                self.batch_of.append(i)
-                yb = y[a:b]
-                self.batches.append((inputs_to(slice_inputs(X, a, b), self.device, self.dtype),
-                                     (yb.to(self.device, self.dtype) if yb.is_floating_point() else
-                                      yb.to(self.device))))
-            seen += y.shape[0]
+        for first, i, X, y in micro_batches_of(self.spec, self.micro_batches, self.device):
+            self.firsts.append(first)
+            self.batch_of.append(i)
+            self.batches.append((X, y))
         model = self._skeleton()
         self.program = stage_program(model, self.stage, self.stages, [X for X, _ in self.batches], self.balance)
         named = dict(model.named_parameters())

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..errors import ProblemError
 from ..problem.data import Inputs
 from ..problem.outputs import call
-from .stacks import balanced_cuts, counts_from_cuts, stack_units, unit_parameters
+from .stacks import balanced_cuts, counts_from_cuts, stack_units, unit_kind, unit_parameters
 
 __all__ = ["unit_seconds", "timed_balance"]
 
@@ -122,8 +122,7 @@ def unit_seconds(model: nn.Module, inputs: Inputs, loss: Callable[[Tensor], Tens
 def timed_balance(model: nn.Module, stages: int, inputs: Inputs, loss: Callable[[Tensor], Tensor],
                   repeats: int = 3) -> list[int]:
     """Units per stage (an explicit ``balance``) whose measured seconds (:func:`unit_seconds`) are near-equal."""
-    units = stack_units(model)
-    what = "modules" if isinstance(units, list) else "blocks and end pieces"
+    what = unit_kind(model)
     params = unit_parameters(model)
     balanced_cuts(params, stages, what)  # a clear error before any timing
     seconds = unit_seconds(model, inputs, loss, repeats)
